@@ -1,0 +1,1 @@
+"""Marker: makes the C sources importable as package data (importlib.resources)."""

@@ -1,0 +1,56 @@
+/* Interrupt context of received packets (segment rx_irq, start of rx_driver).
+ *
+ * Per CPU: when NET_RX became pending (a physical NIC's hardirq, else the softirq raise, which is all a
+ * veth delivery does) and when the NET_RX softirq run that processes it started. Packets first seen
+ * during that run take both times as their irq and softirq boundaries. Other IRQs and softirq vectors
+ * leave at the first comparison.
+ */
+#include "latencytrace.h"
+
+int lt_irq_handler_entry(struct bpf_raw_tracepoint_args *ctx)
+{
+    u32 irq = (u32)ctx->args[0];
+    if (!lt_nic_irq.lookup(&irq))
+        return 0;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (c && !c->t_pending)
+        c->t_pending = bpf_ktime_get_ns();
+    return 0;
+}
+
+int lt_softirq_raise(struct bpf_raw_tracepoint_args *ctx)
+{
+    if ((u32)ctx->args[0] != LT_NET_RX_SOFTIRQ)
+        return 0;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (c && !c->t_pending)
+        c->t_pending = bpf_ktime_get_ns();
+    return 0;
+}
+
+int lt_softirq_entry(struct bpf_raw_tracepoint_args *ctx)
+{
+    if ((u32)ctx->args[0] != LT_NET_RX_SOFTIRQ)
+        return 0;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c)
+        return 0;
+    c->t_softirq = bpf_ktime_get_ns();
+    c->t_irq = c->t_pending;
+    c->t_pending = 0;
+    return 0;
+}
+
+int lt_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
+{
+    if ((u32)ctx->args[0] != LT_NET_RX_SOFTIRQ)
+        return 0;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c)
+        return 0;
+    c->t_softirq = 0;
+    c->t_irq = 0;
+    c->rx_skb = 0;
+    c->tx_skb = 0;
+    return 0;
+}

@@ -1,0 +1,1 @@
+"""Marker: makes the CRD manifests importable as package data (importlib.resources)."""

@@ -1,0 +1,165 @@
+"""The agent core shared by the standalone command and the in-cluster loop.
+
+It owns the tracer and the target registry, turns a desired set of targets into kernel map contents
+(reconcile), and once per interval gathers what the kernel measured into an `Interval` that it hands
+to its sinks (table or JSON report, OTLP exporters, node status). Sinks never see the kernel.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from . import histogram
+from .collectors import CounterCollector, DropCollector, HistogramCollector, SlotEpoch
+from .events import EventReader, PacketEvent
+from .kernel import bpfsys, nics
+from .program import Sizes
+from .targets import Namespace, Registry, Target, TargetError
+from .tracer import ProbeStatus, TargetSettings, Tracer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Desired:
+    """A target the agent should trace. `resolve` finds its namespace now (it may fail: pod gone)."""
+
+    key: str
+    label: str
+    resolve: Callable[[], Namespace]
+    settings: TargetSettings
+    pod: object | None = None  # contract.PodRef in a cluster
+    traces: tuple[str, ...] = ()
+
+
+@dataclass
+class TargetState:
+    key: str
+    state: str  # Tracing | NotFound | Failed
+    message: str = ""
+    target: Target | None = None
+
+
+@dataclass
+class Interval:
+    """What the kernel measured between two collections."""
+
+    start_ns: int  # wall clock, ns since the epoch
+    end_ns: int
+    targets: dict[int, Target]  # slot -> target as it was during the interval
+    histograms: dict[int, dict[int, histogram.SegmentHistogram]]  # slot -> segment id -> delta
+    drops: dict[tuple[int, int, int], int]  # (slot, direction, reason code) -> count
+    drop_reasons: dict[int, str]
+    events: list[PacketEvent]
+    counters: dict[str, int]  # cumulative kernel and reader counters
+    probes: dict[str, bpfsys.ProgStats]  # cumulative, per program
+    overflow_targets: int = 0
+
+
+class Sink(Protocol):
+    def consume(self, interval: Interval) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass
+class Agent:
+    sizes: Sizes = field(default_factory=Sizes)
+    sinks: list[Sink] = field(default_factory=list)
+    event_queue: int = 4096
+
+    def __post_init__(self) -> None:
+        self.tracer = Tracer(self.sizes)
+        self.registry: Registry | None = None
+        self.states: dict[str, TargetState] = {}
+        self._keys: dict[str, int] = {}  # desired key -> netns inode
+        self._last_wall = time.time_ns()
+
+    def start(self) -> ProbeStatus:
+        status = self.tracer.start()
+        self.tracer.set_nic_irqs(nics.nic_irqs())
+        self.registry = Registry(self.tracer, self.sizes.max_targets)
+        self.hists = HistogramCollector(self.tracer)
+        self.drops = DropCollector(self.tracer)
+        self.counters = CounterCollector(self.tracer)
+        self.events = EventReader(self.tracer, self.event_queue).start()
+        self._last_wall = time.time_ns()
+        return status
+
+    def reconcile(self, desired: list[Desired]) -> dict[str, TargetState]:
+        """Make the traced set equal `desired`, without reloading any program."""
+        assert self.registry is not None, "start() first"
+        wanted = {d.key: d for d in desired}
+        for key in [k for k in self._keys if k not in wanted]:
+            inode = self._keys.pop(key)
+            if inode not in self._keys.values():
+                target = self.registry.remove(inode)
+                if target is not None:
+                    self.drops.forget_slot(target.slot)
+            self.states.pop(key, None)
+        for key, d in wanted.items():
+            try:
+                ns = d.resolve()
+            except TargetError as e:
+                self._forget(key)
+                self.states[key] = TargetState(key, "NotFound", str(e))
+                continue
+            old = self._keys.get(key)
+            if old is not None and old != ns.inode:
+                self._forget(key)  # same pod, new namespace (sandbox restarted)
+            try:
+                fresh = ns.inode not in self.registry.by_inode
+                target = self.registry.add(ns, d.label, d.settings, d.pod, d.traces)
+                if fresh:
+                    self.hists.baseline(SlotEpoch(target.slot, target.added_ns))
+                self._keys[key] = ns.inode
+                self.states[key] = TargetState(key, "Tracing", "", target)
+            except TargetError as e:
+                self.states[key] = TargetState(key, "Failed", str(e))
+        return dict(self.states)
+
+    def _forget(self, key: str) -> None:
+        inode = self._keys.pop(key, None)
+        if inode is not None and inode not in self._keys.values():
+            self.registry.remove(inode)
+
+    def collect(self) -> Interval:
+        assert self.registry is not None, "start() first"
+        now = time.time_ns()
+        targets = self.registry.by_slot()
+        keys = [SlotEpoch(slot, t.added_ns) for slot, t in targets.items()]
+        hists = {k.slot: v for k, v in self.hists.deltas(keys).items()}
+        counters = self.counters.read()
+        counters["events_dropped_userspace"] = self.events.dropped
+        interval = Interval(
+            start_ns=self._last_wall, end_ns=now, targets=targets, histograms=hists,
+            drops=self.drops.deltas(), drop_reasons=self.tracer.btf.drop_reasons,
+            events=self.events.drain(), counters=counters, probes=self.tracer.probe_stats(),
+            overflow_targets=self.registry.overflow)
+        self._last_wall = now
+        return interval
+
+    def publish(self, interval: Interval) -> None:
+        for sink in self.sinks:
+            try:
+                sink.consume(interval)
+            except Exception:  # a failing sink must not stop measuring or the other sinks
+                log.exception("sink %s failed", type(sink).__name__)
+
+    def close(self) -> None:
+        if self.registry is not None:
+            self.events.stop()
+            try:
+                self.publish(self.collect())  # the last partial interval
+            finally:
+                for sink in self.sinks:
+                    try:
+                        sink.close()
+                    except Exception:
+                        log.exception("closing sink %s failed", type(sink).__name__)
+        self.tracer.close()
+        self.registry = None

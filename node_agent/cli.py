@@ -1,0 +1,205 @@
+"""`latencytrace-agent`: the standalone tracer (`trace`), the in-cluster agent (`run`), `--dump-bpf`.
+
+Errors the user can fix (not root, no BTF, a namespace that does not exist) print one line naming the
+problem and exit with status 2; they never print a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+
+from . import segments
+from .kernel.btf import BTFError
+from .kernel.headers import HeadersError
+from .targets import TargetError
+
+log = logging.getLogger("latencytrace")
+
+
+class UsageError(Exception):
+    pass
+
+
+def _positive(kind):
+    def parse(text: str):
+        v = kind(text)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, not {text}")
+        return v
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="latencytrace-agent",
+                                description="Per-pod network stack latency from kernel tracepoints.")
+    p.add_argument("--log-level", default="WARNING", help="DEBUG, INFO, WARNING (default), ERROR")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("trace", help="trace network namespaces on this machine (no cluster needed)")
+    t.add_argument("--netns", action="append", default=[], metavar="PATH",
+                   help="network namespace to trace: a path (/run/netns/x, /proc/PID/ns/net) or an `ip netns` name")
+    t.add_argument("--pid", action="append", default=[], type=int, help="trace the network namespace of this process")
+    t.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
+                   help="stop after this long (default: until Ctrl-C)")
+    t.add_argument("--format", choices=("table", "json"), default="table")
+    t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
+                   help="table refresh and export interval (default 1)")
+    t.add_argument("--segments", default="", help="comma-separated segments to record (default: all)")
+    t.add_argument("--direction", choices=("both", "receive", "transmit"), default="both")
+    t.add_argument("--slow-threshold-us", type=_positive(int), default=1000,
+                   help="packets slower than this (total, µs) become spans (default 1000)")
+    t.add_argument("--sample-one-in", type=int, default=0, help="also make a span of 1 in N other packets (0: none)")
+    t.add_argument("--spans-per-second", type=_positive(int), default=10, help="span cap per target (default 10)")
+    t.add_argument("--otlp-endpoint", default=None,
+                   help="export to this OTLP endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT if set)")
+    t.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default=None,
+                   help="default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc")
+    t.add_argument("--max-targets", type=_positive(int), default=32)
+    t.add_argument("--dump-bpf", action="store_true", help="print the BPF source and compiler flags, then exit")
+
+    r = sub.add_parser("run", help="run as the node agent of a cluster (reads its node's LatencyTraceNode)")
+    r.add_argument("--dump-bpf", action="store_true", help="print the BPF source and compiler flags, then exit")
+    return p
+
+
+def _settings(args):
+    from .tracer import TargetSettings
+
+    try:
+        seg_mask = segments.mask([s.strip() for s in args.segments.split(",") if s.strip()])
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    dir_mask = {"both": 0b11, "receive": 0b01, "transmit": 0b10}[args.direction]
+    return TargetSettings(slow_ns=args.slow_threshold_us * 1000, sample_one_in=max(args.sample_one_in, 0),
+                          seg_mask=seg_mask, dir_mask=dir_mask, events_per_sec=args.spans_per_second)
+
+
+def _desired(args, settings):
+    from . import targets
+    from .agent import Desired
+
+    desired = []
+    for path in args.netns:
+        ns = targets.from_path(path)  # resolve now: a bad path is a usage error, not a runtime state
+        desired.append(Desired(f"netns:{ns.inode}", path, (lambda ns=ns: ns), settings))
+    for pid in args.pid:
+        ns = targets.from_pid(pid)
+        desired.append(Desired(f"netns:{ns.inode}", f"pid {pid}", (lambda ns=ns: ns), settings))
+    if not desired:
+        raise UsageError("nothing to trace: give --netns PATH or --pid PID")
+    return desired
+
+
+def dump_bpf() -> int:
+    from .tracer import Tracer
+
+    src, cflags, feats = Tracer().build_source()
+    print("// cflags: " + " ".join(cflags))
+    for u in feats.unavailable:
+        print(f"// unavailable: {u.probe.tracepoint}: {u.reason}")
+    print(src)
+    return 0
+
+
+def trace(args) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from .agent import Agent
+    from .program import Sizes
+    from .report import Report
+
+    if args.dump_bpf:
+        return dump_bpf()
+    settings = _settings(args)
+    desired = _desired(args, settings)
+    report = Report()
+    sinks = [report]
+    endpoint_sink = _otlp_sink(args)
+    if endpoint_sink is not None:
+        sinks.append(endpoint_sink)
+    agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    console = Console(stderr=True)
+    try:
+        status = agent.start()
+        if args.format == "table":
+            console.print(f"[bold]latencytrace[/]: {len(status.attached)} probes attached in "
+                          f"{agent.tracer.attach_seconds:.2f} s"
+                          + (f", unavailable: {', '.join(p.tracepoint for p, _ in status.unavailable)}"
+                             if status.unavailable else ""))
+        states = agent.reconcile(desired)
+        for st in states.values():
+            if st.state != "Tracing":
+                raise UsageError(st.message)
+        deadline = time.monotonic() + args.duration if args.duration else None
+        live = Live(report.table(), console=console, auto_refresh=False) if args.format == "table" else None
+        if live:
+            live.start()
+        try:
+            while not stop.is_set():
+                left = deadline - time.monotonic() if deadline else args.interval
+                if left <= 0:
+                    break
+                stop.wait(min(args.interval, left))
+                agent.publish(agent.collect())
+                if live:
+                    live.update(report.table(), refresh=True)
+        finally:
+            if live:
+                live.stop()
+    finally:
+        agent.close()
+    doc = report.as_json()
+    doc["attach_seconds"] = round(agent.tracer.attach_seconds or 0, 3)
+    doc["unavailable_probes"] = {p.tracepoint: why for p, why in agent.tracer.status.unavailable}
+    if args.format == "json":
+        json.dump(doc, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        console.print(report.table(title="latencytrace: whole run"))
+    return 0
+
+
+def _otlp_sink(args):
+    """The OTLP exporter sink, if an endpoint is configured (flag or OTEL_EXPORTER_OTLP_ENDPOINT)."""
+    try:
+        from .export import sink_from_cli
+    except ImportError:
+        return None
+    return sink_from_cli(args)
+
+
+def run(args) -> int:
+    if args.dump_bpf:
+        return dump_bpf()
+    from .cluster import main as cluster_main
+
+    return cluster_main()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        from .tracer import TracerError
+
+        if args.command == "trace":
+            return trace(args)
+        return run(args)
+    except (UsageError, TargetError, BTFError, HeadersError, TracerError) as e:
+        print(f"latencytrace-agent: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

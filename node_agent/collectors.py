@@ -1,0 +1,108 @@
+"""Readers of the kernel's result maps: histograms, drops and counters, as per-interval deltas.
+
+Each collector reads its map in batches (one bpf(2) call per chunk, not per key and CPU), sums the
+per-CPU values and keeps the previous cumulative reading per slot, so that what it returns is what
+happened since the last call. A slot reused by a new target starts from a fresh baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import histogram, segments
+from .kernel import bpfsys
+from .tracer import Tracer
+
+_STAT_FIELDS = 4  # struct lt_seg_stat: count, sum_ns, max_ns, zero
+
+
+@dataclass(frozen=True)
+class SlotEpoch:
+    slot: int
+    epoch: int  # Target.added_ns: identifies one occupant of the slot
+
+
+class HistogramCollector:
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self.ncpu = bpfsys.possible_cpus()
+        self._lib = __import__("bcc").libbcc.lib
+        self._prev: dict[SlotEpoch, dict[int, histogram.SegmentHistogram]] = {}
+
+    def _read_slot(self, slot: int) -> dict[int, histogram.SegmentHistogram]:
+        nseg, nb = segments.N_SEGMENTS, histogram.N_BUCKETS
+        hist_fd = self.tracer.table("lt_hist").map_fd
+        stat_fd = self.tracer.table("lt_stat").map_fd
+        counts = bpfsys.read_percpu_array(self._lib, hist_fd, slot * nseg * nb, nseg * nb, 4, self.ncpu)
+        # u32 counters in 8-byte per-CPU slots: mask the padding, sum over CPUs.
+        buckets = (counts[:, :, 0] & 0xFFFFFFFF).sum(axis=1).reshape(nseg, nb)
+        stats = bpfsys.read_percpu_array(self._lib, stat_fd, slot * nseg, nseg, 8 * _STAT_FIELDS, self.ncpu)
+        out = {}
+        for seg in range(nseg):
+            s = stats[seg]
+            out[seg] = histogram.SegmentHistogram(
+                count=int(s[:, 0].sum()), sum_ns=int(s[:, 1].sum()), max_ns=int(s[:, 2].max()),
+                zero_count=int(s[:, 3].sum()), buckets=buckets[seg].astype(np.uint64))
+        return out
+
+    def baseline(self, key: SlotEpoch) -> None:
+        """Start counting this slot's occupant from now (what an earlier occupant left is not its)."""
+        self._prev[key] = self._read_slot(key.slot)
+
+    def deltas(self, keys: list[SlotEpoch]) -> dict[SlotEpoch, dict[int, histogram.SegmentHistogram]]:
+        out = {}
+        for key in keys:
+            current = self._read_slot(key.slot)
+            prev = self._prev.get(key)
+            out[key] = {seg: histogram.delta(h, prev.get(seg) if prev else None) for seg, h in current.items()}
+            self._prev[key] = current
+        for stale in set(self._prev) - set(keys):
+            del self._prev[stale]
+        return out
+
+
+class DropCollector:
+    """Drop counts per (slot, direction, reason) since the last call."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self._prev: dict[tuple[int, int, int], int] = {}
+
+    def deltas(self) -> dict[tuple[int, int, int], int]:
+        table = self.tracer.table("lt_drops")
+        current = {}
+        for k, per_cpu in table.items():
+            current[(k.slot, k.dir, k.reason)] = sum(int(v) for v in per_cpu)
+        out = {}
+        for key, n in current.items():
+            d = n - self._prev.get(key, 0)
+            if d:
+                out[key] = d
+        self._prev = current
+        return out
+
+    def forget_slot(self, slot: int) -> None:
+        """Remove a freed slot's drop counters so that its next occupant starts at zero."""
+        table = self.tracer.table("lt_drops")
+        for k in [k for k in table.keys() if k.slot == slot]:
+            del table[k]
+        self._prev = {k: v for k, v in self._prev.items() if k[0] != slot}
+
+
+COUNTER_NAMES = ("events_lost", "rate_limited", "stale_flights", "clamped", "negative")
+
+
+class CounterCollector:
+    """The agent's own health counters from the kernel (cumulative)."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+
+    def read(self) -> dict[str, int]:
+        table = self.tracer.table("lt_counters")
+        out = {}
+        for i, name in enumerate(COUNTER_NAMES):
+            out[name] = sum(int(v) for v in table[table.Key(i)])
+        return out

@@ -1,0 +1,127 @@
+"""The operator-agent contract: what the operator publishes for a node and what that node's agent reports.
+
+Both live in one cluster-scoped `LatencyTraceNode` object per node (name = node name): the operator owns
+`.spec` (the traces and pods this node must trace), the node's agent owns `.status` (what it attached,
+per pod, and its probe health). An agent only ever reads its own node's object. This module is the only
+definition of that shape; the operator and the agent both import it. Field names are camelCase on the
+wire, as everywhere in Kubernetes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+CONTRACT_VERSION = 1
+GROUP = "latencytrace.io"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+NODE_KIND = "LatencyTraceNode"
+NODE_PLURAL = "latencytracenodes"
+TRACE_KIND = "LatencyTrace"
+TRACE_PLURAL = "latencytraces"
+
+PodState = Literal["Tracing", "Pending", "NotFound", "Failed"]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+    def wire(self) -> dict:
+        """The JSON-ready dict as it goes into the API server."""
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+
+class ExportOverrides(_Model):
+    otlp_endpoint: str | None = None
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+
+
+class PodRef(_Model):
+    namespace: str
+    name: str
+    uid: str
+    ips: list[str] = Field(default_factory=list)
+
+
+class TraceSettings(_Model):
+    """What a LatencyTrace asks of the agent, after the operator applied defaults and validation."""
+
+    directions: list[Literal["receive", "transmit"]] = Field(default_factory=lambda: ["receive", "transmit"])
+    segments: list[str] = Field(default_factory=list)  # empty: all segments
+    slow_threshold_microseconds: int = 1000
+    spans_per_second: int = 10  # per pod
+    sample_one_in: int = 0  # also report 1 in N packets that are not slow; 0: none
+    export: ExportOverrides = Field(default_factory=ExportOverrides)
+
+
+class NodeTrace(TraceSettings):
+    name: str
+    namespace: str
+    uid: str
+    generation: int = 0
+    pods: list[PodRef] = Field(default_factory=list)
+
+
+class NodeSpec(_Model):
+    contract_version: int = CONTRACT_VERSION
+    node_name: str
+    traces: list[NodeTrace] = Field(default_factory=list)
+
+
+class Condition(_Model):
+    type: str
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    message: str = ""
+    last_transition_time: str | None = None
+    observed_generation: int | None = None
+
+
+class PodReport(_Model):
+    namespace: str
+    name: str
+    uid: str
+    state: PodState
+    netns_inode: int | None = None
+    message: str = ""
+
+
+class TraceReport(_Model):
+    name: str
+    namespace: str
+    uid: str
+    pods_tracing: int = 0
+    pods: list[PodReport] = Field(default_factory=list)
+
+
+class UnavailableProbe(_Model):
+    tracepoint: str
+    reason: str
+    segments: list[str] = Field(default_factory=list)
+
+
+class ProbeReport(_Model):
+    attached: list[str] = Field(default_factory=list)
+    unavailable: list[UnavailableProbe] = Field(default_factory=list)
+
+
+class ExportReport(_Model):
+    endpoint: str | None = None
+    healthy: bool = True
+    dropped_batches: int = 0
+    last_error: str | None = None
+
+
+class NodeStatus(_Model):
+    contract_version: int = CONTRACT_VERSION
+    observed_generation: int = 0
+    agent_version: str = ""
+    heartbeat_time: str | None = None
+    conditions: list[Condition] = Field(default_factory=list)
+    probes: ProbeReport = Field(default_factory=ProbeReport)
+    traces: list[TraceReport] = Field(default_factory=list)
+    export: ExportReport = Field(default_factory=ExportReport)
+    events_lost: int = 0

@@ -1,0 +1,56 @@
+"""The probes: which BPF program runs on which tracepoint, and which segments depend on it.
+
+One row per attachment. `args` is the prototype we read ctx->args[] by (checked against the kernel's
+BTF before loading: a tracepoint whose arguments changed is treated as missing, never misread).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Probe:
+    program: str      # function in bpf/*.c
+    tracepoint: str   # category:name
+    source: str       # bpf/<source>.bpf.c
+    args: tuple[str, ...] = ()  # leading raw tracepoint argument types the program relies on
+    raw: bool = True  # raw tracepoint (cheaper); False: classic tracepoint (syscalls have no raw ones)
+    feeds: tuple[str, ...] = ()  # segments that cannot be measured without it
+
+    @property
+    def category(self) -> str:
+        return self.tracepoint.split(":", 1)[0]
+
+    @property
+    def name(self) -> str:
+        return self.tracepoint.split(":", 1)[1]
+
+
+SOURCES = ("irq", "tx", "rx", "drops")  # concatenation order: later files use earlier helpers
+
+PROBES: tuple[Probe, ...] = (
+    Probe("lt_irq_handler_entry", "irq:irq_handler_entry", "irq", ("int",)),
+    Probe("lt_softirq_raise", "irq:softirq_raise", "irq", ("unsigned int",), feeds=("rx_irq",)),
+    Probe("lt_softirq_entry", "irq:softirq_entry", "irq", ("unsigned int",), feeds=("rx_irq", "rx_driver")),
+    Probe("lt_softirq_exit", "irq:softirq_exit", "irq", ("unsigned int",)),
+    Probe("lt_netif_receive_skb", "net:netif_receive_skb", "rx", ("sk_buff *",),
+          feeds=("rx_irq", "rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total",
+                 "tx_pod_to_host")),
+    Probe("lt_sk_data_ready", "sock:sk_data_ready", "rx", ("sock *",),
+          feeds=("rx_pod_stack", "rx_socket_queue", "rx_total")),
+    Probe("lt_skb_copy_datagram_iovec", "skb:skb_copy_datagram_iovec", "rx", ("sk_buff *",),
+          feeds=("rx_socket_queue", "rx_total")),
+    Probe("lt_sock_recv_length", "sock:sock_recv_length", "rx", ("sock *", "int", "int"),
+          feeds=("rx_socket_queue", "rx_total")),
+    Probe("lt_net_dev_queue", "net:net_dev_queue", "tx", ("sk_buff *",),
+          feeds=("tx_app_to_dev", "tx_pod_to_host", "tx_qdisc", "tx_driver", "tx_total")),
+    Probe("lt_net_dev_start_xmit", "net:net_dev_start_xmit", "tx", ("sk_buff *",), feeds=("tx_qdisc", "tx_driver")),
+    Probe("lt_net_dev_xmit", "net:net_dev_xmit", "tx", ("sk_buff *", "int"), feeds=("tx_driver", "tx_total")),
+    Probe("lt_consume_skb", "skb:consume_skb", "tx", ("sk_buff *",)),
+    Probe("lt_tcp_sendmsg_locked", "tcp:tcp_sendmsg_locked", "tx", ("sock *",)),
+    Probe("lt_sys_send", "syscalls:sys_enter_sendto", "tx", raw=False),
+    Probe("lt_sys_send", "syscalls:sys_enter_sendmsg", "tx", raw=False),
+    Probe("lt_sys_send", "syscalls:sys_enter_sendmmsg", "tx", raw=False),
+    Probe("lt_kfree_skb", "skb:kfree_skb", "drops", ("sk_buff *",)),
+)

@@ -1,0 +1,69 @@
+"""The final BPF source and its compiler flags: bpf/*.c sources plus -D macros.
+
+Three kinds of configuration, each with one job: -D macros for sizes, constants and BTF offsets (here);
+BPF maps for run-time tunables and target sets (tracer.py); nothing is rendered into the C text.
+"""
+
+from __future__ import annotations
+
+import importlib.resources
+from dataclasses import dataclass
+
+from . import histogram, segments
+from .probes import SOURCES
+
+
+@dataclass(frozen=True)
+class Sizes:
+    max_targets: int = 32
+    rx_inflight: int = 16384
+    tx_inflight: int = 16384
+    send_inflight: int = 8192
+    ringbuf_pages: int = 64  # ring buffer for slow-packet events, in pages; a power of two
+
+    def __post_init__(self) -> None:
+        if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
+            raise ValueError(f"ringbuf_pages must be a power of two, not {self.ringbuf_pages}")
+        for name in ("max_targets", "rx_inflight", "tx_inflight", "send_inflight"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive")
+
+
+def bpf_dir():
+    return importlib.resources.files("latencytrace.bpf")
+
+
+def source() -> str:
+    """All probe sources, concatenated in dependency order (header first, via its include guard)."""
+    root = bpf_dir()
+    parts = [root.joinpath("latencytrace.h").read_text()]
+    parts += [root.joinpath(f"{name}.bpf.c").read_text() for name in SOURCES]
+    return "\n".join(parts)
+
+
+def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None) -> dict[str, int | str]:
+    m: dict[str, int | str] = {}
+    m.update(offsets)
+    m.update(segments.bpf_macros())
+    m.update(
+        LT_MAX_TARGETS=sizes.max_targets,
+        LT_RX_INFLIGHT=sizes.rx_inflight,
+        LT_TX_INFLIGHT=sizes.tx_inflight,
+        LT_SEND_INFLIGHT=sizes.send_inflight,
+        LT_RINGBUF_PAGES=sizes.ringbuf_pages,
+        LT_NB=histogram.N_BUCKETS,
+        LT_INDEX_MIN=histogram.INDEX_MIN,
+        LT_INDEX_OFFSET=histogram.INDEX_OFFSET,
+        LT_FRACTION_BITS=histogram.FRACTION_BITS,
+        LT_MAX_NS=f"{histogram.MAX_NS}ULL",
+    )
+    for j, t in enumerate(histogram.THRESHOLDS, start=1):
+        m[f"LT_T{j}"] = f"{t}ULL"
+    if kfree_skb_reason_arg is not None:
+        m["LT_KFREE_REASON_ARG"] = kfree_skb_reason_arg
+    return m
+
+
+def cflags(macro_values: dict[str, int | str]) -> list[str]:
+    include = str(bpf_dir())
+    return [f"-I{include}"] + [f"-D{k}={v}" for k, v in sorted(macro_values.items())]

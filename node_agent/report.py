@@ -1,0 +1,86 @@
+"""Human and machine reports of a trace: a live table and the final JSON document (both are sinks)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.table import Table
+
+from . import segments
+from .agent import Interval
+from .histogram import SegmentHistogram
+from .segments import Direction
+
+
+@dataclass
+class _TargetTotals:
+    label: str
+    netns_inode: int
+    segments: dict[int, SegmentHistogram] = field(default_factory=dict)
+    drops: dict[str, int] = field(default_factory=dict)
+
+
+class Report:
+    """Accumulates intervals over the whole run, per target (keyed by namespace inode)."""
+
+    def __init__(self) -> None:
+        self.targets: dict[int, _TargetTotals] = {}
+        self.probes: dict[str, dict[str, int]] = {}
+        self.counters: dict[str, int] = {}
+        self.events = 0
+        self.overflow_targets = 0
+
+    def consume(self, interval: Interval) -> None:
+        for slot, target in interval.targets.items():
+            tot = self.targets.setdefault(target.ns.inode, _TargetTotals(target.label, target.ns.inode))
+            tot.label = target.label
+            for seg, h in interval.histograms.get(slot, {}).items():
+                tot.segments.setdefault(seg, SegmentHistogram()).merge(h)
+        for (slot, direction, reason), n in interval.drops.items():
+            target = interval.targets.get(slot)
+            if target is None:
+                continue
+            tot = self.targets.setdefault(target.ns.inode, _TargetTotals(target.label, target.ns.inode))
+            name = f"{Direction(direction).otel}/{interval.drop_reasons.get(reason, str(reason))}"
+            tot.drops[name] = tot.drops.get(name, 0) + n
+        self.probes = {name: {"run_cnt": s.run_cnt, "run_time_ns": s.run_time_ns,
+                              "avg_ns": round(s.run_time_ns / s.run_cnt, 1) if s.run_cnt else 0}
+                       for name, s in interval.probes.items()}
+        self.counters = dict(interval.counters)
+        self.events += len(interval.events)
+        self.overflow_targets = interval.overflow_targets
+
+    def close(self) -> None:
+        pass
+
+    def as_json(self) -> dict:
+        targets = []
+        for tot in self.targets.values():
+            segs = {}
+            for seg in segments.SEGMENTS:
+                h = tot.segments.get(seg.id)
+                if h is not None and h.count:
+                    segs[seg.name] = h.summary_us()
+            targets.append({"netns_inode": tot.netns_inode, "label": tot.label, "segments": segs,
+                            "drops": dict(sorted(tot.drops.items()))})
+        return {"targets": targets, "probes": self.probes, "counters": self.counters,
+                "events": self.events, "overflow_targets": self.overflow_targets}
+
+    def table(self, title: str = "latencytrace") -> Table:
+        t = Table(title=title, expand=False)
+        for col in ("target", "segment", "count", "p50 µs", "p90 µs", "p99 µs", "max µs"):
+            t.add_column(col, justify="right" if col not in ("target", "segment") else "left")
+        for tot in self.targets.values():
+            first = True
+            for seg in segments.SEGMENTS:
+                h = tot.segments.get(seg.id)
+                if h is None or not h.count:
+                    continue
+                s = h.summary_us()
+                t.add_row(tot.label if first else "", seg.name, str(s["count"]),
+                          *(f"{s[k]:.1f}" if s[k] is not None else "-" for k in ("p50_us", "p90_us", "p99_us", "max_us")))
+                first = False
+            for name, n in sorted(tot.drops.items()):
+                t.add_row(tot.label if first else "", f"drop {name}", str(n), "", "", "", "")
+                first = False
+        return t

@@ -1,0 +1,165 @@
+"""The one table of stack segments: names, directions, boundary events and the tracepoints behind them.
+
+Everything that talks about segments reads this table: the BPF programs (segment and boundary ids are
+passed to them as -D macros generated here), the collectors, the exporters, the CLI and the README.
+A packet's journey is a list of *boundaries* (kernel timestamps taken at tracepoints); a *segment* is the
+time between two boundaries.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+
+class Direction(enum.IntEnum):
+    RX = 0
+    TX = 1
+
+    @property
+    def otel(self) -> str:
+        """Value of the `network.io.direction` attribute."""
+        return "receive" if self is Direction.RX else "transmit"
+
+
+@dataclass(frozen=True)
+class Boundary:
+    id: int  # index into the event's timestamp array for its direction
+    name: str
+    direction: Direction
+    tracepoints: tuple[str, ...]
+    doc: str
+
+
+@dataclass(frozen=True)
+class Segment:
+    id: int
+    name: str
+    direction: Direction
+    start: str  # boundary name, or "first" for the earliest boundary seen
+    end: str
+    doc: str
+
+    @property
+    def is_total(self) -> bool:
+        return self.start == "first"
+
+
+RX_BOUNDARIES: tuple[Boundary, ...] = (
+    Boundary(0, "irq", Direction.RX, ("irq:irq_handler_entry", "irq:softirq_raise"),
+             "NIC hardirq entry on the CPU (IRQs of physical NICs only), or, where none preceded it, "
+             "the moment NET_RX softirq became pending on that CPU (veth and other software devices)."),
+    Boundary(1, "softirq", Direction.RX, ("irq:softirq_entry",),
+             "NET_RX softirq entry on the CPU that then processes the packet."),
+    Boundary(2, "host_rx", Direction.RX, ("net:netif_receive_skb",),
+             "First netif_receive_skb of the skb outside the pod's network namespace "
+             "(host side: NIC, bridge port or veth peer), recognised by the pod IP as destination."),
+    Boundary(3, "pod_rx", Direction.RX, ("net:netif_receive_skb",),
+             "netif_receive_skb of the skb on a device inside the pod's network namespace."),
+    Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),
+             "sk_data_ready for the socket the skb was queued on (the socket was told data is there)."),
+    Boundary(5, "app_read", Direction.RX, ("skb:skb_copy_datagram_iovec",),
+             "The application copies the skb's data out (recv/read)."),
+)
+
+TX_BOUNDARIES: tuple[Boundary, ...] = (
+    Boundary(0, "app_send", Direction.TX,
+             ("syscalls:sys_enter_sendto", "syscalls:sys_enter_sendmsg", "syscalls:sys_enter_sendmmsg",
+              "tcp:tcp_sendmsg_locked"),
+             "Start of the send that produced the skb: the send syscall of the thread, or for TCP "
+             "tcp_sendmsg_locked of the socket. Only the first skb a send produces carries it."),
+    Boundary(1, "pod_dev_queue", Direction.TX, ("net:net_dev_queue",),
+             "net_dev_queue on the pod's own device (inside the pod's network namespace)."),
+    Boundary(2, "host_rx", Direction.TX, ("net:netif_receive_skb",),
+             "The skb arrives on the host side (netif_receive_skb on the veth peer outside the pod)."),
+    Boundary(3, "egress_queue", Direction.TX, ("net:net_dev_queue",),
+             "The last net_dev_queue of the skb, on the device it leaves through (the egress device)."),
+    Boundary(4, "egress_xmit", Direction.TX, ("net:net_dev_start_xmit",),
+             "net_dev_start_xmit on the egress device: the qdisc hands the skb to the driver."),
+    Boundary(5, "done", Direction.TX, ("net:net_dev_xmit", "skb:consume_skb", "sock:sk_data_ready"),
+             "Transmit completion: consume_skb after the driver transmitted it (physical NICs); for a "
+             "virtual egress device (veth to another pod) the return of its xmit routine, known once the "
+             "skb shows up in the peer namespace; for delivery to a host socket, sk_data_ready."),
+)
+
+SEGMENTS: tuple[Segment, ...] = (
+    Segment(0, "rx_irq", Direction.RX, "irq", "softirq",
+            "Interrupt processing latency: hardirq (or softirq raise) until NET_RX softirq runs."),
+    Segment(1, "rx_driver", Direction.RX, "softirq", "host_rx",
+            "Driver and GRO work in the softirq until the stack first sees the skb on the host side "
+            "(ends at pod_rx when there is no host-side sighting)."),
+    Segment(2, "rx_host_to_pod", Direction.RX, "host_rx", "pod_rx",
+            "Host bridge/routing and the veth crossing into the pod, including backlog queueing."),
+    Segment(3, "rx_pod_stack", Direction.RX, "pod_rx", "sock_ready",
+            "The pod's IP and TCP/UDP processing until the socket is woken."),
+    Segment(4, "rx_socket_queue", Direction.RX, "sock_ready", "app_read",
+            "Time in the socket receive queue until the application reads it."),
+    Segment(5, "rx_total", Direction.RX, "first", "app_read",
+            "From the first boundary seen for the packet to the application's read."),
+    Segment(6, "tx_app_to_dev", Direction.TX, "app_send", "pod_dev_queue",
+            "The pod's socket, TCP/UDP and IP output until the pod's device queue."),
+    Segment(7, "tx_pod_to_host", Direction.TX, "pod_dev_queue", "host_rx",
+            "The pod's device and the veth crossing to the host side."),
+    Segment(8, "tx_qdisc", Direction.TX, "egress_queue", "egress_xmit",
+            "Queueing discipline of the egress device."),
+    Segment(9, "tx_driver", Direction.TX, "egress_xmit", "done",
+            "Driver transmit until completion (or hand-over to the peer namespace for veth)."),
+    Segment(10, "tx_total", Direction.TX, "first", "done",
+            "From the first boundary seen for the packet to transmit completion."),
+)
+
+BY_NAME: dict[str, Segment] = {s.name: s for s in SEGMENTS}
+NAMES: tuple[str, ...] = tuple(s.name for s in SEGMENTS)
+N_SEGMENTS = len(SEGMENTS)
+N_BOUNDARIES = 6  # per direction; events carry one timestamp array of this length
+
+
+def boundaries(direction: Direction) -> tuple[Boundary, ...]:
+    return RX_BOUNDARIES if direction is Direction.RX else TX_BOUNDARIES
+
+
+def boundary_id(direction: Direction, name: str) -> int:
+    for b in boundaries(direction):
+        if b.name == name:
+            return b.id
+    raise KeyError(f"no {direction.name} boundary named {name!r}")
+
+
+def segments_of(direction: Direction) -> tuple[Segment, ...]:
+    return tuple(s for s in SEGMENTS if s.direction is direction)
+
+
+def segments_needing(tracepoint: str) -> tuple[Segment, ...]:
+    """Segments that cannot be measured without `tracepoint` (used to report what a missing one disables)."""
+    out = []
+    for seg in SEGMENTS:
+        names = {seg.end} if seg.is_total else {seg.start, seg.end}
+        for b in boundaries(seg.direction):
+            if b.name in names and b.tracepoints == (tracepoint,):
+                out.append(seg)
+                break
+    return tuple(out)
+
+
+def bpf_macros() -> dict[str, int]:
+    """Segment and boundary ids as C macros (LT_SEG_RX_IRQ, LT_B_RX_IRQ, ...) for bpf/*.c."""
+    macros = {f"LT_SEG_{s.name.upper()}": s.id for s in SEGMENTS}
+    for d in Direction:
+        for b in boundaries(d):
+            macros[f"LT_B_{d.name}_{b.name.upper()}"] = b.id
+    macros["LT_NSEG"] = N_SEGMENTS
+    macros["LT_NBOUND"] = N_BOUNDARIES
+    return macros
+
+
+def mask(names: list[str] | tuple[str, ...] | None) -> int:
+    """Bit mask of segment ids; None or empty means all segments."""
+    if not names:
+        return (1 << N_SEGMENTS) - 1
+    unknown = [n for n in names if n not in BY_NAME]
+    if unknown:
+        raise ValueError(f"unknown segment(s) {', '.join(unknown)}; known: {', '.join(NAMES)}")
+    m = 0
+    for n in names:
+        m |= 1 << BY_NAME[n].id
+    return m

@@ -1,0 +1,211 @@
+"""Targets: which network namespaces are traced, how one is found, and their slots in the kernel maps.
+
+A target is one network namespace (a pod's), identified in the kernel by its inode; its IP addresses
+let the host-side probes recognise packets addressed to it before they enter it. A target is given as
+a namespace path, a PID, or (in a cluster) a pod, which is found on the host by its UID in the cgroup
+paths of its processes (needs the host PID namespace) or else by the namespace holding its pod IP.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pyroute2 import NetNS
+
+from .contract import PodRef
+from .tracer import TargetSettings, Tracer
+
+log = logging.getLogger(__name__)
+
+PROC = Path("/proc")
+NETNS_DIRS = (Path("/run/netns"), Path("/var/run/netns"))
+# Slots of removed targets wait this long before reuse, so that packets still in flight under the
+# old slot cannot be counted for a new pod.
+SLOT_COOLDOWN_S = 2.0
+
+
+class TargetError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Namespace:
+    inode: int
+    path: str  # a path that opens it (/run/netns/x or /proc/<pid>/ns/net)
+    ips: tuple[str, ...]
+
+
+def netns_inode(path: str | os.PathLike) -> int:
+    try:
+        return os.stat(path).st_ino
+    except FileNotFoundError:
+        raise TargetError(f"network namespace {path} does not exist") from None
+    except PermissionError:
+        raise TargetError(f"no permission to open network namespace {path} (run as root)") from None
+
+
+def namespace_ips(path: str) -> tuple[str, ...]:
+    """Global addresses of the namespace's interfaces (loopback excluded)."""
+    try:
+        with NetNS(path) as ns:
+            addrs = [a.get_attr("IFA_ADDRESS") for a in ns.get_addr()]
+    except Exception as e:  # pyroute2 raises several types for an unopenable namespace
+        raise TargetError(f"cannot list addresses in network namespace {path}: {e}") from e
+    out = []
+    for a in addrs:
+        if a is None:
+            continue
+        ip = ipaddress.ip_address(a)
+        if not (ip.is_loopback or ip.is_link_local):
+            out.append(str(ip))
+    return tuple(out)
+
+
+def from_path(path: str) -> Namespace:
+    p = Path(path)
+    if not p.exists() and "/" not in path:
+        for d in NETNS_DIRS:  # a bare name as `ip netns` knows it
+            if (d / path).exists():
+                p = d / path
+                break
+    if not p.exists():
+        raise TargetError(f"network namespace {path} does not exist")
+    return Namespace(netns_inode(p), str(p), namespace_ips(str(p)))
+
+
+def from_pid(pid: int) -> Namespace:
+    path = PROC / str(pid) / "ns" / "net"
+    if not (PROC / str(pid)).exists():
+        raise TargetError(f"no process with PID {pid}")
+    return Namespace(netns_inode(path), str(path), namespace_ips(str(path)))
+
+
+def _pod_uid_pattern(uid: str) -> re.Pattern:
+    # cgroupfs drivers write the UID with dashes, systemd drivers with underscores.
+    return re.compile(re.escape(uid).replace("\\-", "[-_]"))
+
+
+def find_pod_by_cgroup(uid: str, proc: Path = PROC) -> Namespace | None:
+    pat = _pod_uid_pattern(uid)
+    for entry in proc.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            if pat.search((entry / "cgroup").read_text()):
+                path = entry / "ns" / "net"
+                return Namespace(netns_inode(path), str(path), namespace_ips(str(path)))
+        except (OSError, TargetError):
+            continue
+    return None
+
+
+def candidate_namespaces(proc: Path = PROC) -> dict[int, str]:
+    """Every network namespace visible from here: inode -> a path that opens it."""
+    found: dict[int, str] = {}
+    for d in NETNS_DIRS:
+        if d.is_dir():
+            for f in d.iterdir():
+                try:
+                    found.setdefault(os.stat(f).st_ino, str(f))
+                except OSError:
+                    continue
+    for entry in proc.iterdir():
+        if entry.name.isdigit():
+            try:
+                found.setdefault(os.stat(entry / "ns" / "net").st_ino, str(entry / "ns" / "net"))
+            except OSError:
+                continue
+    return found
+
+
+def find_pod_by_ip(ips: list[str], namespaces: dict[int, str] | None = None) -> Namespace | None:
+    wanted = {str(ipaddress.ip_address(i)) for i in ips}
+    if not wanted:
+        return None
+    host = os.stat("/proc/self/ns/net").st_ino
+    for inode, path in (namespaces or candidate_namespaces()).items():
+        if inode == host:
+            continue  # a hostNetwork pod shares the host's namespace: not traceable per pod
+        try:
+            have = namespace_ips(path)
+        except TargetError:
+            continue
+        if wanted & set(have):
+            return Namespace(inode, path, have)
+    return None
+
+
+def from_pod(pod: PodRef) -> Namespace:
+    ns = find_pod_by_cgroup(pod.uid) or find_pod_by_ip(pod.ips)
+    if ns is None:
+        raise TargetError(f"pod {pod.namespace}/{pod.name} has no network namespace on this node "
+                          f"(no process in its cgroup, no namespace holding {', '.join(pod.ips) or 'its IP'})")
+    return ns
+
+
+@dataclass
+class Target:
+    slot: int
+    ns: Namespace
+    label: str
+    settings: TargetSettings
+    pod: PodRef | None = None
+    traces: tuple[str, ...] = ()  # "namespace/name" of the LatencyTraces that selected it
+    added_ns: int = field(default_factory=time.monotonic_ns)
+
+
+class Registry:
+    """Slots in the kernel maps for the current targets; adds and removes without reloading programs."""
+
+    def __init__(self, tracer: Tracer, max_targets: int):
+        self.tracer = tracer
+        self.max_targets = max_targets
+        self.by_inode: dict[int, Target] = {}
+        self._cooling: dict[int, float] = {}  # slot -> monotonic time it became free
+        self.overflow = 0  # targets refused for want of a slot
+
+    def _free_slot(self) -> int | None:
+        used = {t.slot for t in self.by_inode.values()}
+        now = time.monotonic()
+        for slot in range(self.max_targets):
+            if slot not in used and now - self._cooling.get(slot, -SLOT_COOLDOWN_S) >= SLOT_COOLDOWN_S:
+                return slot
+        return None
+
+    def add(self, ns: Namespace, label: str, settings: TargetSettings, pod: PodRef | None = None,
+            traces: tuple[str, ...] = ()) -> Target:
+        existing = self.by_inode.get(ns.inode)
+        if existing is not None:
+            existing.label, existing.pod, existing.traces = label, pod, traces
+            if existing.settings != settings or existing.ns.ips != ns.ips:
+                self.tracer.clear_target(existing.slot, existing.ns.inode, list(set(existing.ns.ips) - set(ns.ips)))
+                existing.settings, existing.ns = settings, ns
+                self.tracer.set_target(existing.slot, ns.inode, list(ns.ips), settings)
+            return existing
+        slot = self._free_slot()
+        if slot is None:
+            self.overflow += 1
+            raise TargetError(f"cannot trace {label}: all {self.max_targets} target slots of this agent are in use "
+                              "(raise agent.maxTargets)")
+        target = Target(slot, ns, label, settings, pod, traces)
+        self.tracer.set_target(slot, ns.inode, list(ns.ips), settings)
+        self.by_inode[ns.inode] = target
+        log.info("tracing %s (netns %d, slot %d, ips %s)", label, ns.inode, slot, ", ".join(ns.ips) or "none")
+        return target
+
+    def remove(self, inode: int) -> Target | None:
+        target = self.by_inode.pop(inode, None)
+        if target is not None:
+            self.tracer.clear_target(target.slot, inode, list(target.ns.ips))
+            self._cooling[target.slot] = time.monotonic()
+            log.info("stopped tracing %s (slot %d)", target.label, target.slot)
+        return target
+
+    def by_slot(self) -> dict[int, Target]:
+        return {t.slot: t for t in self.by_inode.values()}

@@ -1,0 +1,178 @@
+"""The tracer owns the BCC program for its whole life: build, attach, target maps, statistics, close.
+
+Attachment is per probe: a tracepoint the kernel lacks, or one that refuses the program, disables only
+that probe and the segments that need it, and is reported. Programs are never pinned, so whatever way
+the agent ends (even SIGKILL), closing its file descriptors detaches them.
+"""
+
+from __future__ import annotations
+
+import ctypes as ct
+import ipaddress
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from . import program
+from .kernel import bpfsys, features as kfeatures, headers, offsets
+from .kernel.btf import KernelBTF
+from .probes import Probe
+
+log = logging.getLogger(__name__)
+
+
+class TracerError(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class TargetSettings:
+    """Per-target tunables as the kernel reads them (struct lt_target)."""
+
+    slow_ns: int = 1_000_000
+    sample_one_in: int = 0
+    seg_mask: int = (1 << 11) - 1
+    dir_mask: int = 0b11
+    events_per_sec: int = 10
+
+
+@dataclass
+class ProbeStatus:
+    attached: list[Probe] = field(default_factory=list)
+    unavailable: list[tuple[Probe, str]] = field(default_factory=list)
+
+    def disabled_segments(self) -> set[str]:
+        return {s for p, _ in self.unavailable for s in p.feeds}
+
+
+def check_privileges() -> None:
+    if os.geteuid() != 0:
+        raise TracerError("latencytrace-agent must run as root (or with CAP_BPF, CAP_PERFMON and CAP_SYS_ADMIN)")
+
+
+class Tracer:
+    def __init__(self, sizes: program.Sizes = program.Sizes(), btf: KernelBTF | None = None):
+        self.sizes = sizes
+        self.btf = btf
+        self.bpf = None
+        self.status = ProbeStatus()
+        self.attach_seconds: float | None = None
+        self._stats_fd: int | None = None
+        self._prog_info: bpfsys.ProgInfoReader | None = None
+        self.macros: dict[str, int | str] = {}
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
+        """Resolve offsets and features for this kernel; return (source, cflags, features)."""
+        if self.btf is None:
+            self.btf = KernelBTF.load()
+        feats = kfeatures.probe(self.btf)
+        self.macros = program.macros(offsets.resolve(self.btf), self.sizes, feats.kfree_skb_reason_arg)
+        return program.source(), program.cflags(self.macros), feats
+
+    def start(self) -> ProbeStatus:
+        started = time.monotonic()
+        check_privileges()
+        headers.ensure()
+        src, cflags, feats = self.build_source()
+        from bcc import BPF  # imported late: only the tracer needs the system's BCC
+
+        try:
+            self.bpf = BPF(text=src, cflags=cflags)
+        except Exception as e:
+            raise TracerError(f"BPF program failed to compile: {e} (run with --dump-bpf to see the source)") from e
+        self._prog_info = bpfsys.ProgInfoReader(self.btf)
+        try:
+            self._stats_fd = bpfsys.enable_stats()
+        except OSError as e:
+            log.warning("BPF run-time statistics unavailable (%s); probe cost will read as 0", e)
+        self.status = ProbeStatus(unavailable=[(u.probe, u.reason) for u in feats.unavailable])
+        for p in feats.usable:
+            self._attach(p)
+        self.attach_seconds = time.monotonic() - started
+        for p, why in self.status.unavailable:
+            log.warning("probe %s on %s disabled: %s (segments affected: %s)", p.program, p.tracepoint, why,
+                        ", ".join(p.feeds) or "none")
+        return self.status
+
+    def _attach(self, p: Probe) -> None:
+        try:
+            if p.raw:
+                self.bpf.attach_raw_tracepoint(tp=p.name.encode(), fn_name=p.program.encode())
+            else:
+                self.bpf.attach_tracepoint(tp=p.tracepoint.encode(), fn_name=p.program.encode())
+            self.status.attached.append(p)
+        except Exception as e:  # BCC raises bare Exception for load and attach failures
+            self.status.unavailable.append((p, f"attach failed: {e}"))
+
+    def close(self) -> None:
+        if self.bpf is not None:
+            self.bpf.cleanup()
+            self.bpf = None
+        if self._stats_fd is not None:
+            os.close(self._stats_fd)
+            self._stats_fd = None
+
+    def __enter__(self) -> Tracer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- maps ----------------------------------------------------------------------------------
+    def table(self, name: str):
+        return self.bpf[name]
+
+    def set_target(self, slot: int, netns_inode: int, ips: list[str], settings: TargetSettings) -> None:
+        t = self.table("lt_targets")
+        v = t.Leaf()
+        v.slow_ns, v.sample_one_in = settings.slow_ns, settings.sample_one_in
+        v.seg_mask, v.dir_mask, v.events_per_sec = settings.seg_mask, settings.dir_mask, settings.events_per_sec
+        t[ct.c_int(slot)] = v
+        self.table("lt_netns")[ct.c_uint32(netns_inode)] = ct.c_uint32(slot)
+        for ip in ips:
+            table, key = self._ip_key(ip)
+            table[key] = ct.c_uint32(slot)
+
+    def clear_target(self, slot: int, netns_inode: int, ips: list[str]) -> None:
+        for ip in ips:
+            table, key = self._ip_key(ip)
+            table.pop(key, None)
+        self.table("lt_netns").pop(ct.c_uint32(netns_inode), None)
+        t = self.table("lt_targets")
+        t[ct.c_int(slot)] = t.Leaf()  # dir_mask 0: every probe ignores the slot
+
+    def _ip_key(self, ip: str):
+        addr = ipaddress.ip_address(ip)
+        if addr.version == 4:
+            # The kernel compares the address as it sits in the packet (network order) read as a u32.
+            return self.table("lt_ip4"), ct.c_uint32(int.from_bytes(addr.packed, "little"))
+        table = self.table("lt_ip6")
+        key = table.Key()
+        for i in range(4):
+            key.a[i] = int.from_bytes(addr.packed[4 * i:4 * i + 4], "little")
+        return table, key
+
+    def set_nic_irqs(self, irqs: list[int]) -> None:
+        t = self.table("lt_nic_irq")
+        t.clear()
+        for irq in irqs:
+            t[ct.c_uint32(irq)] = ct.c_uint8(1)
+
+    # -- statistics ----------------------------------------------------------------------------
+    def probe_stats(self) -> dict[str, bpfsys.ProgStats]:
+        """Kernel-measured run count and run time of each attached program (summed over attachments)."""
+        out: dict[str, bpfsys.ProgStats] = {}
+        if self.bpf is None or self._prog_info is None:
+            return out
+        for name, fn in self.bpf.funcs.items():
+            s = self._prog_info.read(fn.fd)
+            out[name.decode() if isinstance(name, bytes) else name] = s
+        return out
+
+    def program_ids(self) -> list[int]:
+        if self.bpf is None:
+            return []
+        return [bpfsys.prog_id(fn.fd) for fn in self.bpf.funcs.values()]

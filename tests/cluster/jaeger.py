@@ -1,0 +1,165 @@
+"""Jaeger v2 all-in-one (in-memory storage) as a trace sink for tests.
+
+Jaeger's built-in all-in-one config listens on fixed "localhost" ports (4317, 4318,
+16686, 8888, ...) plus receivers we do not need; instead a minimal config is
+generated with only OTLP gRPC + OTLP HTTP in and the query API out, each on a free
+127.0.0.1 port, and the collector's own metrics endpoint turned off.
+
+    with Jaeger(tmp_path) as j:
+        exporter = OTLPSpanExporter(endpoint=j.otlp_grpc_endpoint, insecure=True)
+        ...
+        trace = j.wait_for_trace(trace_id_hex)
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import time
+import urllib.error
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import versions
+from .procs import Proc, free_port, http_get, wait_until
+
+
+class Jaeger:
+    def __init__(self, workdir: str | os.PathLike[str], *, max_traces: int = 100_000,
+                 startup_timeout: float = 60.0, detach: bool = False) -> None:
+        self.workdir = Path(workdir).resolve()
+        self.max_traces = max_traces
+        self.startup_timeout = startup_timeout
+        self.detach = detach
+        self.ports: dict[str, int] = {}
+        self.proc: Proc | None = None
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        """host:port for an OTLP/gRPC exporter (plaintext)."""
+        return f"127.0.0.1:{self.ports['otlp_grpc']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        """Base URL of the OTLP/HTTP receiver; traces go to <this>/v1/traces."""
+        return f"http://127.0.0.1:{self.ports['otlp_http']}"
+
+    @property
+    def query_url(self) -> str:
+        """Base URL of the HTTP query API (/api/services, /api/traces/<id>) and UI."""
+        return f"http://127.0.0.1:{self.ports['query_http']}"
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "service": {
+                "extensions": ["jaeger_storage", "jaeger_query"],
+                "pipelines": {"traces": {
+                    # No batch processor: spans are stored as they arrive, so a test
+                    # can query them at once.
+                    "receivers": ["otlp"],
+                    "exporters": ["jaeger_storage_exporter"],
+                }},
+                "telemetry": {
+                    # "none" also drops the default metrics listener on :8888.
+                    "metrics": {"level": "none"},
+                    "logs": {"level": "info"},
+                },
+            },
+            "extensions": {
+                "jaeger_storage": {"backends": {"memory_store": {
+                    "memory": {"max_traces": self.max_traces}}}},
+                "jaeger_query": {
+                    "storage": {"traces": "memory_store"},
+                    # Both default to all interfaces; pin them to loopback.
+                    "http": {"endpoint": f"127.0.0.1:{self.ports['query_http']}"},
+                    "grpc": {"endpoint": f"127.0.0.1:{self.ports['query_grpc']}"},
+                },
+            },
+            "receivers": {"otlp": {"protocols": {
+                "grpc": {"endpoint": self.otlp_grpc_endpoint},
+                "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
+            }}},
+            "exporters": {"jaeger_storage_exporter": {"trace_storage": "memory_store"}},
+        }
+
+    def start(self) -> Jaeger:
+        if self.proc is not None:
+            return self
+        binary = versions.ensure_tools("jaeger")["jaeger"]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc"):
+            self.ports[name] = free_port()
+        config = self.workdir / "jaeger.yaml"
+        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        self.proc = Proc("jaeger", [binary, f"--config={config}"],
+                         self.workdir / "logs" / "jaeger.log", cwd=self.workdir,
+                         die_with_parent=not self.detach)
+        if not self.detach:
+            atexit.register(self.stop)
+        try:
+            wait_until("jaeger query API and OTLP receivers", self._ready,
+                       self.startup_timeout, [self.proc])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def __enter__(self) -> Jaeger:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    # ---- query API ------------------------------------------------------------
+
+    def _ready(self) -> bool:
+        for port in (self.ports["otlp_grpc"], self.ports["otlp_http"]):
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        self.services()
+        return True
+
+    def _get(self, path: str, **params: Any) -> Any:
+        query = f"?{urllib.parse.urlencode(params)}" if params else ""
+        return json.loads(http_get(f"{self.query_url}{path}{query}"))
+
+    def services(self) -> list[str]:
+        return self._get("/api/services").get("data") or []
+
+    def get_trace(self, trace_id: str) -> dict[str, Any] | None:
+        """The trace (Jaeger JSON: spans, processes) or None if not stored (yet).
+        trace_id: 32 hex digits."""
+        try:
+            data = self._get(f"/api/traces/{trace_id}").get("data") or []
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+        return data[0] if data else None
+
+    def find_traces(self, service: str, limit: int = 20, **params: Any) -> list[dict[str, Any]]:
+        """Recent traces of `service`; extra params as in Jaeger's /api/traces
+        (operation, tags, lookback, start, end, ...)."""
+        return self._get("/api/traces", service=service, limit=limit, **params).get("data") or []
+
+    def wait_for_trace(self, trace_id: str, timeout: float = 30.0,
+                       min_spans: int = 1) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            trace = self.get_trace(trace_id)
+            if trace is not None and len(trace.get("spans", [])) >= min_spans:
+                return trace
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"trace {trace_id} with >= {min_spans} spans not in "
+                                   f"Jaeger after {timeout:.0f}s")
+            time.sleep(0.2)

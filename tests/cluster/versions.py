@@ -1,0 +1,91 @@
+"""Pinned tool versions and where their built binaries live.
+
+The versions themselves are in versions.env (shared with build.sh); this module
+reads them and maps a tool name to its cached binary, running build.sh when a
+binary is missing.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+BUILD_SCRIPT = HERE / "build.sh"
+
+
+def _read_env_file(path: Path) -> dict[str, str]:
+    values: dict[str, str] = {}
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        values[key.strip()] = value.strip()
+    return values
+
+
+_PINS = _read_env_file(HERE / "versions.env")
+KUBERNETES_VERSION = _PINS["KUBERNETES_VERSION"]
+KWOK_VERSION = _PINS["KWOK_VERSION"]
+HELM_VERSION = _PINS["HELM_VERSION"]
+JAEGER_VERSION = _PINS["JAEGER_VERSION"]
+
+# tool -> (pinned version, build.sh target that produces it)
+TOOLS: dict[str, tuple[str, str]] = {
+    "kube-apiserver": (KUBERNETES_VERSION, "kubernetes"),
+    "kube-controller-manager": (KUBERNETES_VERSION, "kubernetes"),
+    "kube-scheduler": (KUBERNETES_VERSION, "kubernetes"),
+    "kubectl": (KUBERNETES_VERSION, "kubernetes"),
+    "kwok": (KWOK_VERSION, "kwok"),
+    "helm": (HELM_VERSION, "helm"),
+    "jaeger": (JAEGER_VERSION, "jaeger"),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("LATENCYTRACE_CACHE", "/var/cache/latencytrace"))
+
+
+def bin_path(tool: str) -> Path:
+    """Where build.sh puts `tool` (whether or not it is built yet)."""
+    version, _ = TOOLS[tool]
+    return cache_dir() / "bin" / f"{tool}-{version}" / tool
+
+
+def run_build(targets: list[str]) -> None:
+    """Runs build.sh for `targets`, its progress lines going straight to our stderr
+    (not captured) so a long first build is visibly alive, also under pytest -s."""
+    cmd = ["bash", str(BUILD_SCRIPT), *targets]
+    print(f"[cluster] building missing tools: {' '.join(targets)}", file=sys.stderr, flush=True)
+    # stdout too goes to stderr: callers may be parsing our stdout.
+    subprocess.run(cmd, check=True, stdout=sys.stderr, stderr=sys.stderr)
+
+
+def ensure_tools(*tools: str) -> dict[str, Path]:
+    """Returns {tool: path}, building whatever is missing first. "etcd" means the
+    Debian package's /usr/bin/etcd (build.sh installs it when absent)."""
+    missing_targets: list[str] = []
+    for tool in tools:
+        if tool == "etcd":
+            if shutil.which("etcd") is None and "etcd" not in missing_targets:
+                missing_targets.append("etcd")
+        elif not os.access(bin_path(tool), os.X_OK):
+            target = TOOLS[tool][1]
+            if target not in missing_targets:
+                missing_targets.append(target)
+    if missing_targets:
+        run_build(missing_targets)
+    paths: dict[str, Path] = {}
+    for tool in tools:
+        if tool == "etcd":
+            found = shutil.which("etcd")
+            if found is None:
+                raise RuntimeError("etcd not found after build.sh etcd")
+            paths[tool] = Path(found)
+        else:
+            paths[tool] = bin_path(tool)
+    return paths

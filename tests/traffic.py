@@ -1,0 +1,105 @@
+"""Small traffic programs run inside the lab's pods: `python tests/traffic.py <command> ...`.
+
+Each one is bounded in time (--timeout) and prints one JSON line with what it did, so that tests can
+compare what the kernel probes counted with what the sockets really sent and read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import sys
+import time
+
+
+def udp_recv(a) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    s.bind((a.bind, a.port))
+    s.settimeout(a.timeout)
+    print(json.dumps({"ready": True}), flush=True)
+    got = 0
+    try:
+        while got < a.count:
+            s.recv(65535)
+            got += 1
+    except socket.timeout:
+        pass
+    return {"received": got}
+
+
+def udp_send(a) -> dict:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    payload = b"x" * a.size
+    gap = 1.0 / a.rate if a.rate else 0.0
+    start = time.monotonic()
+    sent = 0
+    for i in range(a.count):
+        if gap:
+            target = start + i * gap
+            while time.monotonic() < target:
+                pass
+        try:
+            s.sendto(payload, (a.to, a.port))
+            sent += 1
+        except (ConnectionRefusedError, BlockingIOError):
+            pass
+    return {"sent": sent, "seconds": round(time.monotonic() - start, 3)}
+
+
+def tcp_sink(a) -> dict:
+    srv = socket.create_server((a.bind, a.port))
+    srv.settimeout(a.timeout)
+    print(json.dumps({"ready": True}), flush=True)
+    conn, _ = srv.accept()
+    conn.settimeout(a.timeout)
+    total = 0
+    try:
+        while True:
+            data = conn.recv(1 << 16)
+            if not data:
+                break
+            total += len(data)
+            if a.echo:
+                conn.sendall(data)
+    except socket.timeout:
+        pass
+    return {"received_bytes": total}
+
+
+def tcp_send(a) -> dict:
+    c = socket.create_connection((a.to, a.port), timeout=a.timeout)
+    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    chunk = b"y" * a.size
+    for _ in range(a.count):
+        c.sendall(chunk)
+        if a.echo:
+            need = a.size
+            while need:
+                need -= len(c.recv(need))
+    c.close()
+    return {"sent_bytes": a.size * a.count}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="traffic.py")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name, fn in (("udp-recv", udp_recv), ("udp-send", udp_send), ("tcp-sink", tcp_sink), ("tcp-send", tcp_send)):
+        sp = sub.add_parser(name)
+        sp.set_defaults(fn=fn)
+        sp.add_argument("--port", type=int, required=True)
+        sp.add_argument("--timeout", type=float, default=20.0)
+        sp.add_argument("--count", type=int, default=100)
+        sp.add_argument("--size", type=int, default=64)
+        sp.add_argument("--rate", type=float, default=0.0, help="packets per second (0: as fast as possible)")
+        sp.add_argument("--bind", default="0.0.0.0")
+        sp.add_argument("--to", default="")
+        sp.add_argument("--echo", action="store_true")
+    a = p.parse_args(argv)
+    print(json.dumps(a.fn(a)), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
