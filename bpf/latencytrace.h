@@ -213,37 +213,52 @@ static __always_inline int lt_wants(struct lt_target *t, u32 dir)
     return t->dir_mask & (1u << dir);
 }
 
-/* Histogram position of a latency: the OpenTelemetry scale-3 bucket index of ns/1e9 seconds, minus
- * LT_INDEX_MIN. z = ns * 2^(30+F) / 1e9 = ns * 2^(21+F) / 5^9 puts log2(z) an integer (30+F) above
- * log2(seconds), so the index computed on z is exact in seconds. Within an octave, the 7 thresholds
- * LT_T1..LT_T7 = floor(2^(j/8) * 2^63) split the normalised mantissa logarithmically. Buckets are
- * upper-inclusive, hence the exact power of two going one bucket down. node_agent/histogram.py
- * mirrors this and the tests check both agree. */
+/* Index of the highest set bit, without branches: every branch here would multiply the verifier's
+ * states at each of the several places a latency is recorded. */
+static __always_inline u32 lt_fls64(u64 v)
+{
+    u32 k, b;
+    k = (v > 0xFFFFFFFFULL) << 5;
+    v >>= k;
+    b = (v > 0xFFFF) << 4;
+    v >>= b;
+    k |= b;
+    b = (v > 0xFF) << 3;
+    v >>= b;
+    k |= b;
+    b = (v > 0xF) << 2;
+    v >>= b;
+    k |= b;
+    b = (v > 0x3) << 1;
+    v >>= b;
+    k |= b;
+    return k | (u32)(v >> 1);
+}
+
+/* Histogram position of a latency of ns > 0: the OpenTelemetry scale-3 bucket index of ns/1e9 seconds,
+ * minus LT_INDEX_MIN. With 1e9 = 2^9 * 5^9 and ns shifted left by s until its top bit is bit 63,
+ * z = (ns << s) / 5^9 = seconds * 2^(s+9) exactly up to truncation of a 43-bit quotient, so the index
+ * computed on z is the index in seconds plus 8(s+9). Within an octave the 7 thresholds LT_T1..LT_T7 =
+ * floor(2^(j/8) * 2^63) split the normalised mantissa logarithmically. Buckets are upper-inclusive: an
+ * exact power of two (nothing truncated) goes one bucket down. node_agent/histogram.py mirrors this
+ * and the tests check both agree. */
 static __always_inline u32 lt_bucket(u64 ns)
 {
-    if (ns > LT_MAX_NS) {
-        ns = LT_MAX_NS;
-        lt_count(LT_C_CLAMPED);
-    }
-    u64 z = (ns << (21 + LT_FRACTION_BITS)) / 1953125ULL;
-    u64 v = z;
-    s32 k = 0;
-    if (v >> 32) { v >>= 32; k += 32; }
-    if (v >> 16) { v >>= 16; k += 16; }
-    if (v >> 8) { v >>= 8; k += 8; }
-    if (v >> 4) { v >>= 4; k += 4; }
-    if (v >> 2) { v >>= 2; k += 2; }
-    if (v >> 1) { k += 1; }
+    u32 s = 63 - lt_fls64(ns);
+    u64 x = ns << s;
+    u64 z = x / 1953125ULL;
+    u32 k = 42 + (u32)(z >> 43); /* x is in [2^63, 2^64): z in [2^42.1, 2^43.1) */
     u64 m = z << (63 - k);
     s32 idx = 8 * k;
     idx += (m > LT_T1) + (m > LT_T2) + (m > LT_T3) + (m > LT_T4) + (m > LT_T5) + (m > LT_T6) + (m > LT_T7);
-    if (m == (1ULL << 63))
-        idx -= 1;
-    idx -= LT_INDEX_OFFSET + LT_INDEX_MIN;
+    idx -= (m == (1ULL << 63)) & (z * 1953125ULL == x);
+    idx -= 8 * (s + 9) + LT_INDEX_MIN;
     if (idx < 0)
         idx = 0;
-    if (idx > LT_NB - 1)
+    if (idx > LT_NB - 1) {
         idx = LT_NB - 1;
+        lt_count(LT_C_CLAMPED);
+    }
     return (u32)idx;
 }
 

@@ -170,23 +170,27 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     u64 now = bpf_ktime_get_ns();
     if (tail && tail == c->tx_skb) {
-        /* A traced pod's packet delivered to a socket on the host. */
-        struct lt_flight *tf = lt_tx_flight.lookup(&tail);
-        if (tf)
-            lt_tx_finish(tail, tf, now, (void *)tail);
         c->tx_skb = 0;
-        return 0;
+        /* A traced pod's packet delivered to a socket on the host. (If its flight is gone, it went
+         * on into another pod, which may be traced too: go on with the receive side.) */
+        struct lt_flight *tf = lt_tx_flight.lookup(&tail);
+        if (tf) {
+            lt_tx_finish(tail, tf, now, (void *)tail);
+            return 0;
+        }
     }
     u64 key = 0;
     struct lt_flight *f = NULL;
     if (tail && tail == c->rx_skb) {
         key = tail;
-    } else if (tail && (f = lt_rx_flight.lookup(&tail))) {
-        key = tail; /* TCP backlog processed in process context */
-    } else if (c->rx_skb && lt_sk_netns(sk) == c->rx_netns) {
-        key = c->rx_skb; /* TCP coalesced its data into the previous skb of the queue */
+    } else {
+        struct lt_flight *tf = tail ? lt_rx_flight.lookup(&tail) : NULL;
+        if (tf && tf->ts[LT_B_RX_POD_RX] && !tf->ts[LT_B_RX_SOCK_READY])
+            key = tail; /* TCP processing its backlog in process context */
+        else if (c->rx_skb && lt_sk_netns(sk) == c->rx_netns)
+            key = c->rx_skb; /* TCP coalesced this CPU's skb into the tail of the queue */
     }
-    if (key && !f)
+    if (key)
         f = lt_rx_flight.lookup(&key);
     if (key == c->rx_skb)
         c->rx_skb = 0;

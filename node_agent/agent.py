@@ -71,9 +71,10 @@ class Agent:
     sizes: Sizes = field(default_factory=Sizes)
     sinks: list[Sink] = field(default_factory=list)
     event_queue: int = 4096
+    btf_path: str = "/sys/kernel/btf/vmlinux"
 
     def __post_init__(self) -> None:
-        self.tracer = Tracer(self.sizes)
+        self.tracer = Tracer(self.sizes, btf_path=self.btf_path)
         self.registry: Registry | None = None
         self.states: dict[str, TargetState] = {}
         self._keys: dict[str, int] = {}  # desired key -> netns inode

@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default=None,
                    help="default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc")
     t.add_argument("--max-targets", type=_positive(int), default=32)
+    t.add_argument("--btf", default="/sys/kernel/btf/vmlinux",
+                   help="BTF of the running kernel (default /sys/kernel/btf/vmlinux)")
     t.add_argument("--dump-bpf", action="store_true", help="print the BPF source and compiler flags, then exit")
 
     r = sub.add_parser("run", help="run as the node agent of a cluster (reads its node's LatencyTraceNode)")
@@ -96,10 +98,10 @@ def _desired(args, settings):
     return desired
 
 
-def dump_bpf() -> int:
+def dump_bpf(btf_path: str = "/sys/kernel/btf/vmlinux") -> int:
     from .tracer import Tracer
 
-    src, cflags, feats = Tracer().build_source()
+    src, cflags, feats = Tracer(btf_path=btf_path).build_source()
     print("// cflags: " + " ".join(cflags))
     for u in feats.unavailable:
         print(f"// unavailable: {u.probe.tracepoint}: {u.reason}")
@@ -114,9 +116,11 @@ def trace(args) -> int:
     from .agent import Agent
     from .program import Sizes
     from .report import Report
+    from .tracer import check_privileges
 
     if args.dump_bpf:
-        return dump_bpf()
+        return dump_bpf(args.btf)
+    check_privileges()
     settings = _settings(args)
     desired = _desired(args, settings)
     report = Report()
@@ -124,7 +128,7 @@ def trace(args) -> int:
     endpoint_sink = _otlp_sink(args)
     if endpoint_sink is not None:
         sinks.append(endpoint_sink)
-    agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks)
+    agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks, btf_path=args.btf)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

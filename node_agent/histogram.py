@@ -19,27 +19,28 @@ N_BUCKETS = 256
 # Lowest bucket: (2**-27, 2**-26.875] s, i.e. ~7.5 ns; the highest ends at 2**5 = 32 s.
 INDEX_MIN = -216
 INDEX_MAX = INDEX_MIN + N_BUCKETS - 1
-# z = ns * 2**(30+F) / 1e9 = ns * 2**(21+F) / 5**9 keeps log2(z) an integer offset (30+F) from log2(seconds).
-FRACTION_BITS = 5
-INDEX_OFFSET = 8 * (30 + FRACTION_BITS)
-MAX_NS = (1 << 37) - 1  # clamp so that ns << (21+F) fits in 64 bits
 # floor(2**(j/8) * 2**63) for j = 1..7: the bucket thresholds within one octave.
 THRESHOLDS = tuple(math.floor(2 ** (j / 8) * 2**63) for j in range(1, 8))
+_FIVE_POW_9 = 1953125  # 1e9 = 2**9 * 5**9
 
 
 def bucket_index(ns: int) -> int | None:
-    """OpenTelemetry scale-3 bucket index of `ns` nanoseconds expressed in seconds; None for zero."""
+    """OpenTelemetry scale-3 bucket index of `ns` nanoseconds expressed in seconds; None for zero.
+
+    Same integer steps as lt_bucket() in bpf/latencytrace.h (see there for why they are exact).
+    """
     if ns <= 0:
         return None
-    ns = min(ns, MAX_NS)
-    z = (ns << (21 + FRACTION_BITS)) // 1953125
-    k = z.bit_length() - 1
+    ns = min(ns, (1 << 64) - 1)
+    s = 63 - (ns.bit_length() - 1)
+    x = ns << s
+    z = x // _FIVE_POW_9
+    k = 43 if z >> 43 else 42
     m = z << (63 - k)
-    j = sum(1 for t in THRESHOLDS if m > t)
-    idx = 8 * k + j
-    if m == 1 << 63:  # exact power of two: buckets are upper-inclusive
+    idx = 8 * k + sum(1 for t in THRESHOLDS if m > t)
+    if m == 1 << 63 and z * _FIVE_POW_9 == x:
         idx -= 1
-    idx -= INDEX_OFFSET
+    idx -= 8 * (s + 9)
     return min(max(idx, INDEX_MIN), INDEX_MAX)
 
 

@@ -53,9 +53,6 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_RINGBUF_PAGES=sizes.ringbuf_pages,
         LT_NB=histogram.N_BUCKETS,
         LT_INDEX_MIN=histogram.INDEX_MIN,
-        LT_INDEX_OFFSET=histogram.INDEX_OFFSET,
-        LT_FRACTION_BITS=histogram.FRACTION_BITS,
-        LT_MAX_NS=f"{histogram.MAX_NS}ULL",
     )
     for j, t in enumerate(histogram.THRESHOLDS, start=1):
         m[f"LT_T{j}"] = f"{t}ULL"

@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 
 from . import program
 from .kernel import bpfsys, features as kfeatures, headers, offsets
-from .kernel.btf import KernelBTF
-from .probes import Probe
+from .kernel.btf import VMLINUX, KernelBTF
+from .probes import PROBES, Probe
 
 log = logging.getLogger(__name__)
 
@@ -52,9 +52,12 @@ def check_privileges() -> None:
 
 
 class Tracer:
-    def __init__(self, sizes: program.Sizes = program.Sizes(), btf: KernelBTF | None = None):
+    def __init__(self, sizes: program.Sizes = program.Sizes(), btf: KernelBTF | None = None,
+                 probes: tuple[Probe, ...] = PROBES, btf_path: str | os.PathLike = VMLINUX):
         self.sizes = sizes
         self.btf = btf
+        self.btf_path = btf_path
+        self.probes = probes
         self.bpf = None
         self.status = ProbeStatus()
         self.attach_seconds: float | None = None
@@ -66,8 +69,9 @@ class Tracer:
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
         """Resolve offsets and features for this kernel; return (source, cflags, features)."""
         if self.btf is None:
-            self.btf = KernelBTF.load()
-        feats = kfeatures.probe(self.btf)
+            self.btf = KernelBTF.load(self.btf_path)
+        kfeatures.ensure_tracefs()
+        feats = kfeatures.probe(self.btf, self.probes)
         self.macros = program.macros(offsets.resolve(self.btf), self.sizes, feats.kfree_skb_reason_arg)
         return program.source(), program.cflags(self.macros), feats
 

@@ -7,11 +7,14 @@ collide, and `close()` removes everything the lab made, also when a test fails.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
+import json
 import os
 import secrets
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -43,10 +46,46 @@ class Pod:
         root on sys.path: its operator/ folder would shadow the standard library's `operator`."""
         return self.exec(sys.executable, str(Path(__file__).resolve().parent / script), *args)
 
+    def traffic(self, *args: str, timeout: float = 60) -> dict:
+        """Run one traffic.py command in the pod to completion; its JSON result."""
+        out = subprocess.run(self.python("traffic.py", *args), capture_output=True, text=True, timeout=timeout)
+        if out.returncode != 0:
+            raise RuntimeError(f"traffic.py {' '.join(args)} failed in {self.name}: {out.stderr.strip()}")
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    @contextlib.contextmanager
+    def serve(self, *args: str) -> Iterator[subprocess.Popen]:
+        """Start a traffic.py receiver in the pod, wait until it listens, stop it on exit.
+        The process's `result` attribute holds its JSON result once it has finished."""
+        proc = subprocess.Popen(self.python("traffic.py", *args), stdout=subprocess.PIPE, text=True)
+        try:
+            ready = proc.stdout.readline()
+            if '"ready"' not in ready:
+                raise RuntimeError(f"traffic.py {' '.join(args)} did not start in {self.name}")
+            yield proc
+        finally:
+            try:
+                out, _ = proc.communicate(timeout=30)
+                proc.result = json.loads(out.strip().splitlines()[-1]) if out.strip() else None
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                proc.result = None
+
+
+def free_subnet() -> str:
+    """A /24 in 10.200.0.0/13 that no route on this machine uses yet (labs may run side by side)."""
+    used = sh("ip", "-4", "route", "show").stdout
+    for _ in range(200):
+        cand = f"10.{200 + secrets.randbelow(8)}.{secrets.randbelow(256)}.0/24"
+        if cand.split("/")[0].rsplit(".", 1)[0] + "." not in used:
+            return cand
+    raise RuntimeError("no free /24 left in 10.200.0.0/13")
+
 
 @dataclass
 class NetLab:
-    subnet: str = "10.231.0.0/24"
+    subnet: str = field(default_factory=free_subnet)
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     pods: dict[str, Pod] = field(default_factory=dict)
 

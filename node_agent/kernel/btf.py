@@ -41,10 +41,11 @@ class KernelBTF:
             self._by_name.setdefault(key, t)
 
     @classmethod
-    def load(cls, path: Path = VMLINUX) -> KernelBTF:
+    def load(cls, path: str | Path = VMLINUX) -> KernelBTF:
+        path = Path(path)
         if not path.exists():
-            raise BTFError(f"{path} does not exist: this kernel was built without BTF (CONFIG_DEBUG_INFO_BTF); "
-                           "latencytrace needs it to find kernel struct offsets")
+            raise BTFError(f"{path} does not exist: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF); latencytrace "
+                           "needs it to find kernel struct offsets (give a BTF file for this kernel with --btf)")
         bpftool = shutil.which("bpftool") or next(
             (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if Path(p).exists()), None)
         if bpftool is None:

@@ -6,11 +6,16 @@ segments that need it), reported by name, instead of failing the whole program.
 
 from __future__ import annotations
 
+import ctypes as ct
+import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..probes import PROBES, Probe
 from .btf import KernelBTF
+
+log = logging.getLogger(__name__)
 
 TRACEFS_ROOTS = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
 
@@ -34,6 +39,21 @@ def tracefs_root() -> Path | None:
         if (root / "events").is_dir():
             return root
     return None
+
+
+def ensure_tracefs() -> Path | None:
+    """Mount tracefs where the kernel expects it if nobody has (classic tracepoints need it to attach)."""
+    root = tracefs_root()
+    if root is not None:
+        return root
+    target = TRACEFS_ROOTS[0]
+    libc = ct.CDLL(None, use_errno=True)
+    if libc.mount(b"tracefs", str(target).encode(), b"tracefs", 0, None) != 0:
+        log.warning("tracefs is not mounted and mounting it on %s failed (%s): syscall probes will be unavailable",
+                    target, os.strerror(ct.get_errno()))
+        return None
+    log.info("mounted tracefs on %s", target)
+    return target
 
 
 def _arg_types_match(expected: tuple[str, ...], actual: list[str]) -> bool:

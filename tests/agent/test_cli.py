@@ -1,0 +1,120 @@
+"""`latencytrace-agent trace` as a user runs it: JSON output, one-line errors, and no leftovers."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from latencytrace.node_agent.probes import PROBES, Probe
+from latencytrace.node_agent.tracer import Tracer
+
+AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
+
+
+def bpftool_progs() -> list[dict]:
+    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", "prog", "show", "-j"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+def progs_of(pid: int) -> set[int]:
+    """IDs of the BPF programs a process holds open (from its fdinfo: bpftool here shows no owners)."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            m = re.search(r"^prog_id:\s+(\d+)", info.read_text(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.add(int(m.group(1)))
+    return ids
+
+
+def test_json_document(lab):
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--duration", "8", "--format", "json"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not progs_of(agent.pid):
+            assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read()
+            time.sleep(0.2)
+        time.sleep(0.5)  # targets are set right after the probes attach
+        with a.serve("udp-recv", "--port", "9400", "--count", "500", "--timeout", "20") as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9400", "--count", "500", "--rate", "2000")
+        assert rx.result == {"received": 500}
+        out, err = agent.communicate(timeout=60)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+    assert agent.returncode == 0, err
+    doc = json.loads(out)
+    (target,) = doc["targets"]
+    assert target["netns_inode"] == a.inode and target["label"] == a.path
+    seg = target["segments"]["rx_pod_stack"]
+    assert seg["count"] == 500
+    assert 0 < seg["p50_us"] <= seg["p90_us"] <= seg["p99_us"] <= seg["max_us"]
+    assert doc["probes"]["lt_netif_receive_skb"]["run_cnt"] > 0
+    assert doc["attach_seconds"] < 30
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--netns", "/run/netns/no-such-namespace"], "network namespace /run/netns/no-such-namespace does not exist"),
+    (["--pid", "999999999"], "no process with PID 999999999"),
+    (["--netns", "/proc/self/ns/net", "--btf", "/no/such/btf"], "/no/such/btf does not exist"),
+    (["--netns", "/proc/self/ns/net", "--segments", "rx_bogus"], "unknown segment(s) rx_bogus"),
+    ([], "nothing to trace"),
+])
+def test_errors_are_one_clear_line(args, message):
+    out = subprocess.run([AGENT, "trace", "--duration", "1", *args], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_not_root_is_one_clear_line():
+    out = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all",
+                          AGENT, "trace", "--netns", "/proc/self/ns/net", "--duration", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "must run as root" in out.stderr and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_killed_agent_leaves_no_program_attached(lab):
+    a = lab.add_pod("a")
+    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 30
+        while len(progs := progs_of(agent.pid)) < 10:
+            assert agent.poll() is None and time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
+    left = {p["id"] for p in bpftool_progs()} & progs
+    deadline = time.monotonic() + 10
+    while left and time.monotonic() < deadline:  # the kernel frees them once the fds are closed
+        time.sleep(0.2)
+        left = {p["id"] for p in bpftool_progs()} & progs
+    assert not left
+
+
+def test_missing_tracepoint_disables_only_its_probe():
+    bogus = Probe("lt_softirq_exit", "irq:no_such_tracepoint", "irq", ("unsigned int",), feeds=("rx_irq",))
+    tracer = Tracer(probes=PROBES + (bogus,))
+    try:
+        status = tracer.start()
+        assert [(p.tracepoint, why) for p, why in status.unavailable] == [
+            ("irq:no_such_tracepoint", "tracepoint not in this kernel")]
+        assert len(status.attached) == len(PROBES)
+        assert status.disabled_segments() == {"rx_irq"}
+    finally:
+        tracer.close()
