@@ -41,21 +41,19 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
             lt_tx_flight.delete(&key);
         return 0;
     }
-    u32 inum = lt_dev_netns(lt_read_ptr(skb, LT_OFF_SKB_DEV));
-    u32 *slotp = lt_netns.lookup(&inum);
+    s32 slot = lt_netns_slot(lt_dev_netns(lt_read_ptr(skb, LT_OFF_SKB_DEV)));
     dir = LT_DIR_RX;
-    if (!slotp) {
+    if (slot < 0) {
         void *sk = lt_read_ptr(skb, LT_OFF_SKB_SK);
         if (!sk)
             return 0;
-        inum = lt_sk_netns(sk);
-        slotp = lt_netns.lookup(&inum);
+        slot = lt_netns_slot(lt_sk_netns(sk));
         dir = LT_DIR_TX;
     }
-    if (slotp) {
-        struct lt_target *t = lt_target(*slotp);
+    if (slot >= 0) {
+        struct lt_target *t = lt_target(slot);
         if (t && lt_wants(t, dir))
-            lt_count_drop(*slotp, dir, reason);
+            lt_count_drop(slot, dir, reason);
     }
     return 0;
 }

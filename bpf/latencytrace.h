@@ -56,6 +56,10 @@ struct lt_cpu_ctx {
     u64 rx_skb;    /* skb in a traced pod's stack on this CPU, awaiting sk_data_ready */
     u64 tx_skb;    /* skb of a traced pod that just reached the host, for local delivery */
     u32 rx_netns;  /* namespace of rx_skb */
+    u64 dev_cache; /* the last device seen on this CPU, */
+    u32 dev_inum;  /* its namespace, */
+    s32 dev_slot;  /* that namespace's target slot (-1: untraced) */
+    u32 dev_gen;   /* while the target set was at this generation */
     u32 pad;
 };
 
@@ -139,12 +143,26 @@ struct lt_rate {
     u64 n;
 };
 
+/* Target lookup tables: arrays laid out as open-addressing hash tables by node_agent/lookup.py (the
+ * verifier inlines array lookups; a hash map would cost a helper call on every packet of the node).
+ * A key is at one of LT_TBL_PROBES positions from lt_hash32(key); key 0 marks an empty position. */
+struct lt_ent1 {
+    u32 key;
+    s32 slot;
+};
+
+struct lt_ent4 {
+    u32 key[4];
+    s32 slot;
+};
+
 /* Targets: written by user space at run time, read by every probe. */
 BPF_ARRAY(lt_targets, struct lt_target, LT_MAX_TARGETS);
-BPF_HASH(lt_netns, u32, u32, LT_MAX_TARGETS);          /* netns inode -> slot */
-BPF_HASH(lt_ip4, u32, u32, LT_MAX_TARGETS * 4);        /* pod IPv4 address -> slot */
-BPF_HASH(lt_ip6, struct lt_in6, u32, LT_MAX_TARGETS * 4);
+BPF_ARRAY(lt_netns, struct lt_ent1, LT_TBL_SIZE);      /* netns inode -> slot */
+BPF_ARRAY(lt_ip4, struct lt_ent1, LT_TBL_SIZE);        /* pod IPv4 address -> slot */
+BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> slot */
 BPF_HASH(lt_nic_irq, u32, u8, 1024);                   /* IRQ numbers of physical NIC queues */
+BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 
 /* In-flight packets and pending sends. */
 BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
@@ -162,6 +180,57 @@ BPF_PERCPU_HASH(lt_drops, struct lt_drop_key, u64, LT_MAX_TARGETS * 32);
 BPF_PERCPU_ARRAY(lt_counters, u64, LT_NCOUNTERS);
 BPF_PERCPU_ARRAY(lt_rate, struct lt_rate, LT_MAX_TARGETS);
 BPF_RINGBUF_OUTPUT(lt_events, LT_RINGBUF_PAGES);
+
+static __always_inline u32 lt_hash32(u32 x)
+{
+    return (x * 2654435769u) >> (32 - LT_TBL_BITS);
+}
+
+/* (Spelled out per table: BCC rewrites map calls only in plain code, not through map pointers or macros.) */
+static __always_inline s32 lt_netns_slot(u32 inum)
+{
+    u32 h = lt_hash32(inum);
+#pragma unroll
+    for (int p = 0; p < LT_TBL_PROBES; p++) {
+        u32 pos = (h + p) & (LT_TBL_SIZE - 1);
+        struct lt_ent1 *e = lt_netns.lookup(&pos);
+        if (!e || !e->key)
+            return -1;
+        if (e->key == inum)
+            return e->slot;
+    }
+    return -1;
+}
+
+static __always_inline s32 lt_ip4_slot(u32 addr)
+{
+    u32 h = lt_hash32(addr);
+#pragma unroll
+    for (int p = 0; p < LT_TBL_PROBES; p++) {
+        u32 pos = (h + p) & (LT_TBL_SIZE - 1);
+        struct lt_ent1 *e = lt_ip4.lookup(&pos);
+        if (!e || !e->key)
+            return -1;
+        if (e->key == addr)
+            return e->slot;
+    }
+    return -1;
+}
+
+static __always_inline s32 lt_ip6_slot(struct lt_in6 *a)
+{
+    u32 h = lt_hash32(a->a[0] ^ a->a[1] ^ a->a[2] ^ a->a[3]);
+#pragma unroll
+    for (int p = 0; p < LT_TBL_PROBES; p++) {
+        u32 pos = (h + p) & (LT_TBL_SIZE - 1);
+        struct lt_ent4 *e = lt_ip6.lookup(&pos);
+        if (!e || !(e->key[0] | e->key[1] | e->key[2] | e->key[3]))
+            return -1;
+        if (e->key[0] == a->a[0] && e->key[1] == a->a[1] && e->key[2] == a->a[2] && e->key[3] == a->a[3])
+            return e->slot;
+    }
+    return -1;
+}
 
 static __always_inline void lt_count(u32 which)
 {
@@ -300,32 +369,105 @@ static __always_inline u64 lt_first(struct lt_flight *f)
     return 0;
 }
 
-/* Fill the packet's addresses from the skb's network and transport headers (set by then). */
+/* The skb fields the probes need, fetched with one read of the window of struct sk_buff that holds
+ * them all (LT_SKB_WIN_*, computed from BTF) instead of one read each. */
+struct lt_skb_view {
+    void *dev;
+    void *sk;
+    void *data;
+    void *head;
+    u32 len;
+    u16 protocol;
+    u16 network_header;
+    u16 transport_header;
+};
+
+static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
+{
+    u8 w[LT_SKB_WIN_LEN];
+    if (bpf_probe_read_kernel(w, sizeof(w), skb + LT_SKB_WIN_START) < 0) {
+        __builtin_memset(v, 0, sizeof(*v));
+        return;
+    }
+    v->dev = *(void **)(w + LT_OFF_SKB_DEV - LT_SKB_WIN_START);
+    v->sk = *(void **)(w + LT_OFF_SKB_SK - LT_SKB_WIN_START);
+    v->data = *(void **)(w + LT_OFF_SKB_DATA - LT_SKB_WIN_START);
+    v->head = *(void **)(w + LT_OFF_SKB_HEAD - LT_SKB_WIN_START);
+    v->len = *(u32 *)(w + LT_OFF_SKB_LEN - LT_SKB_WIN_START);
+    v->protocol = *(u16 *)(w + LT_OFF_SKB_PROTOCOL - LT_SKB_WIN_START);
+    v->network_header = *(u16 *)(w + LT_OFF_SKB_NETWORK_HEADER - LT_SKB_WIN_START);
+    v->transport_header = *(u16 *)(w + LT_OFF_SKB_TRANSPORT_HEADER - LT_SKB_WIN_START);
+}
+
+static __always_inline int lt_is_ip(struct lt_skb_view *v)
+{
+    return v->protocol == LT_ETH_P_IP || v->protocol == LT_ETH_P_IPV6;
+}
+
+/* Slots of the traced pods a packet comes from and goes to (-1: none), from the addresses in its
+ * network header at nh. Two lookups in a small, hot map: the cheap test that lets everything else
+ * skip the larger in-flight maps, whose cache misses are what a probe mostly costs. */
+struct lt_ends {
+    s32 src;
+    s32 dst;
+};
+
+static __always_inline void lt_ip_ends(struct lt_skb_view *v, void *nh, struct lt_ends *e)
+{
+    e->src = -1;
+    e->dst = -1;
+    if (v->protocol == LT_ETH_P_IP) {
+        u32 a[2];
+        if (bpf_probe_read_kernel(a, sizeof(a), nh + 12) < 0)
+            return;
+        e->src = lt_ip4_slot(a[0]);
+        e->dst = lt_ip4_slot(a[1]);
+    } else if (v->protocol == LT_ETH_P_IPV6) {
+        struct lt_in6 a[2];
+        if (bpf_probe_read_kernel(a, sizeof(a), nh + 8) < 0)
+            return;
+        e->src = lt_ip6_slot(&a[0]);
+        e->dst = lt_ip6_slot(&a[1]);
+    }
+}
+
+/* Fill the packet's addresses from the skb's network and transport headers (set by then): one read of
+ * the skb, one of the IP header, one of the ports. */
 static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
 {
-    void *head = lt_read_ptr(skb, LT_OFF_SKB_HEAD);
-    u16 nh = 0, th = 0, proto = 0;
-    bpf_probe_read_kernel(&nh, sizeof(nh), skb + LT_OFF_SKB_NETWORK_HEADER);
-    bpf_probe_read_kernel(&th, sizeof(th), skb + LT_OFF_SKB_TRANSPORT_HEADER);
-    bpf_probe_read_kernel(&proto, sizeof(proto), skb + LT_OFF_SKB_PROTOCOL);
-    if (!head || nh == 0xffff)
+    struct lt_skb_view v;
+    lt_skb_read(skb, &v);
+    if (!v.head || v.network_header == 0xffff)
         return;
-    if (proto == LT_ETH_P_IP) {
+    void *nh = v.head + v.network_header;
+    if (v.protocol == LT_ETH_P_IP) {
+        u32 ip[5];
+        if (bpf_probe_read_kernel(ip, sizeof(ip), nh) < 0)
+            return;
         e->family = 4;
-        bpf_probe_read_kernel(&e->proto, 1, head + nh + 9);
-        bpf_probe_read_kernel(&e->saddr[0], 4, head + nh + 12);
-        bpf_probe_read_kernel(&e->daddr[0], 4, head + nh + 16);
-    } else if (proto == LT_ETH_P_IPV6) {
+        e->proto = (ip[2] >> 8) & 0xff; /* byte 9 */
+        e->saddr[0] = ip[3];
+        e->daddr[0] = ip[4];
+    } else if (v.protocol == LT_ETH_P_IPV6) {
+        u32 ip[10];
+        if (bpf_probe_read_kernel(ip, sizeof(ip), nh) < 0)
+            return;
         e->family = 6;
-        bpf_probe_read_kernel(&e->proto, 1, head + nh + 6);
-        bpf_probe_read_kernel(&e->saddr, 16, head + nh + 8);
-        bpf_probe_read_kernel(&e->daddr, 16, head + nh + 24);
+        e->proto = ip[1] >> 16 & 0xff; /* byte 6: next header */
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            e->saddr[i] = ip[2 + i];
+            e->daddr[i] = ip[6 + i];
+        }
     } else {
         return;
     }
-    if (th != 0xffff && th != nh && (e->proto == 6 || e->proto == 17)) {
-        bpf_probe_read_kernel(&e->sport, 2, head + th);
-        bpf_probe_read_kernel(&e->dport, 2, head + th + 2);
+    if (v.transport_header != 0xffff && v.transport_header != v.network_header && (e->proto == 6 || e->proto == 17)) {
+        u16 ports[2];
+        if (bpf_probe_read_kernel(ports, sizeof(ports), v.head + v.transport_header) == 0) {
+            e->sport = ports[0];
+            e->dport = ports[1];
+        }
     }
 }
 
@@ -382,34 +524,33 @@ static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u3
     lt_events.ringbuf_submit(e, 0);
 }
 
-/* The skb fields the probes need, fetched with one read of the window of struct sk_buff that holds
- * them all (LT_SKB_WIN_*, computed from BTF) instead of one read each. */
-struct lt_skb_view {
-    void *dev;
-    void *sk;
-    void *data;
-    u32 len;
-    u16 protocol;
-};
-
-static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
-{
-    u8 w[LT_SKB_WIN_LEN];
-    if (bpf_probe_read_kernel(w, sizeof(w), skb + LT_SKB_WIN_START) < 0) {
-        __builtin_memset(v, 0, sizeof(*v));
-        return;
-    }
-    v->dev = *(void **)(w + LT_OFF_SKB_DEV - LT_SKB_WIN_START);
-    v->sk = *(void **)(w + LT_OFF_SKB_SK - LT_SKB_WIN_START);
-    v->data = *(void **)(w + LT_OFF_SKB_DATA - LT_SKB_WIN_START);
-    v->len = *(u32 *)(w + LT_OFF_SKB_LEN - LT_SKB_WIN_START);
-    v->protocol = *(u16 *)(w + LT_OFF_SKB_PROTOCOL - LT_SKB_WIN_START);
-}
-
 static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
 {
     u32 zero = 0;
     return lt_cpu.lookup(&zero);
+}
+
+/* Target slot of the namespace a device is in (-1: untraced). Packets come in runs on the same device,
+ * so each CPU remembers its last device's answer and skips the pointer chase and the lookup while the
+ * target set is unchanged. (A device freed and its memory reused for another within such a run would
+ * inherit the answer until the CPU sees another device or the targets change.) */
+static __always_inline s32 lt_dev_slot(struct lt_cpu_ctx *c, void *dev, u32 *inum_out)
+{
+    u32 zero = 0;
+    u32 *genp = lt_gen.lookup(&zero);
+    u32 gen = genp ? *genp : 0;
+    if (c->dev_cache == (u64)dev && c->dev_gen == gen) {
+        *inum_out = c->dev_inum;
+        return c->dev_slot;
+    }
+    u32 inum = lt_dev_netns(dev);
+    s32 slot = lt_netns_slot(inum);
+    c->dev_cache = (u64)dev;
+    c->dev_gen = gen;
+    c->dev_slot = slot;
+    c->dev_inum = inum;
+    *inum_out = inum;
+    return slot;
 }
 
 static __always_inline u32 lt_skb_len(void *skb)

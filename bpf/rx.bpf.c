@@ -32,23 +32,9 @@ static __always_inline void lt_rx_start(struct lt_target *t, u32 slot, struct lt
     lt_rx_flight.update(&key, &nf);
 }
 
-/* Host side: is the packet addressed to a traced pod? */
-static __always_inline void lt_rx_host(struct lt_skb_view *v, u64 key)
+/* Host side: a packet addressed to traced pod `slot`. */
+static __always_inline void lt_rx_host(struct lt_skb_view *v, u64 key, u32 slot)
 {
-    /* At netif_receive_skb the link header is pulled: data points at the network header. */
-    u32 *slotp = NULL;
-    if (v->protocol == LT_ETH_P_IP) {
-        u32 daddr = 0;
-        bpf_probe_read_kernel(&daddr, sizeof(daddr), v->data + 16);
-        slotp = lt_ip4.lookup(&daddr);
-    } else if (v->protocol == LT_ETH_P_IPV6) {
-        struct lt_in6 daddr = {};
-        bpf_probe_read_kernel(&daddr, sizeof(daddr), v->data + 24);
-        slotp = lt_ip6.lookup(&daddr);
-    }
-    if (!slotp)
-        return;
-    u32 slot = *slotp;
     struct lt_target *t = lt_target(slot);
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!t || !lt_wants(t, LT_DIR_RX) || !c)
@@ -94,26 +80,30 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     u64 key = (u64)skb;
     struct lt_skb_view v;
     lt_skb_read(skb, &v);
-    u32 inum = lt_dev_netns(v.dev);
-    u32 *slotp = lt_netns.lookup(&inum);
-    struct lt_flight *tf = lt_tx_flight.lookup(&key);
-    if (slotp) {
-        struct lt_cpu_ctx *c = lt_this_cpu();
-        if (!c)
-            return 0;
+    if (!lt_is_ip(&v))
+        return 0;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c)
+        return 0;
+    u32 inum;
+    s32 slot = lt_dev_slot(c, v.dev, &inum);
+    /* At netif_receive_skb the link header is pulled: data points at the network header. */
+    struct lt_ends ends;
+    lt_ip_ends(&v, v.data, &ends);
+    struct lt_flight *tf = NULL;
+    if (ends.src >= 0)
+        tf = lt_tx_flight.lookup(&key); /* only a traced pod's packets can be in transmit flight */
+    if (slot >= 0) {
         u64 now = bpf_ktime_get_ns();
-        lt_rx_pod(c, &v, key, *slotp, inum, now);
+        lt_rx_pod(c, &v, key, slot, inum, now);
         if (tf)
-            lt_tx_arrive(c, tf, key, skb, v.dev, *slotp, now);
+            lt_tx_arrive(c, tf, key, skb, v.dev, slot, now);
         return 0;
     }
-    if (tf) {
-        struct lt_cpu_ctx *c = lt_this_cpu();
-        if (!c)
-            return 0;
+    if (tf)
         lt_tx_arrive(c, tf, key, skb, v.dev, -1, bpf_ktime_get_ns());
-    }
-    lt_rx_host(&v, key);
+    if (ends.dst >= 0)
+        lt_rx_host(&v, key, ends.dst);
     return 0;
 }
 
@@ -168,17 +158,20 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
-    u64 now = bpf_ktime_get_ns();
     if (tail && tail == c->tx_skb) {
         c->tx_skb = 0;
         /* A traced pod's packet delivered to a socket on the host. (If its flight is gone, it went
          * on into another pod, which may be traced too: go on with the receive side.) */
         struct lt_flight *tf = lt_tx_flight.lookup(&tail);
         if (tf) {
-            lt_tx_finish(tail, tf, now, (void *)tail);
+            lt_tx_finish(tail, tf, bpf_ktime_get_ns(), (void *)tail);
             return 0;
         }
     }
+    u32 inum = lt_sk_netns(sk);
+    if (lt_netns_slot(inum) < 0)
+        return 0; /* a socket outside traced pods */
+    u64 now = bpf_ktime_get_ns();
     u64 key = 0;
     struct lt_flight *f = NULL;
     if (tail && tail == c->rx_skb) {
@@ -187,7 +180,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         struct lt_flight *tf = tail ? lt_rx_flight.lookup(&tail) : NULL;
         if (tf && tf->ts[LT_B_RX_POD_RX] && !tf->ts[LT_B_RX_SOCK_READY])
             key = tail; /* TCP processing its backlog in process context */
-        else if (c->rx_skb && lt_sk_netns(sk) == c->rx_netns)
+        else if (c->rx_skb && inum == c->rx_netns)
             key = c->rx_skb; /* TCP coalesced this CPU's skb into the tail of the queue */
     }
     if (key)
@@ -232,8 +225,13 @@ int lt_skb_copy_datagram_iovec(struct bpf_raw_tracepoint_args *ctx)
 int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 sk_key = ctx->args[0];
+    if ((int)ctx->args[1] < 0 || ((int)ctx->args[2] & LT_MSG_PEEK))
+        return 0;
+    u32 inum = lt_sk_netns((void *)sk_key);
+    if (lt_netns_slot(inum) < 0)
+        return 0; /* a socket outside traced pods */
     struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&sk_key);
-    if (!pos || (int)ctx->args[1] < 0 || ((int)ctx->args[2] & LT_MSG_PEEK))
+    if (!pos)
         return 0;
     if (pos->skip) {
         pos->skip--;

@@ -53,7 +53,7 @@ int lt_sys_send(void *ctx)
     void *task = (void *)bpf_get_current_task();
     void *nsproxy = lt_read_ptr(task, LT_OFF_TASK_NSPROXY);
     u32 inum = lt_net_inum(lt_read_ptr(nsproxy, LT_OFF_NSPROXY_NET));
-    if (!lt_netns.lookup(&inum))
+    if (lt_netns_slot(inum) < 0)
         return 0;
     u32 tid = (u32)bpf_get_current_pid_tgid();
     u64 now = bpf_ktime_get_ns();
@@ -65,7 +65,7 @@ int lt_tcp_sendmsg_locked(struct bpf_raw_tracepoint_args *ctx)
 {
     void *sk = (void *)ctx->args[0];
     u32 inum = lt_sk_netns(sk);
-    if (!lt_netns.lookup(&inum))
+    if (lt_netns_slot(inum) < 0)
         return 0;
     u64 now = bpf_ktime_get_ns();
     u32 tid = (u32)bpf_get_current_pid_tgid();
@@ -117,6 +117,18 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     struct lt_skb_view v;
     lt_skb_read(skb, &v);
     void *dev = v.dev;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c)
+        return 0;
+    u32 inum;
+    s32 slot = lt_dev_slot(c, dev, &inum);
+    if (slot < 0) {
+        /* Outside traced pods only a traced pod's packets can be in flight. */
+        struct lt_ends ends;
+        lt_ip_ends(&v, v.head + v.network_header, &ends);
+        if (ends.src < 0)
+            return 0;
+    }
     u64 now = bpf_ktime_get_ns();
     struct lt_flight *f = lt_tx_flight.lookup(&key);
     if (f && !(f->flags & LT_F_XMITTED) && now - lt_first(f) < LT_STALE_NS) {
@@ -128,11 +140,8 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         }
         return 0;
     }
-    u32 inum = lt_dev_netns(dev);
-    u32 *slotp = lt_netns.lookup(&inum);
-    if (!slotp)
+    if (slot < 0)
         return 0;
-    u32 slot = *slotp;
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_TX))
         return 0;

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib.resources
 from dataclasses import dataclass
 
-from . import histogram, segments
+from . import histogram, lookup, segments
 from .probes import SOURCES
 
 
@@ -53,6 +53,9 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_RINGBUF_PAGES=sizes.ringbuf_pages,
         LT_NB=histogram.N_BUCKETS,
         LT_INDEX_MIN=histogram.INDEX_MIN,
+        LT_TBL_BITS=lookup.TABLE_BITS,
+        LT_TBL_SIZE=lookup.TABLE_SIZE,
+        LT_TBL_PROBES=lookup.PROBES,
     )
     for j, t in enumerate(histogram.THRESHOLDS, start=1):
         m[f"LT_T{j}"] = f"{t}ULL"

@@ -184,7 +184,6 @@ class Registry:
         if existing is not None:
             existing.label, existing.pod, existing.traces = label, pod, traces
             if existing.settings != settings or existing.ns.ips != ns.ips:
-                self.tracer.clear_target(existing.slot, existing.ns.inode, list(set(existing.ns.ips) - set(ns.ips)))
                 existing.settings, existing.ns = settings, ns
                 self.tracer.set_target(existing.slot, ns.inode, list(ns.ips), settings)
             return existing
@@ -202,7 +201,7 @@ class Registry:
     def remove(self, inode: int) -> Target | None:
         target = self.by_inode.pop(inode, None)
         if target is not None:
-            self.tracer.clear_target(target.slot, inode, list(target.ns.ips))
+            self.tracer.clear_target(target.slot, inode)
             self._cooling[target.slot] = time.monotonic()
             log.info("stopped tracing %s (slot %d)", target.label, target.slot)
         return target

@@ -8,13 +8,12 @@ the agent ends (even SIGKILL), closing its file descriptors detaches them.
 from __future__ import annotations
 
 import ctypes as ct
-import ipaddress
 import logging
 import os
 import time
 from dataclasses import dataclass, field
 
-from . import program
+from . import lookup, program
 from .kernel import bpfsys, features as kfeatures, headers, offsets
 from .kernel.btf import VMLINUX, KernelBTF
 from .probes import PROBES, Probe
@@ -64,6 +63,7 @@ class Tracer:
         self._stats_fd: int | None = None
         self._prog_info: bpfsys.ProgInfoReader | None = None
         self.macros: dict[str, int | str] = {}
+        self._keys: dict[int, tuple[int, list[str]]] = {}  # netns inode -> (slot, pod IPs)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
@@ -135,29 +135,28 @@ class Tracer:
         v.slow_ns, v.sample_one_in = settings.slow_ns, settings.sample_one_in
         v.seg_mask, v.dir_mask, v.events_per_sec = settings.seg_mask, settings.dir_mask, settings.events_per_sec
         t[ct.c_int(slot)] = v
-        self.table("lt_netns")[ct.c_uint32(netns_inode)] = ct.c_uint32(slot)
-        for ip in ips:
-            table, key = self._ip_key(ip)
-            table[key] = ct.c_uint32(slot)
+        self._keys[netns_inode] = (slot, ips)
+        self._write_lookup()
 
-    def clear_target(self, slot: int, netns_inode: int, ips: list[str]) -> None:
-        for ip in ips:
-            table, key = self._ip_key(ip)
-            table.pop(key, None)
-        self.table("lt_netns").pop(ct.c_uint32(netns_inode), None)
+    def clear_target(self, slot: int, netns_inode: int) -> None:
+        self._keys.pop(netns_inode, None)
+        self._write_lookup()
         t = self.table("lt_targets")
         t[ct.c_int(slot)] = t.Leaf()  # dir_mask 0: every probe ignores the slot
 
-    def _ip_key(self, ip: str):
-        addr = ipaddress.ip_address(ip)
-        if addr.version == 4:
-            # The kernel compares the address as it sits in the packet (network order) read as a u32.
-            return self.table("lt_ip4"), ct.c_uint32(int.from_bytes(addr.packed, "little"))
-        table = self.table("lt_ip6")
-        key = table.Key()
-        for i in range(4):
-            key.a[i] = int.from_bytes(addr.packed[4 * i:4 * i + 4], "little")
-        return table, key
+    def _write_lookup(self) -> None:
+        """Rewrite the probes' lookup tables from the current targets, then invalidate their caches."""
+        netns, ip4, ip6 = {}, {}, {}
+        for inode, (slot, ips) in self._keys.items():
+            netns[(inode,)] = slot
+            for ip in ips:
+                words = lookup.ip_words(ip)
+                (ip4 if len(words) == 1 else ip6)[words] = slot
+        lookup.LookupTable(self.table("lt_netns"), 1).write(netns)
+        lookup.LookupTable(self.table("lt_ip4"), 1).write(ip4)
+        lookup.LookupTable(self.table("lt_ip6"), 4).write(ip6)
+        gen = self.table("lt_gen")  # lt_dev_slot() caches answers per CPU until this changes
+        gen[ct.c_int(0)] = ct.c_uint32((gen[ct.c_int(0)].value + 1) & 0xFFFFFFFF)
 
     def set_nic_irqs(self, irqs: list[int]) -> None:
         t = self.table("lt_nic_irq")

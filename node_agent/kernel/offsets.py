@@ -28,7 +28,8 @@ MEMBERS: dict[str, tuple[str, str]] = {
 
 
 # Fields of struct sk_buff read together in one probe read (lt_skb_read): the window spans them all.
-SKB_WINDOW = ("LT_OFF_SKB_DEV", "LT_OFF_SKB_SK", "LT_OFF_SKB_DATA", "LT_OFF_SKB_LEN", "LT_OFF_SKB_PROTOCOL")
+SKB_WINDOW = ("LT_OFF_SKB_DEV", "LT_OFF_SKB_SK", "LT_OFF_SKB_DATA", "LT_OFF_SKB_HEAD", "LT_OFF_SKB_LEN",
+              "LT_OFF_SKB_PROTOCOL", "LT_OFF_SKB_NETWORK_HEADER", "LT_OFF_SKB_TRANSPORT_HEADER")
 SKB_WINDOW_MAX = 256  # bytes of BPF stack we allow it
 
 

@@ -1,0 +1,83 @@
+"""The in-cluster agent's settings, read once from the environment.
+
+Everything has a default except the node name, which the DaemonSet passes from the downward API
+(`spec.nodeName`). A missing or invalid value stops the agent at start with a message naming the
+variable. `from_env` is shared with the operator's config for the same behaviour.
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from pydantic import AliasChoices, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .program import Sizes
+
+S = TypeVar("S", bound=BaseSettings)
+
+
+class ConfigError(ValueError):
+    """The environment holds a bad setting; the message names the variable."""
+
+
+def env_name(cls: type[BaseSettings], field: str) -> str:
+    info = cls.model_fields[field]
+    alias = info.validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    if isinstance(alias, str):
+        return alias
+    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
+
+
+def from_env(cls: type[S]) -> S:
+    """Build `cls` from the environment, turning validation errors into one line per variable."""
+    try:
+        return cls()
+    except ValidationError as e:
+        problems = []
+        for err in e.errors():
+            field = str(err["loc"][0]) if err["loc"] else ""
+            if field in cls.model_fields:
+                problems.append(f"{env_name(cls, field)}: {err['msg']}")
+            else:  # a rule across fields names its variables in its message
+                problems.append(err["msg"].removeprefix("Value error, "))
+        raise ConfigError("; ".join(problems)) from None
+
+
+class AgentConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATENCYTRACE_AGENT_", extra="ignore", frozen=True)
+
+    # From the downward API (fieldRef spec.nodeName): the node whose LatencyTraceNode we read.
+    node_name: str = Field(min_length=1, validation_alias=AliasChoices("LATENCYTRACE_NODE_NAME"))
+    # Outside a pod (tests, development) the standard variable; inside a pod, unset: in-cluster config.
+    kubeconfig: str | None = Field(default=None, validation_alias=AliasChoices("KUBECONFIG"))
+
+    interval_seconds: float = Field(default=10.0, gt=0, le=3600)  # collect + export period
+    status_seconds: float = Field(default=60.0, gt=0, le=3600)  # heartbeat when nothing changes
+    status_min_gap_seconds: float = Field(default=2.0, ge=0, le=600)  # never patch status faster
+    retry_seconds: float = Field(default=5.0, gt=0, le=600)  # look again for pods not found yet
+    # Unload the probes after the node has had nothing to trace for this long (0: never unload).
+    idle_unload_seconds: float = Field(default=120.0, ge=0)
+    watch_timeout_seconds: int = Field(default=300, ge=10, le=3600)
+
+    max_targets: int = Field(default=64, gt=0, le=4096)
+    rx_inflight: int = Field(default=16384, gt=0)
+    tx_inflight: int = Field(default=16384, gt=0)
+    send_inflight: int = Field(default=8192, gt=0)
+    ringbuf_pages: int = Field(default=64, gt=0)
+
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    def sizes(self) -> Sizes:
+        try:
+            return Sizes(max_targets=self.max_targets, rx_inflight=self.rx_inflight,
+                         tx_inflight=self.tx_inflight, send_inflight=self.send_inflight,
+                         ringbuf_pages=self.ringbuf_pages)
+        except ValueError as e:
+            raise ConfigError(f"LATENCYTRACE_AGENT_*: {e}") from None
+
+
+def load() -> AgentConfig:
+    return from_env(AgentConfig)

@@ -1,0 +1,159 @@
+"""Kubernetes API plumbing shared by the agent and the operator: a client, a list+watch, quiet retries.
+
+`ListWatch` keeps an up-to-date copy of the objects one list call returns (with server-side label and
+field selectors, so that it never sees more than it needs), in a background thread. It lists once,
+then watches from that resourceVersion, lists again only when the server says the version is too
+old, and on any other error waits (growing backoff) and tries again: API trouble never ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable, Iterable
+
+from kubernetes import client, config, watch
+from kubernetes.client.rest import ApiException
+
+BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+def api_client(kubeconfig: str | None, pool_size: int = 8) -> client.ApiClient:
+    """A client from `kubeconfig`, else the pod's service account, else ~/.kube/config."""
+    cfg = client.Configuration()
+    if kubeconfig:
+        config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)
+    else:
+        try:
+            config.load_incluster_config(client_configuration=cfg)
+        except config.ConfigException:
+            config.load_kube_config(client_configuration=cfg)
+    cfg.connection_pool_maxsize = pool_size  # threads share it; urllib3 discards connections past it
+    return client.ApiClient(cfg)
+
+
+def describe(err: BaseException) -> str:
+    """One line for an API error: status, reason and the server's message when there is one."""
+    if isinstance(err, ApiException):
+        try:
+            message = json.loads(err.body or "{}").get("message", "")
+        except (ValueError, AttributeError):
+            message = ""
+        return f"{err.status} {err.reason}" + (f": {message}" if message else "")
+    return f"{type(err).__name__}: {err}"
+
+
+class Trouble:
+    """Logs a failing operation once, not on every retry, and once more when it works again."""
+
+    def __init__(self, log: logging.Logger, what: str):
+        self.log, self.what = log, what
+        self.last: str | None = None
+        self.attempt = 0
+
+    def failed(self, err: BaseException) -> float:
+        """Record a failure; return how long to wait before the next attempt."""
+        text = describe(err)
+        if text != self.last:
+            self.log.warning("%s failed: %s (retrying)", self.what, text)
+        else:
+            self.log.debug("%s failed again: %s", self.what, text)
+        self.last = text
+        delay = BACKOFF_SECONDS[min(self.attempt, len(BACKOFF_SECONDS) - 1)]
+        self.attempt += 1
+        return delay
+
+    def ok(self) -> None:
+        if self.last is not None:
+            self.log.info("%s works again", self.what)
+        self.last, self.attempt = None, 0
+
+
+def key_of(obj: dict) -> str:
+    meta = obj.get("metadata", {})
+    return meta.get("uid") or f"{meta.get('namespace', '')}/{meta.get('name', '')}"
+
+
+class ListWatch:
+    """The live set of objects a list call returns, kept in a daemon thread; `on_change` is called
+    (from that thread, without arguments) after every change; read the objects with `snapshot()`."""
+
+    def __init__(self, list_fn: Callable, *args, on_change: Callable[[], None], log: logging.Logger,
+                 label_selector: str = "", field_selector: str = "", timeout_seconds: int = 300):
+        self.list_fn, self.args = list_fn, args
+        self.selectors = {"label_selector": label_selector, "field_selector": field_selector}
+        self.on_change = on_change
+        self.timeout_seconds = timeout_seconds
+        self.trouble = Trouble(log, f"watching {getattr(list_fn, '__name__', 'objects')}"
+                               + "".join(f" {v}" for v in self.selectors.values() if v))
+        self.synced = threading.Event()  # set once the first list has arrived
+        self._objects: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watch: watch.Watch | None = None
+        self._thread = threading.Thread(target=self._run, name=f"listwatch-{list_fn.__name__}", daemon=True)
+
+    def start(self) -> ListWatch:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Ask the thread to end; it does at the next event or watch timeout (it holds nothing)."""
+        self._stop.set()
+        if self._watch is not None:
+            self._watch.stop()
+
+    def snapshot(self) -> list[dict]:
+        with self._lock:
+            return list(self._objects.values())
+
+    def _replace(self, items: Iterable[dict]) -> None:
+        with self._lock:
+            self._objects = {key_of(o): o for o in items}
+
+    def _list(self) -> str:
+        resp = self.list_fn(*self.args, **self.selectors, _preload_content=False)
+        doc = json.loads(resp.data)
+        self._replace(doc.get("items", []))
+        self.synced.set()
+        self.on_change()
+        return doc["metadata"]["resourceVersion"]
+
+    def _apply(self, event: dict) -> str | None:
+        kind, obj = event["type"], event["object"]
+        rv = obj.get("metadata", {}).get("resourceVersion")
+        if kind == "ERROR":
+            raise ApiException(status=obj.get("code", 500), reason=obj.get("message", "watch error"))
+        if kind == "BOOKMARK":
+            return rv
+        with self._lock:
+            if kind == "DELETED":
+                self._objects.pop(key_of(obj), None)
+            else:
+                self._objects[key_of(obj)] = obj
+        self.on_change()
+        return rv
+
+    def _run(self) -> None:
+        rv: str | None = None
+        while not self._stop.is_set():
+            try:
+                if rv is None:
+                    rv = self._list()
+                    self.trouble.ok()
+                self._watch = watch.Watch()
+                for event in self._watch.stream(self.list_fn, *self.args, **self.selectors, resource_version=rv,
+                                                timeout_seconds=self.timeout_seconds,
+                                                allow_watch_bookmarks=True, deserialize=False):
+                    if self._stop.is_set():
+                        return
+                    rv = self._apply(event) or rv
+                self.trouble.ok()
+            except ApiException as e:
+                if e.status == 410:  # our version is too old for the watch cache: list afresh
+                    rv = None
+                    continue
+                self._stop.wait(self.trouble.failed(e))
+            except Exception as e:  # connection reset, timeouts, TLS: retry the same way
+                self._stop.wait(self.trouble.failed(e))
