@@ -203,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
     except (UsageError, TargetError, BTFError, HeadersError, TracerError) as e:
         print(f"latencytrace-agent: {e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # output piped into `head` and the like
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":

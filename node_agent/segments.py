@@ -58,8 +58,10 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
              "netif_receive_skb of the skb on a device inside the pod's network namespace."),
     Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),
              "sk_data_ready for the socket the skb was queued on (the socket was told data is there)."),
-    Boundary(5, "app_read", Direction.RX, ("skb:skb_copy_datagram_iovec",),
-             "The application copies the skb's data out (recv/read)."),
+    Boundary(5, "app_read", Direction.RX, ("skb:skb_copy_datagram_iovec", "sock:sock_recv_length"),
+             "The application reads it: for TCP the copy out of that skb (skb_copy_datagram_iovec); UDP copies "
+             "without naming the skb, so the n-th datagram a socket returns from recvmsg (sock_recv_length) is "
+             "the n-th packet queued on it."),
 )
 
 TX_BOUNDARIES: tuple[Boundary, ...] = (
@@ -129,18 +131,6 @@ def segments_of(direction: Direction) -> tuple[Segment, ...]:
     return tuple(s for s in SEGMENTS if s.direction is direction)
 
 
-def segments_needing(tracepoint: str) -> tuple[Segment, ...]:
-    """Segments that cannot be measured without `tracepoint` (used to report what a missing one disables)."""
-    out = []
-    for seg in SEGMENTS:
-        names = {seg.end} if seg.is_total else {seg.start, seg.end}
-        for b in boundaries(seg.direction):
-            if b.name in names and b.tracepoints == (tracepoint,):
-                out.append(seg)
-                break
-    return tuple(out)
-
-
 def bpf_macros() -> dict[str, int]:
     """Segment and boundary ids as C macros (LT_SEG_RX_IRQ, LT_B_RX_IRQ, ...) for bpf/*.c."""
     macros = {f"LT_SEG_{s.name.upper()}": s.id for s in SEGMENTS}
@@ -163,3 +153,16 @@ def mask(names: list[str] | tuple[str, ...] | None) -> int:
     for n in names:
         m |= 1 << BY_NAME[n].id
     return m
+
+
+def markdown() -> str:
+    """The segment and boundary tables as they appear in the README (tests keep the README in sync)."""
+    lines = ["| segment | direction | from | to | what it is |", "|---|---|---|---|---|"]
+    for s in SEGMENTS:
+        lines.append(f"| `{s.name}` | {s.direction.otel} | {s.start} | {s.end} | {s.doc} |")
+    lines += ["", "| boundary | direction | tracepoints | exact point |", "|---|---|---|---|"]
+    for d in Direction:
+        for b in boundaries(d):
+            tps = ", ".join(f"`{t}`" for t in b.tracepoints)
+            lines.append(f"| {b.name} | {d.otel} | {tps} | {b.doc} |")
+    return "\n".join(lines)
