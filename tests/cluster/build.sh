@@ -81,16 +81,25 @@ wrapper_build() (  # subshell: the temp dir's cleanup trap stays local
   gomod=$(cd "$work" && go mod download -json "$module@$version" | jq -r .GoMod)
 
   # Translate the module's go.mod into `go mod edit` flags for the wrapper.
-  mapfile -t args < <(go mod edit -json "$gomod" | jq -r --arg lv "$local_version" '
+  local edits
+  edits=$(go mod edit -json "$gomod" | jq -r --arg lv "$local_version" '
     (if .Go then "-go=" + .Go else empty end),
-    (.Godebug // [] | .[] | "-godebug=" + .Key + "=" + .Value),
+    (.GoDebug // [] | .[] | "-godebug=" + .Key + "=" + .Value),
     (.Exclude // [] | .[] | "-exclude=" + .Path + "@" + .Version),
-    (.Replace // [] | .[] |
-      (.Old.Path + (if .Old.Version then "@" + .Old.Version else "" end)) as $old |
+    ([.Require // [] | .[].Path] as $required |
+     .Replace // [] | .[] |
+      .Old.Path as $path |
+      ($path + (if .Old.Version then "@" + .Old.Version else "" end)) as $old |
       if (.New.Path | startswith(".") or startswith("/")) then
-        (if $lv == "" then error("directory replace of \(.Old.Path) but no published version given") else
-         "-replace=" + $old + "=" + .Old.Path + "@" + $lv end)
+        # A directory replace of a module the go.mod does not require is a guard
+        # or an unused sibling (etcd FORBIDDEN_DEPENDENCY, k8s sample-*): dropped.
+        if ($required | index($path)) == null then empty
+        elif $lv == "" then error("directory replace of \(.Old.Path) but no published version given")
+        else "-replace=" + $old + "=" + $path + "@" + $lv end
       else "-replace=" + $old + "=" + .New.Path + "@" + .New.Version end)')
+  args=()
+  [[ -z $edits ]] || mapfile -t args <<<"$edits"
+  say "  $label: wrapper module gets: ${args[*]:0:3}${args[3]:+ ... (${#args[@]} directives)}"
 
   cd "$work"
   go mod init latencytrace.local/build-wrapper >/dev/null 2>&1
@@ -156,14 +165,19 @@ build_kubernetes() {
   say "  kubernetes $v built in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
 }
 
-# Generic single-binary build: build_one TOOL MODULE VERSION PKG LDFLAGS MINUTES
+# Generic single-binary build:
+#   build_one TOOL MODULE VERSION PKG LDFLAGS MINUTES [LOCAL_REPLACE_VERSION]
 build_one() {
-  local tool=$1 module=$2 v=$3 pkg=$4 ldflags=$5 minutes=$6
+  local tool=$1 module=$2 v=$3 pkg=$4 ldflags=$5 minutes=$6 local_version=${7:-}
   have "$tool" "$v" && return 0
   say "$tool $v (first build takes ~$minutes min) ..."
-  local start=$SECONDS out
+  local start=$SECONDS out built
   out=$(mktemp -d "${TMPDIR:-/tmp}/latencytrace-out.XXXXXX")
-  wrapper_build "$tool" "$module" "$v" "" "$ldflags" "$out" "$pkg"
+  wrapper_build "$tool" "$module" "$v" "$local_version" "$ldflags" "$out" "$pkg"
+  # go names the binary after the package path (etcd's is ".../server/v3" ->
+  # "server"); there is exactly one file, whatever its name.
+  built=$(find "$out" -maxdepth 1 -type f | head -n 1)
+  [[ $built == "$out/$tool" ]] || mv "$built" "$out/$tool"
   install_bins "$out" "$v" "$tool"
   rm -rf "$out"
   say "  $tool $v built in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
@@ -189,16 +203,15 @@ build_jaeger() {
     github.com/jaegertracing/jaeger/cmd/jaeger "" 3
 }
 
-# etcd is Debian's package, not a Go build (kept in the system, not in the cache).
-ensure_etcd() {
-  command -v etcd >/dev/null && return 0
-  say "etcd missing: installing Debian package etcd-server"
-  if [[ $(id -u) != 0 ]]; then
-    say "  not root: run 'apt-get install -y etcd-server' as root"; return 1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get install -y etcd-server >&2 || { apt-get update >&2 && apt-get install -y etcd-server >&2; }
-  # The package may start a system etcd on 127.0.0.1:2379; tests run their own.
+# etcd from its Go module rather than Debian's etcd-server: bookworm ships 3.4.23,
+# older than the 3.4.29+/3.5.11+ that Kubernetes >= 1.31 needs, and without the
+# watch progress notifications behind the apiserver's streaming watch-list; with it
+# kwok's informers fail, re-list and see new pods only seconds to a minute late.
+# go.etcd.io/etcd/server/v3 is the etcd main package; its sibling modules
+# (api, client, pkg) are published at the same version.
+build_etcd() {
+  build_one etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3 "" 2 \
+    "$ETCD_VERSION"
 }
 
 ensure_go() {
@@ -219,8 +232,7 @@ main() {
   local t start=$SECONDS
   for t in "${targets[@]}"; do
     case $t in
-      etcd) ensure_etcd ;;
-      kubernetes|kwok|helm|jaeger) ensure_go; "build_$t" ;;
+      etcd|kubernetes|kwok|helm|jaeger) ensure_go; "build_$t" ;;
       *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd)"; exit 2 ;;
     esac
   done

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import versions
 from .kubeconfig import write_kubeconfig
-from .pki import PKI
+from .pki import PKI, CertPair
 from .procs import Proc, free_port, http_get, http_ok, insecure_tls, stop_group, wait_until
 
 HERE = Path(__file__).resolve().parent
@@ -84,6 +84,11 @@ class ControlPlane:
         self.startup_timeout = startup_timeout
         self.bins: dict[str, Path] = {}
         self.ports: dict[str, int] = {}
+        # Set by _make_pki() at start():
+        self.pki: PKI
+        self.serving: CertPair
+        self.sa_keys: CertPair
+        self._admin_tls: ssl.SSLContext
         self._procs: list[Proc] = []
         self._next_node = 0
         self._atexit_registered = False
@@ -339,14 +344,7 @@ class ControlPlane:
             # Otherwise kwok listens on 0.0.0.0; this port serves only /healthz etc.
             f"--server-address=127.0.0.1:{port}",
             "--node-lease-duration-seconds=40",
-        ], {
-            **os.environ,
-            "HOME": str(home),
-            # Debian's etcd 3.4.23 lacks the progress notifications that client-go's
-            # streaming watch-list needs; kwok's informers would try it, fail and
-            # re-list over and over. Plain list+watch works with any etcd.
-            "KUBE_FEATURE_WatchListClient": "false",
-        })
+        ], {**os.environ, "HOME": str(home)})
 
     def _wait_components(self) -> None:
         t = self.startup_timeout

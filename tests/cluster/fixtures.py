@@ -2,8 +2,10 @@
 
 Enable with, in tests/conftest.py:   pytest_plugins = ["tests.cluster.fixtures"]
 
-Missing binaries are built (never skipped) before the first fixture starts; the
-build's progress lines are shown live even while pytest captures output.
+Missing binaries are built (never skipped) right after collection, before any
+test runs, so a first build on a new machine (several minutes) is not charged to
+a test's pytest-timeout; its progress lines are shown live although pytest
+captures output.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from .jaeger import Jaeger
 
 CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                        "kubectl", "kwok", "helm")
+FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",)}
 
 
 def _ensure_tools_visibly(config: pytest.Config, *tools: str) -> None:
@@ -29,6 +32,20 @@ def _ensure_tools_visibly(config: pytest.Config, *tools: str) -> None:
         return
     with capman.global_and_fixture_disabled():
         versions.ensure_tools(*tools)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Builds the tools that the collected tests' fixtures will need."""
+    if session.config.option.collectonly:
+        return
+    needed: list[str] = []
+    for item in session.items:
+        for fixture in getattr(item, "fixturenames", ()):
+            for tool in FIXTURE_TOOLS.get(fixture, ()):
+                if tool not in needed:
+                    needed.append(tool)
+    if needed:
+        _ensure_tools_visibly(session.config, *needed)
 
 
 @pytest.fixture(scope="session")

@@ -75,6 +75,9 @@ class Jaeger:
                     "memory": {"max_traces": self.max_traces}}}},
                 "jaeger_query": {
                     "storage": {"traces": "memory_store"},
+                    # On by default: it would send Jaeger's own query spans to the
+                    # OTLP default localhost:4317 (not us) and stall shutdown 10 s.
+                    "enable_tracing": False,
                     # Both default to all interfaces; pin them to loopback.
                     "http": {"endpoint": f"127.0.0.1:{self.ports['query_http']}"},
                     "grpc": {"endpoint": f"127.0.0.1:{self.ports['query_grpc']}"},

@@ -58,7 +58,7 @@ class PKI:
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
-        self._now = dt.datetime.now(dt.timezone.utc) - dt.timedelta(minutes=5)
+        self._now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         self._ca_key = _key()
         ca_name = _name("latencytrace-test-ca")
         ca_cert = (
@@ -86,7 +86,8 @@ class PKI:
         self._ca_cert = ca_cert
         self.ca = self._write("ca", ca_cert, self._ca_key)
 
-    def _write(self, stem: str, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) -> CertPair:
+    def _write(self, stem: str, cert: x509.Certificate,
+               key: ec.EllipticCurvePrivateKey) -> CertPair:
         cert_path, key_path = self.dir / f"{stem}.crt", self.dir / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(_key_pem(key))
@@ -126,7 +127,8 @@ class PKI:
     def serving(self, stem: str, dns: list[str], ips: list[str]) -> CertPair:
         sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
         sans += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
-        return self._leaf(stem, _name(dns[0] if dns else ips[0]), ExtendedKeyUsageOID.SERVER_AUTH, sans)
+        subject = _name(dns[0] if dns else ips[0])
+        return self._leaf(stem, subject, ExtendedKeyUsageOID.SERVER_AUTH, sans)
 
     def client(self, stem: str, user: str, groups: tuple[str, ...] = ()) -> CertPair:
         """Kubernetes maps CN to the user name and O to its groups."""

@@ -30,11 +30,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Looked up once here: the child between fork and exec must not dlopen (another
+# thread of ours may have held the loader lock at fork time).
+_prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+
 def _die_with_parent() -> None:
     # Runs in the child between fork and exec. PDEATHSIG fires when the forking
     # thread exits, which for pytest's main thread means when pytest exits.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    _prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0)
 
 
 class Proc:
@@ -168,3 +172,32 @@ def insecure_tls() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def listening_addresses(pid: int) -> list[str]:
+    """host:port of TCP sockets `pid` listens on (from /proc, no tools needed)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    found = []
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as f:
+            next(f)
+            for line in f:
+                fields = line.split()
+                local, state, inode = fields[1], fields[3], fields[9]
+                if state == "0A" and inode in inodes:  # 0A = LISTEN
+                    host_hex, port_hex = local.split(":")
+                    found.append(f"{_hex_ip(host_hex)}:{int(port_hex, 16)}")
+    return found
+
+
+def _hex_ip(host_hex: str) -> str:
+    if len(host_hex) == 8:
+        return ".".join(str(b) for b in reversed(bytes.fromhex(host_hex)))
+    return f"[{host_hex}]"  # IPv6, raw hex: never "127.0.0.1", so a check flags it

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from .controlplane import ControlPlane, stop_from_state
-from .procs import http_ok
+from .procs import http_ok, listening_addresses
 
 # Registers the fixtures unless tests/conftest.py already did (pytest loads a plugin
 # once by name, so this never starts a second session control plane).
@@ -39,6 +39,13 @@ def test_api_is_ready(control_plane: ControlPlane) -> None:
     assert control_plane.kubectl("get", "--raw", "/readyz").stdout.strip() == "ok"
     version = json.loads(control_plane.kubectl("version", "-o", "json").stdout)
     assert version["serverVersion"]["gitVersion"] == version["clientVersion"]["gitVersion"]
+
+
+def test_everything_listens_on_loopback_only(control_plane: ControlPlane) -> None:
+    for proc in control_plane._procs:
+        addresses = listening_addresses(proc.pid)
+        assert addresses, f"{proc.name} listens nowhere?"
+        assert all(a.startswith("127.0.0.1:") for a in addresses), (proc.name, addresses)
 
 
 def test_fake_nodes_become_ready(control_plane: ControlPlane, nodes: list[str]) -> None:

@@ -8,7 +8,6 @@ binary is missing.
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -30,12 +29,14 @@ def _read_env_file(path: Path) -> dict[str, str]:
 
 _PINS = _read_env_file(HERE / "versions.env")
 KUBERNETES_VERSION = _PINS["KUBERNETES_VERSION"]
+ETCD_VERSION = _PINS["ETCD_VERSION"]
 KWOK_VERSION = _PINS["KWOK_VERSION"]
 HELM_VERSION = _PINS["HELM_VERSION"]
 JAEGER_VERSION = _PINS["JAEGER_VERSION"]
 
 # tool -> (pinned version, build.sh target that produces it)
 TOOLS: dict[str, tuple[str, str]] = {
+    "etcd": (ETCD_VERSION, "etcd"),
     "kube-apiserver": (KUBERNETES_VERSION, "kubernetes"),
     "kube-controller-manager": (KUBERNETES_VERSION, "kubernetes"),
     "kube-scheduler": (KUBERNETES_VERSION, "kubernetes"),
@@ -66,26 +67,12 @@ def run_build(targets: list[str]) -> None:
 
 
 def ensure_tools(*tools: str) -> dict[str, Path]:
-    """Returns {tool: path}, building whatever is missing first. "etcd" means the
-    Debian package's /usr/bin/etcd (build.sh installs it when absent)."""
-    missing_targets: list[str] = []
+    """Returns {tool: path}, building whatever is missing first."""
+    targets: list[str] = []
     for tool in tools:
-        if tool == "etcd":
-            if shutil.which("etcd") is None and "etcd" not in missing_targets:
-                missing_targets.append("etcd")
-        elif not os.access(bin_path(tool), os.X_OK):
-            target = TOOLS[tool][1]
-            if target not in missing_targets:
-                missing_targets.append(target)
-    if missing_targets:
-        run_build(missing_targets)
-    paths: dict[str, Path] = {}
-    for tool in tools:
-        if tool == "etcd":
-            found = shutil.which("etcd")
-            if found is None:
-                raise RuntimeError("etcd not found after build.sh etcd")
-            paths[tool] = Path(found)
-        else:
-            paths[tool] = bin_path(tool)
-    return paths
+        target = TOOLS[tool][1]
+        if not os.access(bin_path(tool), os.X_OK) and target not in targets:
+            targets.append(target)
+    if targets:
+        run_build(targets)
+    return {tool: bin_path(tool) for tool in tools}
