@@ -29,6 +29,7 @@ class Pod:
     netns: str  # `ip netns` name
     ip: str
     host_veth: str
+    ip6: str | None = None
 
     @property
     def path(self) -> str:
@@ -88,15 +89,19 @@ class NetLab:
     subnet: str = field(default_factory=free_subnet)
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     pods: dict[str, Pod] = field(default_factory=dict)
+    ipv6: bool = False  # also give every pod an IPv6 address (dual stack)
 
     def __post_init__(self) -> None:
         net = ipaddress.ip_network(self.subnet)
         self._hosts = net.hosts()
         self.gateway = str(next(self._hosts))
         self.prefix = net.prefixlen
+        self.subnet6 = f"fd00:1a7:{self.tag}::"
         self.bridge = f"ltbr{self.tag}"
         sh("ip", "link", "add", self.bridge, "type", "bridge")
         sh("ip", "addr", "add", f"{self.gateway}/{self.prefix}", "dev", self.bridge)
+        if self.ipv6:
+            sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
 
     def add_pod(self, name: str, ip: str | None = None) -> Pod:
@@ -111,7 +116,11 @@ class NetLab:
         sh("ip", "-n", netns, "link", "set", "eth0", "up")
         sh("ip", "-n", netns, "link", "set", "lo", "up")
         sh("ip", "-n", netns, "route", "add", "default", "via", self.gateway)
-        pod = Pod(name, netns, ip, host_veth)
+        ip6 = None
+        if self.ipv6:
+            ip6 = f"{self.subnet6}{idx + 2:x}"
+            sh("ip", "-n", netns, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+        pod = Pod(name, netns, ip, host_veth, ip6)
         self.pods[name] = pod
         return pod
 

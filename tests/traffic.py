@@ -13,8 +13,12 @@ import sys
 import time
 
 
+def family(address: str) -> int:
+    return socket.AF_INET6 if ":" in address else socket.AF_INET
+
+
 def udp_recv(a) -> dict:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(a.bind), socket.SOCK_DGRAM)
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
     s.bind((a.bind, a.port))
     s.settimeout(a.timeout)
@@ -30,7 +34,7 @@ def udp_recv(a) -> dict:
 
 
 def udp_send(a) -> dict:
-    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s = socket.socket(family(a.to), socket.SOCK_DGRAM)
     payload = b"x" * a.size
     gap = 1.0 / a.rate if a.rate else 0.0
     start = time.monotonic()
@@ -49,7 +53,7 @@ def udp_send(a) -> dict:
 
 
 def tcp_sink(a) -> dict:
-    srv = socket.create_server((a.bind, a.port))
+    srv = socket.create_server((a.bind, a.port), family=family(a.bind))
     srv.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
     conn, _ = srv.accept()

@@ -130,3 +130,20 @@ def test_pod_to_pod_both_traced(agent, lab, protocol):
     least = 150 if protocol == "tcp" else 200
     assert ca.get("tx_total", 0) >= least, ca
     assert cb.get("rx_host_to_pod", 0) >= least and cb.get("rx_pod_stack", 0) >= least * 0.95, cb
+
+
+def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
+    from tests.netlab import NetLab
+
+    with NetLab(ipv6=True) as lab:
+        a, client = lab.add_pod("a"), lab.add_pod("client")
+
+        def traffic():
+            with a.serve("udp-recv", "--bind", "::", "--port", "9500", "--count", "300", "--timeout", "20") as rx:
+                client.traffic("udp-send", "--to", a.ip6, "--port", "9500", "--count", "300", "--rate", "2000")
+            assert rx.result == {"received": 300}
+
+        counts = segment_counts(measure(agent, [a], traffic), a)
+    # The host side recognised the pod by its IPv6 address: the whole path is measured.
+    for seg in ("rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
+        assert counts.get(seg, 0) >= 300, (seg, counts)
