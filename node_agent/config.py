@@ -39,10 +39,9 @@ def from_env(cls: type[S]) -> S:
         problems = []
         for err in e.errors():
             field = str(err["loc"][0]) if err["loc"] else ""
-            if field in cls.model_fields:
-                problems.append(f"{env_name(cls, field)}: {err['msg']}")
-            else:  # a rule across fields names its variables in its message
-                problems.append(err["msg"].removeprefix("Value error, "))
+            name = env_name(cls, field) if field in cls.model_fields else field  # else: an alias, or ""
+            msg = err["msg"].removeprefix("Value error, ")
+            problems.append(f"{name}: {msg}" if name else msg)  # a rule across fields names its variables
         raise ConfigError("; ".join(problems)) from None
 
 

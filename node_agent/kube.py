@@ -154,6 +154,8 @@ class ListWatch:
                 if e.status == 410:  # our version is too old for the watch cache: list afresh
                     rv = None
                     continue
-                self._stop.wait(self.trouble.failed(e))
+                if not self._stop.is_set():
+                    self._stop.wait(self.trouble.failed(e))
             except Exception as e:  # connection reset, timeouts, TLS: retry the same way
-                self._stop.wait(self.trouble.failed(e))
+                if not self._stop.is_set():  # (stopping breaks the connection: not worth a warning)
+                    self._stop.wait(self.trouble.failed(e))

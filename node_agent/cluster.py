@@ -1,0 +1,331 @@
+"""The in-cluster agent (`latencytrace-agent run`): its node's LatencyTraceNode in, measurements and a
+status report out.
+
+It watches only its own node's object (field selector metadata.name=<node>), turns the spec into
+targets for `Agent.reconcile` (a pod selected by several traces is traced once, with their settings
+merged), looks again for pods not found yet, publishes an interval to the sinks every period, and
+patches the object's status (per-pod states, probes, export health, a Ready condition, a heartbeat) at
+a bounded rate. Probes are loaded when the node first has something to trace and unloaded after it has
+had nothing for a while. API errors are retried with backoff and logged once; SIGTERM detaches.
+
+A pod is mapped to its network namespace on the host (targets.from_pod): by its UID in the cgroup
+paths of its processes (/proc/*/cgroup, needs the host PID namespace), else by the namespace that holds
+one of its pod IPs (every namespace reachable from /proc/*/ns/net and /run/netns).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.metadata
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime
+
+from kubernetes import client
+
+from latencytrace.operator import conditions  # the one place conditions are built
+
+from . import config as agent_config, segments, targets
+from .agent import Agent, Desired, TargetState
+from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition, ExportReport, NodeSpec,
+                       NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
+from .kube import ListWatch, Trouble, api_client
+from .tracer import ProbeStatus, TargetSettings
+
+log = logging.getLogger("latencytrace.agent")
+
+DIRECTION_BITS = {"receive": 0b01, "transmit": 0b10}
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("latencytrace")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+# -- spec -> targets (pure) ---------------------------------------------------------------------------
+def segment_mask(t: TraceSettings) -> int:
+    """The trace's segments, limited to its directions (empty list: all of them)."""
+    mask = segments.mask(t.segments)
+    allowed = 0
+    for d in t.directions:
+        allowed |= segments.mask([s.name for s in segments.SEGMENTS if s.direction.otel == d])
+    return mask & allowed
+
+
+def merge_settings(traces: Iterable[TraceSettings]) -> TargetSettings:
+    """One pod, several traces: trace what any of them asks for (union of directions and segments,
+    lowest slow threshold, most frequent sampling, highest span rate)."""
+    traces = list(traces)
+    sampling = [t.sample_one_in for t in traces if t.sample_one_in > 0]
+    dir_mask = 0
+    for t in traces:
+        for d in t.directions:
+            dir_mask |= DIRECTION_BITS[d]
+    return TargetSettings(
+        slow_ns=min(t.slow_threshold_microseconds for t in traces) * 1000,
+        sample_one_in=min(sampling) if sampling else 0,
+        seg_mask=functools.reduce(lambda m, t: m | segment_mask(t), traces, 0),
+        dir_mask=dir_mask,
+        events_per_sec=max(t.spans_per_second for t in traces),
+    )
+
+
+def pod_key(uid: str) -> str:
+    return f"pod:{uid}"
+
+
+def desired_targets(spec: NodeSpec) -> list[Desired]:
+    """The targets a node spec asks for: one per pod, whichever traces select it."""
+    by_pod: dict[str, tuple] = {}
+    for t in spec.traces:
+        for p in t.pods:
+            ref, traces = by_pod.get(p.uid, (p, []))
+            traces.append(t)
+            by_pod[p.uid] = (ref, traces)
+    return [Desired(key=pod_key(uid), label=f"{ref.namespace}/{ref.name}",
+                    resolve=functools.partial(targets.from_pod, ref), settings=merge_settings(traces), pod=ref,
+                    traces=tuple(sorted(f"{t.namespace}/{t.name}" for t in traces)))
+            for uid, (ref, traces) in sorted(by_pod.items())]
+
+
+# -- agent state -> status (pure) ---------------------------------------------------------------------
+def pod_report(namespace: str, name: str, uid: str, st: TargetState | None) -> PodReport:
+    if st is None:
+        return PodReport(namespace=namespace, name=name, uid=uid, state="Pending")
+    inode = st.target.ns.inode if st.target is not None else None
+    return PodReport(namespace=namespace, name=name, uid=uid, state=st.state, netns_inode=inode, message=st.message)
+
+
+def trace_reports(traces: Iterable[NodeTrace], states: Mapping[str, TargetState]) -> list[TraceReport]:
+    out = []
+    for t in traces:
+        pods = [pod_report(p.namespace, p.name, p.uid, states.get(pod_key(p.uid))) for p in t.pods]
+        out.append(TraceReport(name=t.name, namespace=t.namespace, uid=t.uid, pods=pods,
+                               pods_tracing=sum(1 for p in pods if p.state == "Tracing")))
+    return out
+
+
+def probe_report(status: ProbeStatus | None) -> ProbeReport:
+    if status is None:
+        return ProbeReport()
+    attached = sorted({p.tracepoint for p in status.attached})
+    unavailable = [UnavailableProbe(tracepoint=p.tracepoint, reason=why, segments=list(p.feeds))
+                   for p, why in status.unavailable]
+    return ProbeReport(attached=attached, unavailable=unavailable)
+
+
+def ready_condition(*, failure: tuple[str, str] | None, loaded: bool, targets_n: int, probes: ProbeReport,
+                    generation: int) -> Condition:
+    if failure is not None:
+        return conditions.agent_ready(False, failure[0], failure[1], generation)
+    if not loaded:
+        return conditions.agent_ready(True, "Idle", "nothing to trace on this node; probes not loaded", generation)
+    return conditions.agent_ready(True, "Tracing", f"{targets_n} pods traced; {len(probes.attached)} tracepoints "
+                                  f"attached, {len(probes.unavailable)} unavailable", generation)
+
+
+# -- the loop -------------------------------------------------------------------------------------------
+class NodeAgent:
+    def __init__(self, cfg: agent_config.AgentConfig, api: client.ApiClient, make_agent=None):
+        self.cfg = cfg
+        self.custom = client.CustomObjectsApi(api)
+        self.make_agent = make_agent or self._make_agent
+        self.agent: Agent | None = None
+        self.sink = None
+        self.wake = threading.Event()
+        self.watch = ListWatch(self.custom.list_cluster_custom_object, GROUP, VERSION, NODE_PLURAL,
+                               field_selector=f"metadata.name={cfg.node_name}", on_change=self.wake.set, log=log,
+                               timeout_seconds=cfg.watch_timeout_seconds)
+        self.spec = NodeSpec(node_name=cfg.node_name)
+        self.generation = 0
+        self.exists = False
+        self.states: dict[str, TargetState] = {}
+        self.failure: tuple[str, str] | None = None  # (reason, message) while the agent cannot work
+        self.conditions: list[Condition] = []
+        self.events_lost = 0
+        self.idle_since: float | None = time.monotonic()
+        self.retry_at: float | None = None
+        self.sent: dict | None = None  # last status sent, without its heartbeat
+        self.sent_at = 0.0
+        self.status_trouble = Trouble(log, f"reporting status of LatencyTraceNode {cfg.node_name}")
+        self.start_trouble = Trouble(log, "loading the probes")
+
+    def _make_agent(self) -> Agent:
+        sinks = []
+        try:
+            from .export import sink_from_settings
+        except ImportError:
+            sink_from_settings = None
+        if sink_from_settings is not None:
+            self.sink = sink_from_settings(node_name=self.cfg.node_name, traces=self.spec.traces)
+            sinks.append(self.sink)
+        return Agent(sizes=self.cfg.sizes(), sinks=sinks)
+
+    # -- configuration ----------------------------------------------------------------------------
+    def read_spec(self) -> None:
+        objs = self.watch.snapshot()
+        obj = objs[0] if objs else None
+        self.exists = obj is not None
+        self.generation = int(obj["metadata"].get("generation", 0)) if obj else 0
+        spec = NodeSpec.model_validate(obj.get("spec") or {"nodeName": self.cfg.node_name}) if obj else \
+            NodeSpec(node_name=self.cfg.node_name)
+        if spec.contract_version > CONTRACT_VERSION:
+            self.failure = ("ContractVersionUnsupported",
+                            f"the operator publishes contract version {spec.contract_version}; this agent "
+                            f"understands {CONTRACT_VERSION}: upgrade the agent")
+            spec = NodeSpec(node_name=self.cfg.node_name)
+        elif self.failure and self.failure[0] == "ContractVersionUnsupported":
+            self.failure = None
+        self.spec = spec
+
+    def reconcile(self) -> None:
+        desired = desired_targets(self.spec)
+        now = time.monotonic()
+        if desired and self.agent is None:
+            self._load()
+        if self.agent is not None:
+            if self.sink is not None and hasattr(self.sink, "set_traces"):
+                self.sink.set_traces(self.spec.traces)
+            self.states = self.agent.reconcile(desired)
+        else:
+            self.states = {}
+        self.idle_since = None if desired else (self.idle_since or now)
+        waiting = any(s.state != "Tracing" for s in self.states.values()) or (desired and self.agent is None)
+        self.retry_at = now + self.cfg.retry_seconds if waiting else None
+
+    def _load(self) -> None:
+        agent = self.make_agent()
+        try:
+            agent.start()
+        except Exception as e:  # no BTF, no headers, not privileged: report it and try again later
+            self.failure = ("TracerFailed", str(e))
+            self.start_trouble.failed(e)
+            try:
+                agent.close()
+            except Exception:
+                log.debug("closing the half-started agent failed", exc_info=True)
+            return
+        self.start_trouble.ok()
+        self.agent = agent
+        if self.failure and self.failure[0] == "TracerFailed":
+            self.failure = None
+        log.info("probes loaded: %d attached, %d unavailable", len(agent.tracer.status.attached),
+                 len(agent.tracer.status.unavailable))
+
+    def unload(self) -> None:
+        if self.agent is not None:
+            self.agent.close()  # closing the BPF program detaches every probe
+            self.agent, self.sink = None, None
+            self.states = {}
+            log.info("probes unloaded")
+
+    # -- reporting ---------------------------------------------------------------------------------
+    def collect(self) -> None:
+        if self.agent is None:
+            return
+        interval = self.agent.collect()
+        self.events_lost = interval.counters.get("events_lost", 0) + interval.counters.get("events_dropped_userspace", 0)
+        self.agent.publish(interval)
+
+    def status(self, now: datetime) -> NodeStatus:
+        probes = probe_report(self.agent.tracer.status if self.agent is not None else None)
+        ready = ready_condition(failure=self.failure, loaded=self.agent is not None, probes=probes,
+                                targets_n=sum(1 for s in self.states.values() if s.state == "Tracing"),
+                                generation=self.generation)
+        self.conditions = conditions.merge(self.conditions, [ready], now)
+        export = self.sink.report() if self.sink is not None and hasattr(self.sink, "report") else ExportReport()
+        return NodeStatus(observed_generation=self.generation, agent_version=_version(),
+                          heartbeat_time=conditions.timestamp(now), conditions=self.conditions, probes=probes,
+                          traces=trace_reports(self.spec.traces, self.states), export=export,
+                          events_lost=self.events_lost)
+
+    def report(self, force: bool = False) -> None:
+        """Patch the status if it changed (at most every status_min_gap_seconds) or a heartbeat is due."""
+        if not self.exists:
+            return
+        doc = self.status(datetime.now(UTC)).model_dump(by_alias=True, mode="json")  # nulls clear fields
+        content = {k: v for k, v in doc.items() if k != "heartbeatTime"}
+        age = time.monotonic() - self.sent_at
+        due = age >= self.cfg.status_seconds or (content != self.sent and age >= self.cfg.status_min_gap_seconds)
+        if not (due or force):
+            return
+        try:
+            self.custom.patch_cluster_custom_object_status(GROUP, VERSION, NODE_PLURAL, self.cfg.node_name,
+                                                           {"status": doc}, _request_timeout=10)
+            self.status_trouble.ok()
+            self.sent, self.sent_at = content, time.monotonic()
+        except Exception as e:  # 404 (deleted meanwhile) or API trouble: the next round tries again
+            self.sent_at = time.monotonic() - self.cfg.status_seconds + self.status_trouble.failed(e)
+
+    def next_timeout(self, next_collect: float) -> float:
+        now = time.monotonic()
+        deadlines = [next_collect if self.agent is not None else now + self.cfg.status_seconds,
+                     self.sent_at + self.cfg.status_seconds]
+        if self.sent is not None:
+            deadlines.append(self.sent_at + self.cfg.status_min_gap_seconds)
+        if self.retry_at is not None:
+            deadlines.append(self.retry_at)
+        if self.agent is not None and self.idle_since is not None and self.cfg.idle_unload_seconds:
+            deadlines.append(self.idle_since + self.cfg.idle_unload_seconds)
+        return max(0.05, min(deadlines) - now)
+
+    def run(self, stop: threading.Event) -> None:
+        self.watch.start()
+        next_collect = time.monotonic() + self.cfg.interval_seconds
+        try:
+            while not stop.is_set():
+                changed = self.wake.is_set()
+                self.wake.clear()
+                now = time.monotonic()
+                if changed and self.watch.synced.is_set():
+                    self.read_spec()
+                    self.reconcile()
+                elif self.retry_at is not None and now >= self.retry_at:
+                    self.reconcile()
+                if self.agent is not None and self.idle_since is not None and self.cfg.idle_unload_seconds \
+                        and now - self.idle_since >= self.cfg.idle_unload_seconds:
+                    self.unload()
+                if self.agent is not None and now >= next_collect:
+                    self.collect()
+                    next_collect = now + self.cfg.interval_seconds
+                self.report()
+                self.wake.wait(self.next_timeout(next_collect))
+        finally:
+            self.watch.stop()
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        try:
+            self.unload()
+        finally:
+            self.failure = ("Stopped", "the agent stopped; nothing is traced on this node")
+            self.states = {}
+            self.report(force=True)
+
+
+def main() -> int:
+    try:
+        cfg = agent_config.load()
+        cfg.sizes()
+    except agent_config.ConfigError as e:
+        print(f"latencytrace-agent: {e}", file=sys.stderr)
+        return 2
+    logging.getLogger().setLevel(cfg.log_level)
+    node_agent = NodeAgent(cfg, api_client(cfg.kubeconfig))
+    stop = threading.Event()
+
+    def on_signal(*_) -> None:
+        stop.set()
+        node_agent.wake.set()
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
+    log.info("agent for node %s starting", cfg.node_name)
+    node_agent.run(stop)
+    return 0

@@ -1,0 +1,160 @@
+"""From the agents' per-node reports to each LatencyTrace's status, small at any number of nodes.
+
+The operator indexes every LatencyTraceNode by the traces it carries (`index_node`, a kopf index), so
+that a trace's status is computed from its own nodes only: counts of matched, traced and failing pods
+and nodes, plus the first few failing nodes with their error. Full per-node detail stays in each
+LatencyTraceNode, where the agent wrote it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+
+from pydantic import ValidationError
+
+from latencytrace.node_agent.contract import Condition, NodeSpec, NodeStatus, NodeTrace, TraceReport
+
+from . import conditions
+from .conditions import TraceFacts
+
+MESSAGE_LIMIT = 500  # the CRD allows 512 per failing node
+# Reasons an agent gives for not being ready that are part of its normal life, not a failure.
+TRANSIENT_REASONS = ("Starting", "Stopped", "Idle")
+
+
+@dataclass(frozen=True)
+class NodeTraceView:
+    """One node as far as one trace is concerned."""
+
+    node: str
+    published: NodeTrace | None  # the trace's entry in the node's spec
+    report: TraceReport | None  # what the node's agent says about it
+    generation: int  # of the LatencyTraceNode
+    observed_generation: int  # the generation the agent applied
+    created: datetime | None
+    heartbeat: datetime | None
+    ready: Condition | None
+
+
+def index_node(name: str, meta: Mapping, spec: Mapping, status: Mapping) -> dict[str, NodeTraceView]:
+    """kopf index function: {trace uid: view} for every trace in the node's spec or report."""
+    try:
+        node_spec = NodeSpec.model_validate(dict(spec))
+    except ValidationError:
+        node_spec = NodeSpec(node_name=name)
+    try:
+        node_status = NodeStatus.model_validate(dict(status or {}))
+    except ValidationError:
+        node_status = NodeStatus()
+    entries = {t.uid: t for t in node_spec.traces}
+    reports = {r.uid: r for r in node_status.traces}
+    ready = next((c for c in node_status.conditions if c.type == conditions.READY), None)
+    common = dict(node=name, generation=int(meta.get("generation") or 0),
+                  observed_generation=node_status.observed_generation,
+                  created=conditions.parse_time(meta.get("creationTimestamp")),
+                  heartbeat=conditions.parse_time(node_status.heartbeat_time), ready=ready)
+    return {uid: NodeTraceView(published=entries.get(uid), report=reports.get(uid), **common)
+            for uid in entries.keys() | reports.keys()}
+
+
+def _clip(text: str) -> str:
+    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 1] + "…"
+
+
+def _fresh(view: NodeTraceView, now: datetime, stale_seconds: float) -> bool:
+    return view.heartbeat is not None and (now - view.heartbeat).total_seconds() <= stale_seconds
+
+
+def traced_pods(view: NodeTraceView) -> int:
+    """Pods of the published entry the agent reports as traced (a pod removed since is not counted)."""
+    if view.published is None or view.report is None:
+        return 0
+    wanted = {p.uid for p in view.published.pods}
+    return sum(1 for p in view.report.pods if p.state == "Tracing" and p.uid in wanted)
+
+
+def node_failure(view: NodeTraceView, now: datetime, stale_seconds: float) -> str | None:
+    """Why this node fails the trace, or None (tracing, or still coming up)."""
+    if view.heartbeat is None:
+        age = (now - view.created).total_seconds() if view.created else 0.0
+        return None if age <= stale_seconds else f"no agent has reported for {int(age)}s (is it running on this node?)"
+    if not _fresh(view, now, stale_seconds):
+        return f"agent silent since {conditions.timestamp(view.heartbeat)}"
+    if view.ready is not None and view.ready.status != "True" and view.ready.reason not in TRANSIENT_REASONS:
+        return f"agent not ready: {view.ready.reason}" + (f": {view.ready.message}" if view.ready.message else "")
+    failed = [p for p in (view.report.pods if view.report else []) if p.state == "Failed"]
+    if failed:
+        first = failed[0]
+        more = f" (and {len(failed) - 1} more pods)" if len(failed) > 1 else ""
+        return f"pod {first.namespace}/{first.name}: {first.message or 'failed'}{more}"
+    return None
+
+
+@dataclass(frozen=True)
+class Summary:
+    matched_pods: int = 0
+    traced_pods: int = 0
+    matched_nodes: int = 0
+    ready_nodes: int = 0
+    tracing_nodes: int = 0
+    failing_nodes: int = 0
+    failing_sample: tuple[tuple[str, str], ...] = ()
+
+
+def summarize(views: Iterable[NodeTraceView], now: datetime, stale_seconds: float, listed: int) -> Summary:
+    matched_pods = traced = matched_nodes = ready = tracing = 0
+    failing: list[tuple[str, str]] = []
+    for v in views:
+        if v.published is None:
+            continue  # the agent still reports a trace its node no longer carries
+        matched_nodes += 1
+        matched_pods += len(v.published.pods)
+        fresh = _fresh(v, now, stale_seconds)
+        n = traced_pods(v) if fresh else 0
+        traced += n
+        tracing += n > 0
+        ready += fresh and v.ready is not None and v.ready.status == "True" and v.observed_generation >= v.generation
+        why = node_failure(v, now, stale_seconds)
+        if why is not None:
+            failing.append((v.node, _clip(why)))
+    failing.sort()
+    return Summary(matched_pods, traced, matched_nodes, ready, tracing, len(failing), tuple(failing[:listed]))
+
+
+def trace_status(old: Mapping, facts: TraceFacts, summary: Summary | None, start: str | None,
+                 completion: str | None, now: datetime) -> dict:
+    """The LatencyTrace status to write. A completed trace keeps the counts it had (for the record);
+    its traced pods drop to zero as the agents detach."""
+    conds = conditions.merge(old.get("conditions", []), conditions.trace_conditions(facts), now)
+    status: dict = {
+        "observedGeneration": facts.generation,
+        "phase": conditions.phase(conds),
+        "conditions": [c.wire() for c in conds],
+    }
+    if start:
+        status["startTime"] = start
+    if completion:
+        status["completionTime"] = completion
+    if summary is not None:
+        status.update(matchedPods=summary.matched_pods, tracedPods=summary.traced_pods,
+                      matchedNodes=summary.matched_nodes,
+                      nodes={"ready": summary.ready_nodes, "tracing": summary.tracing_nodes,
+                             "failing": summary.failing_nodes,
+                             "failingNodes": [{"name": n, "message": m} for n, m in summary.failing_sample]})
+    else:
+        for key in ("matchedPods", "matchedNodes"):
+            if key in old:
+                status[key] = old[key]
+        status["tracedPods"] = 0
+        status["nodes"] = {"ready": 0, "tracing": 0, "failing": 0, "failingNodes": []}
+    return status
+
+
+def facts(generation: int, invalid: str | None, completed: bool, duration: str | None,
+          summary: Summary | None) -> TraceFacts:
+    s = summary or Summary()
+    return TraceFacts(generation=generation, invalid=invalid, completed=completed, duration=duration,
+                      matched_pods=s.matched_pods, traced_pods=s.traced_pods, matched_nodes=s.matched_nodes,
+                      tracing_nodes=s.tracing_nodes, failing_nodes=s.failing_nodes, failing_sample=s.failing_sample)

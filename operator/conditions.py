@@ -1,0 +1,110 @@
+"""The only place conditions are built: the LatencyTrace's and the agents' (LatencyTraceNode) alike.
+
+Kubernetes conventions: one entry per type, status True/False/Unknown, a CamelCase reason, a message
+for humans, observedGeneration, and a lastTransitionTime that changes only when the status flips.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from latencytrace.node_agent.contract import Condition
+
+ACCEPTED, TRACING, DEGRADED, COMPLETED = "Accepted", "Tracing", "Degraded", "Completed"
+READY = "Ready"  # the agent's condition on its LatencyTraceNode
+
+
+def timestamp(now: datetime | None = None) -> str:
+    """RFC 3339 in UTC with second precision, as Kubernetes writes times."""
+    return (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def parse_time(text: str | None) -> datetime | None:
+    if not text:
+        return None
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def make(type_: str, status: bool, reason: str, message: str = "", generation: int | None = None) -> Condition:
+    return Condition(type=type_, status="True" if status else "False", reason=reason, message=message,
+                     observed_generation=generation)
+
+
+def merge(old: Iterable[Mapping | Condition], new: Iterable[Condition], now: datetime) -> list[Condition]:
+    """`new` with each lastTransitionTime kept from `old` when that type's status did not flip."""
+    before = {}
+    for c in old:
+        c = c if isinstance(c, Condition) else Condition.model_validate(c)
+        before[c.type] = c
+    out = []
+    for c in new:
+        prev = before.get(c.type)
+        since = prev.last_transition_time if prev is not None and prev.status == c.status else None
+        out.append(c.model_copy(update={"last_transition_time": since or timestamp(now)}))
+    return out
+
+
+@dataclass(frozen=True)
+class TraceFacts:
+    """What the LatencyTrace conditions are decided from."""
+
+    generation: int
+    invalid: str | None = None  # why the spec was rejected
+    completed: bool = False
+    duration: str | None = None
+    matched_pods: int = 0
+    traced_pods: int = 0
+    matched_nodes: int = 0
+    tracing_nodes: int = 0
+    failing_nodes: int = 0
+    failing_sample: tuple[tuple[str, str], ...] = ()  # (node, error) of the first failing nodes
+
+
+def trace_conditions(f: TraceFacts) -> list[Condition]:
+    g = f.generation
+    if f.invalid is not None:
+        return [make(ACCEPTED, False, "InvalidSpec", f.invalid, g),
+                make(TRACING, False, "InvalidSpec", "nothing is traced until the spec is fixed", g),
+                make(DEGRADED, False, "InvalidSpec", "", g),
+                make(COMPLETED, False, "InvalidSpec", "", g)]
+    accepted = make(ACCEPTED, True, "Valid", "spec accepted", g)
+    if f.completed:
+        return [accepted,
+                make(TRACING, False, "Completed", "the duration expired; every agent detached", g),
+                make(DEGRADED, False, "Completed", "", g),
+                make(COMPLETED, True, "DurationExpired", f"traced for {f.duration}", g)]
+    if f.matched_pods == 0:
+        tracing = make(TRACING, False, "NoPodsMatched", "no selected pod is scheduled to a node", g)
+    elif f.traced_pods == 0:
+        tracing = make(TRACING, False, "WaitingForAgents",
+                       f"{f.matched_pods} pods on {f.matched_nodes} nodes selected; no agent reports one traced yet", g)
+    else:
+        tracing = make(TRACING, True, "PodsTraced",
+                       f"{f.traced_pods} of {f.matched_pods} pods traced on {f.tracing_nodes} of {f.matched_nodes} nodes", g)
+    if f.failing_nodes:
+        sample = "; ".join(f"{node}: {err}" for node, err in f.failing_sample)
+        degraded = make(DEGRADED, True, "NodesFailing",
+                        f"{f.failing_nodes} of {f.matched_nodes} nodes failing" + (f" ({sample})" if sample else ""), g)
+    else:
+        degraded = make(DEGRADED, False, "AsExpected", "", g)
+    completed = make(COMPLETED, False, "Running" if f.duration else "NoDuration",
+                     f"completes {f.duration} after it started" if f.duration else "traces until deleted", g)
+    return [accepted, tracing, degraded, completed]
+
+
+def phase(conditions: Iterable[Condition]) -> str:
+    """One word for `kubectl get lt`, derived from the conditions."""
+    true = {c.type for c in conditions if c.status == "True"}
+    if ACCEPTED not in true:
+        return "Invalid"
+    if COMPLETED in true:
+        return "Completed"
+    if DEGRADED in true:
+        return "Degraded"
+    return "Tracing" if TRACING in true else "Pending"
+
+
+def agent_ready(ready: bool, reason: str, message: str, generation: int) -> Condition:
+    return make(READY, ready, reason, message, generation)

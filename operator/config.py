@@ -1,0 +1,64 @@
+"""The operator's settings: one typed object read once from LATENCYTRACE_OPERATOR_* variables.
+
+A missing or invalid value stops the operator at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import socket
+
+from pydantic import AliasChoices, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from latencytrace.node_agent.config import ConfigError, from_env
+
+
+class OperatorConfig(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="LATENCYTRACE_OPERATOR_", extra="ignore", frozen=True)
+
+    # Outside a pod (tests, development) the standard variable; inside a pod, unset: in-cluster config.
+    kubeconfig: str | None = Field(default=None, validation_alias=AliasChoices("KUBECONFIG"))
+
+    # Leader election: one Lease in the operator's namespace; only its holder runs the handlers.
+    leader_election: bool = True
+    namespace: str = Field(default="latencytrace-system", min_length=1)  # downward API in the chart
+    lease_name: str = Field(default="latencytrace-operator", min_length=1)
+    identity: str = Field(default_factory=socket.gethostname, min_length=1)  # the pod name in a pod
+    lease_duration_seconds: int = Field(default=15, ge=2)
+    renew_deadline_seconds: int = Field(default=10, ge=1)
+    retry_period_seconds: int = Field(default=2, ge=1)
+
+    health_host: str = "0.0.0.0"
+    health_port: int = Field(default=8080, ge=1, le=65535)
+
+    status_interval_seconds: float = Field(default=5.0, gt=0, le=3600)  # trace status refresh
+    resync_seconds: float = Field(default=300.0, gt=0)  # drift repair and namespace re-selection
+    debounce_seconds: float = Field(default=0.5, ge=0, le=60)  # gather pod churn before publishing
+    publish_concurrency: int = Field(default=16, ge=1, le=256)  # parallel LatencyTraceNode writes
+    watch_timeout_seconds: int = Field(default=300, ge=10, le=3600)
+    request_timeout_seconds: float = Field(default=30.0, gt=0)
+    # An agent silent for this long counts as failing for the traces on its node.
+    agent_stale_seconds: float = Field(default=180.0, gt=0)
+    # Cluster policy on top of the CRD's 168h bound: the longest duration accepted.
+    max_duration_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    failing_nodes_listed: int = Field(default=10, ge=0, le=20)  # the CRD allows 20
+
+    log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _lease_timings(self) -> OperatorConfig:
+        if not self.retry_period_seconds < self.renew_deadline_seconds < self.lease_duration_seconds:
+            raise ValueError("LATENCYTRACE_OPERATOR_RETRY_PERIOD_SECONDS < RENEW_DEADLINE_SECONDS < "
+                             "LEASE_DURATION_SECONDS must hold")
+        return self
+
+    @property
+    def liveness_endpoint(self) -> str:
+        return f"http://{self.health_host}:{self.health_port}/healthz"
+
+
+def load() -> OperatorConfig:
+    return from_env(OperatorConfig)
+
+
+__all__ = ["ConfigError", "OperatorConfig", "load"]

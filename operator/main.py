@@ -1,0 +1,130 @@
+"""`latencytrace-operator`: the kopf handlers (wiring only; the work is in handlers.py) and `run()`.
+
+Run with KUBECONFIG set outside a cluster. Settings: LATENCYTRACE_OPERATOR_* (config.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sys
+import threading
+from datetime import UTC, datetime
+
+import kopf
+
+from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, TRACE_PLURAL, VERSION
+from latencytrace.node_agent.kube import api_client
+
+from . import aggregation, config, handlers, leader
+from .worker import Runtime
+
+TRACE = (GROUP, VERSION, TRACE_PLURAL)
+NODE = (GROUP, VERSION, NODE_PLURAL)
+
+try:
+    CONFIG = config.load()
+except config.ConfigError as _e:
+    sys.exit(f"latencytrace-operator: {_e}")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.WARNING  # Kubernetes events for problems only
+    settings.posting.reporting_component = "latencytrace-operator"
+    settings.posting.reporting_instance = CONFIG.identity
+    settings.posting.event_name_prefix = "latencytrace-"
+    settings.watching.server_timeout = CONFIG.watch_timeout_seconds
+    settings.watching.client_timeout = CONFIG.watch_timeout_seconds + 30
+    settings.watching.connect_timeout = 10
+    settings.networking.request_timeout = CONFIG.request_timeout_seconds
+    settings.networking.error_backoffs = (1, 2, 5, 10, 20)
+    settings.execution.max_workers = CONFIG.publish_concurrency
+    # The CRDs are installed before the operator (Helm's crds/); not watching CRDs and namespaces
+    # saves the permissions to do so.
+    settings.scanning.disabled = True
+    memo.runtime = Runtime.create(CONFIG, api_client(CONFIG.kubeconfig, CONFIG.publish_concurrency + 8))
+
+
+@kopf.on.cleanup()
+def shutdown(memo: kopf.Memo, **_) -> None:
+    memo.runtime.pool.shutdown(wait=False, cancel_futures=True)
+
+
+@kopf.index(*TRACE)
+def trace_uids(uid: str, **_) -> dict:
+    return {uid: True}
+
+
+@kopf.index(*NODE)
+def node_views(name: str, meta, spec, status, **_) -> dict:
+    return aggregation.index_node(name, meta, spec, status)
+
+
+@kopf.on.create(*TRACE)
+@kopf.on.update(*TRACE, field="spec")
+@kopf.on.resume(*TRACE)
+def accept(spec, meta, status, uid: str, patch: kopf.Patch, memo: kopf.Memo, node_views: kopf.Index, **_) -> None:
+    new, invalid = handlers.trace_status(spec, meta.get("generation", 0), status, node_views.get(uid, []),
+                                         CONFIG, datetime.now(UTC))
+    patch.status.update(handlers.status_patch(status, new) or {})
+    handlers.poke(memo)
+    if invalid is not None:
+        raise kopf.PermanentError(f"invalid spec: {invalid}")
+
+
+@kopf.timer(*TRACE, interval=CONFIG.status_interval_seconds, initial_delay=CONFIG.status_interval_seconds)
+def refresh_status(spec, meta, status, uid: str, patch: kopf.Patch, node_views: kopf.Index, **_) -> None:
+    new, _ = handlers.trace_status(spec, meta.get("generation", 0), status, node_views.get(uid, []),
+                                   CONFIG, datetime.now(UTC))
+    patch.status.update(handlers.status_patch(status, new) or {})
+
+
+@kopf.daemon(*TRACE)
+async def trace_worker(stopped: kopf.DaemonStopped, body: kopf.Body, uid: str, memo: kopf.Memo,
+                       node_views: kopf.Index, logger: logging.Logger, **_) -> None:
+    await handlers.run_worker(memo.runtime, memo, stopped, body, lambda: list(node_views.get(uid, [])), logger)
+
+
+@kopf.on.delete(*TRACE)
+async def detach(uid: str, memo: kopf.Memo, node_views: kopf.Index, **_) -> None:
+    failed = await handlers.detach(memo.runtime, getattr(memo, "worker", None), uid, list(node_views.get(uid, [])))
+    if failed:
+        raise kopf.TemporaryError(f"could not detach from nodes {', '.join(failed[:5])}", delay=5)
+
+
+@kopf.on.event(*NODE)
+def collect_orphans(type: str, name: str, spec, memo: kopf.Memo, trace_uids: kopf.Index, logger, **_) -> None:
+    if type != "DELETED" and spec:
+        handlers.collect_orphans(memo.runtime.nodes, name, spec, trace_uids.__contains__, logger)
+
+
+def run() -> int:
+    """Entry point: wait for leadership (if enabled), then run kopf until SIGTERM or leadership loss."""
+    logging.basicConfig(level=CONFIG.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if CONFIG.log_level != "DEBUG":  # kopf logs every timer run at INFO
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    api = api_client(CONFIG.kubeconfig)
+    with leader.leadership(api, CONFIG, stop) as leading:
+        if leading is None:
+            return 0  # asked to stop while waiting to lead
+        asyncio.run(_operate(leading))
+    return 1 if leading.lost.is_set() else 0
+
+
+async def _operate(leading: leader.Leading) -> None:
+    # An asyncio flag, not the threading one: kopf would wait for a thread blocked on the latter.
+    stop_flag = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    leading.on_lost(lambda: loop.call_soon_threadsafe(stop_flag.set))
+    await kopf.operator(clusterwide=True, standalone=True, liveness_endpoint=CONFIG.liveness_endpoint,
+                        stop_flag=stop_flag)

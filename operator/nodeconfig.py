@@ -1,0 +1,136 @@
+"""Per-node configuration: one LatencyTraceNode per node, holding every trace's pods on that node.
+
+Each trace only ever changes its own entry (keyed by the trace's uid) in a node's spec, with a read,
+a write that carries the resourceVersion it read, and a fresh read on conflict; so traces can publish
+concurrently without a lock and every write is idempotent (an unchanged entry writes nothing). A node
+with no entries left has its object deleted.
+
+Ownership: a cluster-scoped object cannot be owned by a namespaced LatencyTrace, so traces are tracked
+by uid inside the spec (and stale entries collected by the operator), and the object is owned by its
+Node: when the node leaves the cluster, the garbage collector removes its configuration too. Nothing is
+published for a node that does not exist.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+
+from kubernetes import client
+from kubernetes.client.rest import ApiException
+
+from latencytrace.node_agent.contract import (API_VERSION, GROUP, NODE_KIND, NODE_PLURAL, VERSION, NodeSpec,
+                                              NodeTrace, PodRef, TraceSettings)
+
+log = logging.getLogger(__name__)
+
+MANAGED_BY = {"app.kubernetes.io/managed-by": "latencytrace-operator"}
+CONFLICT_RETRIES = 8
+
+
+def entries_by_node(namespace: str, name: str, uid: str, generation: int, settings: TraceSettings,
+                    pods: Mapping[str, list[PodRef]]) -> dict[str, NodeTrace]:
+    """This trace's entry for each node that runs at least one of its pods."""
+    base = settings.model_dump()
+    return {node: NodeTrace(**base, name=name, namespace=namespace, uid=uid, generation=generation, pods=refs)
+            for node, refs in pods.items() if refs}
+
+
+def with_trace(spec: NodeSpec, uid: str, entry: NodeTrace | None) -> NodeSpec:
+    """`spec` with the entry of trace `uid` replaced by `entry` (None removes it); stable order."""
+    traces = [t for t in spec.traces if t.uid != uid]
+    if entry is not None:
+        traces.append(entry)
+    traces.sort(key=lambda t: (t.namespace, t.name, t.uid))
+    return spec.model_copy(update={"traces": traces})
+
+
+def changes(desired: Mapping[str, NodeTrace], published: Mapping[str, NodeTrace]) -> dict[str, NodeTrace | None]:
+    """Per node, the entry to write (None: remove) to go from `published` to `desired`."""
+    out: dict[str, NodeTrace | None] = {n: e for n, e in desired.items() if published.get(n) != e}
+    out.update({n: None for n in published if n not in desired})
+    return out
+
+
+def build_object(spec: NodeSpec, node_uid: str | None) -> dict:
+    meta: dict = {"name": spec.node_name, "labels": dict(MANAGED_BY)}
+    if node_uid:
+        meta["ownerReferences"] = [{"apiVersion": "v1", "kind": "Node", "name": spec.node_name, "uid": node_uid}]
+    return {"apiVersion": API_VERSION, "kind": NODE_KIND, "metadata": meta, "spec": spec.wire()}
+
+
+def entry_of(obj: Mapping | None, uid: str) -> NodeTrace | None:
+    if not obj:
+        return None
+    for t in obj.get("spec", {}).get("traces", []):
+        if t.get("uid") == uid:
+            return NodeTrace.model_validate(t)
+    return None
+
+
+class NodeConfigs:
+    """Reads and writes LatencyTraceNode specs (never their status: that is the agent's)."""
+
+    def __init__(self, api: client.ApiClient, request_timeout: float = 30.0):
+        self.custom = client.CustomObjectsApi(api)
+        self.core = client.CoreV1Api(api)
+        self.timeout = request_timeout
+
+    def get(self, node: str) -> dict | None:
+        try:
+            return self.custom.get_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node,
+                                                         _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def _node_uid(self, node: str) -> str | None:
+        try:
+            return self.core.read_node(node, _request_timeout=self.timeout).metadata.uid
+        except ApiException as e:
+            if e.status == 404:
+                return None
+            raise
+
+    def apply(self, node: str, uid: str, entry: NodeTrace | None) -> NodeTrace | None:
+        """Make node `node` carry `entry` for trace `uid` (None: not at all); return what it carries."""
+        obj = self.get(node)
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                if obj is None:
+                    return self._create(node, entry)
+                current = NodeSpec.model_validate(obj["spec"])
+                wanted = with_trace(current, uid, entry)
+                if wanted == current:
+                    return entry
+                if not wanted.traces:
+                    self._delete(node, obj["metadata"]["resourceVersion"])
+                    return None
+                obj = {**obj, "spec": wanted.wire()}
+                self.custom.replace_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node, obj,
+                                                          _request_timeout=self.timeout)
+                return entry
+            except ApiException as e:
+                if e.status not in (404, 409):  # 409: someone wrote in between; 404: it went away
+                    raise
+                obj = self.get(node)
+        raise RuntimeError(f"LatencyTraceNode {node} kept changing under {CONFLICT_RETRIES} attempts to write it")
+
+    def _create(self, node: str, entry: NodeTrace | None) -> NodeTrace | None:
+        if entry is None:
+            return None
+        node_uid = self._node_uid(node)
+        if node_uid is None:
+            log.info("node %s does not exist; publishing nothing for it", node)
+            return None
+        spec = NodeSpec(node_name=node, traces=[entry])
+        self.custom.create_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, build_object(spec, node_uid),
+                                                 _request_timeout=self.timeout)
+        return entry
+
+    def _delete(self, node: str, resource_version: str) -> None:
+        # The precondition makes the delete fail (409) if another trace added itself meanwhile.
+        body = client.V1DeleteOptions(preconditions=client.V1Preconditions(resource_version=resource_version))
+        self.custom.delete_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node, body=body,
+                                                 _request_timeout=self.timeout)

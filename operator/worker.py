@@ -1,0 +1,222 @@
+"""One LatencyTrace's worker: keeps the trace's entries on the nodes equal to its selected pods.
+
+It runs as the trace's kopf daemon, so it starts with the trace (and on operator start), and stops when
+the trace is deleted or the operator exits. It watches the selected pods (server-side selectors, in a
+thread), and publishes after each burst of pod churn, after a spec change (its handler pokes it), when
+the duration expires (everything is removed), and on every resync (drift repair). It never publishes
+before its first complete pod list, so an operator restart re-derives the same entries and writes none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from kubernetes import client
+
+from latencytrace.node_agent.contract import NodeTrace
+from latencytrace.node_agent.kube import ListWatch, Trouble
+
+from . import nodeconfig, selection, spec as specs
+from .aggregation import NodeTraceView
+from .conditions import parse_time
+from .config import OperatorConfig
+from .nodeconfig import NodeConfigs
+
+
+@dataclass
+class Runtime:
+    """Operator-wide objects, made once at startup and shared by every handler (through kopf's memo)."""
+
+    cfg: OperatorConfig
+    api: client.ApiClient
+    nodes: NodeConfigs
+    pool: concurrent.futures.ThreadPoolExecutor
+
+    @classmethod
+    def create(cls, cfg: OperatorConfig, api: client.ApiClient) -> Runtime:
+        return cls(cfg, api, NodeConfigs(api, cfg.request_timeout_seconds),
+                   concurrent.futures.ThreadPoolExecutor(cfg.publish_concurrency, thread_name_prefix="publish"))
+
+
+def start_time(body: Mapping) -> datetime | None:
+    """Duration counts from acceptance (status.startTime); until that is written, from creation."""
+    return parse_time(body.get("status", {}).get("startTime") or body.get("metadata", {}).get("creationTimestamp"))
+
+
+def expired(spec: specs.TraceSpec, body: Mapping, now: datetime) -> bool:
+    end = specs.deadline(spec, start_time(body))
+    return end is not None and now >= end
+
+
+async def publish(rt: Runtime, uid: str, todo: Mapping[str, NodeTrace | None]) -> tuple[dict, dict]:
+    """Write `todo` ({node: entry or None}) in parallel; return ({node: entry now there}, {node: error})."""
+    loop = asyncio.get_running_loop()
+    nodes = list(todo)
+    results = await asyncio.gather(*(loop.run_in_executor(rt.pool, rt.nodes.apply, n, uid, todo[n]) for n in nodes),
+                                   return_exceptions=True)
+    done, failed = {}, {}
+    for node, res in zip(nodes, results):
+        (failed if isinstance(res, BaseException) else done)[node] = res
+    return done, failed
+
+
+class TraceWorker:
+    def __init__(self, rt: Runtime, namespace: str, name: str, uid: str,
+                 views: Callable[[], Iterable[NodeTraceView]], logger: logging.Logger):
+        self.rt, self.namespace, self.name, self.uid = rt, namespace, name, uid
+        self.views = views  # this trace's views in the LatencyTraceNode index
+        self.log = logger
+        self.lock = asyncio.Lock()  # held while writing; deletion takes it, then closes the worker
+        self.closed = False
+        self.published: dict[str, NodeTrace] = {}
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        self._watch: ListWatch | None = None
+        self._query: selection.PodQuery | None = None
+        self._namespaces: set[str] | None = None
+        self._trouble = Trouble(logger, f"publishing trace {namespace}/{name}")
+        self._ns_trouble = Trouble(logger, f"listing namespaces for trace {namespace}/{name}")
+        self._ns_error: Exception | None = None
+
+    def poke(self) -> None:
+        """Something changed (spec, pods): look again. Safe from any thread."""
+        self._loop.call_soon_threadsafe(self._wake.set)
+
+    def _seed(self) -> None:
+        """What the nodes carry now, as the index saw it: the base for the next diff."""
+        self.published = {v.node: v.published for v in self.views() if v.published is not None}
+
+    def _ensure_watch(self, spec: specs.TraceSpec) -> None:
+        query = selection.pod_query(spec, self.namespace)
+        if query == self._query and self._watch is not None:
+            return
+        self._stop_watch()
+        core = client.CoreV1Api(self.rt.api)
+        if query.namespace is None:
+            args: tuple = (core.list_pod_for_all_namespaces,)
+        else:
+            args = (core.list_namespaced_pod, query.namespace)
+        self._watch = ListWatch(*args, on_change=self.poke, log=self.log, label_selector=query.label_selector,
+                                field_selector=query.field_selector,
+                                timeout_seconds=self.rt.cfg.watch_timeout_seconds).start()
+        self._query = query
+
+    def _stop_watch(self) -> None:
+        if self._watch is not None:
+            self._watch.stop()
+        self._watch, self._query = None, None
+
+    def _list_namespaces(self, label_selector: str) -> set[str]:
+        core = client.CoreV1Api(self.rt.api)
+        items = core.list_namespace(label_selector=label_selector,
+                                    _request_timeout=self.rt.cfg.request_timeout_seconds).items
+        return {ns.metadata.name for ns in items}
+
+    async def _refresh_namespaces(self, spec: specs.TraceSpec | None) -> bool:
+        """Re-select the namespaces of a namespaceSelector (None without one); False on API error."""
+        query = None if spec is None else selection.namespace_query(spec)
+        if query is None:
+            self._namespaces = None
+            return True
+        try:
+            self._namespaces = await asyncio.get_running_loop().run_in_executor(
+                self.rt.pool, self._list_namespaces, query)
+        except Exception as e:  # API trouble: keep the last selection, try again soon
+            self._ns_error = e
+            return False
+        self._ns_trouble.ok()
+        return True
+
+    def desired(self, spec: specs.TraceSpec, generation: int) -> dict[str, NodeTrace] | None:
+        """Entries per node from the current pods; None until the first pod list has arrived."""
+        if self._watch is None or not self._watch.synced.is_set():
+            return None
+        if spec.namespace_selector is not None and self._namespaces is None:
+            return None
+        pods = selection.pods_by_node(self._watch.snapshot(), spec, self.namespace, self._namespaces)
+        return nodeconfig.entries_by_node(self.namespace, self.name, self.uid, generation, spec.settings(), pods)
+
+    async def _publish(self, desired: Mapping[str, NodeTrace]) -> bool:
+        todo = nodeconfig.changes(desired, self.published)
+        if not todo:
+            return True
+        async with self.lock:
+            if self.closed:
+                return True
+            done, failed = await publish(self.rt, self.uid, todo)
+        for node, entry in done.items():
+            if entry is None:
+                self.published.pop(node, None)
+            else:
+                self.published[node] = entry
+        if failed:
+            node, err = next(iter(failed.items()))
+            self._retry_in = self._trouble.failed(RuntimeError(f"{len(failed)} nodes, e.g. {node}: {err}"))
+            return False
+        self._trouble.ok()
+        self.log.debug("published trace to %d nodes (%d changed)", len(self.published), len(todo))
+        return True
+
+    async def _wait(self, stopped, timeout: float | None) -> None:
+        waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopped.wait())}
+        try:
+            await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waiters:
+                w.cancel()
+        self._wake.clear()
+
+    async def run(self, stopped, body: Mapping) -> None:
+        """The daemon's body. `body` is kopf's live view of the trace (updated in place)."""
+        cfg = self.rt.cfg
+        self._seed()
+        generation, spec = None, None
+        next_resync = 0.0  # list namespaces at once
+        self._retry_in = None
+        try:
+            while not stopped:
+                meta = body.get("metadata", {})
+                if meta.get("generation") != generation:
+                    generation = meta.get("generation")
+                    next_resync = 0.0  # a new selection may name other namespaces
+                    try:
+                        spec = specs.parse(body.get("spec", {}), cfg.max_duration_seconds)
+                    except specs.SpecError:
+                        spec = None  # the accept handler reports it; nothing stays published
+                now = datetime.now(UTC)
+                if time.monotonic() >= next_resync:
+                    next_resync = time.monotonic() + cfg.resync_seconds
+                    self._seed()  # drift repair: anything changed behind our back is rewritten
+                    if not await self._refresh_namespaces(spec):
+                        next_resync = time.monotonic() + self._ns_trouble.failed(self._ns_error)
+                active = spec is not None and not expired(spec, body, now)
+                if active:
+                    self._ensure_watch(spec)
+                    desired = self.desired(spec, int(generation or 0))
+                else:
+                    self._stop_watch()
+                    desired = {}
+                self._retry_in = None
+                if desired is not None:
+                    await self._publish(desired)  # on failure, sets _retry_in
+                await self._wait(stopped, self._timeout(spec, body, next_resync, active))
+                if not stopped:
+                    await stopped.wait(cfg.debounce_seconds)  # let a burst of pod churn gather
+        finally:
+            self._stop_watch()
+
+    def _timeout(self, spec, body, next_resync: float, active: bool) -> float:
+        waits = [max(0.0, next_resync - time.monotonic())]
+        if self._retry_in is not None:
+            waits.append(self._retry_in)
+        if active and spec is not None:
+            end = specs.deadline(spec, start_time(body))
+            if end is not None:
+                waits.append(max(0.0, (end - datetime.now(UTC)).total_seconds()))
+        return min(waits)

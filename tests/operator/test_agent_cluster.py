@@ -1,0 +1,50 @@
+"""The in-cluster agent's pure parts: node spec to targets, merged settings, status reports."""
+
+from latencytrace.node_agent import cluster, segments
+from latencytrace.node_agent.agent import TargetState
+from latencytrace.node_agent.contract import NodeSpec, NodeTrace, PodRef, TraceSettings
+
+
+def trace(uid, pods, **settings):
+    return NodeTrace(name=f"t-{uid}", namespace="app", uid=uid,
+                     pods=[PodRef(namespace="app", name=p, uid=f"u-{p}", ips=["10.0.0.1"]) for p in pods], **settings)
+
+
+def test_a_pod_in_two_traces_is_one_target_with_merged_settings():
+    spec = NodeSpec(node_name="n1", traces=[
+        trace("1", ["a", "b"], directions=["receive"], segments=["rx_total"], slow_threshold_microseconds=500,
+              spans_per_second=5, sample_one_in=100),
+        trace("2", ["a"], directions=["transmit"], segments=[], slow_threshold_microseconds=2000,
+              spans_per_second=20, sample_one_in=0)])
+    targets = {d.key: d for d in cluster.desired_targets(spec)}
+    assert sorted(targets) == ["pod:u-a", "pod:u-b"]
+    a = targets["pod:u-a"]
+    assert a.traces == ("app/t-1", "app/t-2") and a.label == "app/a"
+    assert a.settings.slow_ns == 500_000 and a.settings.events_per_sec == 20 and a.settings.sample_one_in == 100
+    assert a.settings.dir_mask == 0b11
+    tx = segments.mask([s.name for s in segments.segments_of(segments.Direction.TX)])
+    assert a.settings.seg_mask == segments.mask(["rx_total"]) | tx  # receive: rx_total only; transmit: all tx
+    b = targets["pod:u-b"]
+    assert b.settings.dir_mask == 0b01 and b.settings.seg_mask == segments.mask(["rx_total"])
+
+
+def test_segments_outside_the_directions_are_not_recorded():
+    assert cluster.segment_mask(TraceSettings(directions=["receive"])) == \
+        segments.mask([s.name for s in segments.segments_of(segments.Direction.RX)])
+
+
+def test_reports_follow_the_spec_with_the_agent_states():
+    spec = NodeSpec(node_name="n1", traces=[trace("1", ["a", "b", "c"])])
+    states = {"pod:u-a": TargetState("pod:u-a", "Tracing"), "pod:u-b": TargetState("pod:u-b", "NotFound", "no netns")}
+    [report] = cluster.trace_reports(spec.traces, states)
+    assert [(p.name, p.state) for p in report.pods] == [("a", "Tracing"), ("b", "NotFound"), ("c", "Pending")]
+    assert report.pods_tracing == 1 and report.pods[1].message == "no netns"
+
+
+def test_ready_condition():
+    probes = cluster.probe_report(None)
+    idle = cluster.ready_condition(failure=None, loaded=False, targets_n=0, probes=probes, generation=3)
+    assert (idle.status, idle.reason, idle.observed_generation) == ("True", "Idle", 3)
+    failed = cluster.ready_condition(failure=("TracerFailed", "no BTF"), loaded=False, targets_n=0, probes=probes,
+                                     generation=3)
+    assert (failed.status, failed.reason, failed.message) == ("False", "TracerFailed", "no BTF")

@@ -1,0 +1,93 @@
+"""Agents' reports to a LatencyTrace status: counts, failing nodes, staleness, completion."""
+
+from datetime import UTC, datetime, timedelta
+
+from latencytrace.node_agent.contract import NodeSpec, NodeStatus, NodeTrace, PodRef, PodReport, TraceReport
+from latencytrace.operator import aggregation, conditions, handlers
+from latencytrace.operator.config import OperatorConfig
+
+NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def ltn(node, pods, states, heartbeat_age=5.0, ready=("True", "Tracing"), generation=1, observed=1, uid="t1",
+        created_age=600.0):
+    spec = NodeSpec(node_name=node, traces=[NodeTrace(name="web", namespace="app", uid=uid, pods=[
+        PodRef(namespace="app", name=p, uid=f"u-{p}") for p in pods])])
+    status = NodeStatus(
+        observed_generation=observed,
+        heartbeat_time=None if heartbeat_age is None else conditions.timestamp(NOW - timedelta(seconds=heartbeat_age)),
+        conditions=[conditions.make("Ready", ready[0] == "True", ready[1], "why")] if ready else [],
+        traces=[TraceReport(name="web", namespace="app", uid=uid, pods=[
+            PodReport(namespace="app", name=p, uid=f"u-{p}", state=s, message="boom" if s == "Failed" else "")
+            for p, s in zip(pods, states)])])
+    meta = {"generation": generation,
+            "creationTimestamp": conditions.timestamp(NOW - timedelta(seconds=created_age))}
+    return aggregation.index_node(node, meta, spec.wire(), status.wire())["t1"]
+
+
+def summarize(*views):
+    return aggregation.summarize(views, NOW, stale_seconds=180, listed=10)
+
+
+def test_counts_of_a_healthy_trace():
+    s = summarize(ltn("n1", ["a", "b"], ["Tracing", "Tracing"]), ltn("n2", ["c"], ["NotFound"]))
+    assert (s.matched_pods, s.traced_pods, s.matched_nodes, s.tracing_nodes, s.ready_nodes, s.failing_nodes) == \
+        (3, 2, 2, 1, 2, 0)
+
+
+def test_failing_nodes_are_counted_and_listed_with_their_error():
+    s = summarize(ltn("n3", ["a"], ["Failed"]), ltn("n1", ["b"], ["Tracing"], heartbeat_age=999),
+                  ltn("n2", ["c"], [], heartbeat_age=None), ltn("n4", ["d"], ["Pending"], ready=("False", "TracerFailed")))
+    assert s.failing_nodes == 4 and s.traced_pods == 0  # a silent agent's old report does not count
+    assert [n for n, _ in s.failing_sample] == ["n1", "n2", "n3", "n4"]
+    msgs = dict(s.failing_sample)
+    assert "silent since" in msgs["n1"] and "no agent has reported" in msgs["n2"]
+    assert msgs["n3"] == "pod app/a: boom" and msgs["n4"].startswith("agent not ready: TracerFailed")
+
+
+def test_a_new_node_gets_a_grace_period_and_the_list_is_bounded():
+    assert summarize(ltn("n1", ["a"], [], heartbeat_age=None, created_age=10)).failing_nodes == 0
+    views = [ltn(f"n{i:03}", ["a"], ["Failed"]) for i in range(50)]
+    s = aggregation.summarize(views, NOW, 180, listed=10)
+    assert s.failing_nodes == 50 and len(s.failing_sample) == 10
+
+
+def test_stale_generation_is_not_ready_and_removed_pods_do_not_count():
+    assert summarize(ltn("n1", ["a"], ["Tracing"], generation=2, observed=1)).ready_nodes == 0
+    view = ltn("n1", ["a"], ["Tracing"])
+    gone = aggregation.NodeTraceView(**{**view.__dict__, "published": view.published.model_copy(update={"pods": []})})
+    assert aggregation.traced_pods(gone) == 0
+
+
+def test_trace_status_end_to_end():
+    cfg = OperatorConfig()
+    views = [ltn("n1", ["a"], ["Tracing"])]
+    spec = {"podSelector": {}, "duration": "10m", "directions": ["receive", "transmit"]}
+    status, invalid = handlers.trace_status(spec, 1, {}, views, cfg, NOW)
+    assert invalid is None and status["phase"] == "Tracing" and status["tracedPods"] == 1
+    assert status["startTime"] == conditions.timestamp(NOW) and status["nodes"]["tracing"] == 1
+    # Ten minutes later: completed; counts kept, nothing traced, completionTime = the deadline.
+    later = NOW + timedelta(minutes=10, seconds=1)
+    done, _ = handlers.trace_status(spec, 1, status, [], cfg, later)
+    assert done["phase"] == "Completed" and done["tracedPods"] == 0 and done["matchedPods"] == 1
+    assert done["completionTime"] == conditions.timestamp(NOW + timedelta(minutes=10))
+    # Unchanged inputs: nothing to patch (an operator restart writes nothing).
+    again, _ = handlers.trace_status(spec, 1, done, [], cfg, later + timedelta(minutes=1))
+    assert handlers.status_patch(done, again) is None
+    # Extending the duration revives it, and the completion time is removed.
+    revived, _ = handlers.trace_status({**spec, "duration": "1h"}, 2, done, views, cfg, later)
+    completed = next(c for c in revived["conditions"] if c["type"] == "Completed")
+    assert completed["status"] == "False" and revived["phase"] != "Completed"
+    assert handlers.status_patch(done, revived)["completionTime"] is None
+
+
+def test_invalid_spec_status():
+    status, invalid = handlers.trace_status({"podNames": ["a"], "podSelector": {}}, 3, {}, [], OperatorConfig(), NOW)
+    assert "exactly one way" in invalid and status["phase"] == "Invalid" and "startTime" not in status
+    assert status["observedGeneration"] == 3
+
+
+def test_orphans_are_entries_of_traces_that_are_gone():
+    spec = NodeSpec(node_name="n1", traces=[NodeTrace(name="a", namespace="x", uid="live"),
+                                            NodeTrace(name="b", namespace="x", uid="dead")]).wire()
+    assert handlers.orphans(spec, {"live"}.__contains__) == ["dead"]

@@ -1,0 +1,70 @@
+"""The CRDs agree with the code: the segment enum with segments.NAMES, the LatencyTraceNode schema with
+the contract models (field by field), and the chart ships the repository's CRDs, not a copy."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pydantic import BaseModel
+
+from latencytrace.node_agent import contract, segments
+
+ROOT = Path(__file__).resolve().parents[2]
+CRDS = ROOT / "crds"
+
+
+def crd(name):
+    return yaml.safe_load((CRDS / f"latencytrace.io_{name}.yaml").read_text())
+
+
+def schema(name):
+    return crd(name)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+
+
+def test_segment_enums_equal_the_segment_table():
+    trace = schema("latencytraces")["properties"]["spec"]["properties"]
+    assert tuple(trace["segments"]["items"]["enum"]) == segments.NAMES
+    node = schema("latencytracenodes")["properties"]["spec"]["properties"]["traces"]["items"]["properties"]
+    assert tuple(node["segments"]["items"]["enum"]) == segments.NAMES
+
+
+def _model_of(annotation):
+    for arg in getattr(annotation, "__args__", ()) or (annotation,):
+        if isinstance(arg, type) and issubclass(arg, BaseModel):
+            return arg
+        inner = _model_of(arg) if getattr(arg, "__args__", None) else None
+        if inner:
+            return inner
+    return None
+
+
+def mismatches(model: type[BaseModel], sch: dict, path: str) -> list[str]:
+    """Fields of `model` and properties of `sch` that do not correspond, recursively."""
+    fields = {f.alias or name: f for name, f in model.model_fields.items()}
+    props = sch.get("properties", {})
+    out = [f"{path}.{k}: in {model.__name__}, not in the CRD" for k in fields.keys() - props.keys()]
+    out += [f"{path}.{k}: in the CRD, not in {model.__name__}" for k in props.keys() - fields.keys()]
+    for key in fields.keys() & props.keys():
+        sub = _model_of(fields[key].annotation)
+        if sub is not None:
+            prop = props[key]
+            out += mismatches(sub, prop["items"] if prop.get("type") == "array" else prop, f"{path}.{key}")
+    return out
+
+
+@pytest.mark.parametrize("model, part", [(contract.NodeSpec, "spec"), (contract.NodeStatus, "status")])
+def test_node_schema_matches_the_contract(model, part):
+    assert mismatches(model, schema("latencytracenodes")["properties"][part], part) == []
+
+
+def test_names_match_the_contract():
+    for plural, kind in ((contract.TRACE_PLURAL, contract.TRACE_KIND), (contract.NODE_PLURAL, contract.NODE_KIND)):
+        doc = crd(plural)
+        assert doc["spec"]["group"] == contract.GROUP and doc["spec"]["names"]["kind"] == kind
+        assert [v["name"] for v in doc["spec"]["versions"]] == [contract.VERSION]
+        assert doc["spec"]["versions"][0]["subresources"] == {"status": {}}
+
+
+def test_chart_uses_the_repository_crds():
+    chart_crds = ROOT / "charts" / "latencytrace" / "crds"
+    assert chart_crds.resolve() == CRDS.resolve()

@@ -1,0 +1,54 @@
+"""Pods to nodes: the query pushed to the API server and what is filtered here."""
+
+from latencytrace.operator import selection, spec as specs
+
+
+def pod(name, node="n1", ns="app", labels=None, ips=("10.0.0.1",), phase="Running", host_network=False, uid=None):
+    return {"metadata": {"name": name, "namespace": ns, "uid": uid or f"uid-{ns}-{name}", "labels": labels or {}},
+            "spec": {"nodeName": node, "hostNetwork": host_network},
+            "status": {"phase": phase, "podIPs": [{"ip": i} for i in ips], "podIP": ips[0] if ips else None}}
+
+
+def parse(raw):
+    return specs.parse(raw, 1e9)
+
+
+def test_selector_string_covers_every_operator():
+    sel = parse({"podSelector": {"matchLabels": {"b": "2", "a": "1"}, "matchExpressions": [
+        {"key": "t", "operator": "In", "values": ["y", "x"]}, {"key": "u", "operator": "NotIn", "values": ["z"]},
+        {"key": "v", "operator": "Exists"}, {"key": "w", "operator": "DoesNotExist"}]}}).pod_selector
+    assert selection.selector_string(sel) == "a=1,b=2,t in (x,y),u notin (z),v,!w"
+    assert selection.selector_string(None) == ""
+
+
+def test_queries_are_as_narrow_as_the_spec_allows():
+    q = selection.pod_query(parse({"podSelector": {"matchLabels": {"app": "web"}}}), "app")
+    assert q == selection.PodQuery("app", "app=web", selection.ACTIVE_PODS)
+    q = selection.pod_query(parse({"podNames": ["one"]}), "app")
+    assert q.namespace == "app" and q.field_selector.endswith(",metadata.name=one")
+    q = selection.pod_query(parse({"podNames": ["one", "two"]}), "app")
+    assert "metadata.name" not in q.field_selector
+    q = selection.pod_query(parse({"namespaceSelector": {"matchLabels": {"team": "a"}}}), "app")
+    assert q.namespace is None and q.label_selector == ""
+    assert selection.namespace_query(parse({"namespaceSelector": {}})) == ""
+    assert selection.namespace_query(parse({"podNames": ["x"]})) is None
+
+
+def test_untraceable_pods_are_left_out():
+    assert selection.placed_pod(pod("a", node=None)) is None
+    assert selection.placed_pod(pod("a", host_network=True)) is None
+    assert selection.placed_pod(pod("a", phase="Succeeded")) is None
+    node, ref = selection.placed_pod(pod("a", ips=("10.0.0.1", "fd00::1")))
+    assert node == "n1" and ref.ips == ["10.0.0.1", "fd00::1"]
+    _, ref = selection.placed_pod(pod("b", ips=()))
+    assert ref.ips == []  # found by cgroup on the node, not by IP
+
+
+def test_pods_grouped_by_node_and_filtered():
+    pods = [pod("b", node="n2"), pod("a", node="n2"), pod("c", node="n1"), pod("x", ns="other")]
+    by_node = selection.pods_by_node(pods, parse({"podSelector": {}}), "app", None)
+    assert {n: [r.name for r in refs] for n, refs in by_node.items()} == {"n2": ["a", "b"], "n1": ["c"]}
+    by_node = selection.pods_by_node(pods, parse({"podNames": ["a", "c", "x"]}), "app", None)
+    assert sorted(r.name for refs in by_node.values() for r in refs) == ["a", "c"]
+    by_node = selection.pods_by_node(pods, parse({"namespaceSelector": {}}), "app", {"other"})
+    assert [r.name for refs in by_node.values() for r in refs] == ["x"]

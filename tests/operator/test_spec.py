@@ -1,0 +1,67 @@
+"""The spec checks beyond the schema, the duration parser and the deadline."""
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from latencytrace.operator import spec as specs
+
+WEEK = 7 * 24 * 3600.0
+
+
+def test_defaults_fill_what_the_user_left_out():
+    s = specs.parse({"podSelector": {"matchLabels": {"app": "web"}}}, WEEK)
+    assert s.directions == ("receive", "transmit")
+    assert s.slow_threshold_microseconds == 1000 and s.spans_per_second == 10 and s.sample_one_in == 0
+    settings = s.settings()
+    assert settings.segments == [] and settings.directions == ["receive", "transmit"]
+
+
+def test_segments_come_out_in_table_order():
+    s = specs.parse({"podNames": ["a"], "segments": ["tx_total", "rx_irq", "rx_total"]}, WEEK)
+    assert s.settings().segments == ["rx_irq", "rx_total", "tx_total"]
+
+
+@pytest.mark.parametrize("raw, fragment", [
+    ({}, "exactly one way"),
+    ({"podNames": ["a"], "podSelector": {}}, "exactly one way"),
+    ({"podSelector": {"matchLabels": {"-bad": "x"}}}, "not a valid label key"),
+    ({"podSelector": {"matchLabels": {"app": "x" * 64}}}, "not a valid label value"),
+    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "In"}]}}, "In needs at least one value"),
+    ({"podSelector": {"matchExpressions": [{"key": "a", "operator": "Exists", "values": ["x"]}]}}, "takes no values"),
+    ({"podNames": ["a"], "directions": ["receive"], "segments": ["tx_total"]}, "tx_total is a transmit segment"),
+    ({"podNames": ["a"], "segments": ["nope"]}, "unknown segment 'nope'"),
+    ({"podNames": ["a"], "duration": "8d"}, "is not a duration"),
+    ({"podNames": ["a"], "duration": "169h"}, "longer than this cluster allows"),
+    ({"podNames": ["a"], "slowThresholdMicroseconds": 0}, "spec.slowThresholdMicroseconds"),
+])
+def test_invalid_specs_name_the_field(raw, fragment):
+    with pytest.raises(specs.SpecError) as e:
+        specs.parse(raw, WEEK)
+    assert fragment in str(e.value)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(specs.SpecError) as e:
+        specs.parse({"podSelector": {"matchLabels": {"-bad": "x"}}, "podNames": ["a"], "duration": "1y"}, WEEK)
+    assert str(e.value).count(";") >= 2
+
+
+@pytest.mark.parametrize("text, seconds", [("90s", 90), ("15m", 900), ("1h30m", 5400), ("1.5h", 5400),
+                                           ("500ms", 0.5), ("2h0m10s", 7210)])
+def test_parse_duration(text, seconds):
+    assert specs.parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "10", "h", "10x", "1h 2m", "-5s"])
+def test_parse_duration_rejects(text):
+    with pytest.raises(specs.SpecError):
+        specs.parse_duration(text)
+
+
+def test_deadline_counts_from_start():
+    s = specs.parse({"podNames": ["a"], "duration": "10m"}, WEEK)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    assert specs.deadline(s, start) == start + timedelta(minutes=10)
+    assert specs.deadline(s, None) is None
+    assert specs.deadline(specs.parse({"podNames": ["a"]}, WEEK), start) is None
