@@ -23,8 +23,6 @@ from .conftest import BIN, kget
 
 pytest_plugins = ["tests.cluster.fixtures"]
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the agents load BPF programs: run as root")
-
 
 class World:
     def __init__(self, cp, tmp: Path, namespace: str, nodes: list[str], lab: NetLab):
@@ -100,7 +98,7 @@ def world(control_plane, crds, tmp_path_factory):
     ns = f"e2e-{os.getpid()}"
     cp.kubectl("create", "namespace", ns)
     nodes = cp.create_fake_nodes([f"e2e-{os.getpid()}-{i}" for i in range(3)])
-    lab = NetLab(subnet="10.231.64.0/24")
+    lab = NetLab()
     w = World(cp, tmp_path_factory.mktemp("e2e"), ns, nodes, lab)
     try:
         w.add_pod("web-a", nodes[0], {"app": "web"})
