@@ -1,0 +1,67 @@
+"""Attribute keys of everything latencytrace exports, and the attributes that identify a target.
+
+Keys come from the semantic-conventions package where OpenTelemetry defines one (k8s.*, network.*,
+source.*, destination.*, error.*); the rest carry our own `latencytrace.` prefix, as the conventions ask
+of names they do not define, so that a future convention cannot clash with them.
+"""
+
+from __future__ import annotations
+
+from opentelemetry.semconv._incubating.attributes import (
+    destination_attributes,
+    k8s_attributes,
+    network_attributes as network_incubating,
+    source_attributes,
+)
+from opentelemetry.semconv.attributes import error_attributes, network_attributes, server_attributes
+
+from ..targets import Target
+
+K8S_POD_NAME = k8s_attributes.K8S_POD_NAME
+K8S_POD_UID = k8s_attributes.K8S_POD_UID
+K8S_NAMESPACE_NAME = k8s_attributes.K8S_NAMESPACE_NAME
+K8S_NODE_NAME = k8s_attributes.K8S_NODE_NAME
+NETWORK_IO_DIRECTION = network_incubating.NETWORK_IO_DIRECTION
+NETWORK_INTERFACE_NAME = network_incubating.NETWORK_INTERFACE_NAME
+NETWORK_TRANSPORT = network_attributes.NETWORK_TRANSPORT
+NETWORK_TYPE = network_attributes.NETWORK_TYPE
+SOURCE_ADDRESS = source_attributes.SOURCE_ADDRESS
+SOURCE_PORT = source_attributes.SOURCE_PORT
+DESTINATION_ADDRESS = destination_attributes.DESTINATION_ADDRESS
+DESTINATION_PORT = destination_attributes.DESTINATION_PORT
+ERROR_TYPE = error_attributes.ERROR_TYPE
+SERVER_ADDRESS = server_attributes.SERVER_ADDRESS
+SERVER_PORT = server_attributes.SERVER_PORT
+
+SEGMENT = "latencytrace.segment"
+TRACE = "latencytrace.trace"  # "namespace/name" of the LatencyTrace(s) that selected the pod
+TARGET = "latencytrace.target"  # label of a standalone target (no pod)
+NETNS_INODE = "latencytrace.netns.inode"
+PROBE = "latencytrace.probe"
+METRIC = "latencytrace.metric"
+EVENT_KIND = "latencytrace.event.kind"
+PACKET_LENGTH = "latencytrace.packet.length"
+CPU_FIRST = "latencytrace.cpu.first"
+CPU_LAST = "latencytrace.cpu.last"
+COUNTER = "latencytrace.counter"
+# The attribute set the SDKs give to measurements beyond a cardinality limit (metrics SDK spec).
+OVERFLOW = {"otel.metric.overflow": True}
+
+
+def target_attributes(target: Target, node_name: str | None) -> dict[str, str | int]:
+    """What identifies a target on every metric point: the pod, or for a standalone target its label and
+    namespace inode (a pod's inode is left out: it changes when the sandbox restarts, the pod does not)."""
+    attrs: dict[str, str | int] = {}
+    if target.pod is not None:
+        attrs[K8S_POD_NAME] = target.pod.name
+        attrs[K8S_POD_UID] = target.pod.uid
+        attrs[K8S_NAMESPACE_NAME] = target.pod.namespace
+    else:
+        attrs[TARGET] = target.label
+        attrs[NETNS_INODE] = target.ns.inode
+    if node_name:
+        attrs[K8S_NODE_NAME] = node_name
+    if target.traces:
+        # One value for all the traces that selected the pod, so that its packets are counted once.
+        attrs[TRACE] = ",".join(sorted(target.traces))
+    return attrs

@@ -1,0 +1,91 @@
+"""The export queue: bounded, never blocking the producer, newest cumulative totals first."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
+from opentelemetry.sdk.trace.export import SpanExportResult
+
+from latencytrace.node_agent.export.otlp import Exporters
+from latencytrace.node_agent.export.worker import Batch, ExportWorker
+
+
+class GatedExporter:
+    """Records what it is asked to export; blocks until the gate opens; fails while `failing`."""
+
+    def __init__(self, log: list, gate: threading.Event):
+        self.log, self.gate, self.failing = log, gate, False
+
+    def export(self, data, *_, **__):
+        self.gate.wait(10)
+        self.log.append(data)
+        if isinstance(data, MetricsData):
+            return MetricExportResult.FAILURE if self.failing else MetricExportResult.SUCCESS
+        return SpanExportResult.FAILURE if self.failing else SpanExportResult.SUCCESS
+
+    def shutdown(self, *_, **__):
+        self.gate.set()
+
+
+def batch(n: int) -> Batch:
+    return Batch(spans=[f"S{n}"], metrics=MetricsData(resource_metrics=[f"M{n}"]))
+
+
+def names(log: list) -> list[str]:
+    return [x.resource_metrics[0] if isinstance(x, MetricsData) else x[0] for x in log]
+
+
+def worker(max_batches: int = 2):
+    log, gate = [], threading.Event()
+    exporter = GatedExporter(log, gate)
+    return ExportWorker(Exporters("test", exporter, exporter), max_batches), exporter, log, gate
+
+
+def wait(cond, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_backlog_is_bounded_and_the_newest_totals_go_out_next():
+    w, _, log, gate = worker(max_batches=2)
+    w.submit(batch(1))
+    wait(lambda: w.pending() == 1 and not w._queue)  # batch 1 is in flight, held at the gate
+    started = time.monotonic()
+    for n in (2, 3, 4):
+        w.submit(batch(n))
+    assert time.monotonic() - started < 0.1, "submit() waited for the exporter"
+    assert w.pending() == 3  # one in flight, two queued
+    gate.set()
+    w.close(timeout_s=5)
+    # Batch 2's spans were pushed out by the bound; metrics 2 and 3 were replaced by 4's totals, which
+    # went out with the next batch rather than after the backlog.
+    assert names(log) == ["S1", "M1", "S3", "M4", "S4"]
+    assert (w.dropped_queue_full, w.superseded, w.exported) == (1, 2, 3)
+
+
+def test_failures_are_reported_and_export_resumes_by_itself():
+    w, exporter, log, gate = worker()
+    gate.set()
+    exporter.failing = True
+    w.submit(batch(1))
+    wait(lambda: not w.healthy)
+    assert w.failed == 1 and w.last_error
+    exporter.failing = False
+    w.submit(batch(2))
+    wait(lambda: w.healthy)
+    w.close(timeout_s=5)
+    assert names(log)[-2:] == ["S2", "M2"]
+
+
+def test_close_flushes_what_is_queued_and_gives_up_at_its_deadline():
+    w, _, log, gate = worker(max_batches=8)
+    for n in range(3):
+        w.submit(Batch(spans=[f"S{n}"]))
+    started = time.monotonic()
+    w.close(timeout_s=0.3)  # the gate never opens by itself: the exporter hangs
+    assert time.monotonic() - started < 3
+    assert w.dropped_at_shutdown == 2  # one was in flight (released by shutdown), two never left
