@@ -28,6 +28,8 @@ def udp_recv(a) -> dict:
         while got < a.count:
             s.recv(65535)
             got += 1
+            if a.pause_every and got % a.pause_every == 0:
+                time.sleep(a.pause_ms / 1000)  # a reader that falls behind: packets wait in the socket
     except socket.timeout:
         pass
     return {"received": got}
@@ -100,6 +102,8 @@ def main(argv=None) -> int:
         sp.add_argument("--bind", default="0.0.0.0")
         sp.add_argument("--to", default="")
         sp.add_argument("--echo", action="store_true")
+        sp.add_argument("--pause-every", type=int, default=0, help="udp-recv: pause after every N datagrams")
+        sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
     a = p.parse_args(argv)
     print(json.dumps(a.fn(a)), flush=True)
     return 0

@@ -2,7 +2,8 @@
 
   build            build every pinned tool that is missing (tests/cluster/build.sh)
   up [--nodes N]   start a detached control plane (controllers + kwok) with N fake
-                   nodes; prints the `export KUBECONFIG=...` line to use it
+                   nodes, Jaeger, and latencytrace installed from its chart (operator
+                   and one agent per node running here); prints `export KUBECONFIG=...`
   down             stop it and remove its state dir
   status           show whether it runs, and its nodes
 
@@ -15,10 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
-from . import versions
+from . import install, versions
+from .jaeger import Jaeger
 from .controlplane import ControlPlane, load_state, process_matches, run_tool, stop_from_state
 
 
@@ -26,9 +29,24 @@ def state_dir() -> Path:
     return Path(os.environ.get("LATENCYTRACE_STATE", "/var/run/latencytrace-cluster"))
 
 
-def post_start(cp: ControlPlane) -> None:
-    """Hook run by `up` once the control plane and its nodes are ready: the place
-    to install the operator, CRDs and node agents. Deliberately empty for now."""
+# The local cluster's chart values: quick intervals for a demo; spans to Jaeger, metrics to the
+# Prometheus endpoint of the same collector, which takes explicit-bucket histograms only.
+LOCAL_VALUES = {
+    "operator": {"statusIntervalSeconds": 2},
+    "agent": {"intervalSeconds": 2, "statusSeconds": 10, "statusMinGapSeconds": 1, "retrySeconds": 2,
+              "extraEnv": [{"name": "LATENCYTRACE_EXPORT_HISTOGRAM", "value": "explicit"}]},
+    "otlp": {"insecure": True},
+}
+
+
+def post_start(cp: ControlPlane, nodes: list[str]) -> None:
+    """Run by `up` once the control plane and its nodes are ready: Jaeger as the OpenTelemetry backend,
+    then latencytrace installed from its chart, its operator and agents running on this machine."""
+    jaeger = Jaeger(cp.workdir / "jaeger", detach=True, prometheus=True).start()
+    install.record(cp, [jaeger.proc], jaeger={"ports": jaeger.ports, "query_url": jaeger.query_url,
+                                              "metrics_url": jaeger.metrics_url})
+    values = {**LOCAL_VALUES, "otlp": {**LOCAL_VALUES["otlp"], "endpoint": f"http://{jaeger.otlp_grpc_endpoint}"}}
+    install.record(cp, install.install(cp, nodes, values))
 
 
 def cmd_build(_: argparse.Namespace) -> int:
@@ -46,21 +64,26 @@ def cmd_up(args: argparse.Namespace) -> int:
     cp = ControlPlane(workdir, with_controllers=True, with_kwok=True, detach=True)
     cp.start()
     try:
-        cp.create_fake_nodes(args.nodes)
-        post_start(cp)
+        nodes = cp.create_fake_nodes(args.nodes)
+        post_start(cp, nodes)
     except BaseException:
+        stop_from_state(workdir)  # what post_start recorded (Jaeger, operator, agents)
         cp.stop()
         raise
-    print(f"control plane up at {cp.api_url} with {args.nodes} fake nodes "
-          f"(logs: {workdir / 'logs'}); stop with: python -m tests.cluster down",
-          file=sys.stderr)
+    print(f"control plane up at {cp.api_url} with {args.nodes} fake nodes and latencytrace installed "
+          f"(logs: {workdir / 'logs'}); stop with: .ci/cluster down", file=sys.stderr)
     print(f"export KUBECONFIG={cp.kubeconfig}")
     return 0
 
 
 def cmd_down(_: argparse.Namespace) -> int:
     workdir = state_dir()
+    state = load_state(workdir) or {}
     stopped = stop_from_state(workdir)
+    for name in state.get("netns", []):  # pod namespaces a demo left for you to explore
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+    for link in state.get("links", []):
+        subprocess.run(["ip", "link", "del", link], capture_output=True)
     shutil.rmtree(workdir, ignore_errors=True)
     print(f"stopped {stopped} processes; removed {workdir}")
     return 0

@@ -31,9 +31,12 @@ from .procs import Proc, free_port, http_get, wait_until
 
 class Jaeger:
     def __init__(self, workdir: str | os.PathLike[str], *, max_traces: int = 100_000,
-                 startup_timeout: float = 60.0, detach: bool = False) -> None:
+                 startup_timeout: float = 60.0, detach: bool = False, prometheus: bool = False) -> None:
+        """`prometheus`: also take OTLP metrics and serve them in Prometheus format (metrics_url), as
+        a collector in front of Prometheus would. Its exporter knows explicit-bucket histograms only."""
         self.workdir = Path(workdir).resolve()
         self.max_traces = max_traces
+        self.prometheus = prometheus
         self.startup_timeout = startup_timeout
         self.detach = detach
         self.ports: dict[str, int] = {}
@@ -54,7 +57,20 @@ class Jaeger:
         """Base URL of the HTTP query API (/api/services, /api/traces/<id>) and UI."""
         return f"http://127.0.0.1:{self.ports['query_http']}"
 
+    @property
+    def metrics_url(self) -> str:
+        """Prometheus scrape endpoint of the metrics it received (with prometheus=True)."""
+        return f"http://127.0.0.1:{self.ports['prometheus']}/metrics"
+
     def config(self) -> dict[str, Any]:
+        config = self._traces_config()
+        if self.prometheus:
+            config["service"]["pipelines"]["metrics"] = {"receivers": ["otlp"], "exporters": ["prometheus"]}
+            config["exporters"]["prometheus"] = {"endpoint": f"127.0.0.1:{self.ports['prometheus']}",
+                                                "metric_expiration": "30m"}
+        return config
+
+    def _traces_config(self) -> dict[str, Any]:
         return {
             "service": {
                 "extensions": ["jaeger_storage", "jaeger_query"],
@@ -95,7 +111,7 @@ class Jaeger:
             return self
         binary = versions.ensure_tools("jaeger")["jaeger"]
         self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc"):
+        for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc") + (("prometheus",) if self.prometheus else ()):
             self.ports[name] = free_port()
         config = self.workdir / "jaeger.yaml"
         config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
