@@ -393,7 +393,8 @@ def process_matches(pid: int, exe: str) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except OSError:
         return False
-    return bool(cmdline) and cmdline[0].decode(errors="replace") == exe
+    # A console script runs as `python <script>`: its path is the second word.
+    return exe in (w.decode(errors="replace") for w in cmdline[:2])
 
 
 def stop_from_state(workdir: str | os.PathLike[str]) -> int:
