@@ -175,10 +175,8 @@ def trace(args) -> int:
 
 def _otlp_sink(args):
     """The OTLP exporter sink, if an endpoint is configured (flag or OTEL_EXPORTER_OTLP_ENDPOINT)."""
-    try:
-        from .export import sink_from_cli
-    except ImportError:
-        return None
+    from .export import sink_from_cli
+
     return sink_from_cli(args)
 
 
@@ -195,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        from .export.config import ExportConfigError
         from .tracer import TracerError
 
         if args.command == "trace":
             return trace(args)
         return run(args)
-    except (UsageError, TargetError, BTFError, HeadersError, TracerError) as e:
+    except (UsageError, TargetError, BTFError, HeadersError, TracerError, ExportConfigError) as e:
         print(f"latencytrace-agent: {e}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # output piped into `head` and the like

@@ -9,7 +9,6 @@ Both return an `OtlpSink`, a Sink for `Agent(sinks=[...])`; `Agent.close()` flus
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Iterable, Mapping
 from typing import Literal
 
@@ -62,13 +61,9 @@ def sink_from_settings(
 
 def sink_from_cli(args) -> OtlpSink | None:
     """The standalone command's sink, from --otlp-endpoint/--otlp-protocol and the environment; None when
-    no endpoint is configured. A bad setting ends the command with one line and status 2."""
-    try:
-        settings = config.load(endpoint=getattr(args, "otlp_endpoint", None),
-                               protocol=getattr(args, "otlp_protocol", None))
-        if otlp.default_destination(settings) is None:
-            return None
-        return OtlpSink(settings)
-    except ExportConfigError as e:
-        print(f"latencytrace-agent: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    no endpoint is configured. A bad setting raises ExportConfigError (the command reports it in one line)."""
+    settings = config.load(endpoint=getattr(args, "otlp_endpoint", None),
+                           protocol=getattr(args, "otlp_protocol", None))
+    if otlp.default_destination(settings) is None:
+        return None
+    return OtlpSink(settings)

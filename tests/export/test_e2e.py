@@ -90,7 +90,6 @@ def last_points(receiver: Receiver, metric: str, **match) -> dict[str, object]:
 def check_trace_times(spans_by_id: dict, root) -> None:
     """Children lie inside the root and start and end exactly at the root's boundary events."""
     boundary = {e.name: e.time_unix_nano for e in root.events}
-    direction = segments.Direction.RX if root.name == "receive packet" else segments.Direction.TX
     children = [s for s in spans_by_id.values() if s.parent_span_id == root.span_id]
     assert children, "a packet trace without segment spans"
     for c in children:
