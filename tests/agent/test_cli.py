@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import signal
@@ -78,6 +79,14 @@ def test_errors_are_one_clear_line(args, message):
     assert out.returncode == 2
     assert out.stderr.count("\n") == 1 and message in out.stderr, out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_bad_export_setting_is_one_clear_line():
+    env = {**os.environ, "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:4317", "OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"}
+    out = subprocess.run([AGENT, "trace", "--netns", "/proc/self/ns/net", "--duration", "1"],
+                         capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2 and "OTEL_EXPORTER_OTLP_PROTOCOL" in out.stderr, out.stderr
+    assert out.stderr.count("\n") == 1
 
 
 def test_not_root_is_one_clear_line():
