@@ -83,7 +83,7 @@ class Tracer:
         from bcc import BPF  # imported late: only the tracer needs the system's BCC
 
         try:
-            self.bpf = BPF(text=src, cflags=cflags)
+            self.bpf = BPF(text=src.encode(), cflags=cflags)
         except Exception as e:
             raise TracerError(f"BPF program failed to compile: {e} (run with --dump-bpf to see the source)") from e
         self._prog_info = bpfsys.ProgInfoReader(self.btf)
@@ -127,7 +127,7 @@ class Tracer:
 
     # -- maps ----------------------------------------------------------------------------------
     def table(self, name: str):
-        return self.bpf[name]
+        return self.bpf[name.encode()]
 
     def set_target(self, slot: int, netns_inode: int, ips: list[str], settings: TargetSettings) -> None:
         t = self.table("lt_targets")

@@ -39,12 +39,12 @@ def test_netns_inode_read_in_bpf_equals_stat(st, lab):
         st.detach_raw_tracepoint(tp=b"netif_receive_skb")
         st.detach_raw_tracepoint(tp=b"sk_data_ready")
         st.detach_tracepoint(tp=b"syscalls:sys_enter_sendto")
-    dev = {k.value: v.value for k, v in st["st_dev_netns"].items()}
-    sk = {k.value: v.value for k, v in st["st_sk_netns"].items()}
+    dev = {k.value: v.value for k, v in st[b"st_dev_netns"].items()}
+    sk = {k.value: v.value for k, v in st[b"st_sk_netns"].items()}
     assert dev.get(os.stat(a.path).st_ino, 0) >= 20, dev  # the datagrams arriving on a's eth0
     assert sk.get(os.stat(a.path).st_ino, 0) >= 20, sk    # the receiving socket in a
     # `ip netns exec` execs the sender in place: the PID is the sender's, inside b.
-    tasks = {k.value: v.value for k, v in st["st_task_netns"].items()}
+    tasks = {k.value: v.value for k, v in st[b"st_task_netns"].items()}
     assert tasks.get(sender_pid) == os.stat(b.path).st_ino, (sender_pid, tasks)
     assert os.stat(a.path).st_ino != os.stat("/proc/self/ns/net").st_ino
 
@@ -61,7 +61,7 @@ def test_kernel_bucket_equals_python_bucket(st):
         if ns <= 0:
             continue
         selftest.test_run_raw_tp(st, "st_bucket", [ns])
-        got = st["st_bucket_out"][0].value + histogram.INDEX_MIN
+        got = st[b"st_bucket_out"][0].value + histogram.INDEX_MIN
         assert got == histogram.bucket_index(ns), ns
 
 
