@@ -18,7 +18,7 @@ RUN apt-get update \
 COPY --from=uv /uv /usr/local/bin/uv
 WORKDIR /app
 # Dependencies first (cached while only the code changes), then the project itself.
-COPY pyproject.toml uv.lock ./
+COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project --python /usr/bin/python3
 COPY bpf/ bpf/
 COPY crds/ crds/
@@ -36,7 +36,7 @@ ENTRYPOINT ["latencytrace-operator"]
 
 # The node agent: BCC from Debian (python3-bpfcc, linked into the venv), a kernel header tree for BCC to
 # compile against (offsets come from BTF, so any tree works: kernel/headers.py links it into
-# /lib/modules/$(uname -r) at start), bpftool for debugging, iproute2 for `ip netns`.
+# /lib/modules/$(uname -r) at start), bpftool (the agent reads the kernel's BTF through it), iproute2.
 FROM base AS agent
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-bpfcc bpftool linux-headers-amd64 iproute2 \
