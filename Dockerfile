@@ -36,7 +36,7 @@ ENTRYPOINT ["latencytrace-operator"]
 
 # The node agent: BCC from Debian (python3-bpfcc, linked into the venv), a kernel header tree for BCC to
 # compile against (offsets come from BTF, so any tree works: kernel/headers.py links it into
-# /lib/modules/$(uname -r) at start), bpftool (the agent reads the kernel's BTF through it), iproute2.
+# /lib/modules/$(uname -r) at start), bpftool for debugging, iproute2 for `ip netns`.
 FROM base AS agent
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3-bpfcc bpftool linux-headers-amd64 iproute2 \

@@ -4,21 +4,29 @@ The probes read kernel structs (skb->dev, dev->nd_net, ...) with bpf_probe_read_
 come from here, passed to the compiler as -D macros. Kernel header layouts are never trusted: the headers
 BCC compiles against may be of another kernel.
 
-We read BTF through `bpftool btf dump -j` rather than parsing the binary format ourselves: bpftool is
-the kernel's own, maintained decoder and ships beside BCC on every distribution.
+Why a reader of our own rather than `bpftool btf dump -j` (which we used first): decoding all of
+vmlinux's ~130k types into Python objects costs ~130 MB of memory, most of the agent's budget, to answer
+a few dozen questions. The BTF format is a stable kernel ABI (Documentation/bpf/btf.rst); this reader
+indexes where each type record starts and decodes only the records it is asked about (~10 MB).
 """
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
+import struct
+from array import array
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 
 VMLINUX = Path("/sys/kernel/btf/vmlinux")
-_QUALIFIERS = {"TYPEDEF", "CONST", "VOLATILE", "RESTRICT", "TYPE_TAG"}
+
+MAGIC = 0xEB9F
+# Kinds (include/uapi/linux/btf.h)
+INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
+FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
+KIND_NAMES = {STRUCT: "STRUCT", UNION: "UNION", ENUM: "ENUM", ENUM64: "ENUM64", TYPEDEF: "TYPEDEF"}
+_QUALIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
+_INDEXED = {STRUCT, UNION, ENUM, ENUM64, TYPEDEF}  # kinds looked up by name
 
 
 class BTFError(RuntimeError):
@@ -31,14 +39,41 @@ class Member:
     type_id: int
 
 
+def _tail_size(kind: int, vlen: int) -> int:
+    """Bytes that follow the 12-byte common header of a type record."""
+    if kind in (INT, VAR, DECL_TAG):
+        return 4
+    if kind == ARRAY:
+        return 12
+    if kind in (STRUCT, UNION, DATASEC, ENUM64):
+        return 12 * vlen
+    if kind in (ENUM, FUNC_PROTO):
+        return 8 * vlen
+    return 0
+
+
 class KernelBTF:
-    def __init__(self, types: list[dict]):
-        self._by_id: dict[int, dict] = {t["id"]: t for t in types}
-        self._by_name: dict[tuple[str, str], dict] = {}
-        for t in types:
-            key = (t["kind"], t.get("name", "(anon)"))
-            # First definition wins; later ones with the same name are duplicates from modules.
-            self._by_name.setdefault(key, t)
+    def __init__(self, data: bytes):
+        if len(data) < 24:
+            raise BTFError("BTF data too short")
+        magic, _version, _flags, hdr_len = struct.unpack_from("<HBBI", data, 0)
+        if magic != MAGIC:
+            raise BTFError("not BTF data (bad magic)")
+        type_off, type_len, str_off, _str_len = struct.unpack_from("<IIII", data, 8)
+        self._data = data
+        self._types = hdr_len + type_off
+        self._strings = hdr_len + str_off
+        self._offsets = array("I", [0])  # type id -> record position; id 0 is void
+        self._by_name: dict[tuple[int, str], int] = {}
+        pos, end = self._types, self._types + type_len
+        while pos < end:
+            name_off, info = struct.unpack_from("<II", data, pos)
+            kind, vlen = (info >> 24) & 0x1F, info & 0xFFFF
+            self._offsets.append(pos)
+            if kind in _INDEXED and name_off:
+                # First definition wins; later ones with the same name come from modules.
+                self._by_name.setdefault((kind, self._str(name_off)), len(self._offsets) - 1)
+            pos += 12 + _tail_size(kind, vlen)
 
     @classmethod
     def load(cls, path: str | Path = VMLINUX) -> KernelBTF:
@@ -46,69 +81,106 @@ class KernelBTF:
         if not path.exists():
             raise BTFError(f"{path} does not exist: this kernel has no BTF (CONFIG_DEBUG_INFO_BTF); latencytrace "
                            "needs it to find kernel struct offsets (give a BTF file for this kernel with --btf)")
-        bpftool = shutil.which("bpftool") or next(
-            (p for p in ("/usr/sbin/bpftool", "/sbin/bpftool") if Path(p).exists()), None)
-        if bpftool is None:
-            raise BTFError("bpftool not found: install it (Debian/Ubuntu: apt install bpftool)")
-        out = subprocess.run([bpftool, "btf", "dump", "file", str(path), "-j"],
-                             capture_output=True, check=False)
-        if out.returncode != 0:
-            raise BTFError(f"bpftool could not read {path}: {out.stderr.decode(errors='replace').strip()}")
-        return cls(json.loads(out.stdout)["types"])
+        try:
+            return cls(path.read_bytes())
+        except OSError as e:
+            raise BTFError(f"cannot read {path}: {e.strerror}") from None
 
-    def _resolve(self, type_id: int) -> dict:
-        t = self._by_id[type_id]
-        while t["kind"] in _QUALIFIERS:
-            t = self._by_id[t["type_id"]]
-        return t
+    # -- records -----------------------------------------------------------------------------------
+    def _str(self, off: int) -> str:
+        start = self._strings + off
+        return self._data[start:self._data.index(b"\0", start)].decode()
 
-    def struct(self, name: str) -> dict:
-        for kind in ("STRUCT", "UNION", "TYPEDEF"):
-            t = self._by_name.get((kind, name))
-            if t is not None:
-                t = self._resolve(t["id"])
-                if t["kind"] in ("STRUCT", "UNION"):
-                    return t
+    def _header(self, type_id: int) -> tuple[int, int, int, int, int]:
+        """(kind, vlen, kind_flag, name_off, size_or_type) of a type."""
+        pos = self._offsets[type_id]
+        name_off, info, size_or_type = struct.unpack_from("<III", self._data, pos)
+        return (info >> 24) & 0x1F, info & 0xFFFF, info >> 31, name_off, size_or_type
+
+    def _kind(self, type_id: int) -> int:
+        return self._header(type_id)[0] if type_id else 0
+
+    def _resolve(self, type_id: int) -> int:
+        """Strip typedefs and qualifiers."""
+        while type_id and self._kind(type_id) in _QUALIFIERS:
+            type_id = self._header(type_id)[4]
+        return type_id
+
+    def _members(self, type_id: int) -> list[tuple[str, int, int]]:
+        """(name, type id, bit offset) of a struct or union's members."""
+        kind, vlen, kflag, _, _ = self._header(type_id)
+        pos = self._offsets[type_id] + 12
+        out = []
+        for i in range(vlen):
+            name_off, mtype, offset = struct.unpack_from("<III", self._data, pos + 12 * i)
+            out.append((self._str(name_off) if name_off else "", mtype, offset & 0xFFFFFF if kflag else offset))
+        return out
+
+    # -- questions ---------------------------------------------------------------------------------
+    def _struct_id(self, name: str) -> int:
+        for kind in (STRUCT, UNION, TYPEDEF):
+            type_id = self._by_name.get((kind, name))
+            if type_id is not None:
+                type_id = self._resolve(type_id)
+                if self._kind(type_id) in (STRUCT, UNION):
+                    return type_id
         raise BTFError(f"struct {name} is not in this kernel's BTF")
 
-    def _find_member(self, t: dict, name: str) -> Member | None:
-        """Find `name` in struct/union `t`, descending into anonymous members as C does."""
-        for m in t.get("members", []):
-            if m["name"] == name:
-                return Member(m["bits_offset"] // 8, m["type_id"])
-        for m in t.get("members", []):
-            if m["name"] == "(anon)":
-                inner = self._resolve(m["type_id"])
-                if inner["kind"] in ("STRUCT", "UNION"):
+    def struct(self, name: str) -> dict:
+        type_id = self._struct_id(name)
+        return {"name": name, "size": self._header(type_id)[4]}
+
+    def _find_member(self, type_id: int, name: str) -> Member | None:
+        """Find `name` in a struct/union, descending into anonymous members as C does."""
+        members = self._members(type_id)
+        for mname, mtype, bits in members:
+            if mname == name:
+                return Member(bits // 8, mtype)
+        for mname, mtype, bits in members:
+            if not mname:
+                inner = self._resolve(mtype)
+                if self._kind(inner) in (STRUCT, UNION):
                     found = self._find_member(inner, name)
                     if found is not None:
-                        return Member(m["bits_offset"] // 8 + found.offset_bytes, found.type_id)
+                        return Member(bits // 8 + found.offset_bytes, found.type_id)
         return None
 
-    def offset(self, struct: str, path: str) -> int:
-        """Byte offset of `path` (dotted, e.g. "ns.inum") inside `struct`, through embedded structs."""
-        t = self.struct(struct)
+    def offset(self, struct_name: str, path: str) -> int:
+        """Byte offset of `path` (dotted, e.g. "ns.inum") inside `struct_name`, through embedded structs."""
+        type_id = self._struct_id(struct_name)
         total = 0
         for part in path.split("."):
-            m = self._find_member(t, part)
+            if self._kind(type_id) not in (STRUCT, UNION):
+                raise BTFError(f"{struct_name}.{path}: {part!r} is not inside a struct")
+            m = self._find_member(type_id, part)
             if m is None:
-                raise BTFError(f"struct {t.get('name', struct)} has no member {part!r} (looking up {struct}.{path})")
+                raise BTFError(f"struct {struct_name} has no member {part!r} (looking up {struct_name}.{path})")
             total += m.offset_bytes
-            t = self._resolve(m.type_id)
+            type_id = self._resolve(m.type_id)
         return total
 
-    def has_member(self, struct: str, path: str) -> bool:
+    def has_member(self, struct_name: str, path: str) -> bool:
         try:
-            self.offset(struct, path)
+            self.offset(struct_name, path)
             return True
         except BTFError:
             return False
 
     def enum(self, name: str) -> dict[int, str]:
-        t = self._by_name.get(("ENUM", name)) or self._by_name.get(("ENUM64", name))
-        if t is None:
+        type_id = self._by_name.get((ENUM, name)) or self._by_name.get((ENUM64, name))
+        if type_id is None:
             raise BTFError(f"enum {name} is not in this kernel's BTF")
-        return {v["val"]: v["name"] for v in t["values"]}
+        kind, vlen, kflag, _, _ = self._header(type_id)
+        pos = self._offsets[type_id] + 12
+        out = {}
+        for i in range(vlen):
+            if kind == ENUM:
+                name_off, val = struct.unpack_from("<Ii" if kflag else "<II", self._data, pos + 8 * i)
+            else:
+                name_off, lo, hi = struct.unpack_from("<III", self._data, pos + 12 * i)
+                val = lo | hi << 32
+            out[val] = self._str(name_off)
+        return out
 
     def tracepoint_args(self, name: str) -> list[str] | None:
         """Parameter type names of raw tracepoint `name` (from its btf_trace_<name> typedef), or None.
@@ -116,25 +188,28 @@ class KernelBTF:
         The first parameter of the prototype is the tracepoint's private data pointer; it is dropped
         so that index i here is ctx->args[i] in a raw tracepoint program.
         """
-        t = self._by_name.get(("TYPEDEF", f"btf_trace_{name}"))
-        if t is None:
+        type_id = self._by_name.get((TYPEDEF, f"btf_trace_{name}"))
+        if type_id is None:
             return None
-        proto = self._by_id[t["type_id"]]
-        if proto["kind"] == "PTR":
-            proto = self._by_id[proto["type_id"]]
-        if proto["kind"] != "FUNC_PROTO":
+        proto = self._header(type_id)[4]
+        if self._kind(proto) == PTR:
+            proto = self._header(proto)[4]
+        if self._kind(proto) != FUNC_PROTO:
             return None
-        return [self._type_name(p["type_id"]) for p in proto["params"][1:]]
+        _, vlen, _, _, _ = self._header(proto)
+        pos = self._offsets[proto] + 12
+        params = [struct.unpack_from("<II", self._data, pos + 8 * i)[1] for i in range(vlen)]
+        return [self._type_name(p) for p in params[1:]]
 
     def _type_name(self, type_id: int) -> str:
-        t = self._by_id.get(type_id)
-        if t is None:
+        if not type_id:
             return "void"
-        if t["kind"] == "PTR":
-            return self._type_name(t["type_id"]) + " *"
-        if t["kind"] in _QUALIFIERS and t.get("name", "(anon)") == "(anon)":
-            return self._type_name(t["type_id"])
-        return t.get("name", "(anon)")
+        kind, _, _, name_off, ref = self._header(type_id)
+        if kind == PTR:
+            return self._type_name(ref) + " *"
+        if kind in _QUALIFIERS and not name_off:
+            return self._type_name(ref)
+        return self._str(name_off) if name_off else "(anon)"
 
     @cached_property
     def drop_reasons(self) -> dict[int, str]:
