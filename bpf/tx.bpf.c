@@ -47,9 +47,14 @@ static __always_inline void lt_tx_arrive(struct lt_cpu_ctx *c, struct lt_flight 
     c->tx_skb = key;
 }
 
-/* Send syscalls of threads inside traced pods (classic tracepoints syscalls:sys_enter_send*). */
-int lt_sys_send(void *ctx)
+/* Send syscalls of threads inside traced pods. raw_syscalls:sys_enter runs for every syscall of the
+ * machine, so the syscall number is the first test (write and writev included: connected UDP sockets
+ * are often written to, and a classic tracepoint per syscall would cost every syscall as much). */
+int lt_sys_enter(struct bpf_raw_tracepoint_args *ctx)
 {
+    long id = (long)ctx->args[1];
+    if (id != LT_NR_SENDTO && id != LT_NR_SENDMSG && id != LT_NR_SENDMMSG && id != LT_NR_WRITE && id != LT_NR_WRITEV)
+        return 0;
     void *task = (void *)bpf_get_current_task();
     void *nsproxy = lt_read_ptr(task, LT_OFF_TASK_NSPROXY);
     u32 inum = lt_net_inum(lt_read_ptr(nsproxy, LT_OFF_NSPROXY_NET));

@@ -6,6 +6,7 @@ BTF before loading: a tracepoint whose arguments changed is treated as missing, 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -15,7 +16,6 @@ class Probe:
     tracepoint: str   # category:name
     source: str       # bpf/<source>.bpf.c
     args: tuple[str, ...] = ()  # leading raw tracepoint argument types the program relies on
-    raw: bool = True  # raw tracepoint (cheaper); False: classic tracepoint (syscalls have no raw ones)
     feeds: tuple[str, ...] = ()  # segments that cannot be measured without it
 
     @property
@@ -27,7 +27,17 @@ class Probe:
         return self.tracepoint.split(":", 1)[1]
 
 
-SOURCES = ("irq", "tx", "rx", "drops")  # concatenation order: later files use earlier helpers
+SOURCES = ("irq", "tx", "rx", "drops")
+
+# Numbers of the send syscalls lt_sys_enter looks for (LT_NR_* macros), per architecture.
+SEND_SYSCALLS = {
+    "x86_64": {"WRITE": 1, "WRITEV": 20, "SENDTO": 44, "SENDMSG": 46, "SENDMMSG": 307},
+    "aarch64": {"WRITE": 64, "WRITEV": 66, "SENDTO": 206, "SENDMSG": 211, "SENDMMSG": 269},
+}
+
+
+def send_syscalls(machine: str | None = None) -> dict[str, int] | None:
+    return SEND_SYSCALLS.get(machine or os.uname().machine)  # concatenation order: later files use earlier helpers
 
 PROBES: tuple[Probe, ...] = (
     Probe("lt_irq_handler_entry", "irq:irq_handler_entry", "irq", ("int",)),
@@ -49,8 +59,6 @@ PROBES: tuple[Probe, ...] = (
     Probe("lt_net_dev_xmit", "net:net_dev_xmit", "tx", ("sk_buff *", "int"), feeds=("tx_driver", "tx_total")),
     Probe("lt_consume_skb", "skb:consume_skb", "tx", ("sk_buff *",)),
     Probe("lt_tcp_sendmsg_locked", "tcp:tcp_sendmsg_locked", "tx", ("sock *",)),
-    Probe("lt_sys_send", "syscalls:sys_enter_sendto", "tx", raw=False),
-    Probe("lt_sys_send", "syscalls:sys_enter_sendmsg", "tx", raw=False),
-    Probe("lt_sys_send", "syscalls:sys_enter_sendmmsg", "tx", raw=False),
+    Probe("lt_sys_enter", "raw_syscalls:sys_enter", "tx", ("pt_regs *", "long int")),
     Probe("lt_kfree_skb", "skb:kfree_skb", "drops", ("sk_buff *",)),
 )

@@ -10,7 +10,7 @@ import importlib.resources
 from dataclasses import dataclass
 
 from . import histogram, lookup, segments
-from .probes import SOURCES
+from .probes import SOURCES, send_syscalls
 
 
 @dataclass(frozen=True)
@@ -61,6 +61,9 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         m[f"LT_T{j}"] = f"{t}ULL"
     if kfree_skb_reason_arg is not None:
         m["LT_KFREE_REASON_ARG"] = kfree_skb_reason_arg
+    # Unknown architecture: -1 matches no syscall, so the send-start probe stays inert.
+    m.update({f"LT_NR_{k}": v for k, v in (send_syscalls() or dict.fromkeys(
+        ("WRITE", "WRITEV", "SENDTO", "SENDMSG", "SENDMMSG"), -1)).items()})
     return m
 
 

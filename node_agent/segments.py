@@ -65,11 +65,10 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
 )
 
 TX_BOUNDARIES: tuple[Boundary, ...] = (
-    Boundary(0, "app_send", Direction.TX,
-             ("syscalls:sys_enter_sendto", "syscalls:sys_enter_sendmsg", "syscalls:sys_enter_sendmmsg",
-              "tcp:tcp_sendmsg_locked"),
-             "Start of the send that produced the skb: the send syscall of the thread, or for TCP "
-             "tcp_sendmsg_locked of the socket. Only the first skb a send produces carries it."),
+    Boundary(0, "app_send", Direction.TX, ("raw_syscalls:sys_enter", "tcp:tcp_sendmsg_locked"),
+             "Start of the send that produced the skb: the thread's send syscall (sendto, sendmsg, sendmmsg, "
+             "write, writev), or for TCP tcp_sendmsg_locked of the socket when no syscall of it was seen. "
+             "Only the first skb a send produces carries it."),
     Boundary(1, "pod_dev_queue", Direction.TX, ("net:net_dev_queue",),
              "net_dev_queue on the pod's own device (inside the pod's network namespace)."),
     Boundary(2, "host_rx", Direction.TX, ("net:netif_receive_skb",),

@@ -70,7 +70,6 @@ class Tracer:
         """Resolve offsets and features for this kernel; return (source, cflags, features)."""
         if self.btf is None:
             self.btf = KernelBTF.load(self.btf_path)
-        kfeatures.ensure_tracefs()
         feats = kfeatures.probe(self.btf, self.probes)
         self.macros = program.macros(offsets.resolve(self.btf), self.sizes, feats.kfree_skb_reason_arg)
         return program.source(), program.cflags(self.macros), feats
@@ -102,10 +101,7 @@ class Tracer:
 
     def _attach(self, p: Probe) -> None:
         try:
-            if p.raw:
-                self.bpf.attach_raw_tracepoint(tp=p.name.encode(), fn_name=p.program.encode())
-            else:
-                self.bpf.attach_tracepoint(tp=p.tracepoint.encode(), fn_name=p.program.encode())
+            self.bpf.attach_raw_tracepoint(tp=p.name.encode(), fn_name=p.program.encode())
             self.status.attached.append(p)
         except Exception as e:  # BCC raises bare Exception for load and attach failures
             self.status.unavailable.append((p, f"attach failed: {e}"))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import sys
 import time
@@ -37,6 +38,8 @@ def udp_recv(a) -> dict:
 
 def udp_send(a) -> dict:
     s = socket.socket(family(a.to), socket.SOCK_DGRAM)
+    if a.write:  # a connected socket written to with write(2), as iperf3 and many clients do
+        s.connect((a.to, a.port))
     payload = b"x" * a.size
     gap = 1.0 / a.rate if a.rate else 0.0
     start = time.monotonic()
@@ -47,7 +50,10 @@ def udp_send(a) -> dict:
             while time.monotonic() < target:
                 pass
         try:
-            s.sendto(payload, (a.to, a.port))
+            if a.write:
+                os.write(s.fileno(), payload)
+            else:
+                s.sendto(payload, (a.to, a.port))
             sent += 1
         except (ConnectionRefusedError, BlockingIOError):
             pass
@@ -102,6 +108,7 @@ def main(argv=None) -> int:
         sp.add_argument("--bind", default="0.0.0.0")
         sp.add_argument("--to", default="")
         sp.add_argument("--echo", action="store_true")
+        sp.add_argument("--write", action="store_true", help="udp-send: connect, then write(2)")
         sp.add_argument("--pause-every", type=int, default=0, help="udp-recv: pause after every N datagrams")
         sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
     a = p.parse_args(argv)

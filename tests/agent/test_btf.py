@@ -59,10 +59,9 @@ def test_offsets_equal_bpftool(bpftool_types):
 def test_tracepoint_prototypes_and_drop_reasons(bpftool_types):
     btf = KernelBTF.load()
     for p in PROBES:
-        if p.raw:
-            proto = bpftool_types["by_id"][bpftool_types["by_name"][("TYPEDEF", f"btf_trace_{p.name}")]["type_id"]]
-            proto = bpftool_types["by_id"][proto["type_id"]]
-            assert len(btf.tracepoint_args(p.name)) == len(proto["params"]) - 1, p.name
+        proto = bpftool_types["by_id"][bpftool_types["by_name"][("TYPEDEF", f"btf_trace_{p.name}")]["type_id"]]
+        proto = bpftool_types["by_id"][proto["type_id"]]
+        assert len(btf.tracepoint_args(p.name)) == len(proto["params"]) - 1, p.name
     enum = bpftool_types["by_name"][("ENUM", "skb_drop_reason")]
     # (bpftool sign-extends 32-bit enum values; the enum is unsigned: compare them as u32)
     assert btf.drop_reasons == {v["val"] & 0xFFFFFFFF: v["name"].removeprefix("SKB_DROP_REASON_") for v in enum["values"]}

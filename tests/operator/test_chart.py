@@ -70,7 +70,7 @@ def test_agent_has_what_it_needs_and_no_more():
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]}
     assert not c["securityContext"]["privileged"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    for path in ("/sys/kernel/btf", "/sys/kernel/tracing", "/run/netns"):
+    for path in ("/sys/kernel/btf", "/run/netns"):
         assert mounts[path]["readOnly"], path
     hostpaths = {v["name"]: v for v in pod["volumes"] if "hostPath" in v}
     assert all(mounts[m]["readOnly"] for m in mounts if any(m == v["hostPath"]["path"] for v in hostpaths.values()))
@@ -84,7 +84,8 @@ def test_privileged_and_otlp_secret_are_opt_in():
     [c] = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
     assert c["securityContext"]["privileged"] and "capabilities" not in c["securityContext"]
     mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert mounts["/lib/modules"]["readOnly"] and mounts["/usr/src"]["readOnly"] and mounts["/sys/kernel/debug"]["readOnly"]
+    assert mounts["/lib/modules"]["readOnly"] and mounts["/usr/src"]["readOnly"]
+    assert "/sys/kernel/debug" not in mounts and "/sys/kernel/tracing" not in mounts  # raw tracepoints need neither
     docs = render("-f", str(CHART / "ci" / "otlp-values.yaml"))
     [c] = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}
