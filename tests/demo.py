@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import subprocess
 import sys
@@ -42,7 +43,7 @@ def say(text: str) -> None:
 
 class Kubectl:
     def __init__(self, state: dict):
-        self.bin, self.env = state["bins"]["kubectl"], {"KUBECONFIG": state["kubeconfig"], "PATH": "/usr/bin:/bin"}
+        self.bin, self.env = state["bins"]["kubectl"], {**os.environ, "KUBECONFIG": state["kubeconfig"]}
 
     def __call__(self, *args: str, input: str | None = None, check: bool = True) -> str:
         out = subprocess.run([self.bin, *args], input=input, capture_output=True, text=True, env=self.env)
