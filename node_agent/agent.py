@@ -8,6 +8,7 @@ to its sinks (table or JSON report, OTLP exporters, node status). Sinks never se
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -104,7 +105,7 @@ class Agent:
             self.states.pop(key, None)
         for key, d in wanted.items():
             try:
-                ns = d.resolve()
+                ns = self._still_there(key) or d.resolve()
             except TargetError as e:
                 self._forget(key)
                 self.states[key] = TargetState(key, "NotFound", str(e))
@@ -122,6 +123,16 @@ class Agent:
             except TargetError as e:
                 self.states[key] = TargetState(key, "Failed", str(e))
         return dict(self.states)
+
+    def _still_there(self, key: str) -> Namespace | None:
+        """The namespace of a target already traced, if it still exists (saves finding it again)."""
+        st = self.states.get(key)
+        if st is None or st.target is None:
+            return None
+        try:
+            return st.target.ns if os.stat(st.target.ns.path).st_ino == st.target.ns.inode else None
+        except OSError:
+            return None
 
     def _forget(self, key: str) -> None:
         inode = self._keys.pop(key, None)

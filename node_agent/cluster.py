@@ -8,7 +8,7 @@ patches the object's status (per-pod states, probes, export health, a Ready cond
 a bounded rate. Probes are loaded when the node first has something to trace and unloaded after it has
 had nothing for a while. API errors are retried with backoff and logged once; SIGTERM detaches.
 
-A pod is mapped to its network namespace on the host (targets.from_pod): by its UID in the cgroup
+A pod is mapped to its network namespace on the host (targets.PodLocator): by its UID in the cgroup
 paths of its processes (/proc/*/cgroup, needs the host PID namespace), else by the namespace that holds
 one of its pod IPs (every namespace reachable from /proc/*/ns/net and /run/netns).
 """
@@ -80,7 +80,7 @@ def pod_key(uid: str) -> str:
     return f"pod:{uid}"
 
 
-def desired_targets(spec: NodeSpec) -> list[Desired]:
+def desired_targets(spec: NodeSpec, locator: targets.PodLocator) -> list[Desired]:
     """The targets a node spec asks for: one per pod, whichever traces select it."""
     by_pod: dict[str, tuple] = {}
     for t in spec.traces:
@@ -89,7 +89,7 @@ def desired_targets(spec: NodeSpec) -> list[Desired]:
             traces.append(t)
             by_pod[p.uid] = (ref, traces)
     return [Desired(key=pod_key(uid), label=f"{ref.namespace}/{ref.name}",
-                    resolve=functools.partial(targets.from_pod, ref), settings=merge_settings(traces), pod=ref,
+                    resolve=functools.partial(locator.locate, ref), settings=merge_settings(traces), pod=ref,
                     traces=tuple(sorted(f"{t.namespace}/{t.name}" for t in traces)))
             for uid, (ref, traces) in sorted(by_pod.items())]
 
@@ -143,6 +143,7 @@ class NodeAgent:
                                field_selector=f"metadata.name={cfg.node_name}", on_change=self.wake.set, log=log,
                                timeout_seconds=cfg.watch_timeout_seconds)
         self.spec = NodeSpec(node_name=cfg.node_name)
+        self.locator = targets.PodLocator()
         self.generation = 0
         self.exists = False
         self.states: dict[str, TargetState] = {}
@@ -185,8 +186,10 @@ class NodeAgent:
         self.spec = spec
 
     def reconcile(self) -> None:
-        desired = desired_targets(self.spec)
+        desired = desired_targets(self.spec, self.locator)
         now = time.monotonic()
+        if desired:
+            self.locator.refresh()  # one pass over /proc and the namespaces for all the pods
         if desired and self.agent is None:
             self._load()
         if self.agent is not None:

@@ -86,67 +86,74 @@ def from_pid(pid: int) -> Namespace:
     return Namespace(netns_inode(path), str(path), namespace_ips(str(path)))
 
 
-def _pod_uid_pattern(uid: str) -> re.Pattern:
-    # cgroupfs drivers write the UID with dashes, systemd drivers with underscores.
-    return re.compile(re.escape(uid).replace("\\-", "[-_]"))
+# A pod's UID in the cgroup path of its processes: with dashes (cgroupfs driver) or underscores (systemd).
+_POD_UID = re.compile(r"pod([0-9a-f]{8}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{4}[-_][0-9a-f]{12})")
 
 
-def find_pod_by_cgroup(uid: str, proc: Path = PROC) -> Namespace | None:
-    pat = _pod_uid_pattern(uid)
-    for entry in proc.iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            if pat.search((entry / "cgroup").read_text()):
-                path = entry / "ns" / "net"
-                return Namespace(netns_inode(path), str(path), namespace_ips(str(path)))
-        except (OSError, TargetError):
-            continue
-    return None
+class PodLocator:
+    """Finds pods' network namespaces on this host, many pods at a time.
 
+    refresh() walks /proc once: every namespace reachable from /proc/*/ns/net and /run/netns, and the pod
+    UID in each process's cgroup path (seen with the host's PID namespace). It lists the addresses of the
+    namespaces it has not met before; entering a namespace costs a helper process, so a namespace's
+    addresses are kept (by inode) once it has some. locate() is then a lookup: by UID, else by pod IP.
+    """
 
-def candidate_namespaces(proc: Path = PROC) -> dict[int, str]:
-    """Every network namespace visible from here: inode -> a path that opens it."""
-    found: dict[int, str] = {}
-    for d in NETNS_DIRS:
-        if d.is_dir():
-            for f in d.iterdir():
-                try:
-                    found.setdefault(os.stat(f).st_ino, str(f))
-                except OSError:
-                    continue
-    for entry in proc.iterdir():
-        if entry.name.isdigit():
-            try:
-                found.setdefault(os.stat(entry / "ns" / "net").st_ino, str(entry / "ns" / "net"))
-            except OSError:
+    def __init__(self, proc: Path = PROC):
+        self.proc = proc
+        self._paths: dict[int, str] = {}  # inode -> a path that opens it
+        self._ips: dict[int, tuple[str, ...]] = {}  # inode -> its addresses
+        self._by_uid: dict[str, int] = {}
+        self._by_ip: dict[str, int] = {}
+        self._host = 0
+
+    def refresh(self) -> None:
+        self._host = os.stat("/proc/self/ns/net").st_ino
+        paths: dict[int, str] = {}
+        by_uid: dict[str, int] = {}
+        for d in NETNS_DIRS:
+            if d.is_dir():
+                for f in d.iterdir():
+                    try:
+                        paths.setdefault(os.stat(f).st_ino, str(f))
+                    except OSError:
+                        continue
+        for entry in self.proc.iterdir():
+            if not entry.name.isdigit():
                 continue
-    return found
+            try:
+                inode = os.stat(entry / "ns" / "net").st_ino
+                m = _POD_UID.search((entry / "cgroup").read_text())
+            except OSError:
+                continue  # the process is gone
+            paths.setdefault(inode, str(entry / "ns" / "net"))
+            if m:
+                by_uid.setdefault(m.group(1).replace("_", "-"), inode)
+        ips: dict[int, tuple[str, ...]] = {}
+        for inode, path in paths.items():
+            known = self._ips.get(inode)
+            if known is None and inode != self._host:
+                try:
+                    known = namespace_ips(path)
+                except TargetError:
+                    continue
+            if known:
+                ips[inode] = known
+        self._paths, self._ips, self._by_uid = paths, ips, by_uid
+        self._by_ip = {ip: inode for inode, addrs in ips.items() for ip in addrs}
 
-
-def find_pod_by_ip(ips: list[str], namespaces: dict[int, str] | None = None) -> Namespace | None:
-    wanted = {str(ipaddress.ip_address(i)) for i in ips}
-    if not wanted:
-        return None
-    host = os.stat("/proc/self/ns/net").st_ino
-    for inode, path in (namespaces or candidate_namespaces()).items():
-        if inode == host:
-            continue  # a hostNetwork pod shares the host's namespace: not traceable per pod
-        try:
-            have = namespace_ips(path)
-        except TargetError:
-            continue
-        if wanted & set(have):
-            return Namespace(inode, path, have)
-    return None
-
-
-def from_pod(pod: PodRef) -> Namespace:
-    ns = find_pod_by_cgroup(pod.uid) or find_pod_by_ip(pod.ips)
-    if ns is None:
-        raise TargetError(f"pod {pod.namespace}/{pod.name} has no network namespace on this node "
-                          f"(no process in its cgroup, no namespace holding {', '.join(pod.ips) or 'its IP'})")
-    return ns
+    def locate(self, pod: PodRef) -> Namespace:
+        inode = self._by_uid.get(pod.uid)
+        if inode is None:
+            inode = next((self._by_ip[str(ipaddress.ip_address(ip))] for ip in pod.ips
+                          if str(ipaddress.ip_address(ip)) in self._by_ip), None)
+        if inode == self._host and inode is not None:
+            raise TargetError(f"pod {pod.namespace}/{pod.name} uses the node's network namespace (hostNetwork): "
+                              "its packets cannot be told from the node's")
+        if inode is None or inode not in self._paths:
+            raise TargetError(f"pod {pod.namespace}/{pod.name} has no network namespace on this node "
+                              f"(no process in its cgroup, no namespace holding {', '.join(pod.ips) or 'its IP'})")
+        return Namespace(inode, self._paths[inode], self._ips.get(inode, ()))
 
 
 @dataclass

@@ -3,6 +3,7 @@
 from latencytrace.node_agent import cluster, segments
 from latencytrace.node_agent.agent import TargetState
 from latencytrace.node_agent.contract import NodeSpec, NodeTrace, PodRef, TraceSettings
+from latencytrace.node_agent.targets import PodLocator
 
 
 def trace(uid, pods, **settings):
@@ -16,7 +17,7 @@ def test_a_pod_in_two_traces_is_one_target_with_merged_settings():
               spans_per_second=5, sample_one_in=100),
         trace("2", ["a"], directions=["transmit"], segments=[], slow_threshold_microseconds=2000,
               spans_per_second=20, sample_one_in=0)])
-    targets = {d.key: d for d in cluster.desired_targets(spec)}
+    targets = {d.key: d for d in cluster.desired_targets(spec, PodLocator())}
     assert sorted(targets) == ["pod:u-a", "pod:u-b"]
     a = targets["pod:u-a"]
     assert a.traces == ("app/t-1", "app/t-2") and a.label == "app/a"
