@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import lookup, program
-from .kernel import bpfsys, features as kfeatures, headers, offsets
+from .kernel import bpfsys, features as kfeatures, headers, memory, offsets
 from .kernel.btf import VMLINUX, KernelBTF
 from .probes import PROBES, Probe
 
@@ -93,6 +93,7 @@ class Tracer:
         self.status = ProbeStatus(unavailable=[(u.probe, u.reason) for u in feats.unavailable])
         for p in feats.usable:
             self._attach(p)
+        memory.release_compiler(self.bpf)
         self.attach_seconds = time.monotonic() - started
         for p, why in self.status.unavailable:
             log.warning("probe %s on %s disabled: %s (segments affected: %s)", p.program, p.tracepoint, why,
