@@ -14,6 +14,7 @@ published for a node that does not exist.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Mapping
 
 from kubernetes import client
@@ -71,10 +72,31 @@ def entry_of(obj: Mapping | None, uid: str) -> NodeTrace | None:
 class NodeConfigs:
     """Reads and writes LatencyTraceNode specs (never their status: that is the agent's)."""
 
-    def __init__(self, api: client.ApiClient, request_timeout: float = 30.0):
-        self.custom = client.CustomObjectsApi(api)
-        self.core = client.CoreV1Api(api)
+    def __init__(self, api: client.ApiClient | None, request_timeout: float = 30.0, *, custom=None, core=None):
+        """`custom` and `core` stand in for the API groups in tests."""
+        self.custom = custom or client.CustomObjectsApi(api)
+        self.core = core or client.CoreV1Api(api)
         self.timeout = request_timeout
+        # The LatencyTraceNodes that exist (listed once, then kept by the operator's watch): a node without
+        # one is created straight away instead of first being read. A stale answer costs a 409, after
+        # which the object is read as usual.
+        self._existing: set[str] | None = None
+        self._lock = threading.Lock()
+        self._node_uids: dict[str, str] = {}  # a Node's uid never changes while its name lives
+
+    def seen(self, node: str, exists: bool) -> None:
+        """The watch saw a LatencyTraceNode appear, change (exists) or go (not)."""
+        with self._lock:
+            if self._existing is not None:
+                (self._existing.add if exists else self._existing.discard)(node)
+
+    def _maybe_exists(self, node: str) -> bool:
+        with self._lock:
+            if self._existing is None:
+                listed = self.custom.list_cluster_custom_object(GROUP, VERSION, NODE_PLURAL,
+                                                                _request_timeout=self.timeout)
+                self._existing = {o["metadata"]["name"] for o in listed.get("items", [])}
+            return node in self._existing
 
     def get(self, node: str) -> dict | None:
         try:
@@ -86,15 +108,26 @@ class NodeConfigs:
             raise
 
     def _node_uid(self, node: str) -> str | None:
+        uid = self._node_uids.get(node)
+        if uid is not None:
+            return uid
         try:
-            return self.core.read_node(node, _request_timeout=self.timeout).metadata.uid
+            uid = self.core.read_node(node, _request_timeout=self.timeout).metadata.uid
         except ApiException as e:
             if e.status == 404:
                 return None
             raise
+        self._node_uids[node] = uid
+        return uid
 
     def apply(self, node: str, uid: str, entry: NodeTrace | None) -> NodeTrace | None:
         """Make node `node` carry `entry` for trace `uid` (None: not at all); return what it carries."""
+        if entry is not None and not self._maybe_exists(node):
+            try:
+                return self._create(node, entry)
+            except ApiException as e:
+                if e.status != 409:  # 409: it exists after all; go on as for any existing object
+                    raise
         obj = self.get(node)
         for _ in range(CONFLICT_RETRIES):
             try:
@@ -125,8 +158,14 @@ class NodeConfigs:
             log.info("node %s does not exist; publishing nothing for it", node)
             return None
         spec = NodeSpec(node_name=node, traces=[entry])
-        self.custom.create_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, build_object(spec, node_uid),
-                                                 _request_timeout=self.timeout)
+        try:
+            self.custom.create_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, build_object(spec, node_uid),
+                                                     _request_timeout=self.timeout)
+        except ApiException as e:
+            if e.status == 422 and node_uid == self._node_uids.get(node):
+                self._node_uids.pop(node, None)  # the Node was re-created under the same name: ask again
+            raise
+        self.seen(node, True)
         return entry
 
     def _delete(self, node: str, resource_version: str) -> None:

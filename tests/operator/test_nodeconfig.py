@@ -56,7 +56,12 @@ class FakeCustom:
         obj["metadata"]["resourceVersion"] = str(self.rv)
         return json.loads(json.dumps(obj))
 
+    def list_cluster_custom_object(self, g, v, p, **_):
+        self.lists = getattr(self, "lists", 0) + 1
+        return {"items": [json.loads(json.dumps(o)) for o in self.objects.values()]}
+
     def get_cluster_custom_object(self, g, v, p, name, **_):
+        self.gets = getattr(self, "gets", 0) + 1
         if name not in self.objects:
             raise ApiException(status=404)
         return json.loads(json.dumps(self.objects[name]))
@@ -99,9 +104,18 @@ class FakeCore:
 
 @pytest.fixture
 def writer():
-    w = nodeconfig.NodeConfigs.__new__(nodeconfig.NodeConfigs)
-    w.custom, w.core, w.timeout = FakeCustom(), FakeCore({"n1", "n2"}), 5
-    return w
+    return nodeconfig.NodeConfigs(None, 5, custom=FakeCustom(), core=FakeCore({"n1", "n2"}))
+
+
+def test_a_node_without_an_object_is_created_without_reading_it_first(writer):
+    writer.custom.objects["n2"] = writer.custom._bump(nodeconfig.build_object(NodeSpec(node_name="n2"), "uid-n2"))
+    assert writer.apply("n1", "t1", entry()) == entry()
+    assert writer.custom.lists == 1 and getattr(writer.custom, "gets", 0) == 0  # listed once, n1 never read
+    assert writer.apply("n2", "t1", entry()) == entry()  # known to exist: read, then replaced
+    assert writer.custom.gets == 1 and writer.custom.writes[-1] == ("replace", "n2")
+    writer.seen("n1", exists=False)  # the watch saw it deleted (by someone else)
+    del writer.custom.objects["n1"]
+    assert writer.apply("n1", "t1", entry()) == entry() and writer.custom.lists == 1
 
 
 def test_apply_creates_updates_is_idempotent_and_deletes_when_empty(writer):
