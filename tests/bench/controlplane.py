@@ -1,0 +1,588 @@
+"""Control plane at scale: a real kube-apiserver with kwok fake nodes, the operator, and real agents.
+
+For each scale (nodes × pods per node) a fresh operator process publishes a LatencyTrace that selects
+every pod on those nodes. Measured from the moment `kubectl apply` starts:
+
+- published: each selected node's LatencyTraceNode carries the trace with all of that node's pods
+  (seen by a watch of LatencyTraceNode objects in this process);
+- picked up: for a sample of nodes, real `latencytrace-agent run` processes (LATENCYTRACE_NODE_NAME)
+  trace every pod of their node; those pods' IPs are the addresses of real network namespaces made with
+  NetLab, which the agents find the way they find any pod without processes: by pod IP;
+- deletion: from `kubectl delete pod` to the pod leaving its node's configuration, and to its agent
+  dropping it.
+
+Also the operator's resident memory (idle, and with the trace published) and the API server's request
+rate (apiserver_request_total), in total and for latencytrace.io objects, during publishing and after.
+Nodes and pods accumulate from one scale to the next (pods carry a label per scale they belong to).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import datetime as dt
+import json
+import math
+import re
+import shutil
+import sys
+import threading
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from latencytrace.node_agent import contract
+from latencytrace.node_agent.kube import api_client
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.procs import Proc, free_port
+from tests.netlab import NetLab
+
+from . import stats
+from .results import Row, fmt
+from .system import process_usage
+
+ROOT = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+NAMESPACE = "lt-bench"
+P50_TARGET_S, P99_TARGET_S = 1.0, 5.0
+_LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) ")
+
+
+def node_name(i: int) -> str:
+    return f"bench-node-{i}"
+
+
+def pod_name(i: int, j: int) -> str:
+    return f"p-{i}-{j}"
+
+
+class NodeConfigWatch:
+    """Every change of every LatencyTraceNode, with the time this process saw it.
+
+    history[node] = [(t, spec, status)]: spec = {trace name: pod names published for the node},
+    status = {trace name: {pod name: state}} as the node's agent reported them."""
+
+    def __init__(self, api) -> None:
+        from kubernetes import client
+
+        self.custom = client.CustomObjectsApi(api)
+        self.history: dict[str, list[tuple[float, dict, dict]]] = defaultdict(list)
+        self.lock = threading.Lock()
+        self.synced = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="bench-ltn-watch")
+
+    def start(self) -> NodeConfigWatch:
+        self._thread.start()
+        if not self.synced.wait(60):
+            raise RuntimeError("could not list LatencyTraceNode objects within 60 s")
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _record(self, obj: dict, deleted: bool = False) -> None:
+        t = time.time()
+        spec, status = {}, {}
+        if not deleted:
+            spec = {tr["name"]: frozenset(p["name"] for p in tr.get("pods", []))
+                    for tr in (obj.get("spec") or {}).get("traces", [])}
+            status = {tr["name"]: {p["name"]: p.get("state") for p in tr.get("pods", [])}
+                      for tr in (obj.get("status") or {}).get("traces", [])}
+        with self.lock:
+            self.history[obj["metadata"]["name"]].append((t, spec, status))
+
+    def _run(self) -> None:
+        from kubernetes import watch
+
+        args = (contract.GROUP, contract.VERSION, contract.NODE_PLURAL)
+        while not self._stop.is_set():
+            try:
+                resp = self.custom.list_cluster_custom_object(*args, _preload_content=False)
+                doc = json.loads(resp.data)
+                for obj in doc.get("items", []):
+                    self._record(obj)
+                rv = doc["metadata"]["resourceVersion"]
+                self.synced.set()
+                while not self._stop.is_set():
+                    for ev in watch.Watch().stream(self.custom.list_cluster_custom_object, *args, resource_version=rv,
+                                                   timeout_seconds=60, deserialize=False):
+                        obj = ev["object"]
+                        if ev["type"] == "ERROR":
+                            raise RuntimeError(obj.get("message", "watch error"))
+                        rv = obj["metadata"].get("resourceVersion", rv)
+                        if ev["type"] in ("ADDED", "MODIFIED", "DELETED"):
+                            self._record(obj, deleted=ev["type"] == "DELETED")
+            except Exception:  # watch expired or connection trouble: list again
+                if not self._stop.is_set():
+                    time.sleep(0.5)
+
+    def first(self, node: str, since: float, ok) -> float | None:
+        """First time at or after `since` when ok(spec, status) held for the node; None if not yet."""
+        with self.lock:
+            hist = list(self.history.get(node, []))
+        # The state at `since` is the last one before it; it counts if it already holds.
+        before = [h for h in hist if h[0] < since]
+        if before and ok(*before[-1][1:]):
+            return since
+        for t, spec, status in hist:
+            if t >= since and ok(spec, status):
+                return t
+        return None
+
+    def nodes_with(self, trace: str) -> list[str]:
+        with self.lock:
+            return [n for n, h in self.history.items() if h and trace in h[-1][1]]
+
+
+class AgentLog:
+    """The lines a `latencytrace-agent run` logs when it starts and stops tracing a pod, with their times."""
+
+    def __init__(self, proc: Proc) -> None:
+        self.proc = proc
+
+    def offset(self) -> int:
+        return self.proc.log.stat().st_size
+
+    def first(self, since_offset: int, text: str) -> float | None:
+        """Epoch time of the first line after `since_offset` containing `text`."""
+        for line in self.proc.log.read_text(errors="replace")[since_offset:].splitlines():
+            tm = _LOG_TIME.match(line)
+            if tm and text in line:
+                return dt.datetime.strptime(tm.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return None
+
+    def events(self, since_offset: int, verb: str) -> dict[str, float]:
+        """pod "namespace/name" -> epoch time of its first `tracing` or `stopped tracing` line."""
+        text = self.proc.log.read_text(errors="replace")[since_offset:]
+        pat = re.compile(rf"(?<!stopped ){re.escape(verb)} ({re.escape(NAMESPACE)}/[\w.-]+) " if verb == "tracing"
+                         else rf"{re.escape(verb)} ({re.escape(NAMESPACE)}/[\w.-]+) ")
+        out: dict[str, float] = {}
+        for line in text.splitlines():
+            m = pat.search(line)
+            tm = _LOG_TIME.match(line)
+            if m and tm and m.group(1) not in out:
+                out[m.group(1)] = dt.datetime.strptime(tm.group(1), "%Y-%m-%d %H:%M:%S,%f").timestamp()
+        return out
+
+
+def apiserver_requests(cp: ControlPlane) -> dict[str, float]:
+    """apiserver_request_total summed: in all, and per API group (core group as "core")."""
+    text = cp.kubectl("get", "--raw", "/metrics", timeout=60).stdout
+    out: dict[str, float] = defaultdict(float)
+    for line in text.splitlines():
+        if not line.startswith("apiserver_request_total{"):
+            continue
+        labels, value = line.rsplit(" ", 1)
+        group = re.search(r'group="([^"]*)"', labels)
+        out[(group.group(1) if group else "") or "core"] += float(value)
+        out["all"] += float(value)
+    return dict(out)
+
+
+class Bench:
+    def __init__(self, cp: ControlPlane, lab: NetLab, log_dir: Path, pods_per_node: int, progress) -> None:
+        from kubernetes import client
+
+        self.cp, self.lab, self.log_dir, self.ppn, self.progress = cp, lab, log_dir, pods_per_node, progress
+        self.api = api_client(str(cp.kubeconfig), pool_size=32)
+        self.core = client.CoreV1Api(self.api)
+        self.nodes = 0
+        self.pods: dict[int, set[str]] = {}  # node index -> pod names that exist
+        self.watch = NodeConfigWatch(self.api).start()
+        self.agents: dict[int, tuple[Proc, AgentLog]] = {}
+        self.operator: Proc | None = None
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in self.cp.env().items() if k != "PYTHONPATH"}
+        env.update(extra)
+        return env
+
+    # -- cluster objects ------------------------------------------------------------------------
+    def grow(self, nodes: int, tiers: list[int]) -> None:
+        """Nodes 0..nodes-1 and their pods; pods are labelled tier-<s>=in for every scale s they belong to."""
+        new = list(range(self.nodes, nodes))
+        if not new:
+            return
+        t0 = time.monotonic()
+        # Not waiting for Ready: kwok initialises the nodes while their pods are created, and the pods
+        # turning Running (below) is what the benchmark needs.
+        self.cp.create_fake_nodes([node_name(i) for i in new], wait_ready=False)
+        self.progress(f"control plane: {len(new)} fake nodes created in {time.monotonic() - t0:.0f} s")
+        bodies = []
+        for i in new:
+            labels = {f"tier-{s}": "in" for s in tiers if i < s}
+            for j in range(self.ppn):
+                bodies.append({"apiVersion": "v1", "kind": "Pod",
+                               "metadata": {"name": pod_name(i, j), "labels": {"app": "bench", **labels}},
+                               "spec": {"nodeName": node_name(i), "automountServiceAccountToken": False,
+                                        "terminationGracePeriodSeconds": 0,
+                                        "containers": [{"name": "c", "image": "example.invalid/app:1"}]}})
+            self.pods[i] = {pod_name(i, j) for j in range(self.ppn)}
+        t0 = time.monotonic()
+
+        def create(body: dict) -> None:
+            for attempt in range(5):
+                try:
+                    self.core.create_namespaced_pod(NAMESPACE, body, _preload_content=False)
+                    return
+                except Exception as e:
+                    if getattr(e, "status", None) == 409:
+                        return
+                    if attempt == 4:
+                        raise
+                    time.sleep(1 + attempt)
+
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            for n, _ in enumerate(pool.map(create, bodies), 1):
+                if n % 5000 == 0:
+                    self.progress(f"control plane: {n:,}/{len(bodies):,} pods created")
+        self.progress(f"control plane: {len(bodies):,} pods created in {time.monotonic() - t0:.0f} s; "
+                      "waiting for kwok to run them")
+        self._wait_running(timeout=900)
+        self.nodes = nodes
+        self.progress(f"control plane: all pods Running {time.monotonic() - t0:.0f} s after the first was created")
+
+    def _wait_running(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            resp = self.core.list_namespaced_pod(NAMESPACE, field_selector="status.phase=Pending", limit=1,
+                                                 _preload_content=False)
+            if not json.loads(resp.data)["items"]:
+                return
+            time.sleep(1)
+        raise TimeoutError(f"pods still Pending after {timeout:.0f} s")
+
+    def make_real(self, node: int) -> None:
+        """Give every pod of `node` a real network namespace on this machine and its IP as pod IP."""
+        for name in sorted(self.pods[node]):
+            lab_pod = self.lab.add_pod(name)
+            # A JSON patch: a strategic merge would add to kwok's podIPs instead of replacing them.
+            self.core.patch_namespaced_pod_status(name, NAMESPACE, [
+                {"op": "replace", "path": "/status/podIP", "value": lab_pod.ip},
+                {"op": "replace", "path": "/status/podIPs", "value": [{"ip": lab_pod.ip}]}])
+
+    # -- processes ------------------------------------------------------------------------------
+    def start_operator(self, tag: str) -> Proc:
+        self.operator = Proc(f"operator-{tag}", [str(BIN / "latencytrace-operator")],
+                             self.log_dir / f"operator-{tag}.log",
+                             env=self.env(LATENCYTRACE_OPERATOR_NAMESPACE=NAMESPACE,
+                                          LATENCYTRACE_OPERATOR_LEASE_NAME="bench-operator",
+                                          LATENCYTRACE_OPERATOR_IDENTITY=f"bench-{tag}",
+                                          LATENCYTRACE_OPERATOR_HEALTH_HOST="127.0.0.1",
+                                          LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port())),
+                             cwd=self.log_dir)
+        deadline = time.monotonic() + 120
+        while "leading (Lease" not in self.operator.log.read_text(errors="replace"):
+            self.operator.check_alive()
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"operator not leading after 120 s:\n{self.operator.tail()}")
+            time.sleep(0.1)
+        return self.operator
+
+    def stop_operator(self) -> None:
+        if self.operator is not None:
+            self.operator.stop()
+            self.operator = None
+
+    def start_agent(self, node: int) -> None:
+        # Probes stay loaded while idle (unload 0: never), so that every scale after the warm-up
+        # measures configuration, not BPF compilation; the warm-up measures the cold start.
+        proc = Proc(f"agent-{node}", [str(BIN / "latencytrace-agent"), "--log-level", "INFO", "run"],
+                    self.log_dir / f"agent-{node_name(node)}.log",
+                    env=self.env(LATENCYTRACE_NODE_NAME=node_name(node), LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS="0"),
+                    cwd=self.log_dir)
+        self.agents[node] = (proc, AgentLog(proc))
+
+    def procs(self) -> list[Proc]:
+        return [p for p in (self.operator, *(a for a, _ in self.agents.values())) if p is not None]
+
+    def check_alive(self) -> None:
+        for p in self.procs():
+            p.check_alive()
+
+    # -- traces ---------------------------------------------------------------------------------
+    def apply_trace(self, name: str, tier: int) -> float:
+        body = {"apiVersion": contract.API_VERSION, "kind": contract.TRACE_KIND,
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {"podSelector": {"matchLabels": {f"tier-{tier}": "in"}}}}
+        t0 = time.time()
+        self.cp.kubectl("apply", "-f", "-", input=json.dumps(body))
+        return t0
+
+    def delete_trace(self, name: str, timeout: float) -> None:
+        self.cp.kubectl("delete", "-n", NAMESPACE, "lt", name, "--wait=false")
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check_alive()
+            left = self.watch.nodes_with(name)
+            if not left:
+                return
+            time.sleep(0.5)
+        raise TimeoutError(f"trace {name} still on {len(left)} nodes {timeout:.0f} s after its deletion")
+
+    def wait_published(self, name: str, nodes: list[int], t0: float, timeout: float) -> dict[int, float]:
+        """Per node: seconds from t0 to its configuration carrying the trace with all its pods."""
+        done: dict[int, float] = {}
+        deadline = time.monotonic() + timeout
+        while len(done) < len(nodes) and time.monotonic() < deadline:
+            self.check_alive()
+            for i in nodes:
+                if i in done:
+                    continue
+                want = frozenset(self.pods[i])
+                t = self.watch.first(node_name(i), t0, lambda spec, _, want=want: spec.get(name) == want)
+                if t is not None:
+                    done[i] = t - t0
+            time.sleep(0.2)
+        return done
+
+    def wait_reported(self, name: str, pods: dict[int, set[str]], t0: float, timeout: float,
+                      tracing: bool) -> dict[int, float | None]:
+        """Per sampled node: seconds from t0 until its agent's status reports every pod in pods[node] as
+        Tracing for trace `name` (tracing=True), or none of them any more (tracing=False)."""
+        def ok(spec, status, want) -> bool:
+            states = status.get(name, {})
+            if tracing:
+                return all(states.get(p) == "Tracing" for p in want)
+            return not any(p in states for p in want)
+
+        deadline = time.monotonic() + timeout
+        out: dict[int, float | None] = {}
+        wanted = {i: pods[i] for i in self.agents if pods.get(i)}
+        while len(out) < len(wanted) and time.monotonic() < deadline:
+            self.check_alive()
+            for i, want in wanted.items():
+                if i not in out:
+                    t = self.watch.first(node_name(i), t0, lambda spec, status, want=want: ok(spec, status, want))
+                    if t is not None:
+                        out[i] = t - t0
+            time.sleep(0.2)
+        return {i: out.get(i) for i in wanted}
+
+    def wait_agents(self, offsets: dict[int, int], verb: str, pods: dict[int, set[str]], t0: float,
+                    timeout: float) -> dict[int, float | None]:
+        """Per sampled node: seconds from t0 until its agent logged `verb` for every pod in pods[node]
+        (an agent logs only changes: a pod it already traces for another trace logs nothing)."""
+        deadline = time.monotonic() + timeout
+        out: dict[int, float | None] = {}
+        while time.monotonic() < deadline:
+            self.check_alive()
+            for i, (proc, log) in self.agents.items():
+                want = {f"{NAMESPACE}/{p}" for p in pods.get(i, set())}
+                seen = log.events(offsets[i], verb)
+                if want and want <= set(seen):
+                    out[i] = max(seen[p] for p in want) - t0
+            if len(out) == len([i for i in self.agents if pods.get(i)]):
+                break
+            time.sleep(0.2)
+        return {i: out.get(i) for i in self.agents if pods.get(i)}
+
+    def close(self) -> None:
+        self.watch.stop()
+        for p in self.procs():
+            p.stop()
+        self.operator = None
+        self.agents = {}
+
+
+def _summary(seconds: list[float]) -> dict:
+    xs = sorted(seconds)
+    if not xs:
+        return {"n": 0, "p50_s": None, "p99_s": None, "max_s": None}
+    p99 = xs[min(len(xs) - 1, math.ceil(0.99 * len(xs)) - 1)]
+    return {"n": len(xs), "p50_s": stats.median(xs), "p99_s": p99, "max_s": xs[-1]}
+
+
+def measure_scale(b: Bench, scale: int, steady_s: float, deletions: int) -> dict:
+    name = f"scale-{scale}"
+    nodes = list(range(scale))
+    b.progress(f"control plane {scale} nodes: starting a fresh operator")
+    op = b.start_operator(str(scale))
+    time.sleep(3)
+    idle = process_usage(op.pid)
+    m0 = apiserver_requests(b.cp)
+    offsets = {i: log.offset() for i, (_, log) in b.agents.items()}
+    b.progress(f"control plane {scale} nodes: kubectl apply LatencyTrace {name} "
+               f"({sum(len(b.pods[i]) for i in nodes):,} pods)")
+    t0 = b.apply_trace(name, scale)
+    published = b.wait_published(name, nodes, t0, timeout=max(120, scale * 0.6))
+    t_pub = time.time()
+    m1 = apiserver_requests(b.cp)
+    picked = b.wait_reported(name, {i: b.pods[i] for i in b.agents}, t0, timeout=180, tracing=True)
+    after_pub = process_usage(op.pid)
+    b.progress(f"control plane {scale} nodes: published to {len(published)}/{len(nodes)} nodes, "
+               f"p50 {stats.median(list(published.values())) or 0:.2f} s, max {max(published.values(), default=0):.2f} s; "
+               f"agents report all pods Tracing after {', '.join(f'{v:.2f} s' if v is not None else 'never' for v in picked.values())}")
+    m_steady, t_steady = apiserver_requests(b.cp), time.time()
+    time.sleep(steady_s)
+    m2 = apiserver_requests(b.cp)
+    steady = process_usage(op.pid)
+    t_steady_end = time.time()
+
+    # Deletion: one pod on each sampled node, and more on other nodes.
+    victims: list[tuple[int, str]] = [(i, sorted(b.pods[i])[0]) for i in b.agents if i < scale]
+    others = [i for i in nodes if i not in b.agents]
+    step = max(1, len(others) // max(1, deletions - len(victims)))
+    victims += [(i, sorted(b.pods[i])[0]) for i in others[::step][:max(0, deletions - len(victims))]]
+    offsets = {i: log.offset() for i, (_, log) in b.agents.items()}
+    t_del = time.time()
+    b.cp.kubectl("delete", "pod", "-n", NAMESPACE, "--wait=false", *[p for _, p in victims])
+    for i, p in victims:
+        b.pods[i].discard(p)
+    gone = {}
+    deadline = time.monotonic() + 60
+    while len(gone) < len(victims) and time.monotonic() < deadline:
+        for i, p in victims:
+            if p not in gone:
+                t = b.watch.first(node_name(i), t_del, lambda spec, _, p=p: p not in spec.get(name, frozenset()))
+                if t is not None:
+                    gone[p] = t - t_del
+        time.sleep(0.2)
+    dropped = b.wait_reported(name, {i: {p} for i, p in victims if i in b.agents}, t_del, timeout=120,
+                              tracing=False)
+    dropped_log = b.wait_agents(offsets, "stopped tracing", {i: {p} for i, p in victims if i in b.agents}, t_del,
+                                timeout=10)
+    b.progress(f"control plane {scale} nodes: {len(victims)} pods deleted; unpublished p50 "
+               f"{stats.median(list(gone.values())) or 0:.2f} s; agents' status dropped them after "
+               f"{', '.join(f'{v:.2f} s' if v is not None else 'never' for v in dropped.values())}")
+    peak = process_usage(op.pid).peak_rss_bytes
+    b.delete_trace(name, timeout=max(120, scale * 0.6))
+    b.stop_operator()
+    pods_total = sum(len(b.pods[i]) for i in nodes) + len(victims)
+
+    def rate(a: dict, z: dict, t: float, key: str) -> float:
+        return (z.get(key, 0) - a.get(key, 0)) / t if t > 0 else 0.0
+
+    pub_window = max(t_pub - t0, 1e-3)
+    steady_window = max(t_steady_end - t_steady, 1e-3)
+    return {
+        "nodes": scale, "pods": pods_total, "published": _summary(list(published.values())),
+        "published_nodes": len(published), "publish_per_node_s": {node_name(i): v for i, v in published.items()},
+        "agent_pickup_s": {node_name(i): v for i, v in picked.items()},
+        "unpublish_after_delete": _summary(list(gone.values())), "deleted": len(victims),
+        "agent_drop_s": {node_name(i): v for i, v in dropped.items()},
+        "agent_drop_logged_s": {node_name(i): v for i, v in dropped_log.items()},
+        "operator_rss_mib": {"idle": idle.rss_bytes / 2**20, "published": after_pub.rss_bytes / 2**20,
+                             "steady": steady.rss_bytes / 2**20, "peak": peak / 2**20},
+        "operator_cpu_s": {"to_published": after_pub.cpu_s - idle.cpu_s, "steady": steady.cpu_s - after_pub.cpu_s},
+        "api_rps": {"publish_window_s": pub_window, "steady_window_s": steady_window,
+                    "publish_all": rate(m0, m1, pub_window, "all"),
+                    "publish_latencytrace": rate(m0, m1, pub_window, contract.GROUP),
+                    "steady_all": rate(m_steady, m2, steady_window, "all"),
+                    "steady_latencytrace": rate(m_steady, m2, steady_window, contract.GROUP)},
+    }
+
+
+def run(scales: tuple[int, ...], pods_per_node: int, n_agents: int, workdir: Path, log_dir: Path, progress) -> dict:
+    # A fresh cluster every run: the work dir holds etcd's data, which a new etcd would otherwise reuse.
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir(parents=True)
+    cp_log = log_dir / "controlplane"
+    cp_log.mkdir(parents=True, exist_ok=True)
+    progress("control plane: starting etcd, kube-apiserver, controller manager, scheduler, kwok "
+             "(binaries are built once by .ci/setup)")
+    out: dict = {"scales": {}, "pods_per_node": pods_per_node, "sampled_agents": n_agents}
+    with ControlPlane(workdir / "cluster", with_controllers=True, with_kwok=True) as cp, NetLab() as lab:
+        for path in sorted((ROOT / "crds").glob("*.yaml")):
+            cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
+                   "crd/latencytraces.latencytrace.io", "crd/latencytracenodes.latencytrace.io")
+        cp.kubectl("create", "namespace", NAMESPACE)
+        deadline = time.monotonic() + 60
+        while cp.kubectl("get", "serviceaccount", "default", "-n", NAMESPACE, check=False).returncode:
+            if time.monotonic() > deadline:
+                raise TimeoutError("no default ServiceAccount in the benchmark namespace")
+            time.sleep(0.5)
+        b = Bench(cp, lab, cp_log, pods_per_node, progress)
+        try:
+            sampled = list(range(min(n_agents, scales[0])))
+            b.grow(scales[0], list(scales))
+            progress(f"control plane: {len(sampled) * pods_per_node} real network namespaces for the pods of "
+                     f"{len(sampled)} sampled node(s), agents started for them")
+            for i in sampled:
+                b.make_real(i)
+                b.start_agent(i)
+            # Warm-up: the first trace on a node loads the probes (BPF compile and attach).
+            progress("control plane: warm-up trace on the sampled nodes (agents load their probes)")
+            b.start_operator("warmup")
+            offsets = {i: log.offset() for i, (_, log) in b.agents.items()}
+            t0 = b.apply_trace("warmup", scales[0])
+            cold = b.wait_reported("warmup", {i: b.pods[i] for i in b.agents}, t0, timeout=240, tracing=True)
+            cold_log = b.wait_agents(offsets, "tracing", {i: b.pods[i] for i in b.agents}, t0, timeout=10)
+            out["cold_pickup_s"] = {node_name(i): v for i, v in cold.items()}
+            out["cold_pickup_logged_s"] = {node_name(i): v for i, v in cold_log.items()}
+            loaded = {node_name(i): log.first(offsets[i], "probes loaded") for i, (_, log) in b.agents.items()}
+            out["cold_probes_loaded_s"] = {k: (v - t0 if v is not None else None) for k, v in loaded.items()}
+            progress(f"control plane: cold start, apply to agents reporting every pod Tracing: "
+                     f"{', '.join(f'{v:.2f} s' if v is not None else 'never' for v in cold.values())}")
+            b.delete_trace("warmup", timeout=120)
+            b.stop_operator()
+            for scale in scales:
+                if scale > b.nodes:
+                    b.grow(scale, list(scales))
+                out["scales"][str(scale)] = measure_scale(b, scale, steady_s=10 if scale >= 10 else 3,
+                                                          deletions=10 if scale >= 10 else len(sampled))
+        finally:
+            b.close()
+    return out
+
+
+def rows(data: dict) -> list[Row]:
+    out: list[Row] = []
+    ppn = data["pods_per_node"]
+    cold = [v for v in data.get("cold_pickup_s", {}).values() if v is not None]
+    loaded = [v for v in data.get("cold_probes_loaded_s", {}).values() if v is not None]
+    if data.get("cold_pickup_s"):
+        out.append(Row("controlplane", "first trace on a node: apply to its agent reporting every pod Tracing (cold: "
+                       "probes compiled and attached on demand)", "—",
+                       f"max {max(cold):.2f} s" if cold else "never",
+                       f"probes loaded after {max(loaded):.2f} s" if loaded else "", "—", None,
+                       note=f"{len(data['cold_pickup_s'])} sampled agent(s)"))
+    prev = None
+    largest = max(int(k) for k in data["scales"]) if data["scales"] else 0
+    for key, s in data["scales"].items():
+        n = s["nodes"]
+        pub = s["published"]
+        at = f"{n:,} nodes × {ppn} pods"
+        judged = n == largest
+        all_pub = s["published_nodes"] == n
+        out.append(Row("controlplane", f"apply to every node's LatencyTraceNode published, p50, {at}", "—",
+                       fmt(pub["p50_s"], 2, "s"), f"{s['published_nodes']}/{n} nodes", f"≤ {P50_TARGET_S:g} s",
+                       (all_pub and pub["p50_s"] is not None and pub["p50_s"] <= P50_TARGET_S) if judged else None,
+                       note="target at the largest scale" if judged else ""))
+        out.append(Row("controlplane", f"apply to published, p99 (max), {at}", "—",
+                       f"{fmt(pub['p99_s'], 2, 's')} ({fmt(pub['max_s'], 2, 's')})", "", f"≤ {P99_TARGET_S:g} s",
+                       (all_pub and pub["p99_s"] is not None and pub["p99_s"] <= P99_TARGET_S) if judged else None))
+        picked = [v for v in s["agent_pickup_s"].values() if v is not None]
+        out.append(Row("controlplane", f"apply to sampled agents reporting all their pods Tracing, {at}", "—",
+                       f"max {max(picked):.2f} s" if picked else "never",
+                       f"{len(picked)}/{len(s['agent_pickup_s'])} agents", "—", None))
+        un = s["unpublish_after_delete"]
+        dropped = [v for v in s["agent_drop_s"].values() if v is not None]
+        out.append(Row("controlplane", f"pod deleted to unpublished (p50 / max), {at}", "—",
+                       f"{fmt(un['p50_s'], 2, 's')} / {fmt(un['max_s'], 2, 's')}", f"{un['n']}/{s['deleted']} pods",
+                       "—", None))
+        out.append(Row("controlplane", f"pod deleted to its agent's status dropping it (max), {at}", "—",
+                       f"{max(dropped):.2f} s" if dropped else "never", f"{len(dropped)} agents", "—", None))
+        mem = s["operator_rss_mib"]
+        grown = mem["steady"] - mem["idle"]
+        per_pod = grown * 1024 / s["pods"] if s["pods"] else 0
+        met = None
+        expo = None
+        if prev is not None:
+            pg = prev["operator_rss_mib"]["steady"] - prev["operator_rss_mib"]["idle"]
+            if pg > 0 and grown > 0:
+                expo = math.log(grown / pg) / math.log(s["pods"] / prev["pods"])
+                met = expo <= 1.1
+        out.append(Row("controlplane", f"operator resident memory, {at} ({s['pods']:,} pods)",
+                       f"{mem['idle']:.0f} MiB idle", f"{mem['steady']:.0f} MiB (peak {mem['peak']:.0f})",
+                       f"+{grown:.0f} MiB, {per_pod:.1f} KiB/pod" + (f", growth ∝ pods^{expo:.2f}" if expo else ""),
+                       "≤ linear in pods", met))
+        r = s["api_rps"]
+        out.append(Row("controlplane", f"API requests/s while publishing ({r['publish_window_s']:.1f} s), {at}", "—",
+                       f"{r['publish_all']:.0f} total, {r['publish_latencytrace']:.0f} latencytrace.io", "", "—", None))
+        out.append(Row("controlplane", f"API requests/s steady ({r['steady_window_s']:.0f} s after publishing), {at}",
+                       "—", f"{r['steady_all']:.0f} total, {r['steady_latencytrace']:.1f} latencytrace.io", "", "—",
+                       None))
+        prev = s
+    return out

@@ -1,0 +1,167 @@
+"""Probe cost from the kernel's own BPF statistics, for the agent and for the same measurement made
+with bpftrace, on the same workloads in the same run.
+
+Statistics are switched on for the whole phase (BPF_ENABLE_STATS, as the agent itself does) and an
+empty raw-tracepoint program on netif_receive_skb runs alongside: its time per run is what the
+statistics and the dispatch cost by themselves, the floor subtracted from every program's figure.
+Per packet: all of a tool's program time during a workload divided by the packets that crossed the
+destination pod's veth (into and out of the pod).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from latencytrace.node_agent.kernel import bpfsys
+
+from . import bpfprogs
+from .bpfprogs import FloorProgram, ProgStats
+from .fidelity import ip_u32
+from .overhead import Pods
+from .results import Row, fmt
+from .tracers import AgentProcess, BpftraceProcess, TracerProcess
+from .workloads import Traffic
+
+PER_HOOK_TARGET_NS = 100
+PER_PACKET_TARGET_NS = 500
+
+
+def _workloads(pods: Pods, steady_pps: int, seconds: float, steady_seconds: float):
+    """(key, label, run) of the workloads measured for each tool."""
+    return (
+        ("udp_rate/traced", f"UDP {steady_pps:,} pkt/s into the traced pod",
+         lambda t: t.udp_rate(pods.client, pods.traced, steady_pps, steady_seconds)),
+        ("udp_rate/untraced", f"UDP {steady_pps:,} pkt/s into an untraced pod",
+         lambda t: t.udp_rate(pods.client, pods.untraced, steady_pps, seconds)),
+        ("pp_tcp/traced", "TCP ping-pong with the traced pod",
+         lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
+        ("pp_udp/traced", "UDP ping-pong with the traced pod",
+         lambda t: t.pingpong(pods.client, pods.traced, "udp", seconds)),
+        ("tcp_bulk/traced", "TCP bulk into the traced pod (per skb: GSO)",
+         lambda t: t.tcp_bulk(pods.client, pods.traced, seconds)),
+    )
+
+
+def _session(tool: TracerProcess, floor: FloorProgram, traffic: Traffic, workloads, progress) -> dict:
+    out = {"attach_wall_s": tool.attach_wall_s, "workloads": {}}
+    for key, label, run in workloads:
+        progress(f"probe cost: {tool.name}, {label}")
+        s0, f0, u0 = tool.stats(), floor.stats(), tool.usage()
+        r = run(traffic)
+        s1, f1, u1 = tool.stats(), floor.stats(), tool.usage()
+        progs = bpfprogs.delta(s1, s0)
+        fl = f1 - f0
+        out["workloads"][key] = {
+            "label": label, "result": r, "packets": r["packets"],
+            "programs": {k: vars(v) for k, v in progs.items()},
+            "floor": vars(fl),
+            "cpu_pct": 100 * (u1.cpu_s - u0.cpu_s) / r["seconds"],
+            "user_cpu_pct": 100 * (u1.user_s - u0.user_s) / r["seconds"],
+            "rss_mib": u1.rss_bytes / 2**20,
+        }
+    u = tool.usage(private=True)
+    out["peak_rss_mib"] = u.peak_rss_bytes / 2**20
+    out["uss_mib"] = u.uss_bytes / 2**20
+    return out
+
+
+def per_packet(w: dict) -> dict:
+    """Program time per packet of one workload: raw, and with the floor taken off every run."""
+    tot = bpfprogs.total({k: ProgStats(**v) for k, v in w["programs"].items()})
+    floor = ProgStats(**w["floor"])
+    floor_ns = floor.avg_ns or 0.0
+    pk = max(w["packets"], 1)
+    return {"raw_ns": tot.run_time_ns / pk, "floor_ns": floor_ns * tot.run_cnt / pk,
+            "net_ns": (tot.run_time_ns - floor_ns * tot.run_cnt) / pk, "runs_per_packet": tot.run_cnt / pk,
+            "floor_per_run_ns": floor_ns}
+
+
+def per_program(session: dict, keys: list[str]) -> dict[str, dict]:
+    """Each program's time per run over the given workloads, raw and less the floor."""
+    progs: dict[str, ProgStats] = {}
+    floor = ProgStats()
+    for key in keys:
+        w = session["workloads"][key]
+        for name, v in w["programs"].items():
+            progs[name] = progs.get(name, ProgStats()) + ProgStats(**v)
+        floor = floor + ProgStats(**w["floor"])
+    f = floor.avg_ns or 0.0
+    return {name: {"run_cnt": s.run_cnt, "raw_ns": s.avg_ns, "floor_ns": f,
+                   "net_ns": (s.avg_ns - f) if s.avg_ns is not None else None}
+            for name, s in sorted(progs.items())}
+
+
+def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_seconds: float, log_dir: Path,
+        expected_programs: int, quiet_wait_s: float, progress) -> dict:
+    workloads = _workloads(pods, steady_pps, seconds, steady_seconds)
+    host_ns = os.stat("/proc/self/ns/net").st_ino
+    ifindex = int((Path("/sys/class/net") / pods.client.host_veth / "ifindex").read_text())
+    bt_params = [host_ns, pods.traced.inode, 0, ifindex, ip_u32(pods.traced.ip), 0]
+    out: dict = {"steady_pps": steady_pps}
+    stats_fd = bpfsys.enable_stats()
+    try:
+        with FloorProgram() as floor:
+            for name in ("agent", "bpftrace"):
+                out.setdefault("strangers", {})[name] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
+                tool: TracerProcess = (AgentProcess([pods.traced.path], log_dir) if name == "agent"
+                                       else BpftraceProcess(bt_params, log_dir))
+                if name == "agent":
+                    tool.start(expected_programs)
+                else:
+                    tool.start()
+                try:
+                    out[name] = _session(tool, floor, traffic, workloads, progress)
+                finally:
+                    try:
+                        tool.stop()
+                    except RuntimeError as e:  # what was measured stands; the failure is reported
+                        out.setdefault("stop_errors", {})[name] = str(e)
+                        progress(f"probe cost: {e}")
+                    finally:
+                        tool.kill()
+                time.sleep(0.5)
+    finally:
+        os.close(stats_fd)
+    traced = [k for k, *_ in workloads if k.endswith("/traced")]
+    for name in ("agent", "bpftrace"):
+        out[name]["per_packet"] = {k: per_packet(w) for k, w in out[name]["workloads"].items()}
+        out[name]["per_program"] = per_program(out[name], traced)
+    return out
+
+
+def rows(data: dict) -> list[Row]:
+    out: list[Row] = []
+    agent, bt = data["agent"], data["bpftrace"]
+    for name, p in agent["per_program"].items():
+        if not p["run_cnt"]:
+            continue
+        out.append(Row("probe_cost", f"{name}: time per run", f"{fmt(p['floor_ns'], 0, 'ns')} (floor)",
+                       fmt(p["raw_ns"], 0, "ns"), f"{fmt(p['net_ns'], 0, 'ns')} above floor",
+                       f"≤ {PER_HOOK_TARGET_NS} ns", p["net_ns"] is not None and p["net_ns"] <= PER_HOOK_TARGET_NS,
+                       note=f"{p['run_cnt']:,} runs, traced workloads"))
+    for key, pp in agent["per_packet"].items():
+        label = agent["workloads"][key]["label"]
+        out.append(Row("probe_cost", f"all agent programs per packet, {label}",
+                       f"{fmt(pp['floor_ns'], 0, 'ns')} (floor × {pp['runs_per_packet']:.1f} runs)",
+                       fmt(pp["raw_ns"], 0, "ns"), f"{fmt(pp['net_ns'], 0, 'ns')} above floor",
+                       f"≤ {PER_PACKET_TARGET_NS} ns", pp["net_ns"] <= PER_PACKET_TARGET_NS))
+    for key, pp in agent["per_packet"].items():
+        b = bt["per_packet"][key]
+        label = agent["workloads"][key]["label"]
+        ratio = pp["net_ns"] / b["net_ns"] if b["net_ns"] > 0 else None
+        out.append(Row("comparison", f"program time per packet above floor, {label}",
+                       f"{fmt(b['net_ns'], 0, 'ns')} (bpftrace, {b['runs_per_packet']:.1f} runs)",
+                       f"{fmt(pp['net_ns'], 0, 'ns')} ({pp['runs_per_packet']:.1f} runs)",
+                       f"×{ratio:.2f}" if ratio else "n/a", "—", None))
+    ka = agent["workloads"]["udp_rate/traced"]
+    kb = bt["workloads"]["udp_rate/traced"]
+    out.append(Row("comparison", f"process CPU (user+system, % of one core), {ka['label']}",
+                   f"{kb['cpu_pct']:.1f}% (bpftrace)", f"{ka['cpu_pct']:.1f}%", "", "—", None))
+    out.append(Row("comparison", "process resident memory, peak RSS (private USS)",
+                   f"{bt['peak_rss_mib']:.0f} MiB ({bt['uss_mib']:.0f} MiB) (bpftrace)",
+                   f"{agent['peak_rss_mib']:.0f} MiB ({agent['uss_mib']:.0f} MiB)", "", "—", None))
+    out.append(Row("comparison", "process start to probes attached", f"{bt['attach_wall_s']:.2f} s (bpftrace)",
+                   f"{agent['attach_wall_s']:.2f} s", "", "—", None))
+    return out

@@ -1,0 +1,236 @@
+"""Overhead of tracing: the same workloads with the agent off and on, in alternating rounds.
+
+Each round runs every workload once with no agent, then once with a fresh `latencytrace-agent trace`
+process tracing one pod ("traced"), so every "on" run has an "off" run of the same workload a minute
+before it. Each workload goes once into the traced pod and once into another pod the agent does not
+trace ("untraced": what filtering alone costs). The machine is shared: other people's tracing
+programs are waited for before each phase, and a round during which some were present is repeated
+(up to a limit) and reported.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.netlab import Pod
+
+from . import bpfprogs, stats
+from .results import Row, fmt, pct
+from .tracers import AgentProcess
+from .workloads import Traffic
+
+WORKLOADS = ("tcp_bulk", "udp_rate", "pp_tcp", "pp_udp")
+TITLES = {"tcp_bulk": "iperf3 TCP bulk throughput", "udp_rate": "iperf3 UDP 64 B delivered rate",
+          "pp_tcp": "sockperf TCP ping-pong RTT", "pp_udp": "sockperf UDP ping-pong RTT"}
+
+
+@dataclass
+class Pods:
+    traced: Pod
+    untraced: Pod
+    client: Pod
+
+
+@dataclass
+class Settings:
+    rounds: int
+    extra_rounds: int  # rounds added when a round had other people's tracers running
+    seconds: float  # per iperf3 run
+    pingpong_seconds: float
+    steady_pps: int
+    quiet_wait_s: float
+    budget_s: float  # no extra round starts after this long
+    log_dir: Path
+    expected_programs: int
+
+
+def steady_rate(traffic: Traffic, client: Pod, server: Pod, candidates: list[int], seconds: float, progress) -> dict:
+    """The highest of `candidates` (packets/s, 64-byte UDP) this machine carries with tracing off:
+    the sender keeps 97% of the rate and at most 0.5% is lost."""
+    tried = []
+    for pps in candidates:
+        r = traffic.udp_rate(client, server, pps, seconds)
+        ok = r["sent_pps"] >= 0.97 * pps and r["loss_pct"] <= 0.5
+        tried.append({"pps": pps, "sent_pps": round(r["sent_pps"]), "loss_pct": round(r["loss_pct"], 3), "ok": ok})
+        progress(f"steady rate: {pps:,} packets/s offered -> {r['sent_pps']:,.0f} sent, "
+                 f"{r['loss_pct']:.2f}% lost: {'steady' if ok else 'not steady'}")
+        if ok:
+            return {"pps": pps, "tried": tried}
+    return {"pps": candidates[-1], "tried": tried, "note": "no candidate was steady; used the lowest"}
+
+
+def _run_workload(traffic: Traffic, name: str, pods: Pods, dst: Pod, s: Settings) -> dict:
+    if name == "tcp_bulk":
+        return traffic.tcp_bulk(pods.client, dst, s.seconds)
+    if name == "udp_rate":
+        return traffic.udp_rate(pods.client, dst, s.steady_pps, s.seconds)
+    return traffic.pingpong(pods.client, dst, name.removeprefix("pp_"), s.pingpong_seconds)
+
+
+def _phase(traffic: Traffic, pods: Pods, s: Settings, agent_on: bool, progress) -> dict:
+    strangers_before = bpfprogs.wait_quiet(["self"], s.quiet_wait_s, progress)
+    phase: dict = {"agent": agent_on, "started": time.time(), "results": {}, "strangers": strangers_before}
+    agent = None
+    if agent_on:
+        agent = AgentProcess([pods.traced.path], s.log_dir).start(s.expected_programs)
+        phase["attach_wall_s"] = agent.attach_wall_s
+    try:
+        for name in WORKLOADS:
+            for which, dst in (("traced", pods.traced), ("untraced", pods.untraced)):
+                u0 = agent.usage() if agent else None
+                r = _run_workload(traffic, name, pods, dst, s)
+                if agent:
+                    u1 = agent.usage()
+                    r["agent_cpu_pct"] = 100 * (u1.cpu_s - u0.cpu_s) / r["seconds"]
+                    r["agent_user_cpu_pct"] = 100 * (u1.user_s - u0.user_s) / r["seconds"]
+                    r["agent_rss_mib"] = u1.rss_bytes / 2**20
+                phase["results"][f"{name}/{which}"] = r
+        if agent:
+            u = agent.usage(private=True)
+            phase["agent_peak_rss_mib"] = u.peak_rss_bytes / 2**20
+            phase["agent_uss_mib"] = u.uss_bytes / 2**20
+        # Before the agent goes: its programs outlive it for a moment and must not count as strangers'.
+        strangers_after = bpfprogs.foreign_tracers(["self", agent.pid] if agent else ["self"])
+        if agent and not agent.alive():
+            phase["agent_died"] = f"the agent exited during the phase with status {agent.proc.returncode}"
+            progress(f"overhead: {phase['agent_died']}; the round will be repeated if time allows")
+    finally:
+        if agent:
+            try:
+                report = agent.stop()
+                phase["attach_seconds"] = report.get("attach_seconds")
+                phase["agent_counters"] = report.get("counters")
+            except RuntimeError as e:  # the measurement stands; the agent's failure is a finding of its own
+                phase["agent_stop_error"] = str(e)
+                progress(f"overhead: {e}")
+            finally:
+                agent.kill()
+    phase["strangers"] = sorted(set(strangers_before) | set(strangers_after))
+    phase["seconds"] = time.time() - phase["started"]
+    return phase
+
+
+def run(traffic: Traffic, pods: Pods, s: Settings, progress) -> dict:
+    rounds = []
+    clean = 0
+    total_allowed = s.rounds + s.extra_rounds
+    started = time.monotonic()
+    while clean < s.rounds and len(rounds) < total_allowed:
+        if len(rounds) >= s.rounds and time.monotonic() - started > s.budget_s:
+            progress(f"overhead: no time left for another round ({s.budget_s / 60:.0f} min budget)")
+            break
+        i = len(rounds) + 1
+        pair = {}
+        for on in (False, True):
+            progress(f"overhead round {i} (need {s.rounds} clean, at most {total_allowed}): agent "
+                     f"{'on' if on else 'off'}, {len(WORKLOADS) * 2} runs")
+            pair["on" if on else "off"] = _phase(traffic, pods, s, on, progress)
+        pair["clean"] = not (pair["off"]["strangers"] or pair["on"]["strangers"] or pair["on"].get("agent_died"))
+        if not pair["clean"]:
+            seen = sorted(set(pair["off"]["strangers"]) | set(pair["on"]["strangers"]))
+            progress(f"overhead round {i}: other processes' tracing programs were loaded ({', '.join(seen[:3])}"
+                     f"{', ...' if len(seen) > 3 else ''}); it will be repeated if time allows")
+        clean += pair["clean"]
+        rounds.append(pair)
+    # Figures come from the clean rounds; if too few were clean, from all of them (and the report says so).
+    used = [i for i, r in enumerate(rounds) if r["clean"]]
+    if len(used) < s.rounds:
+        used = list(range(len(rounds)))
+    return {"rounds": rounds, "rounds_used": used, "clean_rounds": clean,
+            "summary": summarise([rounds[i] for i in used])}
+
+
+def summarise(rounds: list[dict]) -> dict:
+    out = {}
+    for name in WORKLOADS:
+        for which in ("traced", "untraced"):
+            key = f"{name}/{which}"
+            off = [r["off"]["results"][key] for r in rounds]
+            on = [r["on"]["results"][key] for r in rounds]
+            if name == "tcp_bulk":
+                out[key] = {"gbit_s": stats.paired([x["gbit_s"] for x in off], [x["gbit_s"] for x in on]),
+                            "cpu_ns_per_packet": stats.paired([x["busy_cpu_ns_per_packet"] for x in off],
+                                                              [x["busy_cpu_ns_per_packet"] for x in on])}
+            elif name == "udp_rate":
+                out[key] = {"delivered_pps": stats.paired([x["delivered_pps"] for x in off],
+                                                          [x["delivered_pps"] for x in on]),
+                            "loss_pct": stats.paired([x["loss_pct"] for x in off], [x["loss_pct"] for x in on]),
+                            "cpu_ns_per_packet": stats.paired([x["busy_cpu_ns_per_packet"] for x in off],
+                                                              [x["busy_cpu_ns_per_packet"] for x in on])}
+            else:
+                out[key] = {q: stats.paired([x[q] for x in off], [x[q] for x in on]) for q in ("p50_us", "p99_us")}
+    agent_runs = [r["on"]["results"]["udp_rate/traced"] for r in rounds]
+    out["agent_at_steady_rate"] = {
+        "cpu_pct": stats.median([x["agent_cpu_pct"] for x in agent_runs]),
+        "user_cpu_pct": stats.median([x["agent_user_cpu_pct"] for x in agent_runs]),
+        "rss_mib": max(x["agent_rss_mib"] for x in agent_runs),
+        "peak_rss_mib": max(r["on"]["agent_peak_rss_mib"] for r in rounds),
+        "uss_mib": max(r["on"]["agent_uss_mib"] for r in rounds),
+        "pps": stats.median([x["delivered_pps"] for x in agent_runs]),
+    }
+    out["attach"] = {"agent_reported_s": [r["on"].get("attach_seconds") for r in rounds],
+                     "process_start_to_attached_s": [r["on"]["attach_wall_s"] for r in rounds]}
+    return out
+
+
+def _spread(p: dict, as_pct: bool = True) -> str:
+    if p["ratio_min"] is None:
+        return ""
+    if as_pct:
+        return f"pairs {pct(p['ratio_min'])} … {pct(p['ratio_max'])}"
+    return f"pairs {p['delta_min']:+.2f} … {p['delta_max']:+.2f} µs"
+
+
+def rows(data: dict, steady_pps: int) -> list[Row]:
+    out: list[Row] = []
+    sm = data["summary"]
+    n = len(data["rounds_used"])
+    for which in ("traced", "untraced"):
+        tag = "into the traced pod" if which == "traced" else "into an untraced pod, another pod traced"
+        p = sm[f"tcp_bulk/{which}"]["gbit_s"]
+        out.append(Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
+                       fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "≥ −2%",
+                       p["ratio"] is not None and p["ratio"] >= 0.98, note=f"median of {n} rounds"))
+        p = sm[f"udp_rate/{which}"]["delivered_pps"]
+        out.append(Row("overhead", f"{TITLES['udp_rate']} at {steady_pps:,} pkt/s offered, {tag}",
+                       fmt(p["median_off"], 0, "pkt/s"), fmt(p["median_on"], 0, "pkt/s"),
+                       f"{pct(p['ratio'])} ({_spread(p)})", "≥ −5%", p["ratio"] is not None and p["ratio"] >= 0.95))
+        p = sm[f"udp_rate/{which}"]["cpu_ns_per_packet"]
+        out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
+                       fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"),
+                       f"{pct(p['ratio'])} ({_spread(p)})", "—", None, note="all CPUs, whole machine"))
+        for proto in ("tcp", "udp"):
+            key = f"pp_{proto}/{which}"
+            p50, p99 = sm[key]["p50_us"], sm[key]["p99_us"]
+            out.append(Row("overhead", f"{TITLES['pp_' + proto]} p50 {tag}", fmt(p50["median_off"], 2, "µs"),
+                           fmt(p50["median_on"], 2, "µs"), f"{p50['delta']:+.2f} µs ({_spread(p50, False)})",
+                           "≤ +1 µs", p50["delta"] is not None and p50["delta"] <= 1.0, note="round trip"))
+            out.append(Row("overhead", f"{TITLES['pp_' + proto]} p99 {tag}", fmt(p99["median_off"], 2, "µs"),
+                           fmt(p99["median_on"], 2, "µs"), f"{pct(p99['ratio'])} ({_spread(p99)})",
+                           "≤ +5%", p99["ratio"] is not None and p99["ratio"] <= 1.05, note="round trip"))
+    return out
+
+
+def agent_rows(data: dict, steady_pps: int) -> list[Row]:
+    sm = data["summary"]
+    a = sm["agent_at_steady_rate"]
+    att = sm["attach"]
+    wall = [x for x in att["process_start_to_attached_s"] if x is not None]
+    own = [x for x in att["agent_reported_s"] if x is not None]
+    return [
+        Row("agent", f"agent process CPU (user+system) at {a['pps']:,.0f} pkt/s delivered into the traced pod",
+            "0 (no agent)", f"{a['cpu_pct']:.1f}% of one core", f"user {a['user_cpu_pct']:.1f}%", "—", None,
+            note=f"UDP 64 B, {steady_pps:,} pkt/s offered: the highest steady rate found"),
+        Row("agent", f"agent resident memory while tracing at {steady_pps:,} pkt/s (RSS)", "—",
+            f"{a['rss_mib']:.0f} MiB", f"of which private (USS) {a['uss_mib']:.0f} MiB", "≤ 150 MB",
+            a["rss_mib"] * 2**20 <= 150e6, note="largest of the rounds"),
+        Row("agent", "agent peak resident memory (VmHWM: while BCC compiles the probes)", "—",
+            f"{a['peak_rss_mib']:.0f} MiB", "", "≤ 150 MB", a["peak_rss_mib"] * 2**20 <= 150e6,
+            note="what a container memory limit must allow"),
+        Row("agent", "process start to all probes attached", "—",
+            f"{stats.median(wall):.2f} s (max {max(wall):.2f} s)" if wall else "n/a",
+            f"agent's own attach_seconds {stats.median(own):.2f} s" if own else "", "≤ 5 s",
+            bool(wall) and max(wall) <= 5.0, note=f"{len(wall)} starts"),
+    ]

@@ -1,0 +1,48 @@
+"""The benchmark harness end to end, tiny: `--quick` runs every part for real (agent, bpftrace, iperf3,
+sockperf, a control plane with kwok) for a second or so each, and writes all three result files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.bench import cli
+from tests.bench.results import SECTIONS
+
+COLUMNS = {"section", "measurement", "baseline", "with_agent", "change", "target", "met", "note"}
+
+
+@pytest.mark.timeout(1200)
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # BCC warns about str sources, printing them whole
+def test_quick_run_writes_results_table_json_and_plot(tmp_path):
+    status = cli.main(["--quick", "--out", str(tmp_path)])
+
+    doc = json.loads((tmp_path / "results.json").read_text())
+    errors = {k: s["error"] for k, s in doc["sections"].items() if "error" in s}
+    assert status == 0 and not errors, errors
+    for key in ("kernel", "cpu_model", "cores", "memory_gib", "date"):
+        assert doc["machine"][key], key
+    assert "--quick" in doc["command"]
+    by_section: dict[str, list[dict]] = {}
+    for row in doc["rows"]:
+        assert set(row) == COLUMNS, row
+        assert row["section"] in SECTIONS
+        by_section.setdefault(row["section"], []).append(row)
+    assert set(by_section) == set(SECTIONS), f"sections without rows: {set(SECTIONS) - set(by_section)}"
+    assert any(r["met"] is not None for r in doc["rows"])
+    # Figures the reader relies on are real numbers, not placeholders.
+    assert doc["sections"]["overhead"]["summary"]["tcp_bulk/traced"]["gbit_s"]["median_off"] > 0
+    assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
+    assert doc["sections"]["fidelity"]["accounting"]["server_segments"]["rx_pod_stack"]["count"] > 0
+    scale = next(iter(doc["sections"]["controlplane"]["scales"].values()))
+    assert scale["published_nodes"] == scale["nodes"]
+
+    md = (tmp_path / "results.md").read_text()
+    assert md.startswith("# latencytrace benchmark results")
+    assert "| measurement | baseline | with agent | ratio/delta | target | met? |" in md
+    for title in SECTIONS.values():
+        assert f"## {title}" in md, title
+
+    png = (tmp_path / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000

@@ -1,0 +1,198 @@
+"""The two tracers under test, each as its own process: the latencytrace agent and a bpftrace script.
+
+Both are started, waited for until their probes are attached (time measured from the start of the
+process), sampled while they run (BPF statistics, CPU, memory), and stopped with the signal their
+users would send, after which their own report is parsed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from latencytrace.node_agent.probes import PROBES
+
+from .bpfprogs import ProgramSet, ProgStats
+from .system import ProcessUsage, process_usage
+
+AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
+BPF_SCRIPT = Path(__file__).resolve().with_name("segments.bt")
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    """Environment for child processes: never the repository on PYTHONPATH (its operator/ folder
+    would shadow the standard library's `operator`)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.update(extra)
+    return env
+
+
+class TracerProcess:
+    name = "tracer"
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.started = 0.0
+        self.attach_wall_s: float | None = None
+        self.progs: ProgramSet | None = None
+        self.stderr_path: Path | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def _spawn(self, cmd: list[str], log_dir: Path, env: dict[str, str]) -> None:
+        self.stderr_path = log_dir / f"{self.name}-{int(time.time() * 1000)}.stderr"
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr_path.open("w"), text=True,
+                                     env=env)
+        self.progs = ProgramSet(self.proc.pid)
+
+    def _fail(self, what: str) -> RuntimeError:
+        err = self.stderr_path.read_text()[-1500:] if self.stderr_path else ""
+        return RuntimeError(f"{self.name} {what}: {err.strip()}")
+
+    def _wait_programs(self, ready: Callable[[int], bool], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise self._fail(f"exited with status {self.proc.returncode} before attaching")
+            n = len(self.progs.ids())
+            if ready(n):
+                self.attach_wall_s = time.monotonic() - self.started
+                self.progs.resolve_names()
+                return
+            if time.monotonic() > deadline:
+                raise self._fail(f"had {n} programs loaded after {timeout:.0f} s")
+            time.sleep(0.02)
+
+    def stats(self) -> dict[str, ProgStats]:
+        return self.progs.snapshot()
+
+    def usage(self, private: bool = False) -> ProcessUsage:
+        return process_usage(self.pid, private)
+
+    def _signal_and_collect(self, sig: int, timeout: float) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            out, _ = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            out, _ = self.proc.communicate()
+            raise self._fail(f"did not stop within {timeout:.0f} s of signal {sig}") from None
+        return out
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.communicate()
+
+
+class AgentProcess(TracerProcess):
+    """`latencytrace-agent trace --netns ... --format json`, as a user runs it; stopped with SIGTERM."""
+
+    name = "agent"
+
+    def __init__(self, netns_paths: list[str], log_dir: Path, extra_args: tuple[str, ...] = ()):
+        super().__init__()
+        self.netns_paths = netns_paths
+        self.log_dir = log_dir
+        self.extra_args = extra_args
+        self.report: dict | None = None
+
+    @staticmethod
+    def expected_programs() -> int:
+        """Programs the agent loads on this kernel (a program attached to several tracepoints counts once)."""
+        from latencytrace.node_agent.kernel import features
+        from latencytrace.node_agent.kernel.btf import KernelBTF
+
+        feats = features.probe(KernelBTF.load(), PROBES)
+        return len({p.program for p in feats.usable})
+
+    def start(self, expected_programs: int, timeout: float = 120) -> AgentProcess:
+        cmd = [AGENT, "trace", "--format", "json", "--duration", "86400", "--interval", "1", *self.extra_args]
+        for path in self.netns_paths:
+            cmd += ["--netns", path]
+        # A crash in native code (BCC) then leaves every thread's Python stack in the stderr log.
+        self._spawn(cmd, self.log_dir, clean_env(PYTHONFAULTHANDLER="1"))
+        self._wait_programs(lambda n: n >= expected_programs, timeout)
+        time.sleep(1.0)  # the agent writes its targets right after attaching; let it, and settle
+        return self
+
+    def stop(self) -> dict:
+        out = self._signal_and_collect(signal.SIGTERM, 60)
+        if self.proc.returncode != 0:
+            raise self._fail(f"exited with status {self.proc.returncode}"
+                             + (" (killed by signal %d)" % -self.proc.returncode if self.proc.returncode < 0 else ""))
+        self.report = json.loads(out)
+        return self.report
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+
+class BpftraceProcess(TracerProcess):
+    """bpftrace running tests/bench/segments.bt; stopped with SIGINT, which prints its maps as JSON."""
+
+    name = "bpftrace"
+
+    def __init__(self, params: list[int], log_dir: Path, script: Path = BPF_SCRIPT):
+        super().__init__()
+        self.params = params
+        self.log_dir = log_dir
+        self.script = script
+        self.maps: dict[str, dict] = {}
+        self._lines: list[str] = []
+        self._attached = threading.Event()
+        self._reader: threading.Thread | None = None
+
+    def start(self, timeout: float = 120) -> BpftraceProcess:
+        cmd = ["bpftrace", "-f", "json", str(self.script), *(str(p) for p in self.params)]
+        # Keys of in-flight and histogram maps: room for the packets of a busy second.
+        self._spawn(cmd, self.log_dir, clean_env(BPFTRACE_MAP_KEYS_MAX="65536"))
+        self._reader = threading.Thread(target=self._read, daemon=True, name="bpftrace-stdout")
+        self._reader.start()
+        deadline = time.monotonic() + timeout
+        while not self._attached.wait(0.02):
+            if self.proc.poll() is not None:
+                raise self._fail(f"exited with status {self.proc.returncode} before attaching")
+            if time.monotonic() > deadline:
+                raise self._fail(f"did not attach within {timeout:.0f} s")
+        self.attach_wall_s = time.monotonic() - self.started
+        self.progs.resolve_names()
+        time.sleep(0.5)
+        return self
+
+    def _read(self) -> None:
+        for line in self.proc.stdout:
+            self._lines.append(line)
+            if '"attached_probes"' in line:
+                self._attached.set()
+
+    def stop(self) -> dict[str, dict]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+            raise self._fail("did not stop within 120 s of SIGINT") from None
+        self._reader.join(timeout=30)  # until bpftrace's last line (its maps) is read
+        for line in self._lines:
+            try:
+                doc = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if doc.get("type") == "map":
+                self.maps.update(doc["data"])
+        return self.maps

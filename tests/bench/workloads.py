@@ -1,0 +1,152 @@
+"""The traffic the benchmarks measure: iperf3 (TCP bulk, UDP at a fixed packet rate) and sockperf
+ping-pong (TCP and UDP request/response), from a client pod into a server pod of the lab.
+
+Client and server are pinned to different CPUs so that each run places the work the same way; every
+run also reports the packets that crossed the server pod's veth and the CPU time the whole machine
+spent meanwhile, from which the per-packet figures are made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from tests.netlab import Pod
+
+from .system import busy_cpu_ns, link_packets
+
+IPERF_PORT = 5201
+SOCKPERF_PORT = 11111
+UDP_PAYLOAD = 64  # bytes: small packets, where the per-packet cost of tracing shows most
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+class WorkloadError(RuntimeError):
+    pass
+
+
+@dataclass
+class Window:
+    """Machine-wide counters around one run."""
+
+    packets: int  # packets in and out of the server pod
+    busy_cpu_ns: float
+    seconds: float
+
+
+class Traffic:
+    def __init__(self, client_cpu: int = 0, server_cpu: int | None = None):
+        ncpu = os.cpu_count() or 1
+        self.client_cpu = client_cpu
+        self.server_cpu = ncpu - 1 if server_cpu is None else server_cpu
+
+    # -- plumbing ------------------------------------------------------------------------------
+    def _pinned(self, pod: Pod, cpu: int, *cmd: str) -> list[str]:
+        return pod.exec("taskset", "-c", str(cpu), *cmd)
+
+    @contextlib.contextmanager
+    def _server(self, pod: Pod, port: int, udp: bool, *cmd: str) -> Iterator[subprocess.Popen]:
+        proc = subprocess.Popen(self._pinned(pod, self.server_cpu, *cmd), stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)
+        try:
+            _wait_listening(pod, port, udp, proc)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+            try:
+                proc.communicate(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+
+    def _client(self, client: Pod, timeout: float, *cmd: str) -> str:
+        out = subprocess.run(self._pinned(client, self.client_cpu, *cmd), capture_output=True, text=True,
+                             timeout=timeout)
+        if out.returncode != 0:
+            raise WorkloadError(f"{' '.join(cmd[:2])} failed in pod {client.name}: "
+                                f"{(out.stderr or out.stdout).strip()[-400:]}")
+        return out.stdout
+
+    @contextlib.contextmanager
+    def _window(self, server: Pod) -> Iterator[Window]:
+        w = Window(0, 0.0, 0.0)
+        p0, c0, t0 = link_packets(server.host_veth), busy_cpu_ns(), time.monotonic()
+        yield w
+        w.packets = link_packets(server.host_veth) - p0
+        w.busy_cpu_ns = busy_cpu_ns() - c0
+        w.seconds = time.monotonic() - t0
+
+    # -- workloads -----------------------------------------------------------------------------
+    def tcp_bulk(self, client: Pod, server: Pod, seconds: float) -> dict:
+        """iperf3 TCP bulk transfer client -> server: delivered throughput."""
+        with self._server(server, IPERF_PORT, False, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)), \
+                self._window(server) as w:
+            out = self._client(client, seconds + 30, "iperf3", "-c", server.ip, "-p", str(IPERF_PORT),
+                               "-t", str(seconds), "-J")
+        end = json.loads(out)["end"]
+        return {"gbit_s": end["sum_received"]["bits_per_second"] / 1e9,
+                "retransmits": end["sum_sent"].get("retransmits", 0),
+                "packets": w.packets, "busy_cpu_ns_per_packet": w.busy_cpu_ns / max(w.packets, 1),
+                "seconds": w.seconds}
+
+    def udp_rate(self, client: Pod, server: Pod, pps: int, seconds: float) -> dict:
+        """iperf3 UDP at a fixed offered rate of small datagrams: what arrives and what it costs."""
+        # 4 MiB socket buffers on both ends (iperf3 passes -w to the server): iperf3 paces in 1 ms
+        # bursts, which would overflow default buffers even without tracing.
+        with self._server(server, IPERF_PORT, False, "iperf3", "-s", "-1", "-p", str(IPERF_PORT)), \
+                self._window(server) as w:
+            out = self._client(client, seconds + 30, "iperf3", "-c", server.ip, "-p", str(IPERF_PORT), "-u",
+                               "-b", str(pps * UDP_PAYLOAD * 8), "-l", str(UDP_PAYLOAD), "-w", "4M",
+                               "-t", str(seconds), "-J")
+        end = json.loads(out)["end"]
+        sent = end["sum_sent"]["packets"]
+        rcv = end["sum_received"]
+        read = rcv["packets"] - rcv["lost_packets"]  # datagrams the receiving application got
+        return {"offered_pps": pps, "sent": sent, "received": read,
+                "sent_pps": sent / end["sum_sent"]["seconds"],
+                "delivered_pps": read / rcv["seconds"] if rcv["seconds"] else 0.0,
+                "loss_pct": 100.0 * (sent - read) / sent if sent else 0.0,
+                "packets": w.packets, "busy_cpu_ns_per_packet": w.busy_cpu_ns / max(w.packets, 1),
+                "seconds": w.seconds}
+
+    def pingpong(self, client: Pod, server: Pod, proto: str, seconds: float) -> dict:
+        """sockperf ping-pong (one request in flight): round-trip time percentiles in microseconds."""
+        tcp = ["--tcp"] if proto == "tcp" else []
+        with self._server(server, SOCKPERF_PORT, proto == "udp", "sockperf", "sr", "-i", server.ip,
+                          "-p", str(SOCKPERF_PORT), *tcp), self._window(server) as w:
+            out = self._client(client, seconds + 30, "sockperf", "pp", "-i", server.ip, "-p", str(SOCKPERF_PORT),
+                               *tcp, "-t", str(seconds), "-m", str(UDP_PAYLOAD), "--full-rtt")
+        res = parse_sockperf(out)
+        res.update(packets=w.packets, seconds=w.seconds)
+        return res
+
+
+def parse_sockperf(text: str) -> dict:
+    text = _ANSI.sub("", text)
+    pct = {float(p): float(v) for p, v in re.findall(r"percentile\s+([\d.]+)\s*=\s*([\d.]+)", text)}
+    avg = re.search(r"avg-(?:rtt|lat)=([\d.]+)", text)
+    obs = re.search(r"Total (\d+) observations", text)
+    if 50.0 not in pct or 99.0 not in pct or not obs:
+        raise WorkloadError(f"cannot read sockperf's result from: {text.strip()[-400:]}")
+    return {"p50_us": pct[50.0], "p90_us": pct.get(90.0), "p99_us": pct[99.0], "p999_us": pct.get(99.9),
+            "avg_us": float(avg.group(1)) if avg else None, "round_trips": int(obs.group(1))}
+
+
+def _wait_listening(pod: Pod, port: int, udp: bool, proc: subprocess.Popen, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    flag = "-u" if udp else "-t"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise WorkloadError(f"server in pod {pod.name} exited: {proc.stdout.read()[-400:]}")
+        out = subprocess.run(pod.exec("ss", "-Hln", flag, f"sport = :{port}"), capture_output=True, text=True)
+        if out.stdout.strip():
+            return
+        time.sleep(0.05)
+    raise WorkloadError(f"nothing listens on port {port} in pod {pod.name} after {timeout:.0f} s")
