@@ -34,7 +34,7 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
         lt_count_drop(f->slot, dir, reason);
         struct lt_target *t = lt_target(f->slot);
         if (t && lt_wants(t, dir))
-            lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason, NULL);
+            lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason);
         if (dir == LT_DIR_RX)
             lt_rx_flight.delete(&key);
         else

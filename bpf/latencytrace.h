@@ -49,6 +49,14 @@ struct lt_in6 {
     u32 a[4];
 };
 
+#define LT_DEV_CACHE 4 /* a packet crosses about four devices on its way into a pod (veths, bridge) */
+
+struct lt_dev_ent {
+    u64 dev;
+    u32 inum;
+    s32 slot; /* target slot of the device's namespace, -1: untraced */
+};
+
 struct lt_cpu_ctx {
     u64 t_pending; /* NET_RX became pending on this CPU (NIC hardirq or softirq raise); 0: not pending */
     u64 t_irq;     /* pending time of the NET_RX run now executing */
@@ -56,21 +64,9 @@ struct lt_cpu_ctx {
     u64 rx_skb;    /* skb in a traced pod's stack on this CPU, awaiting sk_data_ready */
     u64 tx_skb;    /* skb of a traced pod that just reached the host, for local delivery */
     u32 rx_netns;  /* namespace of rx_skb */
-    u64 dev_cache; /* the last device seen on this CPU, */
-    u32 dev_inum;  /* its namespace, */
-    s32 dev_slot;  /* that namespace's target slot (-1: untraced) */
+    struct lt_dev_ent devs[LT_DEV_CACHE]; /* the last devices seen on this CPU and their answers, */
     u32 dev_gen;   /* while the target set was at this generation */
-    u32 pad;
-};
-
-struct lt_flight {
-    u64 ts[LT_NBOUND]; /* boundary timestamps (bpf_ktime_get_ns), 0: not seen */
-    u32 slot;
-    u32 len;
-    u32 ifindex[3];    /* RX: host device, pod device; TX: pod device, host device, egress device */
-    u16 cpu;           /* CPU of the first boundary */
-    u8 flags;
-    u8 pad;
+    u32 dev_next;  /* the entry to replace next */
 };
 
 struct lt_addrs {
@@ -81,6 +77,17 @@ struct lt_addrs {
     u8 proto;
     u8 family; /* 4 or 6; 0: addresses unknown */
     u16 pad;
+};
+
+struct lt_flight {
+    u64 ts[LT_NBOUND]; /* boundary timestamps (bpf_ktime_get_ns), 0: not seen */
+    u32 slot;
+    u32 len;
+    u32 ifindex[3];    /* RX: host device, pod device; TX: pod device, host device, egress device */
+    u16 cpu;           /* CPU of the first boundary */
+    u8 flags;
+    u8 pad;
+    struct lt_addrs addr; /* RX: read with the addresses that identified the packet, at no extra cost */
 };
 
 struct lt_event {
@@ -107,7 +114,7 @@ struct lt_event {
 
 /* A UDP packet waiting in its socket's queue. UDP copies data out without a tracepoint that names the
  * skb, so the read side is matched by order instead: the n-th packet queued on a socket is its n-th
- * datagram read (sock_recv_length). Addresses are taken while the skb is still certainly alive. */
+ * datagram read (sock_recv_length). */
 struct lt_sockq_key {
     u64 sk;
     u64 seq;
@@ -115,7 +122,6 @@ struct lt_sockq_key {
 
 struct lt_sockq_val {
     struct lt_flight f;
-    struct lt_addrs addr;
     u64 skb;
 };
 
@@ -405,29 +411,52 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
 }
 
 /* Slots of the traced pods a packet comes from and goes to (-1: none), from the addresses in its
- * network header at nh. Two lookups in a small, hot map: the cheap test that lets everything else
- * skip the larger in-flight maps, whose cache misses are what a probe mostly costs. */
+ * network header at nh: two lookups in small, hot tables, the cheap test that lets everything else
+ * skip the larger in-flight maps, whose cache misses are what a probe mostly costs. The same read takes
+ * the ports too (assuming no IP options or IPv6 extension headers; else they stay 0), so that a packet
+ * followed from here carries its addresses without reading them again. */
 struct lt_ends {
     s32 src;
     s32 dst;
+    struct lt_addrs addr;
 };
 
 static __always_inline void lt_ip_ends(struct lt_skb_view *v, void *nh, struct lt_ends *e)
 {
     e->src = -1;
     e->dst = -1;
+    __builtin_memset(&e->addr, 0, sizeof(e->addr));
     if (v->protocol == LT_ETH_P_IP) {
-        u32 a[2];
-        if (bpf_probe_read_kernel(a, sizeof(a), nh + 12) < 0)
+        u32 h[6]; /* the 20-byte header without options, then the ports */
+        if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
             return;
-        e->src = lt_ip4_slot(a[0]);
-        e->dst = lt_ip4_slot(a[1]);
+        e->addr.family = 4;
+        e->addr.proto = (h[2] >> 8) & 0xff;
+        e->addr.saddr[0] = h[3];
+        e->addr.daddr[0] = h[4];
+        if ((h[0] & 0xf) == 5 && (e->addr.proto == 6 || e->addr.proto == 17)) {
+            e->addr.sport = h[5] & 0xffff;
+            e->addr.dport = h[5] >> 16;
+        }
+        e->src = lt_ip4_slot(h[3]);
+        e->dst = lt_ip4_slot(h[4]);
     } else if (v->protocol == LT_ETH_P_IPV6) {
-        struct lt_in6 a[2];
-        if (bpf_probe_read_kernel(a, sizeof(a), nh + 8) < 0)
+        u32 h[11]; /* the 40-byte header, then the ports */
+        if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
             return;
-        e->src = lt_ip6_slot(&a[0]);
-        e->dst = lt_ip6_slot(&a[1]);
+        e->addr.family = 6;
+        e->addr.proto = (h[1] >> 16) & 0xff;
+#pragma unroll
+        for (int i = 0; i < 4; i++) {
+            e->addr.saddr[i] = h[2 + i];
+            e->addr.daddr[i] = h[6 + i];
+        }
+        if (e->addr.proto == 6 || e->addr.proto == 17) {
+            e->addr.sport = h[10] & 0xffff;
+            e->addr.dport = h[10] >> 16;
+        }
+        e->src = lt_ip6_slot((struct lt_in6 *)&e->addr.saddr);
+        e->dst = lt_ip6_slot((struct lt_in6 *)&e->addr.daddr);
     }
 }
 
@@ -473,7 +502,7 @@ static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
 
 /* Send the packet's journey to user space if it is slow, sampled or dropped, within the rate cap. */
 static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u32 dir, u8 kind, u64 total,
-                                    void *skb, u32 drop_reason, struct lt_addrs *addr)
+                                    void *skb, u32 drop_reason)
 {
     if (!kind) {
         if (t->slow_ns && total >= t->slow_ns)
@@ -517,10 +546,10 @@ static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u3
     e->cpu_last = bpf_get_smp_processor_id();
     e->dir = dir;
     e->kind = kind;
-    if (addr)
-        __builtin_memcpy(&e->saddr, addr, sizeof(*addr));
+    if (f->addr.family)
+        __builtin_memcpy(&e->saddr, &f->addr, sizeof(f->addr));
     else
-        lt_fill_addrs((struct lt_addrs *)&e->saddr, skb);
+        lt_fill_addrs((struct lt_addrs *)&e->saddr, skb); /* transmitted packets: read only when emitted */
     lt_events.ringbuf_submit(e, 0);
 }
 
@@ -530,25 +559,34 @@ static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
     return lt_cpu.lookup(&zero);
 }
 
-/* Target slot of the namespace a device is in (-1: untraced). Packets come in runs on the same device,
- * so each CPU remembers its last device's answer and skips the pointer chase and the lookup while the
- * target set is unchanged. (A device freed and its memory reused for another within such a run would
- * inherit the answer until the CPU sees another device or the targets change.) */
+/* Target slot of the namespace a device is in (-1: untraced). Each CPU remembers the answers for the
+ * last few devices it saw (a packet into a pod crosses the NIC or a veth, the bridge, the pod's veth)
+ * and skips the pointer chase and the lookup while the target set is unchanged. (A device freed and its
+ * memory reused for another would inherit the answer until it leaves the cache or the targets change.) */
 static __always_inline s32 lt_dev_slot(struct lt_cpu_ctx *c, void *dev, u32 *inum_out)
 {
     u32 zero = 0;
     u32 *genp = lt_gen.lookup(&zero);
     u32 gen = genp ? *genp : 0;
-    if (c->dev_cache == (u64)dev && c->dev_gen == gen) {
-        *inum_out = c->dev_inum;
-        return c->dev_slot;
+    if (c->dev_gen != gen) {
+#pragma unroll
+        for (int i = 0; i < LT_DEV_CACHE; i++)
+            c->devs[i].dev = 0;
+        c->dev_gen = gen;
+    }
+#pragma unroll
+    for (int i = 0; i < LT_DEV_CACHE; i++) {
+        if (c->devs[i].dev == (u64)dev) {
+            *inum_out = c->devs[i].inum;
+            return c->devs[i].slot;
+        }
     }
     u32 inum = lt_dev_netns(dev);
     s32 slot = lt_netns_slot(inum);
-    c->dev_cache = (u64)dev;
-    c->dev_gen = gen;
-    c->dev_slot = slot;
-    c->dev_inum = inum;
+    u32 i = c->dev_next++ & (LT_DEV_CACHE - 1);
+    c->devs[i].dev = (u64)dev;
+    c->devs[i].inum = inum;
+    c->devs[i].slot = slot;
     *inum_out = inum;
     return slot;
 }

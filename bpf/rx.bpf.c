@@ -15,9 +15,11 @@
 #define LT_IPPROTO_UDP 17
 
 static __always_inline void lt_rx_start(struct lt_target *t, u32 slot, struct lt_cpu_ctx *c,
-                                        struct lt_skb_view *v, u64 key, u32 boundary, u64 now)
+                                        struct lt_skb_view *v, struct lt_addrs *addr, u64 key, u32 boundary,
+                                        u64 now)
 {
     struct lt_flight nf = {};
+    nf.addr = *addr;
     nf.slot = slot;
     nf.cpu = bpf_get_smp_processor_id();
     nf.len = v->len;
@@ -33,7 +35,7 @@ static __always_inline void lt_rx_start(struct lt_target *t, u32 slot, struct lt
 }
 
 /* Host side: a packet addressed to traced pod `slot`. */
-static __always_inline void lt_rx_host(struct lt_skb_view *v, u64 key, u32 slot)
+static __always_inline void lt_rx_host(struct lt_skb_view *v, struct lt_addrs *addr, u64 key, u32 slot)
 {
     struct lt_target *t = lt_target(slot);
     struct lt_cpu_ctx *c = lt_this_cpu();
@@ -46,12 +48,12 @@ static __always_inline void lt_rx_host(struct lt_skb_view *v, u64 key, u32 slot)
             return; /* already seen on an earlier host device (e.g. the NIC before the bridge) */
         lt_count(LT_C_STALE);
     }
-    lt_rx_start(t, slot, c, v, key, LT_B_RX_HOST_RX, now);
+    lt_rx_start(t, slot, c, v, addr, key, LT_B_RX_HOST_RX, now);
 }
 
 /* Pod side: the packet reached a device inside a traced pod. */
-static __always_inline void lt_rx_pod(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 slot, u32 inum,
-                                      u64 now)
+static __always_inline void lt_rx_pod(struct lt_cpu_ctx *c, struct lt_skb_view *v, struct lt_addrs *addr, u64 key,
+                                      u32 slot, u32 inum, u64 now)
 {
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
@@ -68,7 +70,7 @@ static __always_inline void lt_rx_pod(struct lt_cpu_ctx *c, struct lt_skb_view *
         if (f)
             lt_count(LT_C_STALE);
         /* No host-side sighting: sent from the host itself, or from an address we do not know. */
-        lt_rx_start(t, slot, c, v, key, LT_B_RX_POD_RX, now);
+        lt_rx_start(t, slot, c, v, addr, key, LT_B_RX_POD_RX, now);
     }
     c->rx_skb = key;
     c->rx_netns = inum;
@@ -95,7 +97,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         tf = lt_tx_flight.lookup(&key); /* only a traced pod's packets can be in transmit flight */
     if (slot >= 0) {
         u64 now = bpf_ktime_get_ns();
-        lt_rx_pod(c, &v, key, slot, inum, now);
+        lt_rx_pod(c, &v, &ends.addr, key, slot, inum, now);
         if (tf)
             lt_tx_arrive(c, tf, key, skb, v.dev, slot, now);
         return 0;
@@ -103,12 +105,12 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     if (tf)
         lt_tx_arrive(c, tf, key, skb, v.dev, -1, bpf_ktime_get_ns());
     if (ends.dst >= 0)
-        lt_rx_host(&v, key, ends.dst);
+        lt_rx_host(&v, &ends.addr, key, ends.dst);
     return 0;
 }
 
 /* The end of a received packet's journey: the application read it. */
-static __always_inline void lt_rx_read(struct lt_flight *f, void *skb, struct lt_addrs *addr, u64 now)
+static __always_inline void lt_rx_read(struct lt_flight *f, void *skb, u64 now)
 {
     struct lt_target *t = lt_target(f->slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
@@ -117,7 +119,7 @@ static __always_inline void lt_rx_read(struct lt_flight *f, void *skb, struct lt
     u64 first = lt_first(f);
     lt_record(t, f->slot, LT_SEG_RX_SOCKET_QUEUE, f->ts[LT_B_RX_SOCK_READY], now);
     lt_record(t, f->slot, LT_SEG_RX_TOTAL, first, now);
-    lt_emit(t, f, LT_DIR_RX, 0, now - first, skb, 0, addr);
+    lt_emit(t, f, LT_DIR_RX, 0, now - first, skb, 0);
 }
 
 /* UDP: move a readied packet to its socket's queue (see lt_sockq_val). f may be NULL for a packet we
@@ -146,7 +148,6 @@ static __always_inline void lt_sockq_push(void *sk, struct lt_flight *f, u64 skb
     if (f) {
         val.f = *f;
         val.skb = skb;
-        lt_fill_addrs(&val.addr, (void *)skb);
     }
     lt_sockq.update(&k, &val);
 }
@@ -216,7 +217,7 @@ int lt_skb_copy_datagram_iovec(struct bpf_raw_tracepoint_args *ctx)
     if (!f)
         return 0;
     if (f->ts[LT_B_RX_SOCK_READY])
-        lt_rx_read(f, skb, NULL, bpf_ktime_get_ns());
+        lt_rx_read(f, skb, bpf_ktime_get_ns());
     lt_rx_flight.delete(&key);
     return 0;
 }
@@ -245,7 +246,7 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
     if (!val)
         return 0;
     if (val->f.ts[LT_B_RX_SOCK_READY])
-        lt_rx_read(&val->f, (void *)val->skb, &val->addr, bpf_ktime_get_ns());
+        lt_rx_read(&val->f, (void *)val->skb, bpf_ktime_get_ns());
     lt_sockq.delete(&k);
     return 0;
 }

@@ -19,7 +19,7 @@ static __always_inline void lt_tx_finish(u64 key, struct lt_flight *f, u64 done,
         }
         u64 first = lt_first(f);
         lt_record(t, f->slot, LT_SEG_TX_TOTAL, first, done);
-        lt_emit(t, f, LT_DIR_TX, 0, done - first, skb, 0, NULL);
+        lt_emit(t, f, LT_DIR_TX, 0, done - first, skb, 0);
     }
     lt_tx_flight.delete(&key);
 }

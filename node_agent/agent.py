@@ -122,6 +122,7 @@ class Agent:
                 self.states[key] = TargetState(key, "Tracing", "", target)
             except TargetError as e:
                 self.states[key] = TargetState(key, "Failed", str(e))
+        self.registry.attach_wanted()
         return dict(self.states)
 
     def _still_there(self, key: str) -> Namespace | None:

@@ -213,5 +213,12 @@ class Registry:
             log.info("stopped tracing %s (slot %d)", target.label, target.slot)
         return target
 
+    def attach_wanted(self) -> None:
+        """Only the probes the targets' segments need: none at all while there is no target."""
+        wanted = 0
+        for t in self.by_inode.values():
+            wanted |= t.settings.wanted_segments()
+        self.tracer.want(wanted)
+
     def by_slot(self) -> dict[int, Target]:
         return {t.slot: t for t in self.by_inode.values()}

@@ -13,12 +13,14 @@ import os
 import time
 from dataclasses import dataclass, field
 
-from . import lookup, program
+from . import lookup, program, segments
 from .kernel import bpfsys, features as kfeatures, headers, memory, offsets
 from .kernel.btf import VMLINUX, KernelBTF
-from .probes import PROBES, Probe
+from .probes import PROBES, Probe, needed
 
 log = logging.getLogger(__name__)
+
+ALL_SEGMENTS = segments.mask(None)
 
 
 class TracerError(RuntimeError):
@@ -29,11 +31,21 @@ class TracerError(RuntimeError):
 class TargetSettings:
     """Per-target tunables as the kernel reads them (struct lt_target)."""
 
+
     slow_ns: int = 1_000_000
     sample_one_in: int = 0
-    seg_mask: int = (1 << 11) - 1
+    seg_mask: int = ALL_SEGMENTS
     dir_mask: int = 0b11
     events_per_sec: int = 10
+
+    def wanted_segments(self) -> int:
+        """The segments this target measures: those asked for, of the directions asked for."""
+        of_directions = 0
+        for d in segments.Direction:
+            if self.dir_mask >> d & 1:
+                for seg in segments.segments_of(d):
+                    of_directions |= 1 << seg.id
+        return self.seg_mask & of_directions
 
 
 @dataclass
@@ -64,6 +76,7 @@ class Tracer:
         self._prog_info: bpfsys.ProgInfoReader | None = None
         self.macros: dict[str, int | str] = {}
         self._keys: dict[int, tuple[int, list[str]]] = {}  # netns inode -> (slot, pod IPs)
+        self._usable: list[Probe] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
@@ -91,8 +104,10 @@ class Tracer:
         except OSError as e:
             log.warning("BPF run-time statistics unavailable (%s); probe cost will read as 0", e)
         self.status = ProbeStatus(unavailable=[(u.probe, u.reason) for u in feats.unavailable])
-        for p in feats.usable:
-            self._attach(p)
+        self._usable = list(feats.usable)
+        # Everything at first (every program loads and verifies now, so that problems show at start);
+        # want() narrows it to what the targets ask for.
+        self.want(ALL_SEGMENTS)
         memory.release_compiler(self.bpf)
         self.attach_seconds = time.monotonic() - started
         for p, why in self.status.unavailable:
@@ -100,11 +115,23 @@ class Tracer:
                         ", ".join(p.feeds) or "none")
         return self.status
 
+    def want(self, seg_mask: int) -> None:
+        """Attach the probes that the segments in `seg_mask` need and detach the others, so that what
+        nobody asks for costs nothing. Programs stay loaded: attaching again is cheap."""
+        for p in list(self._usable):
+            on = p in self.status.attached
+            if needed(p, seg_mask) and not on:
+                self._attach(p)
+            elif not needed(p, seg_mask) and on:
+                self.bpf.detach_raw_tracepoint(tp=p.name.encode())
+                self.status.attached.remove(p)
+
     def _attach(self, p: Probe) -> None:
         try:
             self.bpf.attach_raw_tracepoint(tp=p.name.encode(), fn_name=p.program.encode())
             self.status.attached.append(p)
         except Exception as e:  # BCC raises bare Exception for load and attach failures
+            self._usable.remove(p)
             self.status.unavailable.append((p, f"attach failed: {e}"))
 
     def close(self) -> None:

@@ -149,3 +149,21 @@ def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
     # The host side recognised the pod by its IPv6 address: the whole path is measured.
     for seg in ("rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
         assert counts.get(seg, 0) >= 300, (seg, counts)
+
+
+def test_only_the_probes_the_segments_need_are_attached(agent, lab):
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+
+    def traffic():
+        attached = {p.program for p in agent.tracer.status.attached}
+        # Receive side, socket queue only: nothing on the transmit path, no syscall probe.
+        assert {"lt_netif_receive_skb", "lt_sk_data_ready", "lt_sock_recv_length", "lt_kfree_skb"} <= attached
+        assert not attached & {"lt_net_dev_queue", "lt_net_dev_xmit", "lt_consume_skb", "lt_sys_enter",
+                               "lt_tcp_sendmsg_locked", "lt_softirq_raise", "lt_irq_handler_entry"}
+        with a.serve("udp-recv", "--port", "9600", "--count", "100", "--timeout", "20"):
+            client.traffic("udp-send", "--to", a.ip, "--port", "9600", "--count", "100", "--rate", "2000")
+
+    counts = segment_counts(measure(agent, [a], traffic, seg_mask=segments.mask(["rx_socket_queue"]), dir_mask=0b01), a)
+    assert counts == {"rx_socket_queue": 100}
+    # No target left: nothing attached, nothing paid.
+    assert agent.tracer.status.attached == []
