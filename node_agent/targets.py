@@ -16,8 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from pyroute2 import NetNS
-
+from . import netns
 from .contract import PodRef
 from .tracer import TargetSettings, Tracer
 
@@ -53,9 +52,8 @@ def netns_inode(path: str | os.PathLike) -> int:
 def namespace_ips(path: str) -> tuple[str, ...]:
     """Global addresses of the namespace's interfaces (loopback excluded)."""
     try:
-        with NetNS(path) as ns:
-            addrs = [a.get_attr("IFA_ADDRESS") for a in ns.get_addr()]
-    except Exception as e:  # pyroute2 raises several types for an unopenable namespace
+        addrs = netns.addresses(path)
+    except Exception as e:  # an unopenable namespace raises several types
         raise TargetError(f"cannot list addresses in network namespace {path}: {e}") from e
     out = []
     for a in addrs:
@@ -95,7 +93,7 @@ class PodLocator:
 
     refresh() walks /proc once: every namespace reachable from /proc/*/ns/net and /run/netns, and the pod
     UID in each process's cgroup path (seen with the host's PID namespace). It lists the addresses of the
-    namespaces it has not met before; entering a namespace costs a helper process, so a namespace's
+    namespaces it has not met before; entering a namespace costs a thread and a netlink dump, so a namespace's
     addresses are kept (by inode) once it has some. locate() is then a lookup: by UID, else by pod IP.
     """
 

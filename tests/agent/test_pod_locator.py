@@ -90,3 +90,20 @@ def test_unknown_and_host_network_pods_are_clear_errors(lab):
         proc.wait()
         group.rmdir()
         group.parent.rmdir()
+
+
+def test_namespace_addresses_listed_without_forking_or_moving_this_thread(lab):
+    """Listing a namespace's addresses must not fork: a forked copy of the agent that gets SIGTERM runs
+    the agent's shutdown handler and unwinds its stack a second time (it once deleted a test lab's
+    namespaces from inside such a copy). Nor may the calling thread stay in the pod's namespace."""
+    from latencytrace.node_agent.targets import namespace_ips
+
+    pod = lab.add_pod("addrs")
+    forks = []
+    os.register_at_fork(before=lambda: forks.append(1))
+    here = os.stat("/proc/thread-self/ns/net").st_ino
+    assert namespace_ips(pod.path) == (pod.ip,)
+    assert os.stat("/proc/thread-self/ns/net").st_ino == here
+    assert not forks
+    with pytest.raises(TargetError, match="cannot list addresses"):
+        namespace_ips("/proc/self/status")  # opens, but is no namespace
