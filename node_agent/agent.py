@@ -18,6 +18,7 @@ from . import histogram
 from .collectors import CounterCollector, DropCollector, HistogramCollector, SlotEpoch
 from .events import EventReader, PacketEvent
 from .kernel import bpfsys, nics
+from .probestats import StatsPolicy
 from .program import Sizes
 from .targets import Namespace, Registry, Target, TargetError
 from .tracer import ProbeStatus, TargetSettings, Tracer
@@ -73,9 +74,10 @@ class Agent:
     sinks: list[Sink] = field(default_factory=list)
     event_queue: int = 4096
     btf_path: str = "/sys/kernel/btf/vmlinux"
+    stats_policy: StatsPolicy = field(default_factory=StatsPolicy)
 
     def __post_init__(self) -> None:
-        self.tracer = Tracer(self.sizes, btf_path=self.btf_path)
+        self.tracer = Tracer(self.sizes, btf_path=self.btf_path, stats_policy=self.stats_policy)
         self.registry: Registry | None = None
         self.states: dict[str, TargetState] = {}
         self._keys: dict[str, int] = {}  # desired key -> netns inode

@@ -17,6 +17,7 @@ import time
 from . import segments
 from .kernel.btf import BTFError
 from .kernel.headers import HeadersError
+from .probestats import MODES, StatsPolicy
 from .targets import TargetError
 
 log = logging.getLogger("latencytrace")
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="export to this OTLP endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT if set)")
     t.add_argument("--otlp-protocol", choices=("grpc", "http/protobuf"), default=None,
                    help="default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc")
+    t.add_argument("--probe-stats", choices=MODES, default="always",
+                   help="when the kernel times the probes: always (default; costs ~2 µs per round trip), "
+                        "sampled (5 s of every 300 s) or off")
     t.add_argument("--max-targets", type=_positive(int), default=32)
     t.add_argument("--btf", default="/sys/kernel/btf/vmlinux",
                    help="BTF of the running kernel (default /sys/kernel/btf/vmlinux)")
@@ -128,7 +132,8 @@ def trace(args) -> int:
     endpoint_sink = _otlp_sink(args)
     if endpoint_sink is not None:
         sinks.append(endpoint_sink)
-    agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks, btf_path=args.btf)
+    agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks, btf_path=args.btf,
+                  stats_policy=StatsPolicy(args.probe_stats))
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -164,6 +169,7 @@ def trace(args) -> int:
         agent.close()
     doc = report.as_json()
     doc["attach_seconds"] = round(agent.tracer.attach_seconds or 0, 3)
+    doc["probe_stats"] = {"mode": args.probe_stats, "seconds_on": round(agent.tracer.stats.seconds_on, 3)}
     doc["unavailable_probes"] = {p.tracepoint: why for p, why in agent.tracer.status.unavailable}
     if args.format == "json":
         json.dump(doc, sys.stdout, indent=2)

@@ -166,7 +166,7 @@ class NodeAgent:
         if sink_from_settings is not None:
             self.sink = sink_from_settings(node_name=self.cfg.node_name, traces=self.spec.traces)
             sinks.append(self.sink)
-        return Agent(sizes=self.cfg.sizes(), sinks=sinks)
+        return Agent(sizes=self.cfg.sizes(), sinks=sinks, stats_policy=self.cfg.stats_policy())
 
     # -- configuration ----------------------------------------------------------------------------
     def read_spec(self) -> None:

@@ -12,6 +12,7 @@ from typing import TypeVar
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .probestats import StatsPolicy
 from .program import Sizes
 
 S = TypeVar("S", bound=BaseSettings)
@@ -67,7 +68,18 @@ class AgentConfig(BaseSettings):
     send_inflight: int = Field(default=8192, gt=0)
     ringbuf_pages: int = Field(default=64, gt=0)
 
+    # When the kernel times the probes (see node_agent/probestats.py): always, sampled or off.
+    probe_stats: str = Field(default="sampled", pattern="^(always|sampled|off)$")
+    probe_stats_window_seconds: float = Field(default=5.0, gt=0)
+    probe_stats_period_seconds: float = Field(default=300.0, gt=0)
+
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    def stats_policy(self) -> StatsPolicy:
+        try:
+            return StatsPolicy(self.probe_stats, self.probe_stats_window_seconds, self.probe_stats_period_seconds)
+        except ValueError as e:
+            raise ConfigError(f"LATENCYTRACE_AGENT_PROBE_STATS_*: {e}") from None
 
     def sizes(self) -> Sizes:
         try:

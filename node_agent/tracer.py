@@ -17,6 +17,7 @@ from . import lookup, program, segments
 from .kernel import bpfsys, features as kfeatures, headers, memory, offsets
 from .kernel.btf import VMLINUX, KernelBTF
 from .probes import PROBES, Probe, needed
+from .probestats import ProbeStats, StatsPolicy
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +65,8 @@ def check_privileges() -> None:
 
 class Tracer:
     def __init__(self, sizes: program.Sizes = program.Sizes(), btf: KernelBTF | None = None,
-                 probes: tuple[Probe, ...] = PROBES, btf_path: str | os.PathLike = VMLINUX):
+                 probes: tuple[Probe, ...] = PROBES, btf_path: str | os.PathLike = VMLINUX,
+                 stats_policy: StatsPolicy = StatsPolicy()):
         self.sizes = sizes
         self.btf = btf
         self.btf_path = btf_path
@@ -72,7 +74,7 @@ class Tracer:
         self.bpf = None
         self.status = ProbeStatus()
         self.attach_seconds: float | None = None
-        self._stats_fd: int | None = None
+        self.stats = ProbeStats(stats_policy)
         self._prog_info: bpfsys.ProgInfoReader | None = None
         self.macros: dict[str, int | str] = {}
         self._keys: dict[int, tuple[int, list[str]]] = {}  # netns inode -> (slot, pod IPs)
@@ -99,10 +101,7 @@ class Tracer:
         except Exception as e:
             raise TracerError(f"BPF program failed to compile: {e} (run with --dump-bpf to see the source)") from e
         self._prog_info = bpfsys.ProgInfoReader(self.btf)
-        try:
-            self._stats_fd = bpfsys.enable_stats()
-        except OSError as e:
-            log.warning("BPF run-time statistics unavailable (%s); probe cost will read as 0", e)
+        self.stats.start()
         self.status = ProbeStatus(unavailable=[(u.probe, u.reason) for u in feats.unavailable])
         self._usable = list(feats.usable)
         # Everything at first (every program loads and verifies now, so that problems show at start);
@@ -138,9 +137,7 @@ class Tracer:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
-        if self._stats_fd is not None:
-            os.close(self._stats_fd)
-            self._stats_fd = None
+        self.stats.close()
 
     def __enter__(self) -> Tracer:
         self.start()

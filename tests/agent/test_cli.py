@@ -64,6 +64,7 @@ def test_json_document(lab):
     assert seg["count"] == 500
     assert 0 < seg["p50_us"] <= seg["p90_us"] <= seg["p99_us"] <= seg["max_us"]
     assert doc["probes"]["lt_netif_receive_skb"]["run_cnt"] > 0
+    assert doc["probe_stats"]["mode"] == "always" and doc["probe_stats"]["seconds_on"] > 0
     assert doc["attach_seconds"] < 30
 
 

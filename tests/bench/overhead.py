@@ -1,8 +1,11 @@
 """Overhead of tracing: the same workloads with the agent off and on, in alternating rounds.
 
 Each round runs every workload once with no agent, then once with a fresh `latencytrace-agent trace`
-process tracing one pod ("traced"), so every "on" run has an "off" run of the same workload a minute
-before it. Each workload goes once into the traced pod and once into another pod the agent does not
+process tracing one pod ("traced") with probe statistics sampled as the cluster agent has them (5 s of
+every 300 s: never within a round), so every "on" run has an "off" run of the same workload a minute
+before it. A third phase runs the traced pod's workloads again with probe statistics always on (the
+standalone command's default, and the cluster agent during its sampling windows): what the kernel's
+timing of every BPF program adds. Each workload goes once into the traced pod and once into another pod the agent does not
 trace ("untraced": what filtering alone costs). The machine is shared: other people's tracing
 programs are waited for before each phase, and a round during which some were present is repeated
 (up to a limit) and reported.
@@ -69,16 +72,22 @@ def _run_workload(traffic: Traffic, name: str, pods: Pods, dst: Pod, s: Settings
     return traffic.pingpong(pods.client, dst, name.removeprefix("pp_"), s.pingpong_seconds)
 
 
-def _phase(traffic: Traffic, pods: Pods, s: Settings, agent_on: bool, progress) -> dict:
+# Phases of a round: no agent; the agent as deployed; the agent with probe statistics always on.
+ARMS = {"off": None, "on": "sampled", "stats": "always"}
+
+
+def _phase(traffic: Traffic, pods: Pods, s: Settings, arm: str, progress) -> dict:
     strangers_before = bpfprogs.wait_quiet(["self"], s.quiet_wait_s, progress)
-    phase: dict = {"agent": agent_on, "started": time.time(), "results": {}, "strangers": strangers_before}
+    phase: dict = {"agent": arm != "off", "probe_stats": ARMS[arm], "started": time.time(), "results": {},
+                   "strangers": strangers_before}
     agent = None
-    if agent_on:
-        agent = AgentProcess([pods.traced.path], s.log_dir).start(s.expected_programs)
+    if ARMS[arm]:
+        agent = AgentProcess([pods.traced.path], s.log_dir, ("--probe-stats", ARMS[arm])).start(s.expected_programs)
         phase["attach_wall_s"] = agent.attach_wall_s
+    dsts = (("traced", pods.traced),) if arm == "stats" else (("traced", pods.traced), ("untraced", pods.untraced))
     try:
         for name in WORKLOADS:
-            for which, dst in (("traced", pods.traced), ("untraced", pods.untraced)):
+            for which, dst in dsts:
                 u0 = agent.usage() if agent else None
                 r = _run_workload(traffic, name, pods, dst, s)
                 if agent:
@@ -123,13 +132,14 @@ def run(traffic: Traffic, pods: Pods, s: Settings, progress) -> dict:
             break
         i = len(rounds) + 1
         pair = {}
-        for on in (False, True):
-            progress(f"overhead round {i} (need {s.rounds} clean, at most {total_allowed}): agent "
-                     f"{'on' if on else 'off'}, {len(WORKLOADS) * 2} runs")
-            pair["on" if on else "off"] = _phase(traffic, pods, s, on, progress)
-        pair["clean"] = not (pair["off"]["strangers"] or pair["on"]["strangers"] or pair["on"].get("agent_died"))
+        for arm in ARMS:
+            what = {"off": "agent off", "on": "agent on", "stats": "agent on, probe statistics always on"}[arm]
+            runs = len(WORKLOADS) * (1 if arm == "stats" else 2)
+            progress(f"overhead round {i} (need {s.rounds} clean, at most {total_allowed}): {what}, {runs} runs")
+            pair[arm] = _phase(traffic, pods, s, arm, progress)
+        pair["clean"] = not any(p["strangers"] or p.get("agent_died") for p in (pair[a] for a in ARMS))
         if not pair["clean"]:
-            seen = sorted(set(pair["off"]["strangers"]) | set(pair["on"]["strangers"]))
+            seen = sorted(set().union(*(pair[a]["strangers"] for a in ARMS)))
             progress(f"overhead round {i}: other processes' tracing programs were loaded ({', '.join(seen[:3])}"
                      f"{', ...' if len(seen) > 3 else ''}); it will be repeated if time allows")
         clean += pair["clean"]
@@ -161,6 +171,12 @@ def summarise(rounds: list[dict]) -> dict:
                                                               [x["busy_cpu_ns_per_packet"] for x in on])}
             else:
                 out[key] = {q: stats.paired([x[q] for x in off], [x[q] for x in on]) for q in ("p50_us", "p99_us")}
+    for name in WORKLOADS:
+        off = [r["off"]["results"][f"{name}/traced"] for r in rounds]
+        st = [r["stats"]["results"][f"{name}/traced"] for r in rounds]
+        keys = {"tcp_bulk": ("gbit_s",), "udp_rate": ("delivered_pps", "busy_cpu_ns_per_packet")}.get(
+            name, ("p50_us", "p99_us"))
+        out[f"{name}/traced/stats_always"] = {k: stats.paired([x[k] for x in off], [x[k] for x in st]) for k in keys}
     agent_runs = [r["on"]["results"]["udp_rate/traced"] for r in rounds]
     out["agent_at_steady_rate"] = {
         "cpu_pct": stats.median([x["agent_cpu_pct"] for x in agent_runs]),
@@ -210,6 +226,27 @@ def rows(data: dict, steady_pps: int) -> list[Row]:
             out.append(Row("overhead", f"{TITLES['pp_' + proto]} p99 {tag}", fmt(p99["median_off"], 2, "µs"),
                            fmt(p99["median_on"], 2, "µs"), f"{pct(p99['ratio'])} ({_spread(p99)})",
                            "≤ +5%", p99["ratio"] is not None and p99["ratio"] <= 1.05, note="round trip"))
+    out += stats_rows(sm, steady_pps)
+    return out
+
+
+def stats_rows(sm: dict, steady_pps: int) -> list[Row]:
+    """The agent with BPF run-time statistics always on, against no agent (traced pod only)."""
+    tag = "into the traced pod, probe statistics always on"
+    out = []
+    p = sm["tcp_bulk/traced/stats_always"]["gbit_s"]
+    out.append(Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
+                   fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
+                   note="the standalone command's default; the cluster agent only while it samples"))
+    p = sm["udp_rate/traced/stats_always"]["busy_cpu_ns_per_packet"]
+    out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
+                   fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})",
+                   "—", None, note="all CPUs, whole machine"))
+    for proto in ("tcp", "udp"):
+        p50 = sm[f"pp_{proto}/traced/stats_always"]["p50_us"]
+        out.append(Row("overhead", f"{TITLES['pp_' + proto]} p50 {tag}", fmt(p50["median_off"], 2, "µs"),
+                       fmt(p50["median_on"], 2, "µs"), f"{p50['delta']:+.2f} µs ({_spread(p50, False)})", "—", None,
+                       note="round trip"))
     return out
 
 
