@@ -33,7 +33,7 @@ TOOLS = ("iperf3", "sockperf", "bpftrace", "bpftool", "taskset")
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how often: the full run (about 15 minutes on 2 cores) or --quick (a smoke test)."""
+    """How long and how often: the full run (about 17 minutes on 2 cores) or --quick (a smoke test)."""
 
     rounds: int = 4
     extra_rounds: int = 2
