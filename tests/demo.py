@@ -23,6 +23,8 @@ import time
 import urllib.request
 from collections import defaultdict
 
+from latencytrace.node_agent.segments import SEGMENTS
+
 from . import netlab
 from .cluster import __main__ as cluster
 from .cluster.controlplane import load_state
@@ -115,8 +117,7 @@ def quantile(buckets: list[tuple[float, float]], q: float) -> float:
 
 
 def show_histograms(url: str) -> None:
-    order = ["rx_irq", "rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total",
-             "tx_app_to_dev", "tx_pod_to_host", "tx_qdisc", "tx_driver", "tx_total"]
+    order = [seg.name for seg in SEGMENTS]
     hist = scrape(url)
     print(f"   {'pod':7} {'segment':16} {'count':>8} {'p50 µs':>9} {'p99 µs':>9}")
     for (pod, seg), buckets in sorted(hist.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
@@ -139,7 +140,8 @@ def slowest_trace(query_url: str) -> dict:
 
 
 def show_trace(query_url: str, trace: dict) -> None:
-    spans = sorted(trace["spans"], key=lambda s: (s["startTime"], -s["duration"]))
+    order = {seg.name: seg.id for seg in SEGMENTS}  # segments that start in the same µs: in path order
+    spans = sorted(trace["spans"], key=lambda s: (s["startTime"], order.get(s["operationName"], -1)))
     root = max(spans, key=lambda s: s["duration"])
     tags = {t["key"]: t["value"] for t in root["tags"]}
     print(f"   {root['operationName']}: {root['duration']} µs, pod {tags.get('k8s.pod.name')}, "
