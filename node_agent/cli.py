@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="default: $OTEL_EXPORTER_OTLP_PROTOCOL, else grpc")
     t.add_argument("--probe-stats", choices=MODES, default="always",
                    help="when the kernel times the probes: always (default; costs ~2 µs per round trip), "
-                        "sampled (5 s of every 300 s) or off")
+                        f"sampled ({StatsPolicy.window_s:g} s of every {StatsPolicy.period_s:g} s) or off")
     t.add_argument("--max-targets", type=_positive(int), default=32)
     t.add_argument("--btf", default="/sys/kernel/btf/vmlinux",
                    help="BTF of the running kernel (default /sys/kernel/btf/vmlinux)")

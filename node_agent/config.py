@@ -12,7 +12,7 @@ from typing import TypeVar
 from pydantic import AliasChoices, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .probestats import StatsPolicy
+from .probestats import MODES, StatsPolicy
 from .program import Sizes
 
 S = TypeVar("S", bound=BaseSettings)
@@ -69,9 +69,9 @@ class AgentConfig(BaseSettings):
     ringbuf_pages: int = Field(default=64, gt=0)
 
     # When the kernel times the probes (see node_agent/probestats.py): always, sampled or off.
-    probe_stats: str = Field(default="sampled", pattern="^(always|sampled|off)$")
-    probe_stats_window_seconds: float = Field(default=5.0, gt=0)
-    probe_stats_period_seconds: float = Field(default=300.0, gt=0)
+    probe_stats: str = Field(default="sampled", pattern=f"^({'|'.join(MODES)})$")
+    probe_stats_window_seconds: float = Field(default=StatsPolicy.window_s, gt=0)
+    probe_stats_period_seconds: float = Field(default=StatsPolicy.period_s, gt=0)
 
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 

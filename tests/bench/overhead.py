@@ -5,8 +5,8 @@ process tracing one pod ("traced") with probe statistics sampled as the cluster 
 every 300 s: never within a round), so every "on" run has an "off" run of the same workload a minute
 before it. A third phase runs the traced pod's workloads again with probe statistics always on (the
 standalone command's default, and the cluster agent during its sampling windows): what the kernel's
-timing of every BPF program adds. Each workload goes once into the traced pod and once into another pod the agent does not
-trace ("untraced": what filtering alone costs). The machine is shared: other people's tracing
+timing of every BPF program adds. Each workload goes once into the traced pod and once into another
+pod the agent does not trace ("untraced": what filtering alone costs). The machine is shared: other people's tracing
 programs are waited for before each phase, and a round during which some were present is repeated
 (up to a limit) and reported.
 """
@@ -72,22 +72,30 @@ def _run_workload(traffic: Traffic, name: str, pods: Pods, dst: Pod, s: Settings
     return traffic.pingpong(pods.client, dst, name.removeprefix("pp_"), s.pingpong_seconds)
 
 
-# Phases of a round: no agent; the agent as deployed; the agent with probe statistics always on.
-ARMS = {"off": None, "on": "sampled", "stats": "always"}
+# Phases of a round: {arm: (the agent's --probe-stats, or None for no agent; title)}. The "stats" arm runs
+# into the traced pod only.
+ARMS = {"off": (None, "agent off"), "on": ("sampled", "agent on"),
+        "stats": ("always", "agent on, probe statistics always on")}
+
+
+def _destinations(arm: str) -> tuple[str, ...]:
+    """The pods (fields of Pods) an arm's workloads go into."""
+    return ("traced",) if arm == "stats" else ("traced", "untraced")
 
 
 def _phase(traffic: Traffic, pods: Pods, s: Settings, arm: str, progress) -> dict:
     strangers_before = bpfprogs.wait_quiet(["self"], s.quiet_wait_s, progress)
-    phase: dict = {"agent": arm != "off", "probe_stats": ARMS[arm], "started": time.time(), "results": {},
-                   "strangers": strangers_before}
+    probe_stats = ARMS[arm][0]
+    phase: dict = {"agent": probe_stats is not None, "probe_stats": probe_stats, "started": time.time(),
+                   "results": {}, "strangers": strangers_before}
     agent = None
-    if ARMS[arm]:
-        agent = AgentProcess([pods.traced.path], s.log_dir, ("--probe-stats", ARMS[arm])).start(s.expected_programs)
+    if probe_stats:
+        agent = AgentProcess([pods.traced.path], s.log_dir, ("--probe-stats", probe_stats)).start(s.expected_programs)
         phase["attach_wall_s"] = agent.attach_wall_s
-    dsts = (("traced", pods.traced),) if arm == "stats" else (("traced", pods.traced), ("untraced", pods.untraced))
     try:
         for name in WORKLOADS:
-            for which, dst in dsts:
+            for which in _destinations(arm):
+                dst = getattr(pods, which)
                 u0 = agent.usage() if agent else None
                 r = _run_workload(traffic, name, pods, dst, s)
                 if agent:
@@ -132,10 +140,9 @@ def run(traffic: Traffic, pods: Pods, s: Settings, progress) -> dict:
             break
         i = len(rounds) + 1
         pair = {}
-        for arm in ARMS:
-            what = {"off": "agent off", "on": "agent on", "stats": "agent on, probe statistics always on"}[arm]
-            runs = len(WORKLOADS) * (1 if arm == "stats" else 2)
-            progress(f"overhead round {i} (need {s.rounds} clean, at most {total_allowed}): {what}, {runs} runs")
+        for arm, (_, title) in ARMS.items():
+            runs = len(WORKLOADS) * len(_destinations(arm))
+            progress(f"overhead round {i} (need {s.rounds} clean, at most {total_allowed}): {title}, {runs} runs")
             pair[arm] = _phase(traffic, pods, s, arm, progress)
         pair["clean"] = not any(p["strangers"] or p.get("agent_died") for p in (pair[a] for a in ARMS))
         if not pair["clean"]:
@@ -152,31 +159,24 @@ def run(traffic: Traffic, pods: Pods, s: Settings, progress) -> dict:
             "summary": summarise([rounds[i] for i in used])}
 
 
+# What is compared per workload: {figure in the summary: field of a run's result}.
+_CPU = {"cpu_ns_per_packet": "busy_cpu_ns_per_packet"}
+FIGURES = {"tcp_bulk": {"gbit_s": "gbit_s", **_CPU},
+           "udp_rate": {"delivered_pps": "delivered_pps", "loss_pct": "loss_pct", **_CPU},
+           "pp_tcp": {"p50_us": "p50_us", "p99_us": "p99_us"},
+           "pp_udp": {"p50_us": "p50_us", "p99_us": "p99_us"}}
+
+
 def summarise(rounds: list[dict]) -> dict:
     out = {}
-    for name in WORKLOADS:
-        for which in ("traced", "untraced"):
-            key = f"{name}/{which}"
-            off = [r["off"]["results"][key] for r in rounds]
-            on = [r["on"]["results"][key] for r in rounds]
-            if name == "tcp_bulk":
-                out[key] = {"gbit_s": stats.paired([x["gbit_s"] for x in off], [x["gbit_s"] for x in on]),
-                            "cpu_ns_per_packet": stats.paired([x["busy_cpu_ns_per_packet"] for x in off],
-                                                              [x["busy_cpu_ns_per_packet"] for x in on])}
-            elif name == "udp_rate":
-                out[key] = {"delivered_pps": stats.paired([x["delivered_pps"] for x in off],
-                                                          [x["delivered_pps"] for x in on]),
-                            "loss_pct": stats.paired([x["loss_pct"] for x in off], [x["loss_pct"] for x in on]),
-                            "cpu_ns_per_packet": stats.paired([x["busy_cpu_ns_per_packet"] for x in off],
-                                                              [x["busy_cpu_ns_per_packet"] for x in on])}
-            else:
-                out[key] = {q: stats.paired([x[q] for x in off], [x[q] for x in on]) for q in ("p50_us", "p99_us")}
-    for name in WORKLOADS:
-        off = [r["off"]["results"][f"{name}/traced"] for r in rounds]
-        st = [r["stats"]["results"][f"{name}/traced"] for r in rounds]
-        keys = {"tcp_bulk": ("gbit_s",), "udp_rate": ("delivered_pps", "busy_cpu_ns_per_packet")}.get(
-            name, ("p50_us", "p99_us"))
-        out[f"{name}/traced/stats_always"] = {k: stats.paired([x[k] for x in off], [x[k] for x in st]) for k in keys}
+    for arm, suffix in (("on", ""), ("stats", "/stats_always")):
+        for name in WORKLOADS:
+            for which in _destinations(arm):
+                key = f"{name}/{which}"
+                off = [r["off"]["results"][key] for r in rounds]
+                on = [r[arm]["results"][key] for r in rounds]
+                out[key + suffix] = {figure: stats.paired([x[field] for x in off], [x[field] for x in on])
+                                     for figure, field in FIGURES[name].items()}
     agent_runs = [r["on"]["results"]["udp_rate/traced"] for r in rounds]
     out["agent_at_steady_rate"] = {
         "cpu_pct": stats.median([x["agent_cpu_pct"] for x in agent_runs]),
@@ -238,7 +238,7 @@ def stats_rows(sm: dict, steady_pps: int) -> list[Row]:
     out.append(Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
                    fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
                    note="the standalone command's default; the cluster agent only while it samples"))
-    p = sm["udp_rate/traced/stats_always"]["busy_cpu_ns_per_packet"]
+    p = sm["udp_rate/traced/stats_always"]["cpu_ns_per_packet"]
     out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
                    fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})",
                    "—", None, note="all CPUs, whole machine"))
