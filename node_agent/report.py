@@ -44,7 +44,7 @@ class Report:
             name = f"{Direction(direction).otel}/{interval.drop_reasons.get(reason, str(reason))}"
             tot.drops[name] = tot.drops.get(name, 0) + n
         self.probes = {name: {"run_cnt": s.run_cnt, "run_time_ns": s.run_time_ns,
-                              "avg_ns": round(s.run_time_ns / s.run_cnt, 1) if s.run_cnt else 0}
+                              "avg_ns": round(s.avg_ns, 1) if s.run_cnt else 0}
                        for name, s in interval.probes.items()}
         self.counters = dict(interval.counters)
         self.events += len(interval.events)

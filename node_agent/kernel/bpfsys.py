@@ -47,8 +47,18 @@ def prog_id(fd: int) -> int:
 
 @dataclass(frozen=True)
 class ProgStats:
-    run_cnt: int
-    run_time_ns: int
+    run_cnt: int = 0
+    run_time_ns: int = 0
+
+    def __sub__(self, other: ProgStats) -> ProgStats:
+        return ProgStats(self.run_cnt - other.run_cnt, self.run_time_ns - other.run_time_ns)
+
+    def __add__(self, other: ProgStats) -> ProgStats:
+        return ProgStats(self.run_cnt + other.run_cnt, self.run_time_ns + other.run_time_ns)
+
+    @property
+    def avg_ns(self) -> float | None:
+        return self.run_time_ns / self.run_cnt if self.run_cnt else None
 
 
 class ProgInfoReader:

@@ -1,8 +1,8 @@
 """BPF programs seen from outside the process that owns them: run-time statistics, owners, strangers.
 
-The kernel keeps run_cnt and run_time_ns per program while statistics are enabled (the agent enables
-them with BPF_ENABLE_STATS for as long as it runs; the benchmark does the same around phases without
-the agent). /proc/PID/fdinfo of a program's file descriptor shows both counters and the program id,
+The kernel keeps run_cnt and run_time_ns per program while statistics are enabled (the benchmark
+enables them with BPF_ENABLE_STATS around the phases it reads them in; the agent's standalone command
+does so for as long as it runs). /proc/PID/fdinfo of a program's file descriptor shows both counters and the program id,
 so the agent's, bpftrace's and our own programs are read alike, without their cooperation.
 """
 
@@ -12,27 +12,12 @@ import json
 import re
 import subprocess
 import time
-from dataclasses import dataclass
 from pathlib import Path
+
+from latencytrace.node_agent.kernel.bpfsys import ProgStats
 
 # Program types that run on kernel events: other people's tracers change what we measure.
 TRACING_TYPES = {"tracepoint", "raw_tracepoint", "kprobe", "tracing", "perf_event", "raw_tracepoint_writable"}
-
-
-@dataclass(frozen=True)
-class ProgStats:
-    run_cnt: int = 0
-    run_time_ns: int = 0
-
-    def __sub__(self, other: ProgStats) -> ProgStats:
-        return ProgStats(self.run_cnt - other.run_cnt, self.run_time_ns - other.run_time_ns)
-
-    def __add__(self, other: ProgStats) -> ProgStats:
-        return ProgStats(self.run_cnt + other.run_cnt, self.run_time_ns + other.run_time_ns)
-
-    @property
-    def avg_ns(self) -> float | None:
-        return self.run_time_ns / self.run_cnt if self.run_cnt else None
 
 
 def _fdinfo_progs(pid: int | str) -> dict[int, ProgStats]:

@@ -1,7 +1,7 @@
 """Probe cost from the kernel's own BPF statistics, for the agent and for the same measurement made
 with bpftrace, on the same workloads in the same run.
 
-Statistics are switched on for the whole phase (BPF_ENABLE_STATS, as the agent itself does) and an
+Statistics are switched on for the whole phase (BPF_ENABLE_STATS, as the standalone agent does by default) and an
 empty raw-tracepoint program on netif_receive_skb runs alongside: its time per run is what the
 statistics and the dispatch cost by themselves, the floor subtracted from every program's figure.
 Per packet: all of a tool's program time during a workload divided by the packets that crossed the
