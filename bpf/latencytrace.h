@@ -410,54 +410,57 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
     return v->protocol == LT_ETH_P_IP || v->protocol == LT_ETH_P_IPV6;
 }
 
-/* Slots of the traced pods a packet comes from and goes to (-1: none), from the addresses in its
- * network header at nh: two lookups in small, hot tables, the cheap test that lets everything else
- * skip the larger in-flight maps, whose cache misses are what a probe mostly costs. The same read takes
- * the ports too (assuming no IP options or IPv6 extension headers; else they stay 0), so that a packet
- * followed from here carries its addresses without reading them again. */
-struct lt_ends {
-    s32 src;
-    s32 dst;
-    struct lt_addrs addr;
-};
-
-static __always_inline void lt_ip_ends(struct lt_skb_view *v, void *nh, struct lt_ends *e)
+/* The packet's addresses from its network header at nh, and its ports from the same read (assuming no
+ * IP options or IPv6 extension headers; else they stay 0), so that a packet followed from here carries
+ * its addresses without reading them again. 0, or -1 when it is not IP or cannot be read (`a` is then
+ * all zero: family 0). */
+static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a)
 {
-    e->src = -1;
-    e->dst = -1;
-    __builtin_memset(&e->addr, 0, sizeof(e->addr));
+    __builtin_memset(a, 0, sizeof(*a));
     if (v->protocol == LT_ETH_P_IP) {
         u32 h[6]; /* the 20-byte header without options, then the ports */
         if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
-            return;
-        e->addr.family = 4;
-        e->addr.proto = (h[2] >> 8) & 0xff;
-        e->addr.saddr[0] = h[3];
-        e->addr.daddr[0] = h[4];
-        if ((h[0] & 0xf) == 5 && (e->addr.proto == 6 || e->addr.proto == 17)) {
-            e->addr.sport = h[5] & 0xffff;
-            e->addr.dport = h[5] >> 16;
+            return -1;
+        a->family = 4;
+        a->proto = (h[2] >> 8) & 0xff; /* byte 9 */
+        a->saddr[0] = h[3];
+        a->daddr[0] = h[4];
+        if ((h[0] & 0xf) == 5 && (a->proto == 6 || a->proto == 17)) {
+            a->sport = h[5] & 0xffff;
+            a->dport = h[5] >> 16;
         }
-        e->src = lt_ip4_slot(h[3]);
-        e->dst = lt_ip4_slot(h[4]);
-    } else if (v->protocol == LT_ETH_P_IPV6) {
+        return 0;
+    }
+    if (v->protocol == LT_ETH_P_IPV6) {
         u32 h[11]; /* the 40-byte header, then the ports */
         if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
-            return;
-        e->addr.family = 6;
-        e->addr.proto = (h[1] >> 16) & 0xff;
+            return -1;
+        a->family = 6;
+        a->proto = (h[1] >> 16) & 0xff; /* byte 6: next header */
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-            e->addr.saddr[i] = h[2 + i];
-            e->addr.daddr[i] = h[6 + i];
+            a->saddr[i] = h[2 + i];
+            a->daddr[i] = h[6 + i];
         }
-        if (e->addr.proto == 6 || e->addr.proto == 17) {
-            e->addr.sport = h[10] & 0xffff;
-            e->addr.dport = h[10] >> 16;
+        if (a->proto == 6 || a->proto == 17) {
+            a->sport = h[10] & 0xffff;
+            a->dport = h[10] >> 16;
         }
-        e->src = lt_ip6_slot((struct lt_in6 *)&e->addr.saddr);
-        e->dst = lt_ip6_slot((struct lt_in6 *)&e->addr.daddr);
+        return 0;
     }
+    return -1;
+}
+
+/* Slot of the traced pod whose IP is the packet's source (dst 0) or destination (dst 1), -1 if none:
+ * a lookup in a small, hot table, the cheap test that lets everything else skip the larger in-flight
+ * maps, whose cache misses are what a probe mostly costs. */
+static __always_inline s32 lt_addr_slot(struct lt_addrs *a, int dst)
+{
+    if (a->family == 4)
+        return lt_ip4_slot(dst ? a->daddr[0] : a->saddr[0]);
+    if (a->family == 6)
+        return lt_ip6_slot((struct lt_in6 *)(dst ? a->daddr : a->saddr));
+    return -1;
 }
 
 /* Fill the packet's addresses from the skb's network and transport headers (set by then): one read of
@@ -468,29 +471,11 @@ static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
     lt_skb_read(skb, &v);
     if (!v.head || v.network_header == 0xffff)
         return;
-    void *nh = v.head + v.network_header;
-    if (v.protocol == LT_ETH_P_IP) {
-        u32 ip[5];
-        if (bpf_probe_read_kernel(ip, sizeof(ip), nh) < 0)
-            return;
-        e->family = 4;
-        e->proto = (ip[2] >> 8) & 0xff; /* byte 9 */
-        e->saddr[0] = ip[3];
-        e->daddr[0] = ip[4];
-    } else if (v.protocol == LT_ETH_P_IPV6) {
-        u32 ip[10];
-        if (bpf_probe_read_kernel(ip, sizeof(ip), nh) < 0)
-            return;
-        e->family = 6;
-        e->proto = ip[1] >> 16 & 0xff; /* byte 6: next header */
-#pragma unroll
-        for (int i = 0; i < 4; i++) {
-            e->saddr[i] = ip[2 + i];
-            e->daddr[i] = ip[6 + i];
-        }
-    } else {
+    if (lt_ip_hdr(&v, v.head + v.network_header, e) < 0)
         return;
-    }
+    /* The transport header is known here: its ports, not the guess after a fixed-size IP header. */
+    e->sport = 0;
+    e->dport = 0;
     if (v.transport_header != 0xffff && v.transport_header != v.network_header && (e->proto == 6 || e->proto == 17)) {
         u16 ports[2];
         if (bpf_probe_read_kernel(ports, sizeof(ports), v.head + v.transport_header) == 0) {
@@ -589,13 +574,6 @@ static __always_inline s32 lt_dev_slot(struct lt_cpu_ctx *c, void *dev, u32 *inu
     c->devs[i].slot = slot;
     *inum_out = inum;
     return slot;
-}
-
-static __always_inline u32 lt_skb_len(void *skb)
-{
-    u32 len = 0;
-    bpf_probe_read_kernel(&len, sizeof(len), skb + LT_OFF_SKB_LEN);
-    return len;
 }
 
 #endif /* LATENCYTRACE_H */

@@ -35,11 +35,11 @@ static __always_inline void lt_rx_start(struct lt_target *t, u32 slot, struct lt
 }
 
 /* Host side: a packet addressed to traced pod `slot`. */
-static __always_inline void lt_rx_host(struct lt_skb_view *v, struct lt_addrs *addr, u64 key, u32 slot)
+static __always_inline void lt_rx_host(struct lt_cpu_ctx *c, struct lt_skb_view *v, struct lt_addrs *addr, u64 key,
+                                       u32 slot)
 {
     struct lt_target *t = lt_target(slot);
-    struct lt_cpu_ctx *c = lt_this_cpu();
-    if (!t || !lt_wants(t, LT_DIR_RX) || !c)
+    if (!t || !lt_wants(t, LT_DIR_RX))
         return;
     u64 now = bpf_ktime_get_ns();
     struct lt_flight *f = lt_rx_flight.lookup(&key);
@@ -90,22 +90,23 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     u32 inum;
     s32 slot = lt_dev_slot(c, v.dev, &inum);
     /* At netif_receive_skb the link header is pulled: data points at the network header. */
-    struct lt_ends ends;
-    lt_ip_ends(&v, v.data, &ends);
+    struct lt_addrs addr;
+    lt_ip_hdr(&v, v.data, &addr);
     struct lt_flight *tf = NULL;
-    if (ends.src >= 0)
+    if (lt_addr_slot(&addr, 0) >= 0)
         tf = lt_tx_flight.lookup(&key); /* only a traced pod's packets can be in transmit flight */
     if (slot >= 0) {
         u64 now = bpf_ktime_get_ns();
-        lt_rx_pod(c, &v, &ends.addr, key, slot, inum, now);
+        lt_rx_pod(c, &v, &addr, key, slot, inum, now);
         if (tf)
             lt_tx_arrive(c, tf, key, skb, v.dev, slot, now);
         return 0;
     }
     if (tf)
         lt_tx_arrive(c, tf, key, skb, v.dev, -1, bpf_ktime_get_ns());
-    if (ends.dst >= 0)
-        lt_rx_host(&v, &ends.addr, key, ends.dst);
+    s32 dst = lt_addr_slot(&addr, 1); /* host side: is it addressed to a traced pod? */
+    if (dst >= 0)
+        lt_rx_host(c, &v, &addr, key, dst);
     return 0;
 }
 

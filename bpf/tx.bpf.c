@@ -129,9 +129,9 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     s32 slot = lt_dev_slot(c, dev, &inum);
     if (slot < 0) {
         /* Outside traced pods only a traced pod's packets can be in flight. */
-        struct lt_ends ends;
-        lt_ip_ends(&v, v.head + v.network_header, &ends);
-        if (ends.src < 0)
+        struct lt_addrs addr;
+        lt_ip_hdr(&v, v.head + v.network_header, &addr);
+        if (lt_addr_slot(&addr, 0) < 0)
             return 0;
     }
     u64 now = bpf_ktime_get_ns();
