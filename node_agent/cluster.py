@@ -16,7 +16,6 @@ one of its pod IPs (every namespace reachable from /proc/*/ns/net and /run/netns
 from __future__ import annotations
 
 import functools
-import importlib.metadata
 import logging
 import signal
 import sys
@@ -35,17 +34,11 @@ from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition,
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
 from .kube import ListWatch, Trouble, api_client
 from .tracer import ProbeStatus, TargetSettings
+from .version import version
 
 log = logging.getLogger("latencytrace.agent")
 
 DIRECTION_BITS = {"receive": 0b01, "transmit": 0b10}
-
-
-def _version() -> str:
-    try:
-        return importlib.metadata.version("latencytrace")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
 
 
 # -- spec -> targets (pure) ---------------------------------------------------------------------------
@@ -243,7 +236,7 @@ class NodeAgent:
                                 generation=self.generation)
         self.conditions = conditions.merge(self.conditions, [ready], now)
         export = self.sink.report() if self.sink is not None and hasattr(self.sink, "report") else ExportReport()
-        return NodeStatus(observed_generation=self.generation, agent_version=_version(),
+        return NodeStatus(observed_generation=self.generation, agent_version=version(),
                           heartbeat_time=conditions.timestamp(now), conditions=self.conditions, probes=probes,
                           traces=trace_reports(self.spec.traces, self.states), export=export,
                           events_lost=self.events_lost)
@@ -270,8 +263,8 @@ class NodeAgent:
         now = time.monotonic()
         deadlines = [next_collect if self.agent is not None else now + self.cfg.status_seconds,
                      self.sent_at + self.cfg.status_seconds]
-        if self.sent is not None:
-            deadlines.append(self.sent_at + self.cfg.status_min_gap_seconds)
+        if self.sent is not None and self.sent_at + self.cfg.status_min_gap_seconds > now:
+            deadlines.append(self.sent_at + self.cfg.status_min_gap_seconds)  # a change held back by the gap
         if self.retry_at is not None:
             deadlines.append(self.retry_at)
         if self.agent is not None and self.idle_since is not None and self.cfg.idle_unload_seconds:
@@ -315,7 +308,6 @@ class NodeAgent:
 def main() -> int:
     try:
         cfg = agent_config.load()
-        cfg.sizes()
     except agent_config.ConfigError as e:
         print(f"latencytrace-agent: {e}", file=sys.stderr)
         return 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError
+from pydantic import AliasChoices, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .probestats import MODES, StatsPolicy
@@ -74,6 +74,13 @@ class AgentConfig(BaseSettings):
     probe_stats_period_seconds: float = Field(default=StatsPolicy.period_s, gt=0)
 
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @model_validator(mode="after")
+    def _derived(self) -> AgentConfig:
+        """The settings built from several variables are checked at load, like every single one."""
+        self.sizes()
+        self.stats_policy()
+        return self
 
     def stats_policy(self) -> StatsPolicy:
         try:

@@ -9,12 +9,12 @@ their per-signal variants. An invalid value fails at start with a message naming
 
 from __future__ import annotations
 
-from importlib import metadata
 from typing import Literal
 
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from ..version import version
 from .datapoints import DEFAULT_EXPLICIT_BOUNDS_S
 
 PREFIX = "LATENCYTRACE_EXPORT_"
@@ -22,13 +22,6 @@ PREFIX = "LATENCYTRACE_EXPORT_"
 
 class ExportConfigError(ValueError):
     pass
-
-
-def _version() -> str:
-    try:
-        return metadata.version("latencytrace")
-    except metadata.PackageNotFoundError:
-        return "unknown"
 
 
 def _env(field: str, *standard: str) -> AliasChoices:
@@ -59,7 +52,7 @@ class ExportSettings(BaseSettings):
     spans: bool = True  # export exemplar spans (OTEL_TRACES_EXPORTER=none turns them off as well)
     queue_batches: int = Field(16, ge=1)  # per endpoint; one batch is one interval
     node_name: str | None = None
-    service_version: str = Field(default_factory=_version)
+    service_version: str = Field(default_factory=version)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("temporality", mode="before")
