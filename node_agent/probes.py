@@ -25,10 +25,6 @@ class Probe:
     always: bool = False  # attached whatever segments the targets ask for
 
     @property
-    def category(self) -> str:
-        return self.tracepoint.split(":", 1)[0]
-
-    @property
     def name(self) -> str:
         return self.tracepoint.split(":", 1)[1]
 
@@ -52,8 +48,8 @@ def needed(probe: Probe, seg_mask: int) -> bool:
     return bool(seg_mask) and (probe.always or any(seg_mask >> segments.BY_NAME[s].id & 1 for s in probe.feeds))
 
 
-_RX_ALL = ("rx_irq", "rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total")
-_TX_ALL = ("tx_app_to_dev", "tx_pod_to_host", "tx_qdisc", "tx_driver", "tx_total")
+_RX_ALL = tuple(s.name for s in segments.segments_of(segments.Direction.RX))
+_TX_ALL = tuple(s.name for s in segments.segments_of(segments.Direction.TX))
 
 PROBES: tuple[Probe, ...] = (
     Probe("lt_irq_handler_entry", "irq:irq_handler_entry", "irq", ("int",), feeds=("rx_irq",)),

@@ -60,15 +60,6 @@ def build_object(spec: NodeSpec, node_uid: str | None) -> dict:
     return {"apiVersion": API_VERSION, "kind": NODE_KIND, "metadata": meta, "spec": spec.wire()}
 
 
-def entry_of(obj: Mapping | None, uid: str) -> NodeTrace | None:
-    if not obj:
-        return None
-    for t in obj.get("spec", {}).get("traces", []):
-        if t.get("uid") == uid:
-            return NodeTrace.model_validate(t)
-    return None
-
-
 class NodeConfigs:
     """Reads and writes LatencyTraceNode specs (never their status: that is the agent's)."""
 

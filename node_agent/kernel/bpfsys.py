@@ -63,8 +63,7 @@ class ProgStats:
 
 class ProgInfoReader:
     def __init__(self, btf: KernelBTF):
-        info = btf.struct("bpf_prog_info")
-        self._size = info["size"]
+        self._size = btf.struct_size("bpf_prog_info")
         self._off_cnt = btf.offset("bpf_prog_info", "run_cnt")
         self._off_time = btf.offset("bpf_prog_info", "run_time_ns")
 

@@ -24,7 +24,6 @@ MAGIC = 0xEB9F
 # Kinds (include/uapi/linux/btf.h)
 INT, PTR, ARRAY, STRUCT, UNION, ENUM, FWD, TYPEDEF, VOLATILE, CONST, RESTRICT = range(1, 12)
 FUNC, FUNC_PROTO, VAR, DATASEC, FLOAT, DECL_TAG, TYPE_TAG, ENUM64 = range(12, 20)
-KIND_NAMES = {STRUCT: "STRUCT", UNION: "UNION", ENUM: "ENUM", ENUM64: "ENUM64", TYPEDEF: "TYPEDEF"}
 _QUALIFIERS = {TYPEDEF, VOLATILE, CONST, RESTRICT, TYPE_TAG}
 _INDEXED = {STRUCT, UNION, ENUM, ENUM64, TYPEDEF}  # kinds looked up by name
 
@@ -126,9 +125,8 @@ class KernelBTF:
                     return type_id
         raise BTFError(f"struct {name} is not in this kernel's BTF")
 
-    def struct(self, name: str) -> dict:
-        type_id = self._struct_id(name)
-        return {"name": name, "size": self._header(type_id)[4]}
+    def struct_size(self, name: str) -> int:
+        return self._header(self._struct_id(name))[4]
 
     def _find_member(self, type_id: int, name: str) -> Member | None:
         """Find `name` in a struct/union, descending into anonymous members as C does."""
@@ -158,13 +156,6 @@ class KernelBTF:
             total += m.offset_bytes
             type_id = self._resolve(m.type_id)
         return total
-
-    def has_member(self, struct_name: str, path: str) -> bool:
-        try:
-            self.offset(struct_name, path)
-            return True
-        except BTFError:
-            return False
 
     def enum(self, name: str) -> dict[int, str]:
         type_id = self._by_name.get((ENUM, name)) or self._by_name.get((ENUM64, name))
