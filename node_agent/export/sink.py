@@ -183,7 +183,7 @@ class OtlpSink:
         return ExportReport(
             endpoint=default.get("metrics") or default.get("traces"),
             healthy=all(w.healthy for _, w in workers) and not broken,
-            dropped_batches=sum(w.dropped_queue_full + w.failed + w.dropped_at_shutdown for _, w in workers)
+            dropped_batches=sum(n for _, w in workers for n in _worker_totals(w).values())
             + sum(self._retired.values()),
             last_error="; ".join(errors) or next((w.last_error for _, w in workers if w.last_error), None))
 

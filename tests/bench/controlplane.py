@@ -33,14 +33,14 @@ from pathlib import Path
 from latencytrace.node_agent import contract
 from latencytrace.node_agent.kube import api_client
 from tests.cluster.controlplane import ControlPlane
-from tests.cluster.procs import Proc, free_port
+from tests.cluster.install import apply_crds
+from tests.cluster.procs import Proc, free_port, wait_until
 from tests.netlab import NetLab
 
 from . import stats
 from .results import Row, fmt
 from .system import process_usage
 
-ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NAMESPACE = "lt-bench"
 P50_TARGET_S, P99_TARGET_S = 1.0, 5.0
@@ -271,12 +271,8 @@ class Bench:
                                           LATENCYTRACE_OPERATOR_HEALTH_HOST="127.0.0.1",
                                           LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port())),
                              cwd=self.log_dir)
-        deadline = time.monotonic() + 120
-        while "leading (Lease" not in self.operator.log.read_text(errors="replace"):
-            self.operator.check_alive()
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"operator not leading after 120 s:\n{self.operator.tail()}")
-            time.sleep(0.1)
+        wait_until("the operator leading", lambda: "leading (Lease" in self.operator.log.read_text(errors="replace"),
+                   120, [self.operator], interval=0.1)
         return self.operator
 
     def stop_operator(self) -> None:
@@ -483,10 +479,7 @@ def run(scales: tuple[int, ...], pods_per_node: int, n_agents: int, workdir: Pat
              "(binaries are built once by .ci/setup)")
     out: dict = {"scales": {}, "pods_per_node": pods_per_node, "sampled_agents": n_agents}
     with ControlPlane(workdir / "cluster", with_controllers=True, with_kwok=True) as cp, NetLab() as lab:
-        for path in sorted((ROOT / "crds").glob("*.yaml")):
-            cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                   "crd/latencytraces.latencytrace.io", "crd/latencytracenodes.latencytrace.io")
+        apply_crds(cp)
         cp.kubectl("create", "namespace", NAMESPACE)
         deadline = time.monotonic() + 60
         while cp.kubectl("get", "serviceaccount", "default", "-n", NAMESPACE, check=False).returncode:
