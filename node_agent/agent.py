@@ -124,7 +124,7 @@ class Agent:
                 self.states[key] = TargetState(key, "Tracing", "", target)
             except TargetError as e:
                 self.states[key] = TargetState(key, "Failed", str(e))
-        self.registry.attach_wanted()
+        self.registry.sync()
         return dict(self.states)
 
     def _still_there(self, key: str) -> Namespace | None:

@@ -166,7 +166,8 @@ class Target:
 
 
 class Registry:
-    """Slots in the kernel maps for the current targets; adds and removes without reloading programs."""
+    """Slots in the kernel maps for the current targets; adds and removes without reloading programs.
+    add() and remove() change the targets' slots; sync() then writes the lookup tables once for all of them."""
 
     def __init__(self, tracer: Tracer, max_targets: int):
         self.tracer = tracer
@@ -190,7 +191,7 @@ class Registry:
             existing.label, existing.pod, existing.traces = label, pod, traces
             if existing.settings != settings or existing.ns.ips != ns.ips:
                 existing.settings, existing.ns = settings, ns
-                self.tracer.set_target(existing.slot, ns.inode, list(ns.ips), settings)
+                self.tracer.set_target(existing.slot, settings)
             return existing
         slot = self._free_slot()
         if slot is None:
@@ -198,7 +199,7 @@ class Registry:
             raise TargetError(f"cannot trace {label}: all {self.max_targets} target slots of this agent are in use "
                               "(raise agent.maxTargets)")
         target = Target(slot, ns, label, settings, pod, traces)
-        self.tracer.set_target(slot, ns.inode, list(ns.ips), settings)
+        self.tracer.set_target(slot, settings)
         self.by_inode[ns.inode] = target
         log.info("tracing %s (netns %d, slot %d, ips %s)", label, ns.inode, slot, ", ".join(ns.ips) or "none")
         return target
@@ -206,13 +207,15 @@ class Registry:
     def remove(self, inode: int) -> Target | None:
         target = self.by_inode.pop(inode, None)
         if target is not None:
-            self.tracer.clear_target(target.slot, inode)
+            self.tracer.clear_target(target.slot)
             self._cooling[target.slot] = time.monotonic()
             log.info("stopped tracing %s (slot %d)", target.label, target.slot)
         return target
 
-    def attach_wanted(self) -> None:
-        """Only the probes the targets' segments need: none at all while there is no target."""
+    def sync(self) -> None:
+        """After adds and removes: the lookup tables written once for the current targets, and only the
+        probes the targets' segments need attached (none at all while there is no target)."""
+        self.tracer.write_lookup({t.ns.inode: (t.slot, t.ns.ips) for t in self.by_inode.values()})
         wanted = 0
         for t in self.by_inode.values():
             wanted |= t.settings.wanted_segments()

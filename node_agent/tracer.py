@@ -77,7 +77,7 @@ class Tracer:
         self.stats = ProbeStats(stats_policy)
         self._prog_info: bpfsys.ProgInfoReader | None = None
         self.macros: dict[str, int | str] = {}
-        self._keys: dict[int, tuple[int, list[str]]] = {}  # netns inode -> (slot, pod IPs)
+        self._lookup_written: dict[int, tuple[int, tuple[str, ...]]] = {}  # what the lookup tables hold
         self._usable: list[Probe] = []
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -137,6 +137,7 @@ class Tracer:
         if self.bpf is not None:
             self.bpf.cleanup()
             self.bpf = None
+        self._lookup_written = {}  # the maps went with the programs
         self.stats.close()
 
     def __enter__(self) -> Tracer:
@@ -150,25 +151,24 @@ class Tracer:
     def table(self, name: str):
         return self.bpf[name.encode()]
 
-    def set_target(self, slot: int, netns_inode: int, ips: list[str], settings: TargetSettings) -> None:
+    def set_target(self, slot: int, settings: TargetSettings) -> None:
         t = self.table("lt_targets")
         v = t.Leaf()
         v.slow_ns, v.sample_one_in = settings.slow_ns, settings.sample_one_in
         v.seg_mask, v.dir_mask, v.events_per_sec = settings.seg_mask, settings.dir_mask, settings.events_per_sec
         t[ct.c_int(slot)] = v
-        self._keys[netns_inode] = (slot, ips)
-        self._write_lookup()
 
-    def clear_target(self, slot: int, netns_inode: int) -> None:
-        self._keys.pop(netns_inode, None)
-        self._write_lookup()
+    def clear_target(self, slot: int) -> None:
         t = self.table("lt_targets")
         t[ct.c_int(slot)] = t.Leaf()  # dir_mask 0: every probe ignores the slot
 
-    def _write_lookup(self) -> None:
-        """Rewrite the probes' lookup tables from the current targets, then invalidate their caches."""
+    def write_lookup(self, entries: dict[int, tuple[int, tuple[str, ...]]]) -> None:
+        """Make the probes' lookup tables map each netns inode (and its pod IPs) to its slot, then
+        invalidate their per-CPU caches; nothing is written when the tables already hold `entries`."""
+        if entries == self._lookup_written:
+            return
         netns, ip4, ip6 = {}, {}, {}
-        for inode, (slot, ips) in self._keys.items():
+        for inode, (slot, ips) in entries.items():
             netns[(inode,)] = slot
             for ip in ips:
                 words = lookup.ip_words(ip)
@@ -178,6 +178,7 @@ class Tracer:
         lookup.LookupTable(self.table("lt_ip6"), 4).write(ip6)
         gen = self.table("lt_gen")  # lt_dev_slot() caches answers per CPU until this changes
         gen[ct.c_int(0)] = ct.c_uint32((gen[ct.c_int(0)].value + 1) & 0xFFFFFFFF)
+        self._lookup_written = dict(entries)
 
     def set_nic_irqs(self, irqs: list[int]) -> None:
         t = self.table("lt_nic_irq")
