@@ -32,6 +32,7 @@ from . import config as agent_config, segments, targets
 from .agent import Agent, Desired, TargetState
 from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition, ExportReport, NodeSpec,
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
+from .export import OtlpSink, sink_from_settings
 from .kube import ListWatch, Trouble, api_client
 from .tracer import ProbeStatus, TargetSettings
 from .version import version
@@ -130,7 +131,7 @@ class NodeAgent:
         self.custom = client.CustomObjectsApi(api)
         self.make_agent = make_agent or self._make_agent
         self.agent: Agent | None = None
-        self.sink = None
+        self.sink: OtlpSink | None = None  # made with the agent (by _make_agent)
         self.wake = threading.Event()
         self.watch = ListWatch(self.custom.list_cluster_custom_object, GROUP, VERSION, NODE_PLURAL,
                                field_selector=f"metadata.name={cfg.node_name}", on_change=self.wake.set, log=log,
@@ -151,15 +152,8 @@ class NodeAgent:
         self.start_trouble = Trouble(log, "loading the probes")
 
     def _make_agent(self) -> Agent:
-        sinks = []
-        try:
-            from .export import sink_from_settings
-        except ImportError:
-            sink_from_settings = None
-        if sink_from_settings is not None:
-            self.sink = sink_from_settings(node_name=self.cfg.node_name, traces=self.spec.traces)
-            sinks.append(self.sink)
-        return Agent(sizes=self.cfg.sizes(), sinks=sinks, stats_policy=self.cfg.stats_policy())
+        self.sink = sink_from_settings(node_name=self.cfg.node_name, traces=self.spec.traces)
+        return Agent(sizes=self.cfg.sizes(), sinks=[self.sink], stats_policy=self.cfg.stats_policy())
 
     # -- configuration ----------------------------------------------------------------------------
     def read_spec(self) -> None:
@@ -177,6 +171,8 @@ class NodeAgent:
         elif self.failure and self.failure[0] == "ContractVersionUnsupported":
             self.failure = None
         self.spec = spec
+        if self.sink is not None:  # a sink made later gets the traces when it is made
+            self.sink.set_traces(spec.traces)
 
     def reconcile(self) -> None:
         desired = desired_targets(self.spec, self.locator)
@@ -186,8 +182,6 @@ class NodeAgent:
         if desired and self.agent is None:
             self._load()
         if self.agent is not None:
-            if self.sink is not None and hasattr(self.sink, "set_traces"):
-                self.sink.set_traces(self.spec.traces)
             self.states = self.agent.reconcile(desired)
         else:
             self.states = {}
@@ -235,7 +229,7 @@ class NodeAgent:
                                 targets_n=sum(1 for s in self.states.values() if s.state == "Tracing"),
                                 generation=self.generation)
         self.conditions = conditions.merge(self.conditions, [ready], now)
-        export = self.sink.report() if self.sink is not None and hasattr(self.sink, "report") else ExportReport()
+        export = self.sink.report() if self.sink is not None else ExportReport()
         return NodeStatus(observed_generation=self.generation, agent_version=version(),
                           heartbeat_time=conditions.timestamp(now), conditions=self.conditions, probes=probes,
                           traces=trace_reports(self.spec.traces, self.states), export=export,
