@@ -81,7 +81,7 @@ def _settings(args):
         seg_mask = segments.mask([s.strip() for s in args.segments.split(",") if s.strip()])
     except ValueError as e:
         raise UsageError(str(e)) from None
-    dir_mask = {"both": 0b11, "receive": 0b01, "transmit": 0b10}[args.direction]
+    dir_mask = segments.direction_mask(("receive", "transmit") if args.direction == "both" else (args.direction,))
     return TargetSettings(slow_ns=args.slow_threshold_us * 1000, sample_one_in=max(args.sample_one_in, 0),
                           seg_mask=seg_mask, dir_mask=dir_mask, events_per_sec=args.spans_per_second)
 

@@ -39,17 +39,10 @@ from .version import version
 
 log = logging.getLogger("latencytrace.agent")
 
-DIRECTION_BITS = {"receive": 0b01, "transmit": 0b10}
-
-
 # -- spec -> targets (pure) ---------------------------------------------------------------------------
 def segment_mask(t: TraceSettings) -> int:
     """The trace's segments, limited to its directions (empty list: all of them)."""
-    mask = segments.mask(t.segments)
-    allowed = 0
-    for d in t.directions:
-        allowed |= segments.mask([s.name for s in segments.SEGMENTS if s.direction.otel == d])
-    return mask & allowed
+    return segments.mask(t.segments) & segments.of_directions(segments.direction_mask(t.directions))
 
 
 def merge_settings(traces: Iterable[TraceSettings]) -> TargetSettings:
@@ -57,15 +50,11 @@ def merge_settings(traces: Iterable[TraceSettings]) -> TargetSettings:
     lowest slow threshold, most frequent sampling, highest span rate)."""
     traces = list(traces)
     sampling = [t.sample_one_in for t in traces if t.sample_one_in > 0]
-    dir_mask = 0
-    for t in traces:
-        for d in t.directions:
-            dir_mask |= DIRECTION_BITS[d]
     return TargetSettings(
         slow_ns=min(t.slow_threshold_microseconds for t in traces) * 1000,
         sample_one_in=min(sampling) if sampling else 0,
         seg_mask=functools.reduce(lambda m, t: m | segment_mask(t), traces, 0),
-        dir_mask=dir_mask,
+        dir_mask=segments.direction_mask(d for t in traces for d in t.directions),
         events_per_sec=max(t.spans_per_second for t in traces),
     )
 

@@ -9,6 +9,7 @@ time between two boundaries.
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -128,6 +129,17 @@ def boundary_id(direction: Direction, name: str) -> int:
 
 def segments_of(direction: Direction) -> tuple[Segment, ...]:
     return tuple(s for s in SEGMENTS if s.direction is direction)
+
+
+def direction_mask(directions: Iterable[str]) -> int:
+    """The kernel's dir_mask (bit per Direction) for `network.io.direction` values."""
+    wanted = set(directions)
+    return sum(1 << d for d in Direction if d.otel in wanted)
+
+
+def of_directions(dir_mask: int) -> int:
+    """Bit per segment id of every segment of the directions in `dir_mask`."""
+    return sum(1 << s.id for s in SEGMENTS if dir_mask >> s.direction & 1)
 
 
 def bpf_macros() -> dict[str, int]:

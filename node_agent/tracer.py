@@ -41,12 +41,7 @@ class TargetSettings:
 
     def wanted_segments(self) -> int:
         """The segments this target measures: those asked for, of the directions asked for."""
-        of_directions = 0
-        for d in segments.Direction:
-            if self.dir_mask >> d & 1:
-                for seg in segments.segments_of(d):
-                    of_directions |= 1 << seg.id
-        return self.seg_mask & of_directions
+        return self.seg_mask & segments.of_directions(self.dir_mask)
 
 
 @dataclass
