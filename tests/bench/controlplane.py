@@ -192,11 +192,6 @@ class Bench:
         self.agents: dict[int, tuple[Proc, AgentLog]] = {}
         self.operator: Proc | None = None
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in self.cp.env().items() if k != "PYTHONPATH"}
-        env.update(extra)
-        return env
-
     # -- cluster objects ------------------------------------------------------------------------
     def grow(self, nodes: int, tiers: list[int]) -> None:
         """Nodes 0..nodes-1 and their pods; pods are labelled tier-<s>=in for every scale s they belong to."""
@@ -265,11 +260,11 @@ class Bench:
     def start_operator(self, tag: str) -> Proc:
         self.operator = Proc(f"operator-{tag}", [str(BIN / "latencytrace-operator")],
                              self.log_dir / f"operator-{tag}.log",
-                             env=self.env(LATENCYTRACE_OPERATOR_NAMESPACE=NAMESPACE,
-                                          LATENCYTRACE_OPERATOR_LEASE_NAME="bench-operator",
-                                          LATENCYTRACE_OPERATOR_IDENTITY=f"bench-{tag}",
-                                          LATENCYTRACE_OPERATOR_HEALTH_HOST="127.0.0.1",
-                                          LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port())),
+                             env=self.cp.process_env(LATENCYTRACE_OPERATOR_NAMESPACE=NAMESPACE,
+                                                     LATENCYTRACE_OPERATOR_LEASE_NAME="bench-operator",
+                                                     LATENCYTRACE_OPERATOR_IDENTITY=f"bench-{tag}",
+                                                     LATENCYTRACE_OPERATOR_HEALTH_HOST="127.0.0.1",
+                                                     LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port())),
                              cwd=self.log_dir)
         wait_until("the operator leading", lambda: "leading (Lease" in self.operator.log.read_text(errors="replace"),
                    120, [self.operator], interval=0.1)
@@ -285,7 +280,8 @@ class Bench:
         # measures configuration, not BPF compilation; the warm-up measures the cold start.
         proc = Proc(f"agent-{node}", [str(BIN / "latencytrace-agent"), "--log-level", "INFO", "run"],
                     self.log_dir / f"agent-{node_name(node)}.log",
-                    env=self.env(LATENCYTRACE_NODE_NAME=node_name(node), LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS="0"),
+                    env=self.cp.process_env(LATENCYTRACE_NODE_NAME=node_name(node),
+                                            LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS="0"),
                     cwd=self.log_dir)
         self.agents[node] = (proc, AgentLog(proc))
 

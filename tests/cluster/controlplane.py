@@ -120,6 +120,13 @@ class ControlPlane:
             "HELM_DATA_HOME": str(helm / "data"),
         }
 
+    def process_env(self, **extra: str) -> dict[str, str]:
+        """Environment for the project's own processes (operator, agents) against this cluster: never the
+        repository on PYTHONPATH (its operator/ folder would shadow the standard library's `operator`)."""
+        env = {k: v for k, v in self.env().items() if k != "PYTHONPATH"}
+        env.update(extra)
+        return env
+
     def kubectl(self, *args: str | os.PathLike[str], check: bool = True, input: str | None = None,
                 timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         """Runs the pinned kubectl as cluster admin; output captured as text."""

@@ -10,7 +10,6 @@ environment the chart renders for their containers, plus what a pod would get fr
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -58,10 +57,7 @@ def container_env(objects: list[dict], kind: str, downward: dict[str, str]) -> d
 
 
 def start(cp: ControlPlane, name: str, argv: list[str], env: dict[str, str]) -> Proc:
-    base = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    base.update(cp.env())
-    base.pop("PYTHONPATH", None)
-    base.update(env)
+    base = cp.process_env(**env)
     base["KUBECONFIG"] = str(cp.kubeconfig)
     return Proc(name, argv, cp.workdir / "logs" / f"{name}.log", env=base, cwd=cp.workdir, die_with_parent=False)
 

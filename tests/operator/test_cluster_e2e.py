@@ -31,20 +31,15 @@ class World:
         self.agents: dict[str, Proc] = {}
         self.pods: dict[str, str] = {}  # pod name -> node
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in self.cp.env().items() if k != "PYTHONPATH"}
-        env.update(extra)
-        return env
-
     def start_operator(self, n: int) -> Proc:
         self.operator = Proc(f"operator-{n}", [str(BIN / "latencytrace-operator")], self.tmp / f"operator-{n}.log",
-                             env=self.env(LATENCYTRACE_OPERATOR_NAMESPACE=self.ns,
-                                          LATENCYTRACE_OPERATOR_LEASE_NAME="e2e-operator",
-                                          LATENCYTRACE_OPERATOR_IDENTITY=f"operator-{n}",
-                                          LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port()),
-                                          LATENCYTRACE_OPERATOR_STATUS_INTERVAL_SECONDS="1",
-                                          LATENCYTRACE_OPERATOR_DEBOUNCE_SECONDS="0.2",
-                                          LATENCYTRACE_OPERATOR_AGENT_STALE_SECONDS="60"),
+                             env=self.cp.process_env(LATENCYTRACE_OPERATOR_NAMESPACE=self.ns,
+                                                     LATENCYTRACE_OPERATOR_LEASE_NAME="e2e-operator",
+                                                     LATENCYTRACE_OPERATOR_IDENTITY=f"operator-{n}",
+                                                     LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port()),
+                                                     LATENCYTRACE_OPERATOR_STATUS_INTERVAL_SECONDS="1",
+                                                     LATENCYTRACE_OPERATOR_DEBOUNCE_SECONDS="0.2",
+                                                     LATENCYTRACE_OPERATOR_AGENT_STALE_SECONDS="60"),
                              cwd=self.tmp)
         wait_until("operator leading", lambda: "leading (Lease" in self.operator.log.read_text(), 60, [self.operator])
         return self.operator
@@ -52,9 +47,9 @@ class World:
     def start_agent(self, node: str) -> Proc:
         proc = Proc(f"agent-{node}", [str(BIN / "latencytrace-agent"), "--log-level", "INFO", "run"],
                     self.tmp / f"agent-{node}.log",
-                    env=self.env(LATENCYTRACE_NODE_NAME=node, LATENCYTRACE_AGENT_INTERVAL_SECONDS="2",
-                                 LATENCYTRACE_AGENT_STATUS_SECONDS="5", LATENCYTRACE_AGENT_STATUS_MIN_GAP_SECONDS="0.5",
-                                 LATENCYTRACE_AGENT_RETRY_SECONDS="1"),
+                    env=self.cp.process_env(LATENCYTRACE_NODE_NAME=node, LATENCYTRACE_AGENT_INTERVAL_SECONDS="2",
+                                            LATENCYTRACE_AGENT_STATUS_SECONDS="5", LATENCYTRACE_AGENT_STATUS_MIN_GAP_SECONDS="0.5",
+                                            LATENCYTRACE_AGENT_RETRY_SECONDS="1"),
                     cwd=self.tmp)
         self.agents[node] = proc
         return proc
