@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from latencytrace.node_agent.contract import Condition, NodeSpec, NodeStatus, NodeTrace, TraceReport
 
 from . import conditions
-from .conditions import TraceFacts
+from .conditions import Summary, TraceFacts
 
 MESSAGE_LIMIT = 500  # the CRD allows 512 per failing node
 # Reasons an agent gives for not being ready that are part of its normal life, not a failure.
@@ -92,17 +92,6 @@ def node_failure(view: NodeTraceView, now: datetime, stale_seconds: float) -> st
     return None
 
 
-@dataclass(frozen=True)
-class Summary:
-    matched_pods: int = 0
-    traced_pods: int = 0
-    matched_nodes: int = 0
-    ready_nodes: int = 0
-    tracing_nodes: int = 0
-    failing_nodes: int = 0
-    failing_sample: tuple[tuple[str, str], ...] = ()
-
-
 def summarize(views: Iterable[NodeTraceView], now: datetime, stale_seconds: float, listed: int) -> Summary:
     matched_pods = traced = matched_nodes = ready = tracing = 0
     failing: list[tuple[str, str]] = []
@@ -151,10 +140,3 @@ def trace_status(old: Mapping, facts: TraceFacts, summary: Summary | None, start
         status["nodes"] = {"ready": 0, "tracing": 0, "failing": 0, "failingNodes": []}
     return status
 
-
-def facts(generation: int, invalid: str | None, completed: bool, duration: str | None,
-          summary: Summary | None) -> TraceFacts:
-    s = summary or Summary()
-    return TraceFacts(generation=generation, invalid=invalid, completed=completed, duration=duration,
-                      matched_pods=s.matched_pods, traced_pods=s.traced_pods, matched_nodes=s.matched_nodes,
-                      tracing_nodes=s.tracing_nodes, failing_nodes=s.failing_nodes, failing_sample=s.failing_sample)

@@ -47,6 +47,19 @@ def merge(old: Iterable[Mapping | Condition], new: Iterable[Condition], now: dat
 
 
 @dataclass(frozen=True)
+class Summary:
+    """The agents' reports of one trace, summed over its nodes."""
+
+    matched_pods: int = 0
+    traced_pods: int = 0
+    matched_nodes: int = 0
+    ready_nodes: int = 0
+    tracing_nodes: int = 0
+    failing_nodes: int = 0
+    failing_sample: tuple[tuple[str, str], ...] = ()  # (node, error) of the first failing nodes
+
+
+@dataclass(frozen=True)
 class TraceFacts:
     """What the LatencyTrace conditions are decided from."""
 
@@ -54,16 +67,11 @@ class TraceFacts:
     invalid: str | None = None  # why the spec was rejected
     completed: bool = False
     duration: str | None = None
-    matched_pods: int = 0
-    traced_pods: int = 0
-    matched_nodes: int = 0
-    tracing_nodes: int = 0
-    failing_nodes: int = 0
-    failing_sample: tuple[tuple[str, str], ...] = ()  # (node, error) of the first failing nodes
+    summary: Summary = Summary()
 
 
 def trace_conditions(f: TraceFacts) -> list[Condition]:
-    g = f.generation
+    g, s = f.generation, f.summary
     if f.invalid is not None:
         return [make(ACCEPTED, False, "InvalidSpec", f.invalid, g),
                 make(TRACING, False, "InvalidSpec", "nothing is traced until the spec is fixed", g),
@@ -75,18 +83,18 @@ def trace_conditions(f: TraceFacts) -> list[Condition]:
                 make(TRACING, False, "Completed", "the duration expired; every agent detached", g),
                 make(DEGRADED, False, "Completed", "", g),
                 make(COMPLETED, True, "DurationExpired", f"traced for {f.duration}", g)]
-    if f.matched_pods == 0:
+    if s.matched_pods == 0:
         tracing = make(TRACING, False, "NoPodsMatched", "no selected pod is scheduled to a node", g)
-    elif f.traced_pods == 0:
+    elif s.traced_pods == 0:
         tracing = make(TRACING, False, "WaitingForAgents",
-                       f"{f.matched_pods} pods on {f.matched_nodes} nodes selected; no agent reports one traced yet", g)
+                       f"{s.matched_pods} pods on {s.matched_nodes} nodes selected; no agent reports one traced yet", g)
     else:
         tracing = make(TRACING, True, "PodsTraced",
-                       f"{f.traced_pods} of {f.matched_pods} pods traced on {f.tracing_nodes} of {f.matched_nodes} nodes", g)
-    if f.failing_nodes:
-        sample = "; ".join(f"{node}: {err}" for node, err in f.failing_sample)
+                       f"{s.traced_pods} of {s.matched_pods} pods traced on {s.tracing_nodes} of {s.matched_nodes} nodes", g)
+    if s.failing_nodes:
+        sample = "; ".join(f"{node}: {err}" for node, err in s.failing_sample)
         degraded = make(DEGRADED, True, "NodesFailing",
-                        f"{f.failing_nodes} of {f.matched_nodes} nodes failing" + (f" ({sample})" if sample else ""), g)
+                        f"{s.failing_nodes} of {s.matched_nodes} nodes failing" + (f" ({sample})" if sample else ""), g)
     else:
         degraded = make(DEGRADED, False, "AsExpected", "", g)
     completed = make(COMPLETED, False, "Running" if f.duration else "NoDuration",

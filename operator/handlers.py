@@ -41,7 +41,8 @@ def trace_status(raw_spec: Mapping, generation: int, status: Mapping, views: Ite
     summary = None
     if spec is not None and not completed:
         summary = aggregation.summarize(views, now, cfg.agent_stale_seconds, cfg.failing_nodes_listed)
-    facts = aggregation.facts(generation, invalid, completed, spec.duration if spec else None, summary)
+    facts = conditions.TraceFacts(generation, invalid, completed, spec.duration if spec else None,
+                                  summary or conditions.Summary())
     completion = conditions.timestamp(end) if completed else None
     return aggregation.trace_status(status, facts, summary, start, completion, now), invalid
 

@@ -3,7 +3,7 @@
 from datetime import UTC, datetime, timedelta
 
 from latencytrace.operator import conditions
-from latencytrace.operator.conditions import TraceFacts
+from latencytrace.operator.conditions import Summary, TraceFacts
 
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -13,14 +13,14 @@ def by_type(conds):
 
 
 def test_transition_time_kept_until_the_status_flips():
-    first = conditions.merge([], conditions.trace_conditions(TraceFacts(1, matched_pods=2)), T0)
+    first = conditions.merge([], conditions.trace_conditions(TraceFacts(1, summary=Summary(matched_pods=2))), T0)
     later = T0 + timedelta(minutes=5)
     same = conditions.merge([c.wire() for c in first], conditions.trace_conditions(
-        TraceFacts(1, matched_pods=3, matched_nodes=1)), later)
+        TraceFacts(1, summary=Summary(matched_pods=3, matched_nodes=1))), later)
     assert by_type(same)["Tracing"].last_transition_time == conditions.timestamp(T0)
     assert by_type(same)["Tracing"].message != by_type(first)["Tracing"].message  # message may change freely
     flipped = conditions.merge(same, conditions.trace_conditions(
-        TraceFacts(1, matched_pods=3, traced_pods=3, matched_nodes=1, tracing_nodes=1)), later)
+        TraceFacts(1, summary=Summary(matched_pods=3, traced_pods=3, matched_nodes=1, tracing_nodes=1))), later)
     assert by_type(flipped)["Tracing"].last_transition_time == conditions.timestamp(later)
     assert by_type(flipped)["Accepted"].last_transition_time == conditions.timestamp(T0)
 
@@ -29,10 +29,10 @@ def test_conditions_and_phase_for_each_situation():
     cases = {
         "Invalid": TraceFacts(1, invalid="spec.duration: bad"),
         "Completed": TraceFacts(2, completed=True, duration="10m"),
-        "Pending": TraceFacts(1, matched_pods=0),
-        "Tracing": TraceFacts(1, matched_pods=2, traced_pods=1, matched_nodes=1, tracing_nodes=1),
-        "Degraded": TraceFacts(1, matched_pods=2, traced_pods=1, matched_nodes=2, tracing_nodes=1, failing_nodes=1,
-                               failing_sample=(("n2", "agent silent"),)),
+        "Pending": TraceFacts(1, summary=Summary(matched_pods=0)),
+        "Tracing": TraceFacts(1, summary=Summary(matched_pods=2, traced_pods=1, matched_nodes=1, tracing_nodes=1)),
+        "Degraded": TraceFacts(1, summary=Summary(matched_pods=2, traced_pods=1, matched_nodes=2, tracing_nodes=1,
+                                                  failing_nodes=1, failing_sample=(("n2", "agent silent"),))),
     }
     for phase, facts in cases.items():
         conds = conditions.trace_conditions(facts)
