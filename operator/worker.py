@@ -82,7 +82,6 @@ class TraceWorker:
         self._namespaces: set[str] | None = None
         self._trouble = Trouble(logger, f"publishing trace {namespace}/{name}")
         self._ns_trouble = Trouble(logger, f"listing namespaces for trace {namespace}/{name}")
-        self._ns_error: Exception | None = None
 
     def poke(self) -> None:
         """Something changed (spec, pods): look again. Safe from any thread."""
@@ -118,20 +117,20 @@ class TraceWorker:
                                     _request_timeout=self.rt.cfg.request_timeout_seconds).items
         return {ns.metadata.name for ns in items}
 
-    async def _refresh_namespaces(self, spec: specs.TraceSpec | None) -> bool:
-        """Re-select the namespaces of a namespaceSelector (None without one); False on API error."""
+    async def _refresh_namespaces(self, spec: specs.TraceSpec | None) -> float | None:
+        """Re-select the namespaces of a namespaceSelector (None without one); on API error, the seconds
+        until the next try."""
         query = None if spec is None else selection.namespace_query(spec)
         if query is None:
             self._namespaces = None
-            return True
+            return None
         try:
             self._namespaces = await asyncio.get_running_loop().run_in_executor(
                 self.rt.pool, self._list_namespaces, query)
         except Exception as e:  # API trouble: keep the last selection, try again soon
-            self._ns_error = e
-            return False
+            return self._ns_trouble.failed(e)
         self._ns_trouble.ok()
-        return True
+        return None
 
     def desired(self, spec: specs.TraceSpec, generation: int) -> dict[str, NodeTrace] | None:
         """Entries per node from the current pods; None until the first pod list has arrived."""
@@ -142,13 +141,14 @@ class TraceWorker:
         pods = selection.pods_by_node(self._watch.snapshot(), spec, self.namespace, self._namespaces)
         return nodeconfig.entries_by_node(self.namespace, self.name, self.uid, generation, spec.settings(), pods)
 
-    async def _publish(self, desired: Mapping[str, NodeTrace]) -> bool:
+    async def _publish(self, desired: Mapping[str, NodeTrace]) -> float | None:
+        """Write what changed; on failure, the seconds until the next try."""
         todo = nodeconfig.changes(desired, self.published)
         if not todo:
-            return True
+            return None
         async with self.lock:
             if self.closed:
-                return True
+                return None
             done, failed = await publish(self.rt, self.uid, todo)
         for node, entry in done.items():
             if entry is None:
@@ -157,11 +157,10 @@ class TraceWorker:
                 self.published[node] = entry
         if failed:
             node, err = next(iter(failed.items()))
-            self._retry_in = self._trouble.failed(RuntimeError(f"{len(failed)} nodes, e.g. {node}: {err}"))
-            return False
+            return self._trouble.failed(RuntimeError(f"{len(failed)} nodes, e.g. {node}: {err}"))
         self._trouble.ok()
         self.log.debug("published trace to %d nodes (%d changed)", len(self.published), len(todo))
-        return True
+        return None
 
     async def _wait(self, stopped, timeout: float | None) -> None:
         waiters = {asyncio.ensure_future(self._wake.wait()), asyncio.ensure_future(stopped.wait())}
@@ -178,7 +177,6 @@ class TraceWorker:
         self._seed()
         generation, spec = None, None
         next_resync = 0.0  # list namespaces at once
-        self._retry_in = None
         try:
             while not stopped:
                 meta = body.get("metadata", {})
@@ -193,8 +191,8 @@ class TraceWorker:
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + cfg.resync_seconds
                     self._seed()  # drift repair: anything changed behind our back is rewritten
-                    if not await self._refresh_namespaces(spec):
-                        next_resync = time.monotonic() + self._ns_trouble.failed(self._ns_error)
+                    if (retry := await self._refresh_namespaces(spec)) is not None:
+                        next_resync = time.monotonic() + retry
                 active = spec is not None and not expired(spec, body, now)
                 if active:
                     self._ensure_watch(spec)
@@ -202,19 +200,17 @@ class TraceWorker:
                 else:
                     self._stop_watch()
                     desired = {}
-                self._retry_in = None
-                if desired is not None:
-                    await self._publish(desired)  # on failure, sets _retry_in
-                await self._wait(stopped, self._timeout(spec, body, next_resync, active))
+                retry_in = await self._publish(desired) if desired is not None else None
+                await self._wait(stopped, self._timeout(spec, body, next_resync, active, retry_in))
                 if not stopped:
                     await stopped.wait(cfg.debounce_seconds)  # let a burst of pod churn gather
         finally:
             self._stop_watch()
 
-    def _timeout(self, spec, body, next_resync: float, active: bool) -> float:
+    def _timeout(self, spec, body, next_resync: float, active: bool, retry_in: float | None) -> float:
         waits = [max(0.0, next_resync - time.monotonic())]
-        if self._retry_in is not None:
-            waits.append(self._retry_in)
+        if retry_in is not None:
+            waits.append(retry_in)
         if active and spec is not None:
             end = specs.deadline(spec, start_time(body))
             if end is not None:
