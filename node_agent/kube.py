@@ -33,6 +33,16 @@ def api_client(kubeconfig: str | None, pool_size: int = 8) -> client.ApiClient:
     return client.ApiClient(cfg)
 
 
+def or_none(fn: Callable, *args, **kwargs):
+    """`fn(*args, **kwargs)`, or None when the API answers 404 (the object does not exist)."""
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as e:
+        if e.status == 404:
+            return None
+        raise
+
+
 def describe(err: BaseException) -> str:
     """One line for an API error: status, reason and the server's message when there is one."""
     if isinstance(err, ApiException):

@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from latencytrace.node_agent.kube import describe
+from latencytrace.node_agent.kube import describe, or_none
 
 from .config import OperatorConfig
 
@@ -39,12 +39,7 @@ class Lease:
         self._observed_at = 0.0  # monotonic time it was first seen
 
     def _read(self) -> client.V1Lease | None:
-        try:
-            return self.coord.read_namespaced_lease(self.name, self.namespace, _request_timeout=10)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return or_none(self.coord.read_namespaced_lease, self.name, self.namespace, _request_timeout=10)
 
     def try_acquire_or_renew(self) -> bool:
         """One attempt; True if we hold the Lease afterwards."""

@@ -22,6 +22,7 @@ from kubernetes.client.rest import ApiException
 
 from latencytrace.node_agent.contract import (API_VERSION, GROUP, NODE_KIND, NODE_PLURAL, VERSION, NodeSpec,
                                               NodeTrace, PodRef, TraceSettings)
+from latencytrace.node_agent.kube import or_none
 
 log = logging.getLogger(__name__)
 
@@ -90,25 +91,17 @@ class NodeConfigs:
             return node in self._existing
 
     def get(self, node: str) -> dict | None:
-        try:
-            return self.custom.get_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node,
-                                                         _request_timeout=self.timeout)
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+        return or_none(self.custom.get_cluster_custom_object, GROUP, VERSION, NODE_PLURAL, node,
+                       _request_timeout=self.timeout)
 
     def _node_uid(self, node: str) -> str | None:
         uid = self._node_uids.get(node)
         if uid is not None:
             return uid
-        try:
-            uid = self.core.read_node(node, _request_timeout=self.timeout).metadata.uid
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
-        self._node_uids[node] = uid
+        found = or_none(self.core.read_node, node, _request_timeout=self.timeout)
+        if found is None:
+            return None
+        uid = self._node_uids[node] = found.metadata.uid
         return uid
 
     def apply(self, node: str, uid: str, entry: NodeTrace | None) -> NodeTrace | None:
