@@ -21,7 +21,6 @@ WORKDIR /app
 COPY pyproject.toml uv.lock README.md ./
 RUN uv sync --frozen --no-dev --no-install-project --python /usr/bin/python3
 COPY bpf/ bpf/
-COPY crds/ crds/
 COPY node_agent/ node_agent/
 COPY operator/ operator/
 RUN uv sync --frozen --no-dev --no-editable --python /usr/bin/python3 \

@@ -3,7 +3,7 @@
 # repository, one directory per tool and version, so a machine builds each version
 # once:  ${LATENCYTRACE_CACHE:-/var/cache/latencytrace}/bin/<tool>-<version>/<tool>
 #
-# Usage: build.sh [all|kubernetes|kwok|helm|jaeger|etcd]...   (default: all)
+# Usage: build.sh [all|kubernetes|kwok|helm|jaeger|etcd|cni]...   (default: all)
 # Idempotent: a tool whose binary exists is skipped. Safe to run concurrently
 # (one flock serialises builds). Versions come from versions.env beside this file.
 set -euo pipefail
@@ -137,7 +137,8 @@ install_bins() {
   done
 }
 
-K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
+# kubelet and kube-proxy run the real node (tests/cluster/node.py); one version for all.
+K8S_TOOLS=(kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy)
 
 build_kubernetes() {
   local v=$KUBERNETES_VERSION missing=() t
@@ -214,6 +215,29 @@ build_etcd() {
     "$ETCD_VERSION"
 }
 
+# CNI plugins for the real node's pod network: bridge (pods on a host bridge), host-local
+# (their addresses), loopback (lo in each pod) and portmap (hostPort). One go build for all four.
+CNI_PLUGINS=(bridge host-local loopback portmap)
+build_cni() {
+  local v=$CNI_PLUGINS_VERSION missing=() t pkgs=()
+  for t in "${CNI_PLUGINS[@]}"; do have "$t" "$v" || missing+=("$t"); done
+  (( ${#missing[@]} )) || return 0
+  say "CNI plugins ${missing[*]} $v (first build takes ~1 min) ..."
+  local start=$SECONDS out
+  out=$(mktemp -d "${TMPDIR:-/tmp}/latencytrace-out.XXXXXX")
+  for t in "${missing[@]}"; do
+    case $t in
+      bridge|loopback) pkgs+=("github.com/containernetworking/plugins/plugins/main/$t") ;;
+      host-local) pkgs+=("github.com/containernetworking/plugins/plugins/ipam/$t") ;;
+      portmap) pkgs+=("github.com/containernetworking/plugins/plugins/meta/$t") ;;
+    esac
+  done
+  wrapper_build cni github.com/containernetworking/plugins "$v" "" "" "$out" "${pkgs[@]}"
+  install_bins "$out" "$v" "${missing[@]}"
+  rm -rf "$out"
+  say "  CNI plugins $v built in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+}
+
 ensure_go() {
   command -v go >/dev/null || { say "go is not on PATH"; exit 1; }
   command -v jq >/dev/null && return 0
@@ -225,15 +249,15 @@ ensure_go() {
 main() {
   local targets=("$@")
   (( ${#targets[@]} )) || targets=(all)
-  [[ ${targets[0]} == all ]] && targets=(etcd kubernetes kwok helm jaeger)
+  [[ ${targets[0]} == all ]] && targets=(etcd kubernetes kwok helm jaeger cni)
   # One build at a time per cache (parallel test workers may all call this).
   exec 9>"$CACHE/.build.lock"
   flock 9
   local t start=$SECONDS
   for t in "${targets[@]}"; do
     case $t in
-      etcd|kubernetes|kwok|helm|jaeger) ensure_go; "build_$t" ;;
-      *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd)"; exit 2 ;;
+      etcd|kubernetes|kwok|helm|jaeger|cni) ensure_go; "build_$t" ;;
+      *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd|cni)"; exit 2 ;;
     esac
   done
   (( SECONDS - start > 5 )) && say "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"

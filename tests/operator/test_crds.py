@@ -65,6 +65,11 @@ def test_names_match_the_contract():
         assert doc["spec"]["versions"][0]["subresources"] == {"status": {}}
 
 
-def test_chart_uses_the_repository_crds():
+def test_chart_is_self_contained_and_the_repository_crds_link_to_it():
     chart_crds = ROOT / "charts" / "latencytrace" / "crds"
-    assert chart_crds.resolve() == CRDS.resolve()
+    assert not chart_crds.is_symlink()
+    files = sorted(p.name for p in chart_crds.glob("*.yaml"))
+    assert files == ["latencytrace.io_latencytracenodes.yaml", "latencytrace.io_latencytraces.yaml"]
+    for name in files:
+        assert not (chart_crds / name).is_symlink()
+        assert (CRDS / name).resolve() == (chart_crds / name).resolve()

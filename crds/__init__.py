@@ -1,1 +1,0 @@
-"""Marker: makes the CRD manifests importable as package data (importlib.resources)."""
