@@ -1,14 +1,15 @@
 """The demo: `python -m tests.demo` (run by `.ci/demo`).
 
-On the local cluster (`python -m tests.cluster up`: real control plane, kwok nodes, Jaeger, latencytrace
-installed from its chart with its operator and agents running here), it creates two pods whose network
-namespaces are real ones on this machine (as a CNI bridge plugin would wire them), a LatencyTrace that
-selects them, and traffic from an untraced client; one pod reads too slowly. Then it shows what a user
-would look at: the LatencyTrace status, the per-pod latency histograms as Prometheus scrapes them from
-the collector, and the slowest packet as a trace in Jaeger, one span per stack segment.
+On the local cluster (`python -m tests.cluster up`: a real control plane and a real node running
+latencytrace's chart from the images built here, and Jaeger), it runs two server pods and a client pod
+from the workload image, a LatencyTrace that selects the servers, and traffic from the untraced client;
+one server reads too slowly. Then it shows what a user would look at: the LatencyTrace status, the
+per-pod latency histograms as Prometheus scrapes them from the collector, and the slowest packet as a
+trace in Jaeger, one span per stack segment. Nothing is faked: the pods are the kubelet's, their network
+namespaces the CNI plugin's, and the agent runs in its DaemonSet pod.
 
 Everything stays up afterwards to explore (KUBECONFIG and Jaeger's address are printed);
-`.ci/cluster down` removes it all, the demo's namespaces included.
+`.ci/cluster down` removes it all.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from collections import defaultdict
 
 from latencytrace.node_agent.segments import SEGMENTS
 
-from . import netlab
 from .cluster import __main__ as cluster
 from .cluster.controlplane import load_state
+from .cluster.images import WORKLOAD_IMAGE
 from .cluster.procs import wait_until
 
 NS = "demo"
+PORT = 7000
 TRACE = {
     "apiVersion": "latencytrace.io/v1alpha1", "kind": "LatencyTrace",
     "metadata": {"name": "web", "namespace": NS},
@@ -47,8 +49,9 @@ class Kubectl:
     def __init__(self, state: dict):
         self.bin, self.env = state["bins"]["kubectl"], {**os.environ, "KUBECONFIG": state["kubeconfig"]}
 
-    def __call__(self, *args: str, input: str | None = None, check: bool = True) -> str:
-        out = subprocess.run([self.bin, *args], input=input, capture_output=True, text=True, env=self.env)
+    def __call__(self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120) -> str:
+        out = subprocess.run([self.bin, *args], input=input, capture_output=True, text=True, env=self.env,
+                             timeout=timeout)
         if check and out.returncode != 0:
             raise RuntimeError(f"kubectl {' '.join(args)}: {out.stderr.strip()}")
         return out.stdout
@@ -57,37 +60,36 @@ class Kubectl:
         return json.loads(self(*args, "-o", "json"))
 
 
-def make_pods(kubectl: Kubectl, lab: netlab.NetLab, nodes: list[str]) -> dict[str, netlab.Pod]:
+def pod(name: str, labels: dict[str, str], args: list[str], restart: str = "Always") -> dict:
+    return {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS, "labels": labels},
+            "spec": {"restartPolicy": restart, "terminationGracePeriodSeconds": 1,
+                     "containers": [{"name": "app", "image": WORKLOAD_IMAGE, "imagePullPolicy": "Never",
+                                     "args": args}]}}
+
+
+def make_servers(kubectl: Kubectl) -> dict[str, str]:
+    """web-0 reads in bursts and pauses (datagrams wait in its socket: rx_socket_queue); web-1 keeps up.
+    Returns pod name -> pod IP."""
     kubectl("create", "namespace", NS, check=False)
-    pods = {}
-    for i, node in enumerate(nodes[:2]):
-        name = f"web-{i}"
-        pod = lab.add_pod(name)
-        manifest = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": name, "namespace": NS,
-                                                                   "labels": {"app": "web"}},
-                    "spec": {"nodeName": node, "containers": [{"name": "app", "image": "example.invalid/web:1"}]}}
-        kubectl("apply", "-f", "-", input=json.dumps(manifest))
-        kubectl("wait", "-n", NS, "--for=jsonpath={.status.phase}=Running", f"pod/{name}", "--timeout=60s")
-        # kwok invents pod IPs; point this one at the real namespace, as a CNI would have.
-        kubectl("patch", "-n", NS, "pod", name, "--subresource=status", "--type=merge", "-p",
-                json.dumps({"status": {"podIP": pod.ip, "podIPs": [{"ip": pod.ip}]}}))
-        pods[name] = pod
-    return pods
+    kubectl("delete", "pods", "-n", NS, "--all", "--wait=true", "--timeout=60s", check=False)
+    slow = ["serve", "-listen", f":{PORT}", "-pause-every", "200", "-pause-ms", "20"]
+    for name, args in (("web-0", slow), ("web-1", ["serve", "-listen", f":{PORT}"])):
+        kubectl("apply", "-f", "-", input=json.dumps(pod(name, {"app": "web"}, args)))
+    kubectl("wait", "-n", NS, "--for=condition=Ready", "pod/web-0", "pod/web-1", "--timeout=120s", timeout=130)
+    return {p["metadata"]["name"]: p["status"]["podIP"] for p in kubectl.json("get", "pods", "-n", NS)["items"]}
 
 
-def traffic(client: netlab.Pod, pods: dict[str, netlab.Pod], seconds: int) -> None:
-    slow, fast = pods["web-0"], pods["web-1"]
-    n = 2000 * seconds
-    # web-0 reads in bursts and pauses: datagrams wait in its socket (rx_socket_queue); web-1 keeps up.
-    with slow.serve("udp-recv", "--port", "7000", "--count", str(n), "--timeout", str(seconds + 10),
-                    "--pause-every", "200", "--pause-ms", "20") as r0, \
-         fast.serve("tcp-sink", "--port", "7001", "--timeout", str(seconds + 10)) as r1:
-        sender = subprocess.Popen(client.python("traffic.py", "udp-send", "--to", slow.ip, "--port", "7000",
-                                                "--count", str(n), "--rate", "2000"), stdout=subprocess.DEVNULL)
-        client.traffic("tcp-send", "--to", fast.ip, "--port", "7001", "--count", str(400 * seconds),
-                       "--size", "512", "--timeout", str(seconds + 10), timeout=seconds + 30)
-        sender.wait(timeout=seconds + 30)
-    print(f"   web-0 read {r0.result['received']} datagrams, web-1 received {r1.result['received_bytes']} bytes")
+def traffic(kubectl: Kubectl, ips: dict[str, str], seconds: int) -> None:
+    """From client pods the trace does not select: UDP to web-0, TCP to web-1, at the same time."""
+    runs = {"client-udp": ("udp", ips["web-0"], 2000), "client-tcp": ("tcp", ips["web-1"], 400)}
+    for name, (proto, ip, rate) in runs.items():
+        args = ["client", "-to", f"{ip}:{PORT}", "-proto", proto, "-n", str(rate * seconds), "-rate", str(rate)]
+        kubectl("apply", "-f", "-", input=json.dumps(pod(name, {"app": "client"}, args, restart="Never")))
+    for name in runs:
+        kubectl("wait", "-n", NS, "--for=jsonpath={.status.phase}=Succeeded", f"pod/{name}",
+                f"--timeout={seconds + 90}s", timeout=seconds + 100)
+        summary = json.loads(kubectl("logs", "-n", NS, name).strip().splitlines()[-1])
+        print(f"   {name}: {summary}")
 
 
 def scrape(url: str) -> dict[tuple[str, str], list[tuple[float, float]]]:
@@ -153,36 +155,32 @@ def show_trace(query_url: str, trace: dict) -> None:
         offset = s["startTime"] - root["startTime"]
         bar = "#" * max(1, round(40 * s["duration"] / max(root["duration"], 1)))
         print(f"     {s['operationName']:16} +{offset:7d} µs {s['duration']:8d} µs  {bar}")
-    print(f"   in Jaeger: {query_url}/trace/{trace['traceID']}  (API: {query_url}/api/traces/{trace['traceID']})")
+    # The Jaeger built here has no UI assets (they ship only as release downloads): the API link works.
+    print(f"   in Jaeger's API: {query_url}/api/traces/{trace['traceID']}")
 
 
 def main() -> int:
     state = load_state(cluster.state_dir())
     if state is None or "jaeger" not in state:
         say("starting the local cluster (python -m tests.cluster up)")
-        if cluster.main(["up", "--nodes", "2"]) != 0:
+        if cluster.main(["up"]) != 0:
             return 1
         state = load_state(cluster.state_dir())
     kubectl = Kubectl(state)
-    nodes = [n["metadata"]["name"] for n in kubectl.json("get", "nodes")["items"]]
+    print(kubectl("get", "nodes", "-o", "wide"), end="")
+    print(kubectl("get", "pods", "-n", "latencytrace", "-o", "wide"), end="")
 
-    say("pods in real network namespaces, on a bridge as a CNI would wire them")
-    lab = netlab.NetLab()
-    state["netns"] = state.get("netns", [])
-    state["links"] = state.get("links", []) + [lab.bridge]
-    pods = make_pods(kubectl, lab, nodes)
-    client = lab.add_pod("client")  # not selected by the trace: its packets cost one lookup and leave no trace
-    state["netns"] += [p.netns for p in lab.pods.values()]
-    (cluster.state_dir() / "state.json").write_text(json.dumps(state, indent=2))
+    say("two server pods from the workload image, placed by the scheduler, on the CNI bridge")
+    ips = make_servers(kubectl)
     print(kubectl("get", "pods", "-n", NS, "-o", "wide"), end="")
 
     say("kubectl apply -f trace.yaml  (LatencyTrace web: pods app=web, slow above 500 µs)")
     kubectl("apply", "-f", "-", input=json.dumps(TRACE))
     wait_until("the trace to be Tracing on both pods", lambda: kubectl.json("get", "lt", "-n", NS, "web")
-               .get("status", {}).get("tracedPods") == 2, 90)
+               .get("status", {}).get("tracedPods") == 2, 120)
 
-    say("traffic for 15 s from an untraced client: UDP to web-0 (a slow reader), TCP to web-1")
-    traffic(client, pods, 15)
+    say("traffic for 15 s from untraced client pods: UDP to web-0 (a slow reader), TCP to web-1")
+    traffic(kubectl, ips, 15)
     time.sleep(6)  # two agent intervals: the last histograms and spans reach the collector
 
     say("kubectl get lt,ltn")
@@ -196,7 +194,7 @@ def main() -> int:
     show_trace(state["jaeger"]["query_url"], slowest_trace(state["jaeger"]["query_url"]))
 
     say("all of it is still running")
-    print(f"   export KUBECONFIG={state['kubeconfig']}\n   Jaeger: {state['jaeger']['query_url']}\n"
+    print(f"   export KUBECONFIG={state['kubeconfig']}\n   Jaeger API: {state['jaeger']['query_url']}/api/traces\n"
           f"   stop everything: .ci/cluster down")
     return 0
 

@@ -36,8 +36,9 @@ def pod_process(lab):
             group = cgroup_root() / "lt-test-kubepods" / "burstable" / f"pod{uid}"
         else:
             group = cgroup_root() / "lt-test-kubepods.slice" / f"kubepods-besteffort-pod{uid.replace('-', '_')}.slice"
+        new = [d for d in (group, *group.parents) if not d.exists()]  # every level this test makes
         group.mkdir(parents=True)
-        made.extend([group, group.parent])
+        made.extend(new)
         proc = subprocess.Popen(pod.exec("sleep", "60"))
         procs.append(proc)
         (group / "cgroup.procs").write_text(str(proc.pid))

@@ -1,14 +1,14 @@
 """python -m tests.cluster build|up|down|status
 
-  build            build every pinned tool that is missing (tests/cluster/build.sh)
-  up [--nodes N]   start a detached control plane (controllers + kwok) with N fake
-                   nodes, Jaeger, and latencytrace installed from its chart (operator
-                   and one agent per node running here); prints `export KUBECONFIG=...`
-  down             stop it and remove its state dir
-  status           show whether it runs, and its nodes
+  build                 build every pinned tool that is missing (tests/cluster/build.sh)
+  up [--kwok-nodes N]   start a detached local cluster: control plane, the real node (containerd,
+                        kubelet, kube-proxy, CNI) running latencytrace's chart from the images built
+                        here, Jaeger, and N kwok fake nodes (default none); prints `export KUBECONFIG=...`
+  down                  stop it and remove everything it made
+  status                show whether it runs, and its nodes
 
 State (pids, kubeconfig, logs, etcd data) lives in
-${LATENCYTRACE_STATE:-/var/run/latencytrace-cluster}.
+${LATENCYTRACE_STATE:-/var/run/latencytrace-cluster}; the node's in /var/lib/latencytrace-node.
 """
 
 from __future__ import annotations
@@ -16,37 +16,15 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
-from . import install, versions
-from .jaeger import Jaeger
-from .controlplane import ControlPlane, load_state, process_matches, run_tool, stop_from_state
+from . import local, versions
+from .controlplane import load_state, process_matches, run_tool
 
 
 def state_dir() -> Path:
     return Path(os.environ.get("LATENCYTRACE_STATE", "/var/run/latencytrace-cluster"))
-
-
-# The local cluster's chart values: quick intervals for a demo; spans to Jaeger, metrics to the
-# Prometheus endpoint of the same collector, which takes explicit-bucket histograms only.
-LOCAL_VALUES = {
-    "operator": {"statusIntervalSeconds": 2},
-    "agent": {"intervalSeconds": 2, "statusSeconds": 10, "statusMinGapSeconds": 1, "retrySeconds": 2,
-              "extraEnv": [{"name": "LATENCYTRACE_EXPORT_HISTOGRAM", "value": "explicit"}]},
-    "otlp": {"insecure": True},
-}
-
-
-def post_start(cp: ControlPlane, nodes: list[str]) -> None:
-    """Run by `up` once the control plane and its nodes are ready: Jaeger as the OpenTelemetry backend,
-    then latencytrace installed from its chart, its operator and agents running on this machine."""
-    jaeger = Jaeger(cp.workdir / "jaeger", detach=True, prometheus=True).start()
-    install.record(cp, [jaeger.proc], jaeger={"ports": jaeger.ports, "query_url": jaeger.query_url,
-                                              "metrics_url": jaeger.metrics_url})
-    values = {**LOCAL_VALUES, "otlp": {**LOCAL_VALUES["otlp"], "endpoint": f"http://{jaeger.otlp_grpc_endpoint}"}}
-    install.record(cp, install.install(cp, nodes, values))
 
 
 def cmd_build(_: argparse.Namespace) -> int:
@@ -60,32 +38,27 @@ def cmd_up(args: argparse.Namespace) -> int:
     if state and any(process_matches(p["pid"], p["exe"]) for p in state["procs"]):
         print(f"already up; export KUBECONFIG={state['kubeconfig']}")
         return 0
-    shutil.rmtree(workdir, ignore_errors=True)  # leftovers of a crashed run
-    cp = ControlPlane(workdir, with_controllers=True, with_kwok=True, detach=True)
-    cp.start()
+    local.down(workdir)  # leftovers of a crashed run, as recorded
+    shutil.rmtree(workdir, ignore_errors=True)
+    cluster = local.LocalCluster(workdir, kwok_nodes=args.kwok_nodes, detach=True).start()
     try:
-        nodes = cp.create_fake_nodes(args.nodes)
-        post_start(cp, nodes)
+        print("[cluster] helm install latencytrace (the built images, on the real node)", file=sys.stderr)
+        cluster.helm_install()
     except BaseException:
-        stop_from_state(workdir)  # what post_start recorded (Jaeger, operator, agents)
-        cp.stop()
+        cluster.stop()
         raise
-    print(f"control plane up at {cp.api_url} with {args.nodes} fake nodes and latencytrace installed "
+    print(f"local cluster up at {cluster.cp.api_url}: node {cluster.node_name}"
+          f"{f' and {args.kwok_nodes} kwok nodes' if args.kwok_nodes else ''}, latencytrace installed "
           f"(logs: {workdir / 'logs'}); stop with: .ci/cluster down", file=sys.stderr)
-    print(f"export KUBECONFIG={cp.kubeconfig}")
+    print(f"export KUBECONFIG={cluster.cp.kubeconfig}")
     return 0
 
 
 def cmd_down(_: argparse.Namespace) -> int:
     workdir = state_dir()
-    state = load_state(workdir) or {}
-    stopped = stop_from_state(workdir)
-    for name in state.get("netns", []):  # pod namespaces a demo left for you to explore
-        subprocess.run(["ip", "netns", "del", name], capture_output=True)
-    for link in state.get("links", []):
-        subprocess.run(["ip", "link", "del", link], capture_output=True)
+    stopped = local.down(workdir)
     shutil.rmtree(workdir, ignore_errors=True)
-    print(f"stopped {stopped} processes; removed {workdir}")
+    print(f"stopped {stopped} processes and the node; removed {workdir}")
     return 0
 
 
@@ -100,7 +73,7 @@ def cmd_status(_: argparse.Namespace) -> int:
           f"running: {', '.join(running) or '-'}\nnot running: {', '.join(missing) or '-'}")
     if running:
         env = {**os.environ, "KUBECONFIG": state["kubeconfig"]}
-        nodes = run_tool([state["bins"]["kubectl"], "get", "nodes"], env, check=False)
+        nodes = run_tool([state["bins"]["kubectl"], "get", "nodes", "-o", "wide"], env, check=False)
         print(nodes.stdout or nodes.stderr, end="")
     return 0 if not missing else 1
 
@@ -110,8 +83,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("build", help="build missing tools").set_defaults(func=cmd_build)
-    up = sub.add_parser("up", help="start a detached control plane")
-    up.add_argument("--nodes", type=int, default=2, help="fake nodes to create (default 2)")
+    up = sub.add_parser("up", help="start a detached local cluster")
+    up.add_argument("--kwok-nodes", type=int, default=0, help="kwok fake nodes to add (default 0)")
     up.set_defaults(func=cmd_up)
     sub.add_parser("down", help="stop it and remove its state").set_defaults(func=cmd_down)
     sub.add_parser("status", help="show its state").set_defaults(func=cmd_status)

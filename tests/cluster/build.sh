@@ -3,7 +3,7 @@
 # repository, one directory per tool and version, so a machine builds each version
 # once:  ${LATENCYTRACE_CACHE:-/var/cache/latencytrace}/bin/<tool>-<version>/<tool>
 #
-# Usage: build.sh [all|kubernetes|kwok|helm|jaeger|etcd|cni]...   (default: all)
+# Usage: build.sh [all|kubernetes|kwok|helm|jaeger|etcd|cni|crictl]...   (default: all)
 # Idempotent: a tool whose binary exists is skipped. Safe to run concurrently
 # (one flock serialises builds). Versions come from versions.env beside this file.
 set -euo pipefail
@@ -238,6 +238,12 @@ build_cni() {
   say "  CNI plugins $v built in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
 }
 
+# crictl, the CRI client: the real node's teardown stops and removes every pod sandbox through the
+# runtime (which runs CNI DEL for each: veths, IP reservations, portmap rules), even with no API server.
+build_crictl() {
+  build_one crictl sigs.k8s.io/cri-tools "$CRICTL_VERSION" sigs.k8s.io/cri-tools/cmd/crictl "" 1
+}
+
 ensure_go() {
   command -v go >/dev/null || { say "go is not on PATH"; exit 1; }
   command -v jq >/dev/null && return 0
@@ -249,15 +255,15 @@ ensure_go() {
 main() {
   local targets=("$@")
   (( ${#targets[@]} )) || targets=(all)
-  [[ ${targets[0]} == all ]] && targets=(etcd kubernetes kwok helm jaeger cni)
+  [[ ${targets[0]} == all ]] && targets=(etcd kubernetes kwok helm jaeger cni crictl)
   # One build at a time per cache (parallel test workers may all call this).
   exec 9>"$CACHE/.build.lock"
   flock 9
   local t start=$SECONDS
   for t in "${targets[@]}"; do
     case $t in
-      etcd|kubernetes|kwok|helm|jaeger|cni) ensure_go; "build_$t" ;;
-      *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd|cni)"; exit 2 ;;
+      etcd|kubernetes|kwok|helm|jaeger|cni|crictl) ensure_go; "build_$t" ;;
+      *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd|cni|crictl)"; exit 2 ;;
     esac
   done
   (( SECONDS - start > 5 )) && say "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"

@@ -71,12 +71,18 @@ class ControlPlane:
       bound to them become Running with a pod IP.
     detach: leave the servers running when this Python process exits (used by
       `python -m tests.cluster up`); stop later with stop_from_state(workdir).
+    node_ip: serve on this address instead of loopback (a real node's kubelet and its pods reach the
+      API server there; kubelets refuse a loopback node IP), and publish it as the endpoint of the
+      `kubernetes` Service so that in-cluster clients find the API server through kube-proxy.
+      The address must exist on this machine before start() (tests/cluster/node.py makes it).
     """
 
     def __init__(self, workdir: str | os.PathLike[str], with_controllers: bool = True,
                  with_kwok: bool = True, *, with_scheduler: bool | None = None,
-                 detach: bool = False, startup_timeout: float = 120.0) -> None:
+                 detach: bool = False, startup_timeout: float = 120.0,
+                 node_ip: str | None = None) -> None:
         self.workdir = Path(workdir).resolve()
+        self.node_ip = node_ip
         self.with_controllers = with_controllers
         self.with_scheduler = with_controllers if with_scheduler is None else with_scheduler
         self.with_kwok = with_kwok
@@ -88,6 +94,7 @@ class ControlPlane:
         self.pki: PKI
         self.serving: CertPair
         self.sa_keys: CertPair
+        self.kubelet_client: CertPair
         self._admin_tls: ssl.SSLContext
         self._procs: list[Proc] = []
         self._next_node = 0
@@ -101,8 +108,12 @@ class ControlPlane:
         return self.workdir / "kubeconfig"
 
     @property
+    def api_host(self) -> str:
+        return self.node_ip or "127.0.0.1"
+
+    @property
     def api_url(self) -> str:
-        return f"https://127.0.0.1:{self.ports['apiserver']}"
+        return f"https://{self.api_host}:{self.ports['apiserver']}"
 
     @property
     def state_file(self) -> Path:
@@ -236,7 +247,7 @@ class ControlPlane:
             "apiserver",
             dns=["localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc",
                  "kubernetes.default.svc.cluster.local"],
-            ips=["127.0.0.1", service_ip],
+            ips=sorted({"127.0.0.1", self.api_host, service_ip}),
         )
         self.sa_keys = pki.service_account_keys()
         server = self.api_url
@@ -245,6 +256,8 @@ class ControlPlane:
         # The controller manager and scheduler use their own identities so the
         # bootstrap RBAC roles (system:kube-controller-manager, system:kube-scheduler)
         # apply to them as in a real cluster.
+        # How the API server authenticates to kubelets (logs, exec, port-forward).
+        self.kubelet_client = pki.client("apiserver-kubelet-client", "kube-apiserver-kubelet-client")
         kcm = pki.client("controller-manager", "system:kube-controller-manager")
         write_kubeconfig(self.workdir / "controller-manager.kubeconfig", server, pki.ca, kcm,
                          "system:kube-controller-manager")
@@ -278,7 +291,7 @@ class ControlPlane:
         self._spawn("kube-apiserver", [
             self.bins["kube-apiserver"],
             f"--etcd-servers=http://127.0.0.1:{self.ports['etcd']}",
-            "--bind-address=127.0.0.1", "--advertise-address=127.0.0.1",
+            f"--bind-address={self.api_host}", f"--advertise-address={self.api_host}",
             f"--secure-port={self.ports['apiserver']}",
             f"--cert-dir={self.workdir / 'apiserver-certs'}",
             f"--tls-cert-file={self.serving.cert}", f"--tls-private-key-file={self.serving.key}",
@@ -295,9 +308,15 @@ class ControlPlane:
             "--enable-admission-plugins=NodeRestriction",
             # The eBPF agent DaemonSet runs privileged.
             "--allow-privileged=true",
-            # The loopback advertise address is not a valid Endpoints IP; no pod
-            # here ever talks to the "kubernetes" Service anyway.
-            "--endpoint-reconciler-type=none",
+            # A loopback advertise address is not a valid Endpoints IP: without a real node no pod
+            # talks to the "kubernetes" Service; with one, its endpoint is the node IP we serve on.
+            f"--endpoint-reconciler-type={'lease' if self.node_ip else 'none'}",
+            # Kubelets are reached by their InternalIP (node names need not resolve here), with a
+            # client certificate of ours, and their serving certificates checked against our CA.
+            "--kubelet-preferred-address-types=InternalIP",
+            f"--kubelet-client-certificate={self.kubelet_client.cert}",
+            f"--kubelet-client-key={self.kubelet_client.key}",
+            f"--kubelet-certificate-authority={pki.ca.cert}",
             "--profiling=false",
         ])
 

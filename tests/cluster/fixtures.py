@@ -14,24 +14,33 @@ from collections.abc import Iterator
 
 import pytest
 
-from . import versions
+from . import images, versions
 from .controlplane import ControlPlane
 from .jaeger import Jaeger
+from .local import LocalCluster
+from .node import NODE_TOOLS
 
 CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                        "kubectl", "kwok", "helm")
-FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",)}
+FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",),
+                 "real_cluster": CONTROL_PLANE_TOOLS + NODE_TOOLS + ("jaeger",)}
+# Fixtures that need the images built from the Dockerfile (and the workload and pause images).
+FIXTURE_IMAGES = {"real_cluster"}
 
 
-def _ensure_tools_visibly(config: pytest.Config, *tools: str) -> None:
+def _visibly(config: pytest.Config, build, *args) -> None:
     # A first build takes minutes; with capture on, its progress would be hidden
     # until the end, so capture is suspended for it.
     capman = config.pluginmanager.getplugin("capturemanager")
     if capman is None:
-        versions.ensure_tools(*tools)
+        build(*args)
         return
     with capman.global_and_fixture_disabled():
-        versions.ensure_tools(*tools)
+        build(*args)
+
+
+def _ensure_tools_visibly(config: pytest.Config, *tools: str) -> None:
+    _visibly(config, versions.ensure_tools, *tools)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -39,13 +48,17 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     if session.config.option.collectonly:
         return
     needed: list[str] = []
+    with_images = False
     for item in session.items:
         for fixture in getattr(item, "fixturenames", ()):
             for tool in FIXTURE_TOOLS.get(fixture, ()):
                 if tool not in needed:
                     needed.append(tool)
+            with_images |= fixture in FIXTURE_IMAGES
     if needed:
         _ensure_tools_visibly(session.config, *needed)
+    if with_images:
+        _visibly(session.config, images.ensure_all)
 
 
 @pytest.fixture(scope="session")
@@ -76,3 +89,18 @@ def jaeger(pytestconfig: pytest.Config,
         yield j
     finally:
         j.stop()
+
+
+@pytest.fixture(scope="session")
+def real_cluster(pytestconfig: pytest.Config,
+                 tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """The local cluster with its real node (containerd, kubelet, kube-proxy, CNI) and Jaeger; the
+    images built from the Dockerfile are in the node's store. latencytrace is not installed: tests
+    install the chart (LocalCluster.helm_install). There is one real node per machine."""
+    _ensure_tools_visibly(pytestconfig, *FIXTURE_TOOLS["real_cluster"])
+    cluster = LocalCluster(tmp_path_factory.mktemp("real-cluster"))
+    cluster.start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()

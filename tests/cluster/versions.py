@@ -33,6 +33,8 @@ ETCD_VERSION = _PINS["ETCD_VERSION"]
 KWOK_VERSION = _PINS["KWOK_VERSION"]
 HELM_VERSION = _PINS["HELM_VERSION"]
 JAEGER_VERSION = _PINS["JAEGER_VERSION"]
+CNI_PLUGINS_VERSION = _PINS["CNI_PLUGINS_VERSION"]
+CRICTL_VERSION = _PINS["CRICTL_VERSION"]
 
 # tool -> (pinned version, build.sh target that produces it)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -41,9 +43,16 @@ TOOLS: dict[str, tuple[str, str]] = {
     "kube-controller-manager": (KUBERNETES_VERSION, "kubernetes"),
     "kube-scheduler": (KUBERNETES_VERSION, "kubernetes"),
     "kubectl": (KUBERNETES_VERSION, "kubernetes"),
+    "kubelet": (KUBERNETES_VERSION, "kubernetes"),
+    "kube-proxy": (KUBERNETES_VERSION, "kubernetes"),
     "kwok": (KWOK_VERSION, "kwok"),
     "helm": (HELM_VERSION, "helm"),
     "jaeger": (JAEGER_VERSION, "jaeger"),
+    "bridge": (CNI_PLUGINS_VERSION, "cni"),
+    "host-local": (CNI_PLUGINS_VERSION, "cni"),
+    "loopback": (CNI_PLUGINS_VERSION, "cni"),
+    "portmap": (CNI_PLUGINS_VERSION, "cni"),
+    "crictl": (CRICTL_VERSION, "crictl"),
 }
 
 

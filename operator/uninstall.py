@@ -1,0 +1,86 @@
+"""`latencytrace-uninstall`: run by the chart's pre-delete hook so that `helm uninstall` leaves nothing
+behind that only the operator could remove.
+
+Helm deletes what it rendered, never what the operator made or added: the LatencyTraceNodes and the
+operator's finalizer on users' LatencyTraces. Left alone, a LatencyTrace could then never be deleted
+(its finalizer has no one to remove it) and the agents' per-node objects would linger. So, in order:
+1. stop the operator (scale its Deployment to 0 and wait for its replicas to go), so that it cannot
+   add a finalizer or publish a node's object again behind our back;
+2. take the operator's finalizer (and only it) off every LatencyTrace; users' LatencyTraces stay,
+   as Helm leaves every custom resource;
+3. delete every LatencyTraceNode: each node's agent sees its object go and unloads its probes before
+   Helm deletes the DaemonSet.
+Each step is idempotent, so a hook retried after a failure finishes the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import time
+
+from kubernetes import client
+
+from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, TRACE_PLURAL, VERSION
+from latencytrace.node_agent.kube import api_client, or_none
+
+FINALIZER = f"{GROUP}/finalizer"  # kopf's, as operator/main.py configures it
+log = logging.getLogger("latencytrace.uninstall")
+
+
+def stop_operator(apps: client.AppsV1Api, namespace: str, deployment: str, timeout: float) -> None:
+    if or_none(apps.read_namespaced_deployment, deployment, namespace) is None:
+        return
+    apps.patch_namespaced_deployment_scale(deployment, namespace, {"spec": {"replicas": 0}})
+    deadline = time.monotonic() + timeout
+    while True:
+        dep = or_none(apps.read_namespaced_deployment, deployment, namespace)
+        if dep is None or not (dep.status.replicas or 0):
+            log.info("operator %s/%s stopped", namespace, deployment)
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"operator {namespace}/{deployment} still has {dep.status.replicas} replicas "
+                               f"after {timeout:.0f}s")
+        time.sleep(1)
+
+
+def remove_finalizers(custom: client.CustomObjectsApi) -> int:
+    removed = 0
+    for trace in custom.list_cluster_custom_object(GROUP, VERSION, TRACE_PLURAL)["items"]:
+        meta = trace["metadata"]
+        finalizers = meta.get("finalizers") or []
+        if FINALIZER not in finalizers:
+            continue
+        # A JSON patch that tests the list first: a concurrent change fails it rather than being lost.
+        patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+                 {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]}]
+        # (a list body is sent as a JSON patch)
+        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], TRACE_PLURAL, meta["name"], patch)
+        removed += 1
+    return removed
+
+
+def delete_node_objects(custom: client.CustomObjectsApi) -> int:
+    names = [o["metadata"]["name"] for o in custom.list_cluster_custom_object(GROUP, VERSION, NODE_PLURAL)["items"]]
+    for name in names:
+        or_none(custom.delete_cluster_custom_object, GROUP, VERSION, NODE_PLURAL, name)
+    return len(names)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    namespace = os.environ.get("LATENCYTRACE_UNINSTALL_NAMESPACE", "")
+    deployment = os.environ.get("LATENCYTRACE_UNINSTALL_OPERATOR_DEPLOYMENT", "")
+    api = api_client(os.environ.get("KUBECONFIG"))
+    try:
+        if namespace and deployment:
+            stop_operator(client.AppsV1Api(api), namespace, deployment, timeout=120)
+        custom = client.CustomObjectsApi(api)
+        traces = remove_finalizers(custom)
+        nodes = delete_node_objects(custom)
+    except Exception as e:  # the hook's log is what the user sees when `helm uninstall` fails
+        log.error("uninstall cleanup failed: %s", e)
+        return 1
+    log.info("finalizer removed from %d LatencyTraces; %d LatencyTraceNodes deleted", traces, nodes)
+    return 0
