@@ -39,6 +39,10 @@ from dataclasses import dataclass
 
 log = logging.getLogger(__name__)
 
+# Path -> the Health method that answers it (the chart's probes ask these paths).
+ROUTES = {"/startupz": "startup", "/livez": "liveness", "/readyz": "readiness"}
+
+
 class HealthError(RuntimeError):
     """The health endpoint cannot serve (its address cannot be bound)."""
 
@@ -166,7 +170,7 @@ class HealthServer:
     """Serves `health` on address:port (port 0: any free port, see `.port`) from a daemon thread."""
 
     def __init__(self, health: Health, address: str, port: int):
-        routes = {"/startupz": health.startup, "/livez": health.liveness, "/readyz": health.readiness}
+        routes = {path: getattr(health, check) for path, check in ROUTES.items()}
         try:
             self._server = _Server((address, port), routes)
         except OSError as e:
