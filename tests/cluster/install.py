@@ -77,6 +77,7 @@ def install(cp: ControlPlane, nodes: list[str], values: dict) -> list[Proc]:
             env = container_env(objects, "DaemonSet", {"metadata.namespace": NAMESPACE,
                                                        "metadata.name": f"latencytrace-agent-{node}",
                                                        "spec.nodeName": node})
+            env["LATENCYTRACE_AGENT_HEALTH_PORT"] = "0"  # agents side by side on one host: any free port
             procs.append(start(cp, f"latencytrace-agent-{node}", [str(BIN / "latencytrace-agent"), "run"], env))
     except BaseException:
         for p in procs:
