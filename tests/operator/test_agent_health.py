@@ -180,7 +180,8 @@ def test_ready_only_once_the_probes_for_a_traced_pod_are_attached(control_plane,
     node = f"health-{uuid.uuid4().hex[:6]}"
     control_plane.kubectl("create", "-f", "-", input=node_object(node, NodeSpec(node_name=node)))
     gate, sink = threading.Event(), BlockingSink()
-    na = cluster.NodeAgent(agent_config(control_plane, node, health_turn_seconds=3), api_client(str(control_plane.kubeconfig)))
+    na = cluster.NodeAgent(agent_config(control_plane, node, health_turn_seconds=3),
+                           api_client(str(control_plane.kubeconfig)))
     make = na._make_agent
 
     def gated_agent():

@@ -83,7 +83,8 @@ def test_operator_is_locked_down():
 
 
 def test_operator_probes_ask_the_operators_health_endpoint():
-    [c] = find(render("--set", "operator.healthPort=8181"), "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
+    dep = find(render("--set", "operator.healthPort=8181"), "Deployment", "-operator")
+    [c] = dep["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e.get("value") for e in c["env"]}
     cfg = OperatorConfig(health_port=int(env["LATENCYTRACE_OPERATOR_HEALTH_PORT"]))
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
