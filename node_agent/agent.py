@@ -124,11 +124,21 @@ class Agent:
                 self.states[key] = TargetState(key, "Tracing", "", target)
             except TargetError as e:
                 self.states[key] = TargetState(key, "Failed", str(e))
+        self.registry.readdress()  # a namespace found earlier (or by a cached lookup) may have new addresses
         self.registry.sync()
         return dict(self.states)
 
+    def refresh_addresses(self) -> bool:
+        """Between reconciles (the loops call this every interval): the lookup tables follow the traced
+        namespaces' addresses, which a CNI assigns after the namespace exists. True if any changed."""
+        if self.registry is None or not self.registry.readdress():
+            return False
+        self.registry.sync()
+        return True
+
     def _still_there(self, key: str) -> Namespace | None:
-        """The namespace of a target already traced, if it still exists (saves finding it again)."""
+        """The namespace of a target already traced, if it still exists (saves finding it again; its
+        addresses are the registry's to keep current, see Registry.readdress)."""
         st = self.states.get(key)
         if st is None or st.target is None:
             return None

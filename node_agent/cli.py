@@ -159,6 +159,7 @@ def trace(args) -> int:
                 if left <= 0:
                     break
                 stop.wait(min(args.interval, left))
+                agent.refresh_addresses()
                 agent.publish(agent.collect())
                 if live:
                     live.update(report.table(), refresh=True)

@@ -28,12 +28,12 @@ from kubernetes import client
 
 from latencytrace.operator import conditions  # the one place conditions are built
 
-from . import config as agent_config, segments, targets
+from . import config as agent_config, health, segments, targets
 from .agent import Agent, Desired, TargetState
 from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition, ExportReport, NodeSpec,
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
 from .export import OtlpSink, sink_from_settings
-from .kube import ListWatch, Trouble, api_client
+from .kube import ListWatch, Trouble, api_client, describe
 from .tracer import ProbeStatus, TargetSettings
 from .version import version
 
@@ -113,6 +113,24 @@ def ready_condition(*, failure: tuple[str, str] | None, loaded: bool, targets_n:
                                   f"attached, {len(probes.unavailable)} unavailable", generation)
 
 
+def readiness(*, failure: tuple[str, str] | None, wanted: bool, loaded: bool, pending: Iterable[str],
+              report_error: str | None, targets_n: int, attached_n: int) -> tuple[bool, str]:
+    """The readiness probe's answer: the programs this node needs are attached (or it needs none) and the
+    last status report reached the API server."""
+    pending = sorted(pending)
+    if failure is not None:
+        return False, f"{failure[0]}: {failure[1]}"
+    if wanted and not loaded:
+        return False, "this node has pods to trace and the probes are not loaded yet"
+    if pending:
+        return False, f"probes not attached yet: {', '.join(pending)}"
+    if report_error is not None:
+        return False, f"the last status report to the API server failed: {report_error}"
+    if not loaded:
+        return True, "nothing to trace on this node; probes not loaded"
+    return True, f"{targets_n} pods traced; {attached_n} tracepoints attached"
+
+
 # -- the loop -------------------------------------------------------------------------------------------
 class NodeAgent:
     def __init__(self, cfg: agent_config.AgentConfig, api: client.ApiClient, make_agent=None):
@@ -131,6 +149,10 @@ class NodeAgent:
         self.exists = False
         self.states: dict[str, TargetState] = {}
         self.failure: tuple[str, str] | None = None  # (reason, message) while the agent cannot work
+        self.wanted = False  # the spec names pods on this node
+        self.report_error: str | None = None  # why the last status report failed
+        self.health = health.Health(cfg.liveness_seconds, cfg.health_load_seconds)
+        self.health_server: health.HealthServer | None = None
         self.conditions: list[Condition] = []
         self.events_lost = 0
         self.idle_since: float | None = time.monotonic()
@@ -165,6 +187,7 @@ class NodeAgent:
 
     def reconcile(self) -> None:
         desired = desired_targets(self.spec, self.locator)
+        self.wanted = bool(desired)
         now = time.monotonic()
         if desired:
             self.locator.refresh()  # one pass over /proc and the namespaces for all the pods
@@ -181,7 +204,8 @@ class NodeAgent:
     def _load(self) -> None:
         agent = self.make_agent()
         try:
-            agent.start()
+            with self.health.busy("loading the probes (BCC compiles them)"):
+                agent.start()
         except Exception as e:  # no BTF, no headers, not privileged: report it and try again later
             self.failure = ("TracerFailed", str(e))
             self.start_trouble.failed(e)
@@ -208,6 +232,7 @@ class NodeAgent:
     def collect(self) -> None:
         if self.agent is None:
             return
+        self.agent.refresh_addresses()  # a pod's IP arrives after its namespace: the host side must learn it
         interval = self.agent.collect()
         self.events_lost = interval.counters.get("events_lost", 0) + interval.counters.get("events_dropped_userspace", 0)
         self.agent.publish(interval)
@@ -227,6 +252,7 @@ class NodeAgent:
     def report(self, force: bool = False) -> None:
         """Patch the status if it changed (at most every status_min_gap_seconds) or a heartbeat is due."""
         if not self.exists:
+            self.report_error = None  # no object, nothing to report to
             return
         doc = self.status(datetime.now(UTC)).model_dump(by_alias=True, mode="json")  # nulls clear fields
         content = {k: v for k, v in doc.items() if k != "heartbeatTime"}
@@ -239,13 +265,16 @@ class NodeAgent:
                                                            {"status": doc}, _request_timeout=10)
             self.status_trouble.ok()
             self.sent, self.sent_at = content, time.monotonic()
+            self.report_error = None
         except Exception as e:  # 404 (deleted meanwhile) or API trouble: the next round tries again
             self.sent_at = time.monotonic() - self.cfg.status_seconds + self.status_trouble.failed(e)
+            self.report_error = describe(e)
 
     def next_timeout(self, next_collect: float) -> float:
         now = time.monotonic()
-        deadlines = [next_collect if self.agent is not None else now + self.cfg.status_seconds,
-                     self.sent_at + self.cfg.status_seconds]
+        deadlines = [next_collect if self.agent is not None else now + self.cfg.status_seconds]
+        if self.exists:  # without an object there is no report to send
+            deadlines.append(self.sent_at + self.cfg.status_seconds)
         if self.sent is not None and self.sent_at + self.cfg.status_min_gap_seconds > now:
             deadlines.append(self.sent_at + self.cfg.status_min_gap_seconds)  # a change held back by the gap
         if self.retry_at is not None:
@@ -254,7 +283,22 @@ class NodeAgent:
             deadlines.append(self.idle_since + self.cfg.idle_unload_seconds)
         return max(0.05, min(deadlines) - now)
 
+    def update_health(self) -> None:
+        """After each turn: the heartbeat, and the readiness the turn left."""
+        tracer = self.agent.tracer if self.agent is not None else None
+        self.health.set_ready(*readiness(
+            failure=self.failure, wanted=self.wanted, loaded=self.agent is not None,
+            pending=[p.tracepoint for p in tracer.pending()] if tracer else [], report_error=self.report_error,
+            targets_n=sum(1 for s in self.states.values() if s.state == "Tracing"),
+            attached_n=len({p.tracepoint for p in tracer.status.attached}) if tracer else 0))
+        if self.watch.trouble.last is not None:
+            self.health.waiting_for(f"the LatencyTraceNode has not been read yet: {self.watch.trouble.last}")
+        self.health.beat()
+
     def run(self, stop: threading.Event) -> None:
+        """The main loop, until `stop` is set. Raises health.HealthError at once if the health endpoint's
+        port cannot be bound."""
+        self.health_server = health.HealthServer(self.health, self.cfg.health_address, self.cfg.health_port).start()
         self.watch.start()
         next_collect = time.monotonic() + self.cfg.interval_seconds
         try:
@@ -262,7 +306,8 @@ class NodeAgent:
                 changed = self.wake.is_set()
                 self.wake.clear()
                 now = time.monotonic()
-                if changed and self.watch.synced.is_set():
+                read = changed and self.watch.synced.is_set()
+                if read:
                     self.read_spec()
                     self.reconcile()
                 elif self.retry_at is not None and now >= self.retry_at:
@@ -274,10 +319,16 @@ class NodeAgent:
                     self.collect()
                     next_collect = now + self.cfg.interval_seconds
                 self.report()
+                if read:
+                    self.health.started()  # the first read, and what it asked for, are done
+                self.update_health()
                 self.wake.wait(self.next_timeout(next_collect))
         finally:
             self.watch.stop()
-            self.shutdown()
+            try:
+                self.shutdown()
+            finally:
+                self.health_server.close()
 
     def shutdown(self) -> None:
         try:
@@ -305,5 +356,9 @@ def main() -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
     log.info("agent for node %s starting", cfg.node_name)
-    node_agent.run(stop)
+    try:
+        node_agent.run(stop)
+    except health.HealthError as e:
+        print(f"latencytrace-agent: {e}", file=sys.stderr)
+        return 2
     return 0

@@ -7,9 +7,10 @@ variable. `from_env` is shared with the operator's config for the same behaviour
 
 from __future__ import annotations
 
+import ipaddress
 from typing import TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .probestats import MODES, StatsPolicy
@@ -75,12 +76,37 @@ class AgentConfig(BaseSettings):
 
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
+    # The health endpoint (node_agent/health.py). The agent shares the node's network namespace: by default
+    # only the node itself (the kubelet's probes) reaches it. 9847: no port of the kubelet (10248, 10250),
+    # kube-proxy (10249, 10256), node-exporter (9100) or the common CNI and security agents. 0: any free port.
+    health_port: int = Field(default=9847, ge=0, le=65535)
+    health_address: str = "127.0.0.1"
+    # One turn of the main loop may take this long beyond its longest wait (see liveness_seconds) before
+    # liveness fails: a status patch (10 s request timeout), a walk of /proc, an export.
+    health_turn_seconds: float = Field(default=30.0, gt=0, le=3600)
+    # Loading the probes (a BCC compile, seconds to a minute on a busy node) may take this long.
+    health_load_seconds: float = Field(default=600.0, gt=0, le=3600)
+
     @model_validator(mode="after")
     def _derived(self) -> AgentConfig:
         """The settings built from several variables are checked at load, like every single one."""
         self.sizes()
         self.stats_policy()
         return self
+
+    @field_validator("health_address")
+    @classmethod
+    def _an_ip(cls, v: str) -> str:
+        try:
+            return str(ipaddress.ip_address(v))
+        except ValueError:
+            raise ValueError(f"{v!r} is not an IP address (127.0.0.1, ::1, 0.0.0.0, ...)") from None
+
+    @property
+    def liveness_seconds(self) -> float:
+        """Longest gap between two turns of a healthy main loop: it waits at most until the next heartbeat
+        (statusSeconds) or, with no LatencyTraceNode to report to, the next collection (intervalSeconds)."""
+        return max(self.status_seconds, self.interval_seconds) + self.health_turn_seconds
 
     def stats_policy(self) -> StatsPolicy:
         try:

@@ -13,7 +13,7 @@ import logging
 import os
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from . import netns
@@ -94,7 +94,9 @@ class PodLocator:
     refresh() walks /proc once: every namespace reachable from /proc/*/ns/net and /run/netns, and the pod
     UID in each process's cgroup path (seen with the host's PID namespace). It lists the addresses of the
     namespaces it has not met before; entering a namespace costs a thread and a netlink dump, so a namespace's
-    addresses are kept (by inode) once it has some. locate() is then a lookup: by UID, else by pod IP.
+    addresses are kept (by inode) once it has some, to locate pods by IP; the addresses the probes use are
+    those the Registry reads again for the namespaces it traces (Registry.readdress). locate() is then a
+    lookup: by UID, else by pod IP.
     """
 
     def __init__(self, proc: Path = PROC):
@@ -187,10 +189,10 @@ class Registry:
     def add(self, ns: Namespace, label: str, settings: TargetSettings, pod: PodRef | None = None,
             traces: tuple[str, ...] = ()) -> Target:
         existing = self.by_inode.get(ns.inode)
-        if existing is not None:
+        if existing is not None:  # its addresses are kept current by readdress(), not by the caller's copy
             existing.label, existing.pod, existing.traces = label, pod, traces
-            if existing.settings != settings or existing.ns.ips != ns.ips:
-                existing.settings, existing.ns = settings, ns
+            if existing.settings != settings:
+                existing.settings = settings
                 self.tracer.set_target(existing.slot, settings)
             return existing
         slot = self._free_slot()
@@ -211,6 +213,25 @@ class Registry:
             self._cooling[target.slot] = time.monotonic()
             log.info("stopped tracing %s (slot %d)", target.label, target.slot)
         return target
+
+    def readdress(self) -> bool:
+        """Read the traced namespaces' addresses again (True if any changed; sync() then writes them).
+
+        A pod's namespace exists before the CNI gives it an address, and dual-stack addresses may come one
+        after the other: the IP lookup table must learn a traced namespace's new addresses and forget the
+        removed ones, or the host-side probes do not recognise its packets. One netlink dump per target."""
+        changed = False
+        for t in self.by_inode.values():
+            try:
+                ips = namespace_ips(t.ns.path)
+            except TargetError:
+                continue  # gone: the next reconcile finds out and removes it
+            if ips != t.ns.ips:
+                log.info("addresses of %s (netns %d): %s -> %s", t.label, t.ns.inode, ", ".join(t.ns.ips) or "none",
+                         ", ".join(ips) or "none")
+                t.ns = replace(t.ns, ips=ips)
+                changed = True
+        return changed
 
     def sync(self) -> None:
         """After adds and removes: the lookup tables written once for the current targets, and only the

@@ -74,6 +74,7 @@ class Tracer:
         self.macros: dict[str, int | str] = {}
         self._lookup_written: dict[int, tuple[int, tuple[str, ...]]] = {}  # what the lookup tables hold
         self._usable: list[Probe] = []
+        self._wanted = 0  # the segments want() was last asked for
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
@@ -112,6 +113,7 @@ class Tracer:
     def want(self, seg_mask: int) -> None:
         """Attach the probes that the segments in `seg_mask` need and detach the others, so that what
         nobody asks for costs nothing. Programs stay loaded: attaching again is cheap."""
+        self._wanted = seg_mask
         for p in list(self._usable):
             on = p in self.status.attached
             if needed(p, seg_mask) and not on:
@@ -119,6 +121,10 @@ class Tracer:
             elif not needed(p, seg_mask) and on:
                 self.bpf.detach_raw_tracepoint(tp=p.name.encode())
                 self.status.attached.remove(p)
+
+    def pending(self) -> list[Probe]:
+        """Probes the wanted segments need that are neither attached nor known to be unavailable."""
+        return [p for p in self._usable if needed(p, self._wanted) and p not in self.status.attached]
 
     def _attach(self, p: Probe) -> None:
         try:

@@ -104,7 +104,9 @@ class NetLab:
             sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
 
-    def add_pod(self, name: str, ip: str | None = None) -> Pod:
+    def add_pod(self, name: str, ip: str | None = None, addressed: bool = True) -> Pod:
+        """A pod-like namespace on the bridge. With `addressed=False` its eth0 is up but has no address
+        yet (as a pod's namespace between its creation and the CNI's IPAM): `assign_address` gives it one."""
         idx = len(self.pods)
         netns = f"lt{self.tag}-{name}"
         host_veth = f"lth{self.tag}{idx}"
@@ -112,17 +114,24 @@ class NetLab:
         sh("ip", "netns", "add", netns)
         sh("ip", "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
         sh("ip", "link", "set", host_veth, "master", self.bridge, "up")
-        sh("ip", "-n", netns, "addr", "add", f"{ip}/{self.prefix}", "dev", "eth0")
         sh("ip", "-n", netns, "link", "set", "eth0", "up")
         sh("ip", "-n", netns, "link", "set", "lo", "up")
-        sh("ip", "-n", netns, "route", "add", "default", "via", self.gateway)
-        ip6 = None
-        if self.ipv6:
-            ip6 = f"{self.subnet6}{idx + 2:x}"
-            sh("ip", "-n", netns, "addr", "add", f"{ip6}/64", "dev", "eth0", "nodad")
+        ip6 = f"{self.subnet6}{idx + 2:x}" if self.ipv6 else None
         pod = Pod(name, netns, ip, host_veth, ip6)
         self.pods[name] = pod
+        if addressed:
+            self.assign_address(pod)
         return pod
+
+    def assign_address(self, pod: Pod) -> None:
+        """What the CNI's IPAM does: the pod's address(es) on eth0 and its default route."""
+        sh("ip", "-n", pod.netns, "addr", "add", f"{pod.ip}/{self.prefix}", "dev", "eth0")
+        sh("ip", "-n", pod.netns, "route", "add", "default", "via", self.gateway)
+        if pod.ip6:
+            sh("ip", "-n", pod.netns, "addr", "add", f"{pod.ip6}/64", "dev", "eth0", "nodad")
+
+    def remove_address(self, pod: Pod) -> None:
+        sh("ip", "-n", pod.netns, "addr", "del", f"{pod.ip}/{self.prefix}", "dev", "eth0")
 
     def remove_pod(self, name: str) -> None:
         pod = self.pods.pop(name)

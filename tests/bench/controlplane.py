@@ -281,7 +281,8 @@ class Bench:
         proc = Proc(f"agent-{node}", [str(BIN / "latencytrace-agent"), "--log-level", "INFO", "run"],
                     self.log_dir / f"agent-{node_name(node)}.log",
                     env=self.cp.process_env(LATENCYTRACE_NODE_NAME=node_name(node),
-                                            LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS="0"),
+                                            LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS="0",
+                                            LATENCYTRACE_AGENT_HEALTH_PORT="0"),  # agents side by side
                     cwd=self.log_dir)
         self.agents[node] = (proc, AgentLog(proc))
 

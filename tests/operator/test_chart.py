@@ -7,7 +7,16 @@ import re
 import pytest
 import yaml
 
+from latencytrace.node_agent import health
+from latencytrace.operator.config import OperatorConfig
+
+from . import chartdoc
 from .chart import CHART, CI_VALUES, find, helm, render
+
+
+def test_the_ci_combinations_are_there():
+    assert {p.name for p in CI_VALUES} >= {"default-values.yaml", "operator-only-values.yaml", "otlp-values.yaml",
+                                           "privileged-values.yaml"}
 
 
 @pytest.mark.parametrize("values", CI_VALUES, ids=lambda p: p.name)
@@ -16,27 +25,39 @@ def test_lint_is_clean(values):
     assert "0 chart(s) failed" in out.stdout and "[WARNING]" not in out.stdout and "[ERROR]" not in out.stdout
 
 
+def leaves(data: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        path = f"{prefix}{k}"
+        out += leaves(v, path + ".") if isinstance(v, dict) and v else [path]
+    return out
+
+
 def test_every_value_is_documented():
     """Each value has a `##` comment; a group (a key whose children are values) needs none, and the
     contents of a documented map value (resources, updateStrategy) are data."""
-    lines = (CHART / "values.yaml").read_text().splitlines()
-    undocumented, stack = [], []  # stack: (indent, documented) of the enclosing keys
-    for i, line in enumerate(lines):
-        m = re.match(r"^(\s*)([A-Za-z][\w]*):", line)
-        if not m:
-            continue
-        indent = len(m.group(1))
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        prev = next((p.strip() for p in reversed(lines[:i]) if p.strip()), "")
-        documented = prev.startswith("##")
-        inside_value = any(doc for _, doc in stack)
-        is_group = line.rstrip().endswith(":") and i + 1 < len(lines) and \
-            len(lines[i + 1]) - len(lines[i + 1].lstrip()) > indent
-        if not documented and not is_group and not inside_value:
-            undocumented.append(line.strip())
-        stack.append((indent, documented))
-    assert undocumented == []
+    text = (CHART / "values.yaml").read_text()
+    parsed = chartdoc.parse(text)
+    assert parsed.undocumented == []
+    documented = {v.path for v in parsed.values}
+    # Every leaf of values.yaml is a documented value or inside one: the parser missed nothing.
+    missed = [p for p in leaves(yaml.safe_load(text))
+              if not any(p == d or p.startswith(d + ".") for d in documented)]
+    assert missed == []
+    assert {"agent.health.port", "agent.readinessProbe", "operator.healthPort", "otlp.endpoint"} <= documented
+
+
+def test_undocumented_values_are_found():
+    parsed = chartdoc.parse("## doc\na: 1\nb: 2\ngroup:\n  ## doc\n  c: 3\n  d: []\n")
+    assert [v.path for v in parsed.values] == ["a", "group.c"] and parsed.undocumented == ["b", "group.d"]
+
+
+def test_readme_values_table_is_generated_from_values_yaml():
+    readme = (CHART / "README.md").read_text()
+    assert chartdoc.generated_readme(readme, (CHART / "values.yaml").read_text()) == readme, \
+        "run python -m tests.operator.chartdoc"
+    assert "| `agent.health.port` | `9847` |" in readme
+    assert "/sys/kernel/debug" not in readme  # no template mounts it
 
 
 def test_schema_covers_the_values_and_rejects_nonsense():
@@ -57,9 +78,54 @@ def test_operator_is_locked_down():
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     sc = c["securityContext"]
     assert sc["capabilities"]["drop"] == ["ALL"] and sc["readOnlyRootFilesystem"] and not sc["allowPrivilegeEscalation"]
-    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz" and c["readinessProbe"]
     env = {e["name"]: e for e in c["env"]}
     assert env["LATENCYTRACE_OPERATOR_NAMESPACE"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.namespace"
+
+
+def test_operator_probes_ask_the_operators_health_endpoint():
+    dep = find(render("--set", "operator.healthPort=8181"), "Deployment", "-operator")
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    cfg = OperatorConfig(health_port=int(env["LATENCYTRACE_OPERATOR_HEALTH_PORT"]))
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    for probe in ("livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        # What kopf (and the standby server) serve: that path, on the port the operator is told to use.
+        assert f"http://{cfg.health_host}:{ports[get['port']]}{get['path']}" == cfg.liveness_endpoint, probe
+        assert "host" not in get  # the pod's own IP: the operator is not on the host network
+
+
+def host_mounts(pod: dict) -> dict[str, bool]:
+    """Each host path the agent container mounts, and whether read-only."""
+    [c] = pod["containers"]
+    hostpaths = {v["name"]: v["hostPath"]["path"] for v in pod["volumes"] if "hostPath" in v}
+    return {hostpaths[m["name"]]: m.get("readOnly", False) for m in c["volumeMounts"] if m["name"] in hostpaths}
+
+
+def test_agent_probes_reach_its_health_endpoint_on_loopback():
+    ds = find(render("--set", "agent.health.port=9999"), "DaemonSet", "-agent")
+    pod = ds["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    assert pod["hostNetwork"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    assert (env["LATENCYTRACE_AGENT_HEALTH_PORT"], env["LATENCYTRACE_AGENT_HEALTH_ADDRESS"]) == ("9999", "127.0.0.1")
+    assert c["ports"] == [{"name": "health", "containerPort": 9999, "protocol": "TCP"}]
+    paths = {}
+    for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+        get = c[probe]["httpGet"]
+        assert (get["host"], get["port"]) == ("127.0.0.1", "health"), probe
+        paths[probe] = get["path"]
+    assert paths == {"startupProbe": "/startupz", "livenessProbe": "/livez", "readinessProbe": "/readyz"}
+    # Routes the agent serves: the chart asks for nothing the agent does not answer.
+    assert set(paths.values()) == set(health.ROUTES)
+    # Generous start: the kubelet waits minutes for the first BCC compile before it restarts anything.
+    assert c["startupProbe"]["periodSeconds"] * c["startupProbe"]["failureThreshold"] >= 300
+    assert ds["spec"]["updateStrategy"] == {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": "10%"}}
+    [c6] = find(render("--set", "agent.health.address=::"), "DaemonSet")["spec"]["template"]["spec"]["containers"]
+    assert c6["livenessProbe"]["httpGet"]["host"] == "::1"
+    with pytest.raises(Exception) as e:
+        render("--set", "agent.health.address=10.0.0.1")  # the probes could not reach it on loopback
+    assert "address" in str(e.value.stderr)
 
 
 def test_agent_has_what_it_needs_and_no_more():
@@ -69,11 +135,7 @@ def test_agent_has_what_it_needs_and_no_more():
     assert pod["hostPID"] and pod["tolerations"] == [{"operator": "Exists"}]
     assert c["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["BPF", "PERFMON", "SYS_ADMIN", "SYS_PTRACE"]}
     assert not c["securityContext"]["privileged"]
-    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    for path in ("/sys/kernel/btf", "/run/netns"):
-        assert mounts[path]["readOnly"], path
-    hostpaths = {v["name"]: v for v in pod["volumes"] if "hostPath" in v}
-    assert all(mounts[m]["readOnly"] for m in mounts if any(m == v["hostPath"]["path"] for v in hostpaths.values()))
+    assert host_mounts(pod) == {"/sys/kernel/btf": True, "/run/netns": True}  # host path -> read-only
     env = {e["name"]: e for e in c["env"]}
     assert env["LATENCYTRACE_NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
     assert c["resources"]["requests"] and c["resources"]["limits"]
@@ -83,9 +145,9 @@ def test_privileged_and_otlp_secret_are_opt_in():
     docs = render("-f", str(CHART / "ci" / "privileged-values.yaml"))
     [c] = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
     assert c["securityContext"]["privileged"] and "capabilities" not in c["securityContext"]
-    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
-    assert mounts["/lib/modules"]["readOnly"] and mounts["/usr/src"]["readOnly"]
-    assert "/sys/kernel/debug" not in mounts and "/sys/kernel/tracing" not in mounts  # raw tracepoints need neither
+    # Raw tracepoints need neither debugfs nor tracefs; every host path is read-only.
+    assert host_mounts(find(docs, "DaemonSet")["spec"]["template"]["spec"]) == {
+        "/sys/kernel/btf": True, "/run/netns": True, "/lib/modules": True, "/usr/src": True}
     docs = render("-f", str(CHART / "ci" / "otlp-values.yaml"))
     [c] = find(docs, "DaemonSet")["spec"]["template"]["spec"]["containers"]
     env = {e["name"]: e for e in c["env"]}

@@ -49,7 +49,8 @@ class World:
                     self.tmp / f"agent-{node}.log",
                     env=self.cp.process_env(LATENCYTRACE_NODE_NAME=node, LATENCYTRACE_AGENT_INTERVAL_SECONDS="2",
                                             LATENCYTRACE_AGENT_STATUS_SECONDS="5", LATENCYTRACE_AGENT_STATUS_MIN_GAP_SECONDS="0.5",
-                                            LATENCYTRACE_AGENT_RETRY_SECONDS="1"),
+                                            LATENCYTRACE_AGENT_RETRY_SECONDS="1",
+                                            LATENCYTRACE_AGENT_HEALTH_PORT="0"),  # agents side by side
                     cwd=self.tmp)
         self.agents[node] = proc
         return proc
