@@ -11,10 +11,12 @@ its state, logs and certificates under one work directory.
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -71,17 +73,21 @@ class ControlPlane:
       bound to them become Running with a pod IP.
     detach: leave the servers running when this Python process exits (used by
       `python -m tests.cluster up`); stop later with stop_from_state(workdir).
+    apiserver_args: extra kube-apiserver flags (e.g. --watch-cache=false, so that
+      watches are served by etcd itself and an etcd compaction expires them).
     """
 
     def __init__(self, workdir: str | os.PathLike[str], with_controllers: bool = True,
                  with_kwok: bool = True, *, with_scheduler: bool | None = None,
-                 detach: bool = False, startup_timeout: float = 120.0) -> None:
+                 detach: bool = False, startup_timeout: float = 120.0,
+                 apiserver_args: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir).resolve()
         self.with_controllers = with_controllers
         self.with_scheduler = with_controllers if with_scheduler is None else with_scheduler
         self.with_kwok = with_kwok
         self.detach = detach
         self.startup_timeout = startup_timeout
+        self.apiserver_args = tuple(apiserver_args)
         self.bins: dict[str, Path] = {}
         self.ports: dict[str, int] = {}
         # Set by _make_pki() at start():
@@ -138,6 +144,14 @@ class ControlPlane:
         """Runs the pinned helm against this cluster (built on first use)."""
         return run_tool([self._tool("helm"), *args], self.env(), check=check, input=input,
                         timeout=timeout)
+
+    def compact_etcd(self) -> int:
+        """Compacts etcd's history up to its current revision (through etcd's JSON gateway, as
+        `etcdctl compact` does): every older resourceVersion is gone from then on. Returns the revision."""
+        base = f"http://127.0.0.1:{self.ports['etcd']}/v3/kv"
+        rev = int(_post_json(f"{base}/range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
+        _post_json(f"{base}/compaction", {"revision": str(rev), "physical": True})
+        return rev
 
     def create_fake_nodes(self, names_or_count: int | Iterable[str],
                           labels: Mapping[str, str] | None = None, *,
@@ -299,6 +313,7 @@ class ControlPlane:
             # here ever talks to the "kubernetes" Service anyway.
             "--endpoint-reconciler-type=none",
             "--profiling=false",
+            *self.apiserver_args,
         ])
 
     def _start_controller_manager(self) -> None:
@@ -420,6 +435,12 @@ def stop_from_state(workdir: str | os.PathLike[str]) -> int:
 
 
 # ---- helpers --------------------------------------------------------------------
+
+def _post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
 
 def _first_ip(cidr: str) -> str:
     import ipaddress
