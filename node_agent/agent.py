@@ -124,7 +124,12 @@ class Agent:
                 self.states[key] = TargetState(key, "Tracing", "", target)
             except TargetError as e:
                 self.states[key] = TargetState(key, "Failed", str(e))
-        self.registry.sync()
+        refused = self.registry.sync()  # a full lookup table fails only the targets that do not fit
+        for key, inode in [(k, i) for k, i in self._keys.items() if i in refused]:
+            target, why = refused[inode]
+            del self._keys[key]
+            self.drops.forget_slot(target.slot)
+            self.states[key] = TargetState(key, "Failed", why)
         return dict(self.states)
 
     def _still_there(self, key: str) -> Namespace | None:

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import netns
+from . import lookup, netns
 from .contract import PodRef
 from .tracer import TargetSettings, Tracer
 
@@ -234,14 +234,28 @@ class Registry:
             log.info("stopped tracing %s (slot %d)", target.label, target.slot)
         return target
 
-    def sync(self) -> None:
+    def sync(self) -> dict[int, tuple[Target, str]]:
         """After adds and removes: the lookup tables written once for the current targets, and only the
-        probes the targets' segments need attached (none at all while there is no target)."""
-        self.tracer.write_lookup({t.ns.inode: (t.slot, t.ns.ips) for t in self.by_inode.values()})
+        probes the targets' segments need attached (none at all while there is no target). Targets whose
+        namespace or IPs find no room in the lookup tables are removed (the oldest keep theirs) and
+        returned, {inode: (target, why)}; the others are traced."""
+        oldest_first = sorted(self.by_inode.values(), key=lambda t: (t.added_ns, t.slot))
+        bits = self.tracer.sizes.lookup_bits
+        kept, refused = lookup.fitting({t.ns.inode: (t.slot, t.ns.ips) for t in oldest_first}, bits)
+        out = {}
+        for inode in refused:
+            target = self.remove(inode)
+            self.overflow += 1
+            out[inode] = (target, f"cannot trace {target.label}: no room for its network namespace or IPs in the "
+                                  f"probes' lookup tables ({1 << bits} positions, {lookup.PROBES} tried per key) next "
+                                  "to the targets already traced on this node; trace fewer pods here")
+            log.warning("%s", out[inode][1])
+        self.tracer.write_lookup(kept)
         wanted = 0
         for t in self.by_inode.values():
             wanted |= t.settings.wanted_segments()
         self.tracer.want(wanted)
+        return out
 
     def by_slot(self) -> dict[int, Target]:
         return {t.slot: t for t in self.by_inode.values()}
