@@ -110,7 +110,7 @@ def rejected_report(raw: object, why: str) -> TraceReport:
     """The report of a trace entry this agent refused: each of its pods Failed with the reason."""
     pods = raw.get("pods") if isinstance(raw, Mapping) else None
     reports = [PodReport(namespace=_text(p, "namespace"), name=_text(p, "name"), uid=_text(p, "uid"), state="Failed",
-                         message=f"trace not applied: {why}")
+                         message=conditions.bounded(f"trace not applied: {why}", POD_MESSAGE_LIMIT))
                for p in (pods if isinstance(pods, list) else [])[:1024]]
     return TraceReport(name=_text(raw, "name"), namespace=_text(raw, "namespace"), uid=_text(raw, "uid"), pods=reports)
 
@@ -139,11 +139,15 @@ def parse_node_spec(raw: object, node_name: str) -> tuple[NodeSpec, list[TraceRe
 
 
 # -- agent state -> status (pure) ---------------------------------------------------------------------
+POD_MESSAGE_LIMIT = 512  # what the operator passes on per failing node anyway
+
+
 def pod_report(namespace: str, name: str, uid: str, st: TargetState | None) -> PodReport:
     if st is None:
         return PodReport(namespace=namespace, name=name, uid=uid, state="Pending")
     inode = st.target.ns.inode if st.target is not None else None
-    return PodReport(namespace=namespace, name=name, uid=uid, state=st.state, netns_inode=inode, message=st.message)
+    return PodReport(namespace=namespace, name=name, uid=uid, state=st.state, netns_inode=inode,
+                     message=conditions.bounded(st.message, POD_MESSAGE_LIMIT))
 
 
 def trace_reports(traces: Iterable[NodeTrace], states: Mapping[str, TargetState]) -> list[TraceReport]:
@@ -287,6 +291,8 @@ class NodeAgent:
         except Exception as e:  # one trace's exporter must not stop the status of all the others
             log.exception("the export health report failed")
             export = ExportReport(healthy=False, last_error=f"export health unknown: {type(e).__name__}: {e}")
+        if export.last_error:
+            export.last_error = conditions.bounded(export.last_error)
         return NodeStatus(observed_generation=self.generation, agent_version=version(),
                           heartbeat_time=conditions.timestamp(now), conditions=self.conditions, probes=probes,
                           traces=trace_reports(self.spec.traces, self.states) + self.rejected, export=export,
