@@ -125,15 +125,23 @@ class Agent:
             except TargetError as e:
                 self.states[key] = TargetState(key, "Failed", str(e))
         self.registry.readdress()  # a namespace found earlier (or by a cached lookup) may have new addresses
-        self.registry.sync()
+        self._sync()
         return dict(self.states)
+
+    def _sync(self) -> None:
+        refused = self.registry.sync()  # a full lookup table fails only the targets that do not fit
+        for key, inode in [(k, i) for k, i in self._keys.items() if i in refused]:
+            target, why = refused[inode]
+            del self._keys[key]
+            self.drops.forget_slot(target.slot)
+            self.states[key] = TargetState(key, "Failed", why)
 
     def refresh_addresses(self) -> bool:
         """Between reconciles (the loops call this every interval): the lookup tables follow the traced
         namespaces' addresses, which a CNI assigns after the namespace exists. True if any changed."""
         if self.registry is None or not self.registry.readdress():
             return False
-        self.registry.sync()
+        self._sync()
         return True
 
     def _still_there(self, key: str) -> Namespace | None:

@@ -212,6 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         sys.stderr.close()
         return 0
+    except OSError as e:  # a file or device the command needs cannot be used: say which, no traceback
+        where = f" ({e.filename})" if e.filename else ""
+        print(f"latencytrace-agent: {e.strerror or e}{where}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ one of its pod IPs (every namespace reachable from /proc/*/ns/net and /run/netns
 from __future__ import annotations
 
 import functools
+import ipaddress
 import logging
 import signal
 import sys
@@ -25,10 +26,11 @@ from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 
 from kubernetes import client
+from pydantic import ValidationError
 
 from latencytrace.operator import conditions  # the one place conditions are built
 
-from . import config as agent_config, health, segments, targets
+from . import config as agent_config, endpoints, health, segments, targets
 from .agent import Agent, Desired, TargetState
 from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition, ExportReport, NodeSpec,
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
@@ -77,12 +79,75 @@ def desired_targets(spec: NodeSpec, locator: targets.PodLocator) -> list[Desired
             for uid, (ref, traces) in sorted(by_pod.items())]
 
 
+# -- the LatencyTraceNode, untrusted (pure) ----------------------------------------------------------------
+def trace_problem(t: NodeTrace) -> str | None:
+    """Why this agent cannot trace `t` as given (the operator checked it; whoever else can write the
+    object did not necessarily), or None."""
+    if t.export.otlp_endpoint is not None:
+        why = endpoints.problem(t.export.otlp_endpoint)
+        if why:
+            return f"export.otlpEndpoint {why}"
+    unknown = [s for s in t.segments if s not in segments.BY_NAME]
+    if unknown:
+        return f"unknown segments {endpoints.shown(', '.join(unknown))}"
+    if t.slow_threshold_microseconds < 1 or t.spans_per_second < 0 or t.sample_one_in < 0:
+        return "slowThresholdMicroseconds must be >= 1, spansPerSecond and sampleOneIn >= 0"
+    for p in t.pods:
+        for ip in p.ips:
+            try:
+                ipaddress.ip_address(ip)
+            except ValueError:
+                return f"pod {endpoints.shown(p.namespace)}/{endpoints.shown(p.name)}: {endpoints.shown(ip)} is not an IP address"
+    return None
+
+
+def _text(raw: object, key: str) -> str:
+    v = raw.get(key) if isinstance(raw, Mapping) else None
+    return v if isinstance(v, str) else "?"
+
+
+def rejected_report(raw: object, why: str) -> TraceReport:
+    """The report of a trace entry this agent refused: each of its pods Failed with the reason."""
+    pods = raw.get("pods") if isinstance(raw, Mapping) else None
+    reports = [PodReport(namespace=_text(p, "namespace"), name=_text(p, "name"), uid=_text(p, "uid"), state="Failed",
+                         message=conditions.bounded(f"trace not applied: {why}", POD_MESSAGE_LIMIT))
+               for p in (pods if isinstance(pods, list) else [])[:1024]]
+    return TraceReport(name=_text(raw, "name"), namespace=_text(raw, "namespace"), uid=_text(raw, "uid"), pods=reports)
+
+
+def parse_node_spec(raw: object, node_name: str) -> tuple[NodeSpec, list[TraceReport]]:
+    """The node spec with every trace entry this agent can trace, and a report for each one it cannot:
+    one bad entry fails that trace, never the others or the agent."""
+    raw = raw if isinstance(raw, Mapping) else {}
+    version = raw.get("contractVersion", CONTRACT_VERSION)
+    spec = NodeSpec(node_name=node_name, contract_version=version if type(version) is int else CONTRACT_VERSION)
+    entries = raw.get("traces")
+    rejected: list[TraceReport] = []
+    for item in entries if isinstance(entries, list) else []:
+        try:
+            t = NodeTrace.model_validate(item)
+            why = trace_problem(t)
+        except ValidationError as e:
+            t, why = None, "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
+                                     for err in e.errors(include_input=False)[:5])
+        if why is None:
+            spec.traces.append(t)
+        else:
+            log.warning("not tracing %s/%s: %s", _text(item, "namespace"), _text(item, "name"), why)
+            rejected.append(rejected_report(item, why))
+    return spec, rejected
+
+
 # -- agent state -> status (pure) ---------------------------------------------------------------------
+POD_MESSAGE_LIMIT = 512  # what the operator passes on per failing node anyway
+
+
 def pod_report(namespace: str, name: str, uid: str, st: TargetState | None) -> PodReport:
     if st is None:
         return PodReport(namespace=namespace, name=name, uid=uid, state="Pending")
     inode = st.target.ns.inode if st.target is not None else None
-    return PodReport(namespace=namespace, name=name, uid=uid, state=st.state, netns_inode=inode, message=st.message)
+    return PodReport(namespace=namespace, name=name, uid=uid, state=st.state, netns_inode=inode,
+                     message=conditions.bounded(st.message, POD_MESSAGE_LIMIT))
 
 
 def trace_reports(traces: Iterable[NodeTrace], states: Mapping[str, TargetState]) -> list[TraceReport]:
@@ -144,6 +209,7 @@ class NodeAgent:
                                field_selector=f"metadata.name={cfg.node_name}", on_change=self.wake.set, log=log,
                                timeout_seconds=cfg.watch_timeout_seconds)
         self.spec = NodeSpec(node_name=cfg.node_name)
+        self.rejected: list[TraceReport] = []  # trace entries of the spec this agent refused
         self.locator = targets.PodLocator()
         self.generation = 0
         self.exists = False
@@ -171,14 +237,14 @@ class NodeAgent:
         objs = self.watch.snapshot()
         obj = objs[0] if objs else None
         self.exists = obj is not None
-        self.generation = int(obj["metadata"].get("generation", 0)) if obj else 0
-        spec = NodeSpec.model_validate(obj.get("spec") or {"nodeName": self.cfg.node_name}) if obj else \
-            NodeSpec(node_name=self.cfg.node_name)
+        generation = obj.get("metadata", {}).get("generation", 0) if obj else 0
+        self.generation = generation if type(generation) is int else 0
+        spec, self.rejected = parse_node_spec(obj.get("spec") if obj else None, self.cfg.node_name)
         if spec.contract_version > CONTRACT_VERSION:
             self.failure = ("ContractVersionUnsupported",
                             f"the operator publishes contract version {spec.contract_version}; this agent "
                             f"understands {CONTRACT_VERSION}: upgrade the agent")
-            spec = NodeSpec(node_name=self.cfg.node_name)
+            spec, self.rejected = NodeSpec(node_name=self.cfg.node_name), []
         elif self.failure and self.failure[0] == "ContractVersionUnsupported":
             self.failure = None
         self.spec = spec
@@ -202,15 +268,17 @@ class NodeAgent:
         self.retry_at = now + self.cfg.retry_seconds if waiting else None
 
     def _load(self) -> None:
-        agent = self.make_agent()
+        agent = None
         try:
+            agent = self.make_agent()  # its export sink too: a bad OTLP setting is reported like the rest
             with self.health.busy("loading the probes (BCC compiles them)"):
                 agent.start()
         except Exception as e:  # no BTF, no headers, not privileged: report it and try again later
             self.failure = ("TracerFailed", str(e))
             self.start_trouble.failed(e)
             try:
-                agent.close()
+                if agent is not None:
+                    agent.close()
             except Exception:
                 log.debug("closing the half-started agent failed", exc_info=True)
             return
@@ -243,10 +311,16 @@ class NodeAgent:
                                 targets_n=sum(1 for s in self.states.values() if s.state == "Tracing"),
                                 generation=self.generation)
         self.conditions = conditions.merge(self.conditions, [ready], now)
-        export = self.sink.report() if self.sink is not None else ExportReport()
+        try:
+            export = self.sink.report() if self.sink is not None else ExportReport()
+        except Exception as e:  # one trace's exporter must not stop the status of all the others
+            log.exception("the export health report failed")
+            export = ExportReport(healthy=False, last_error=f"export health unknown: {type(e).__name__}: {e}")
+        if export.last_error:
+            export.last_error = conditions.bounded(export.last_error)
         return NodeStatus(observed_generation=self.generation, agent_version=version(),
                           heartbeat_time=conditions.timestamp(now), conditions=self.conditions, probes=probes,
-                          traces=trace_reports(self.spec.traces, self.states), export=export,
+                          traces=trace_reports(self.spec.traces, self.states) + self.rejected, export=export,
                           events_lost=self.events_lost)
 
     def report(self, force: bool = False) -> None:

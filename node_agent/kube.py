@@ -3,7 +3,13 @@
 `ListWatch` keeps an up-to-date copy of the objects one list call returns (with server-side label and
 field selectors, so that it never sees more than it needs), in a background thread. It lists once,
 then watches from that resourceVersion, lists again only when the server says the version is too
-old, and on any other error waits (growing backoff) and tries again: API trouble never ends it.
+old (410 Gone, e.g. after etcd compacted past it), and on any other error waits (growing backoff) and
+tries again: API trouble never ends it.
+
+The watch request is made and read here rather than through `kubernetes.watch.Watch`: we keep the
+objects as the plain dicts the server sent (no model deserialization, the operator watches pods), and
+that client's no-deserialize mode reads a key only its deserializing mode sets when an ERROR event
+arrives, so a 410 surfaced as KeyError('raw_object') and the stale version was retried forever.
 """
 
 from __future__ import annotations
@@ -11,9 +17,10 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
-from kubernetes import client, config, watch
+from kubernetes import client, config
+from kubernetes.watch.watch import iter_resp_lines
 from kubernetes.client.rest import ApiException
 
 BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
@@ -101,7 +108,7 @@ class ListWatch:
         self._objects: dict[str, dict] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._watch: watch.Watch | None = None
+        self._resp = None  # the open watch response, so that stop() can break it
         self._thread = threading.Thread(target=self._run, name=f"listwatch-{list_fn.__name__}", daemon=True)
 
     def start(self) -> ListWatch:
@@ -111,8 +118,12 @@ class ListWatch:
     def stop(self) -> None:
         """Ask the thread to end; it does at the next event or watch timeout (it holds nothing)."""
         self._stop.set()
-        if self._watch is not None:
-            self._watch.stop()
+        resp = self._resp
+        if resp is not None:
+            try:
+                resp.shutdown()  # unblocks the thread's read now, not at the next event
+            except Exception:
+                pass
 
     def snapshot(self) -> list[dict]:
         with self._lock:
@@ -130,11 +141,26 @@ class ListWatch:
         self.on_change()
         return doc["metadata"]["resourceVersion"]
 
+    def _events(self, rv: str) -> Iterator[dict]:
+        """The watch's events from `rv` on, as dicts, until the server ends the watch (timeout_seconds)."""
+        resp = self.list_fn(*self.args, **self.selectors, watch=True, resource_version=rv,
+                            timeout_seconds=self.timeout_seconds, allow_watch_bookmarks=True, _preload_content=False)
+        self._resp = resp
+        try:
+            if self._stop.is_set():
+                return
+            for line in iter_resp_lines(resp):
+                if line.strip():
+                    yield json.loads(line)
+        finally:
+            self._resp = None
+            resp.release_conn()
+
     def _apply(self, event: dict) -> str | None:
         kind, obj = event["type"], event["object"]
-        rv = obj.get("metadata", {}).get("resourceVersion")
-        if kind == "ERROR":
+        if kind == "ERROR":  # a metav1.Status: 410 Gone when rv is older than the server keeps
             raise ApiException(status=obj.get("code", 500), reason=obj.get("message", "watch error"))
+        rv = obj.get("metadata", {}).get("resourceVersion")
         if kind == "BOOKMARK":
             return rv
         with self._lock:
@@ -152,16 +178,14 @@ class ListWatch:
                 if rv is None:
                     rv = self._list()
                     self.trouble.ok()
-                self._watch = watch.Watch()
-                for event in self._watch.stream(self.list_fn, *self.args, **self.selectors, resource_version=rv,
-                                                timeout_seconds=self.timeout_seconds,
-                                                allow_watch_bookmarks=True, deserialize=False):
+                for event in self._events(rv):
                     if self._stop.is_set():
                         return
                     rv = self._apply(event) or rv
                 self.trouble.ok()
             except ApiException as e:
-                if e.status == 410:  # our version is too old for the watch cache: list afresh
+                if e.status == 410:  # our version is older than the server keeps: list afresh
+                    self.trouble.log.info("%s: resourceVersion %s expired; listing again", self.trouble.what, rv)
                     rv = None
                     continue
                 if not self._stop.is_set():

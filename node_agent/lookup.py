@@ -4,13 +4,18 @@ Every packet on the node is looked up here, traced or not, so these are BPF *arr
 open-addressing hash tables rather than BPF hash maps: the verifier inlines array lookups, which saves
 a helper call (30-40 ns each on the machines we measured) per lookup on every packet. The layout is
 decided here and written whole at every change (one batched update); bpf/latencytrace.h probes it
-with the same hash function and probe count (LT_TBL_*).
+with the same hash function and probe count (LT_TBL_*). The size is the program's (Sizes.lookup_bits).
+
+A key that cannot be placed within PROBES positions of its hash does not fit: `fitting` keeps the
+targets that fit, oldest first, and names the others, so that one crowded table fails only the targets
+that do not fit, never the others.
 """
 
 from __future__ import annotations
 
 import ctypes as ct
 import ipaddress
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 TABLE_BITS = 10
@@ -23,9 +28,9 @@ class TableFull(RuntimeError):
     pass
 
 
-def hash32(x: int) -> int:
+def hash32(x: int, bits: int = TABLE_BITS) -> int:
     """Same as lt_hash32() in bpf/latencytrace.h."""
-    return ((x * _GOLDEN) & 0xFFFFFFFF) >> (32 - TABLE_BITS)
+    return ((x * _GOLDEN) & 0xFFFFFFFF) >> (32 - bits)
 
 
 def ip_words(ip: str) -> tuple[int, ...]:
@@ -34,20 +39,20 @@ def ip_words(ip: str) -> tuple[int, ...]:
     return tuple(int.from_bytes(packed[i:i + 4], "little") for i in range(0, len(packed), 4))
 
 
-def key_hash(words: tuple[int, ...]) -> int:
+def key_hash(words: tuple[int, ...], bits: int = TABLE_BITS) -> int:
     x = 0
     for w in words:
         x ^= w
-    return hash32(x)
+    return hash32(x, bits)
 
 
-def layout(entries: dict[tuple[int, ...], int]) -> dict[int, tuple[tuple[int, ...], int]]:
+def layout(entries: dict[tuple[int, ...], int], bits: int = TABLE_BITS) -> dict[int, tuple[tuple[int, ...], int]]:
     """Position -> (key words, slot) for every entry, by linear probing."""
     placed: dict[int, tuple[tuple[int, ...], int]] = {}
     for words, slot in sorted(entries.items()):
-        start = key_hash(words)
+        start = key_hash(words, bits)
         for p in range(PROBES):
-            pos = (start + p) % TABLE_SIZE
+            pos = (start + p) % (1 << bits)
             if pos not in placed:
                 placed[pos] = (words, slot)
                 break
@@ -56,17 +61,57 @@ def layout(entries: dict[tuple[int, ...], int]) -> dict[int, tuple[tuple[int, ..
     return placed
 
 
+Targets = Mapping[int, tuple[int, tuple[str, ...]]]  # netns inode -> (slot, pod IPs)
+
+
+def tables(targets: Targets) -> tuple[dict, dict, dict]:
+    """The entries of the three tables (netns inode, IPv4, IPv6 key words -> slot)."""
+    netns, ip4, ip6 = {}, {}, {}
+    for inode, (slot, ips) in targets.items():
+        netns[(inode,)] = slot
+        for ip in ips:
+            words = ip_words(ip)
+            (ip4 if len(words) == 1 else ip6)[words] = slot
+    return netns, ip4, ip6
+
+
+def fits(targets: Targets, bits: int = TABLE_BITS) -> bool:
+    try:
+        for entries in tables(targets):
+            layout(entries, bits)
+    except TableFull:
+        return False
+    return True
+
+
+def fitting(targets: Targets, bits: int = TABLE_BITS) -> tuple[dict, list[int]]:
+    """(the targets that fit the tables, the inodes of those that do not). `targets` in priority order
+    (oldest first): each is kept if it fits with the ones kept before it."""
+    if fits(targets, bits):
+        return dict(targets), []
+    kept: dict = {}
+    refused = []
+    for inode, value in targets.items():
+        if fits({**kept, inode: value}, bits):
+            kept[inode] = value
+        else:
+            refused.append(inode)
+    return kept, refused
+
+
 @dataclass
 class LookupTable:
     """One BPF array in the layout above; `write()` replaces its whole content."""
 
     table: object  # the BCC table
     width: int  # key words: 1 (inode, IPv4) or 4 (IPv6)
+    bits: int = TABLE_BITS
 
     def write(self, entries: dict[tuple[int, ...], int]) -> None:
-        placed = layout(entries)
-        keys = (ct.c_int * TABLE_SIZE)(*range(TABLE_SIZE))
-        values = (self.table.Leaf * TABLE_SIZE)()
+        placed = layout(entries, self.bits)
+        size = 1 << self.bits
+        keys = (ct.c_int * size)(*range(size))
+        values = (self.table.Leaf * size)()
         for pos, (words, slot) in placed.items():
             v = values[pos]
             if self.width == 1:

@@ -20,10 +20,13 @@ class Sizes:
     tx_inflight: int = 16384
     send_inflight: int = 8192
     ringbuf_pages: int = 64  # ring buffer for slow-packet events, in pages; a power of two
+    lookup_bits: int = lookup.TABLE_BITS  # target lookup tables of 2**bits positions (lookup.py)
 
     def __post_init__(self) -> None:
         if self.ringbuf_pages <= 0 or self.ringbuf_pages & (self.ringbuf_pages - 1):
             raise ValueError(f"ringbuf_pages must be a power of two, not {self.ringbuf_pages}")
+        if not 2 <= self.lookup_bits <= 16:
+            raise ValueError(f"lookup_bits must be 2-16, not {self.lookup_bits}")
         for name in ("max_targets", "rx_inflight", "tx_inflight", "send_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
@@ -53,8 +56,8 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_RINGBUF_PAGES=sizes.ringbuf_pages,
         LT_NB=histogram.N_BUCKETS,
         LT_INDEX_MIN=histogram.INDEX_MIN,
-        LT_TBL_BITS=lookup.TABLE_BITS,
-        LT_TBL_SIZE=lookup.TABLE_SIZE,
+        LT_TBL_BITS=sizes.lookup_bits,
+        LT_TBL_SIZE=1 << sizes.lookup_bits,
         LT_TBL_PROBES=lookup.PROBES,
     )
     for j, t in enumerate(histogram.THRESHOLDS, start=1):

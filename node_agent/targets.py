@@ -8,6 +8,7 @@ paths of its processes (needs the host PID namespace) or else by the namespace h
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import os
@@ -16,7 +17,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import netns
+from . import lookup, netns
 from .contract import PodRef
 from .tracer import TargetSettings, Tracer
 
@@ -40,21 +41,42 @@ class Namespace:
     ips: tuple[str, ...]
 
 
+def _no_permission(path: str | os.PathLike) -> TargetError:
+    return TargetError(f"no permission to open network namespace {path}: run as root, with CAP_SYS_PTRACE to open "
+                       "another process's namespace")
+
+
+def _exists(path: Path) -> bool:
+    try:
+        return path.exists()  # raises, rather than says False, where the path cannot be looked at
+    except PermissionError:
+        raise _no_permission(path) from None
+    except OSError as e:
+        raise TargetError(f"cannot open network namespace {path}: {e.strerror or e}") from None
+
+
 def netns_inode(path: str | os.PathLike) -> int:
     try:
         return os.stat(path).st_ino
     except FileNotFoundError:
         raise TargetError(f"network namespace {path} does not exist") from None
     except PermissionError:
-        raise TargetError(f"no permission to open network namespace {path} (run as root)") from None
+        raise _no_permission(path) from None
+    except OSError as e:
+        raise TargetError(f"cannot open network namespace {path}: {e.strerror or e}") from None
 
 
 def namespace_ips(path: str) -> tuple[str, ...]:
     """Global addresses of the namespace's interfaces (loopback excluded)."""
     try:
         addrs = netns.addresses(path)
+    except OSError as e:
+        if e.errno == errno.EINVAL:  # setns() refused it: a file or directory, but not a namespace
+            raise TargetError(f"{path} is not a network namespace: give /run/netns/NAME, /proc/PID/ns/net "
+                              "or an `ip netns` name") from None
+        raise TargetError(f"cannot list addresses in network namespace {path}: {e}") from None
     except Exception as e:  # an unopenable namespace raises several types
-        raise TargetError(f"cannot list addresses in network namespace {path}: {e}") from e
+        raise TargetError(f"cannot list addresses in network namespace {path}: {e}") from None
     out = []
     for a in addrs:
         if a is None:
@@ -67,19 +89,19 @@ def namespace_ips(path: str) -> tuple[str, ...]:
 
 def from_path(path: str) -> Namespace:
     p = Path(path)
-    if not p.exists() and "/" not in path:
+    if not _exists(p) and "/" not in path:
         for d in NETNS_DIRS:  # a bare name as `ip netns` knows it
-            if (d / path).exists():
+            if _exists(d / path):
                 p = d / path
                 break
-    if not p.exists():
+    if not _exists(p):
         raise TargetError(f"network namespace {path} does not exist")
     return Namespace(netns_inode(p), str(p), namespace_ips(str(p)))
 
 
 def from_pid(pid: int) -> Namespace:
     path = PROC / str(pid) / "ns" / "net"
-    if not (PROC / str(pid)).exists():
+    if pid <= 0 or not _exists(PROC / str(pid)):
         raise TargetError(f"no process with PID {pid}")
     return Namespace(netns_inode(path), str(path), namespace_ips(str(path)))
 
@@ -233,14 +255,28 @@ class Registry:
                 changed = True
         return changed
 
-    def sync(self) -> None:
+    def sync(self) -> dict[int, tuple[Target, str]]:
         """After adds and removes: the lookup tables written once for the current targets, and only the
-        probes the targets' segments need attached (none at all while there is no target)."""
-        self.tracer.write_lookup({t.ns.inode: (t.slot, t.ns.ips) for t in self.by_inode.values()})
+        probes the targets' segments need attached (none at all while there is no target). Targets whose
+        namespace or IPs find no room in the lookup tables are removed (the oldest keep theirs) and
+        returned, {inode: (target, why)}; the others are traced."""
+        oldest_first = sorted(self.by_inode.values(), key=lambda t: (t.added_ns, t.slot))
+        bits = self.tracer.sizes.lookup_bits
+        kept, refused = lookup.fitting({t.ns.inode: (t.slot, t.ns.ips) for t in oldest_first}, bits)
+        out = {}
+        for inode in refused:
+            target = self.remove(inode)
+            self.overflow += 1
+            out[inode] = (target, f"cannot trace {target.label}: no room for its network namespace or IPs in the "
+                                  f"probes' lookup tables ({1 << bits} positions, {lookup.PROBES} tried per key) next "
+                                  "to the targets already traced on this node; trace fewer pods here")
+            log.warning("%s", out[inode][1])
+        self.tracer.write_lookup(kept)
         wanted = 0
         for t in self.by_inode.values():
             wanted |= t.settings.wanted_segments()
         self.tracer.want(wanted)
+        return out
 
     def by_slot(self) -> dict[int, Target]:
         return {t.slot: t for t in self.by_inode.values()}

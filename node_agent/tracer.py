@@ -168,15 +168,11 @@ class Tracer:
         invalidate their per-CPU caches; nothing is written when the tables already hold `entries`."""
         if entries == self._lookup_written:
             return
-        netns, ip4, ip6 = {}, {}, {}
-        for inode, (slot, ips) in entries.items():
-            netns[(inode,)] = slot
-            for ip in ips:
-                words = lookup.ip_words(ip)
-                (ip4 if len(words) == 1 else ip6)[words] = slot
-        lookup.LookupTable(self.table("lt_netns"), 1).write(netns)
-        lookup.LookupTable(self.table("lt_ip4"), 1).write(ip4)
-        lookup.LookupTable(self.table("lt_ip6"), 4).write(ip6)
+        netns, ip4, ip6 = lookup.tables(entries)
+        bits = self.sizes.lookup_bits
+        lookup.LookupTable(self.table("lt_netns"), 1, bits).write(netns)
+        lookup.LookupTable(self.table("lt_ip4"), 1, bits).write(ip4)
+        lookup.LookupTable(self.table("lt_ip6"), 4, bits).write(ip6)
         gen = self.table("lt_gen")  # lt_dev_slot() caches answers per CPU until this changes
         gen[ct.c_int(0)] = ct.c_uint32((gen[ct.c_int(0)].value + 1) & 0xFFFFFFFF)
         self._lookup_written = dict(entries)

@@ -60,7 +60,7 @@ def index_node(name: str, meta: Mapping, spec: Mapping, status: Mapping) -> dict
 
 
 def _clip(text: str) -> str:
-    return text if len(text) <= MESSAGE_LIMIT else text[:MESSAGE_LIMIT - 1] + "…"
+    return conditions.bounded(text, MESSAGE_LIMIT)
 
 
 def _fresh(view: NodeTraceView, now: datetime, stale_seconds: float) -> bool:

@@ -2,6 +2,8 @@
 
 Kubernetes conventions: one entry per type, status True/False/Unknown, a CamelCase reason, a message
 for humans, observedGeneration, and a lastTransitionTime that changes only when the status flips.
+Messages are bounded (`bounded`, MESSAGE_LIMIT): they carry errors from kernels, compilers and users'
+specs, and a status is read by people and written on every change.
 """
 
 from __future__ import annotations
@@ -14,6 +16,18 @@ from latencytrace.node_agent.contract import Condition
 
 ACCEPTED, TRACING, DEGRADED, COMPLETED = "Accepted", "Tracing", "Degraded", "Completed"
 READY = "Ready"  # the agent's condition on its LatencyTraceNode
+MESSAGE_LIMIT = 1024  # characters of a condition message (Kubernetes allows 32768)
+
+
+def bounded(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """`text`, or its start and how much was cut when it is longer than `limit` characters."""
+    if len(text) <= limit:
+        return text
+    tail = ""
+    for _ in range(3):  # the count's own length changes what is kept: settle it
+        keep = max(limit - len(tail), 0)
+        tail = f"... ({len(text) - keep} more characters)"
+    return text[:max(limit - len(tail), 0)] + tail
 
 
 def timestamp(now: datetime | None = None) -> str:
@@ -28,7 +42,7 @@ def parse_time(text: str | None) -> datetime | None:
 
 
 def make(type_: str, status: bool, reason: str, message: str = "", generation: int | None = None) -> Condition:
-    return Condition(type=type_, status="True" if status else "False", reason=reason, message=message,
+    return Condition(type=type_, status="True" if status else "False", reason=reason, message=bounded(message),
                      observed_generation=generation)
 
 

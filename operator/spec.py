@@ -1,8 +1,10 @@
 """A LatencyTrace's spec, typed, with the checks its schema cannot make and the defaults it relies on.
 
-The CRD schema rejects most mistakes at the API server; this module re-checks what the operator depends
-on (the schema can be older than the operator, or bypassed), and adds what a schema cannot express:
-label syntax, the operator's own duration policy. `parse` raises SpecError with every problem found.
+The CRD schema rejects most mistakes at the API server; this module re-checks every one of its limits
+(the schema can be older than the operator, or bypassed: whatever this accepts, the schema accepts too, a
+generated-input test holds it to that), and adds what a schema cannot express: label syntax, the
+operator's own duration policy. `parse` raises SpecError with every problem found, and nothing else,
+whatever the input.
 """
 
 from __future__ import annotations
@@ -10,13 +12,24 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from latencytrace.node_agent import segments
+from latencytrace.node_agent import endpoints, segments
 from latencytrace.node_agent.contract import ExportOverrides, TraceSettings
+
+MIN_DURATION_SECONDS = 10.0  # as the CRD's CEL rule
+
+
+def _int(lo: int, hi: int):
+    """An integer in [lo, hi], as the schema's `type: integer` (no strings, floats or booleans)."""
+    return Annotated[int, Field(strict=True, ge=lo, le=hi)]
+
+
+def _str(max_length: int):
+    return Annotated[str, Field(strict=True, max_length=max_length)]
 
 
 class SpecError(ValueError):
@@ -28,34 +41,40 @@ class _Model(BaseModel):
 
 
 class Requirement(_Model):
-    key: str
+    key: _str(317)
     operator: Literal["In", "NotIn", "Exists", "DoesNotExist"]
-    values: tuple[str, ...] = ()
+    values: tuple[_str(63), ...] = Field(default=(), max_length=64)
 
 
 class LabelSelector(_Model):
-    match_labels: dict[str, str] = Field(default_factory=dict)
-    match_expressions: tuple[Requirement, ...] = ()
+    match_labels: dict[str, _str(63)] = Field(default_factory=dict, max_length=64)
+    match_expressions: tuple[Requirement, ...] = Field(default=(), max_length=32)
+
+
+class Export(_Model):
+    otlp_endpoint: _str(endpoints.MAX_LENGTH) | None = None
+    resource_attributes: dict[_str(128), _str(256)] = Field(default_factory=dict, max_length=32)
 
 
 class TraceSpec(_Model):
     namespace_selector: LabelSelector | None = None
     pod_selector: LabelSelector | None = None
-    pod_names: tuple[str, ...] | None = None
-    directions: tuple[Literal["receive", "transmit"], ...] = ("receive", "transmit")
-    segments: tuple[str, ...] = ()
-    slow_threshold_microseconds: int = Field(default=1000, ge=1)
-    spans_per_second: int = Field(default=10, ge=0)
-    sample_one_in: int = Field(default=0, ge=0)
-    duration: str | None = None
-    export: ExportOverrides = Field(default_factory=ExportOverrides)
+    pod_names: tuple[_str(253), ...] | None = Field(default=None, min_length=1, max_length=256)
+    directions: tuple[Literal["receive", "transmit"], ...] = Field(default=("receive", "transmit"), max_length=2)
+    segments: tuple[_str(32), ...] = Field(default=(), max_length=len(segments.NAMES))
+    slow_threshold_microseconds: _int(1, 60_000_000) = 1000
+    spans_per_second: _int(0, 1000) = 10
+    sample_one_in: _int(0, 1_000_000) = 0
+    duration: _str(32) | None = None
+    export: Export = Field(default_factory=Export)
 
     def settings(self) -> TraceSettings:
         """What every agent tracing one of the selected pods gets (contract.TraceSettings)."""
         return TraceSettings(directions=list(self.directions), segments=sorted(self.segments, key=_segment_order),
                              slow_threshold_microseconds=self.slow_threshold_microseconds,
                              spans_per_second=self.spans_per_second, sample_one_in=self.sample_one_in,
-                             export=self.export)
+                             export=ExportOverrides(otlp_endpoint=self.export.otlp_endpoint,
+                                                    resource_attributes=dict(self.export.resource_attributes)))
 
     def duration_seconds(self) -> float | None:
         return None if self.duration is None else parse_duration(self.duration)
@@ -78,14 +97,15 @@ def parse_duration(text: str) -> float:
         total += float(m.group(1)) * _UNIT_SECONDS[m.group(2)]
         pos = m.end()
     if not text or pos != len(text):
-        raise SpecError(f"duration {text!r} is not a duration such as 30s, 15m or 1h30m")
+        raise SpecError(f"duration {endpoints.shown(text)} is not a duration such as 30s, 15m or 1h30m")
     return total
 
 
 _NAME = r"[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?"
 _DNS_SUBDOMAIN = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
-_LABEL_KEY = re.compile(rf"^(({_DNS_SUBDOMAIN})/)?{_NAME}$")
-_LABEL_VALUE = re.compile(rf"^({_NAME})?$")
+_LABEL_KEY = re.compile(rf"(({_DNS_SUBDOMAIN})/)?{_NAME}")  # always fullmatch: $ would let a newline through
+_LABEL_VALUE = re.compile(rf"({_NAME})?")
+_POD_NAME = re.compile(_DNS_SUBDOMAIN)
 
 
 def label_problems(where: str, sel: LabelSelector) -> list[str]:
@@ -93,33 +113,37 @@ def label_problems(where: str, sel: LabelSelector) -> list[str]:
 
     def key_ok(key: str) -> bool:
         prefix, _, name = key.rpartition("/")
-        return bool(_LABEL_KEY.match(key)) and len(name) <= 63 and len(prefix) <= 253
+        return bool(_LABEL_KEY.fullmatch(key)) and len(name) <= 63 and len(prefix) <= 253
 
     for key, value in sel.match_labels.items():
         if not key_ok(key):
-            problems.append(f"{where}.matchLabels: {key!r} is not a valid label key")
-        if len(value) > 63 or not _LABEL_VALUE.match(value):
-            problems.append(f"{where}.matchLabels[{key}]: {value!r} is not a valid label value")
+            problems.append(f"{where}.matchLabels: {endpoints.shown(key)} is not a valid label key")
+        if len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+            problems.append(f"{where}.matchLabels[{endpoints.shown(key)}]: {endpoints.shown(value)} "
+                            "is not a valid label value")
     for i, req in enumerate(sel.match_expressions):
         at = f"{where}.matchExpressions[{i}]"
         if not key_ok(req.key):
-            problems.append(f"{at}.key: {req.key!r} is not a valid label key")
+            problems.append(f"{at}.key: {endpoints.shown(req.key)} is not a valid label key")
         if req.operator in ("In", "NotIn") and not req.values:
             problems.append(f"{at}: {req.operator} needs at least one value")
         if req.operator in ("Exists", "DoesNotExist") and req.values:
             problems.append(f"{at}: {req.operator} takes no values")
-        problems += [f"{at}.values: {v!r} is not a valid label value"
-                     for v in req.values if len(v) > 63 or not _LABEL_VALUE.match(v)]
+        problems += [f"{at}.values: {endpoints.shown(v)} is not a valid label value"
+                     for v in req.values if len(v) > 63 or not _LABEL_VALUE.fullmatch(v)]
     return problems
 
 
 def parse(raw: Mapping, max_duration_seconds: float) -> TraceSpec:
     """The typed spec, or SpecError naming every problem (field paths as in the manifest)."""
+    if not isinstance(raw, Mapping):
+        raise SpecError(f"spec must be an object, not {type(raw).__name__}")
     try:
         spec = TraceSpec.model_validate(dict(raw))
     except ValidationError as e:
         raise SpecError("; ".join(
-            f"spec.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+            f"spec.{'.'.join(endpoints.shown(str(p), 40).strip(chr(39)) for p in err['loc'])}: {err['msg']}"
+            for err in e.errors(include_input=False)[:20])) from None
     problems: list[str] = []
     by_selector = spec.pod_selector is not None or spec.namespace_selector is not None
     if by_selector == (spec.pod_names is not None):
@@ -129,17 +153,31 @@ def parse(raw: Mapping, max_duration_seconds: float) -> TraceSpec:
             problems += label_problems(where, sel)
     if not spec.directions:
         problems.append("spec.directions: trace at least one direction")
+    for field, items in (("podNames", spec.pod_names or ()), ("directions", spec.directions),
+                         ("segments", spec.segments)):
+        if len(set(items)) != len(items):
+            problems.append(f"spec.{field}: each entry at most once")
+    problems += [f"spec.podNames: {endpoints.shown(n)} is not a pod name (lowercase DNS subdomain)"
+                 for n in spec.pod_names or () if not _POD_NAME.fullmatch(n)]
+    if spec.export.otlp_endpoint is not None:
+        why = endpoints.problem(spec.export.otlp_endpoint)
+        if why:
+            problems.append(f"spec.export.otlpEndpoint: {why}")
+    problems += [f"spec.export.resourceAttributes: {endpoints.shown(k)}: keys starting with k8s. are set by the agent"
+                 for k in spec.export.resource_attributes if k.startswith("k8s.")]
     for name in spec.segments:
         seg = segments.BY_NAME.get(name)
         if seg is None:
-            problems.append(f"spec.segments: unknown segment {name!r}; known: {', '.join(segments.NAMES)}")
+            problems.append(f"spec.segments: unknown segment {endpoints.shown(name)}; known: {', '.join(segments.NAMES)}")
         elif seg.direction.otel not in spec.directions:
             problems.append(f"spec.segments: {name} is a {seg.direction.otel} segment, "
                             f"but {seg.direction.otel} is not in spec.directions")
     if spec.duration is not None:
         try:
             seconds = parse_duration(spec.duration)
-            if seconds > max_duration_seconds:
+            if seconds < MIN_DURATION_SECONDS:
+                problems.append(f"spec.duration: {spec.duration} is shorter than {MIN_DURATION_SECONDS:g}s")
+            elif seconds > max_duration_seconds:
                 problems.append(f"spec.duration: {spec.duration} is longer than this cluster allows "
                                 f"({timedelta(seconds=max_duration_seconds)})")
         except SpecError as e:

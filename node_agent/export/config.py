@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import AliasChoices, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .. import endpoints
 from ..version import version
 from .datapoints import DEFAULT_EXPLICIT_BOUNDS_S
 
@@ -54,6 +55,15 @@ class ExportSettings(BaseSettings):
     node_name: str | None = None
     service_version: str = Field(default_factory=version)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("endpoint")
+    @classmethod
+    def _endpoint(cls, v):
+        # The same rules as a trace's endpoint; gRPC also takes host:port without a scheme.
+        why = None if v is None else endpoints.problem(v if "://" in v else f"grpc://{v}")
+        if why:
+            raise ValueError(why)
+        return v
 
     @field_validator("temporality", mode="before")
     @classmethod

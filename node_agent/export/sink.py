@@ -99,9 +99,9 @@ class OtlpSink:
             return None
         try:
             return self._worker(endpoint)
-        except otlp.ExportConfigError as e:
-            self._broken[endpoint] = str(e)
-            log.error("not exporting to %s: %s", endpoint, e)
+        except Exception as e:  # ExportConfigError, or whatever else the exporters make of a bad URL
+            self._broken[endpoint] = str(e) if isinstance(e, otlp.ExportConfigError) else f"{type(e).__name__}: {e}"
+            log.error("not exporting to %s: %s", endpoint, self._broken[endpoint])
             return None
 
     def _flush_timeout(self) -> float:
@@ -191,8 +191,12 @@ class OtlpSink:
 def _server(endpoint: str) -> tuple[tuple[str, object], ...]:
     u = urlparse(endpoint if "//" in endpoint else f"//{endpoint}")
     out: list[tuple[str, object]] = [(a.SERVER_ADDRESS, u.hostname or endpoint)]
-    if u.port:
-        out.append((a.SERVER_PORT, u.port))
+    try:
+        port = u.port
+    except ValueError:  # not a number, or out of range: the address says it all
+        port = None
+    if port:
+        out.append((a.SERVER_PORT, port))
     return tuple(out)
 
 

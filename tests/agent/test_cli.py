@@ -74,6 +74,13 @@ def test_json_document(lab):
     (["--netns", "/proc/self/ns/net", "--btf", "/no/such/btf"], "/no/such/btf does not exist"),
     (["--netns", "/proc/self/ns/net", "--segments", "rx_bogus"], "unknown segment(s) rx_bogus"),
     ([], "nothing to trace"),
+    (["--netns", "/tmp"], "/tmp is not a network namespace"),
+    (["--netns", "/etc/hostname"], "/etc/hostname is not a network namespace"),
+    (["--pid", "-1"], "no process with PID -1"),
+    (["--netns", "/proc/self/ns/net", "--btf", "/tmp"], "cannot read /tmp"),
+    (["--netns", "/proc/self/ns/net", "--otlp-endpoint", "http://127.0.0.1:abc"], "is not an OTLP endpoint"),
+    (["--netns", "/proc/self/ns/net", "--otlp-endpoint", "http://127.0.0.1:99999"], "a port is 1-65535"),
+    (["--netns", "/proc/self/ns/net", "--otlp-endpoint", "http://u:p@127.0.0.1:4317"], "no user name, password"),
 ])
 def test_errors_are_one_clear_line(args, message):
     out = subprocess.run([AGENT, "trace", "--duration", "1", *args], capture_output=True, text=True, timeout=60)
@@ -88,6 +95,18 @@ def test_bad_export_setting_is_one_clear_line():
                          capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2 and "OTEL_EXPORTER_OTLP_PROTOCOL" in out.stderr, out.stderr
     assert out.stderr.count("\n") == 1
+
+
+def test_a_namespace_root_cannot_open_is_one_clear_line():
+    # Root without CAP_SYS_PTRACE (dropped from the bounding and inheritable sets, so the command never
+    # gets it) may not open PID 1's namespace: stat() itself fails with EACCES, as for any agent
+    # running without that capability.
+    out = subprocess.run(["setpriv", "--bounding-set=-sys_ptrace", "--inh-caps=-sys_ptrace",
+                          AGENT, "trace", "--netns", "/proc/1/ns/net", "--duration", "1"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr == ("latencytrace-agent: no permission to open network namespace /proc/1/ns/net: run as root, "
+                          "with CAP_SYS_PTRACE to open another process's namespace\n")
 
 
 def test_not_root_is_one_clear_line():

@@ -11,10 +11,12 @@ its state, logs and certificates under one work directory.
 from __future__ import annotations
 
 import atexit
+import base64
 import json
 import os
 import ssl
 import subprocess
+import urllib.request
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -75,12 +77,14 @@ class ControlPlane:
       API server there; kubelets refuse a loopback node IP), and publish it as the endpoint of the
       `kubernetes` Service so that in-cluster clients find the API server through kube-proxy.
       The address must exist on this machine before start() (tests/cluster/node.py makes it).
+    apiserver_args: extra kube-apiserver flags (e.g. --watch-cache=false, so that
+      watches are served by etcd itself and an etcd compaction expires them).
     """
 
     def __init__(self, workdir: str | os.PathLike[str], with_controllers: bool = True,
                  with_kwok: bool = True, *, with_scheduler: bool | None = None,
                  detach: bool = False, startup_timeout: float = 120.0,
-                 node_ip: str | None = None) -> None:
+                 node_ip: str | None = None, apiserver_args: Sequence[str] = ()) -> None:
         self.workdir = Path(workdir).resolve()
         self.node_ip = node_ip
         self.with_controllers = with_controllers
@@ -88,6 +92,7 @@ class ControlPlane:
         self.with_kwok = with_kwok
         self.detach = detach
         self.startup_timeout = startup_timeout
+        self.apiserver_args = tuple(apiserver_args)
         self.bins: dict[str, Path] = {}
         self.ports: dict[str, int] = {}
         # Set by _make_pki() at start():
@@ -149,6 +154,14 @@ class ControlPlane:
         """Runs the pinned helm against this cluster (built on first use)."""
         return run_tool([self._tool("helm"), *args], self.env(), check=check, input=input,
                         timeout=timeout)
+
+    def compact_etcd(self) -> int:
+        """Compacts etcd's history up to its current revision (through etcd's JSON gateway, as
+        `etcdctl compact` does): every older resourceVersion is gone from then on. Returns the revision."""
+        base = f"http://127.0.0.1:{self.ports['etcd']}/v3/kv"
+        rev = int(_post_json(f"{base}/range", {"key": base64.b64encode(b"/").decode()})["header"]["revision"])
+        _post_json(f"{base}/compaction", {"revision": str(rev), "physical": True})
+        return rev
 
     def create_fake_nodes(self, names_or_count: int | Iterable[str],
                           labels: Mapping[str, str] | None = None, *,
@@ -318,6 +331,7 @@ class ControlPlane:
             f"--kubelet-client-key={self.kubelet_client.key}",
             f"--kubelet-certificate-authority={pki.ca.cert}",
             "--profiling=false",
+            *self.apiserver_args,
         ])
 
     def _start_controller_manager(self) -> None:
@@ -439,6 +453,12 @@ def stop_from_state(workdir: str | os.PathLike[str]) -> int:
 
 
 # ---- helpers --------------------------------------------------------------------
+
+def _post_json(url: str, body: dict) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        return json.loads(resp.read())
+
 
 def _first_ip(cidr: str) -> str:
     import ipaddress

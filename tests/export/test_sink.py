@@ -124,6 +124,21 @@ def test_without_a_default_endpoint_only_traces_with_their_own_are_exported(rece
     assert "latencytrace.target.count" in receiver.metric_names()
 
 
+@pytest.mark.parametrize("bad", ["http://127.0.0.1:99999", "http://127.0.0.1:abc"])
+def test_a_trace_endpoint_no_exporter_can_use_is_reported_and_the_others_keep_exporting(receiver, bad):
+    traces = [NodeTrace(name="bad", namespace="x", uid="1", export=ExportOverrides(otlp_endpoint=bad)),
+              NodeTrace(name="good", namespace="x", uid="2", export=ExportOverrides(otlp_endpoint=receiver.grpc_endpoint))]
+    sink = sink_from_settings(None, traces=traces, timeout_s=1)
+    try:
+        for _ in range(2):
+            sink.consume(traffic([fakes.pod_target(0, name="a", traces=("x/bad",)),
+                                  fakes.pod_target(1, name="b", traces=("x/good",))]))
+        report = sink.report()  # raised ValueError (the port) and ended the agent's loop
+    finally:
+        sink.close()
+    assert {a["k8s.pod.name"] for _, a, _ in receiver.data_points(LATENCY.name)} == {"b"}
+
+
 def test_a_down_backend_never_blocks_and_bounds_memory_then_export_resumes(receiver):
     receiver.available = False
     sink = OtlpSink(config.load(endpoint=receiver.grpc_endpoint, timeout_s=1.0, queue_batches=2))

@@ -47,3 +47,21 @@ def test_conditions_and_phase_for_each_situation():
 def test_timestamps_are_rfc3339_utc():
     assert conditions.timestamp(T0) == "2026-01-01T00:00:00Z"
     assert conditions.parse_time("2026-01-01T00:00:00Z") == T0
+
+
+def test_messages_are_bounded_and_say_how_much_was_cut():
+    from latencytrace.node_agent import cluster
+    from latencytrace.node_agent.agent import TargetState
+
+    huge = "compiler says: " + "é" * 200_000  # a BCC error, a user's spec: any size, any characters
+    ready = cluster.ready_condition(failure=("TracerFailed", huge), loaded=False, targets_n=0,
+                                    probes=cluster.probe_report(None), generation=1)
+    invalid = by_type(conditions.trace_conditions(TraceFacts(1, invalid=huge)))["Accepted"]
+    for c in (ready, invalid):
+        assert len(c.message) == 1024
+        assert c.message.startswith("compiler says: éé")
+        assert c.message.endswith(f"... ({len(huge) - c.message.index('...')} more characters)")
+    pod = cluster.pod_report("ns", "p", "u", TargetState("k", "Failed", huge))
+    assert len(pod.message) == 512
+    short = conditions.make("Ready", True, "Fine", "all good")
+    assert short.message == "all good"

@@ -73,3 +73,12 @@ def test_chart_is_self_contained_and_the_repository_crds_link_to_it():
     for name in files:
         assert not (chart_crds / name).is_symlink()
         assert (CRDS / name).resolve() == (chart_crds / name).resolve()
+
+
+def test_otlp_endpoint_pattern_is_the_agent_and_operator_check():
+    from latencytrace.node_agent import endpoints
+
+    trace = schema("latencytraces")["properties"]["spec"]["properties"]["export"]["properties"]["otlpEndpoint"]
+    node = schema("latencytracenodes")["properties"]["spec"]["properties"]["traces"]["items"]["properties"]
+    for field in (trace, node["export"]["properties"]["otlpEndpoint"]):
+        assert field["pattern"] == endpoints.PATTERN and field["maxLength"] == endpoints.MAX_LENGTH
