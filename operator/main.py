@@ -127,5 +127,8 @@ async def _operate(leading: leader.Leading) -> None:
     stop_flag = asyncio.Event()
     loop = asyncio.get_running_loop()
     leading.on_lost(lambda: loop.call_soon_threadsafe(stop_flag.set))
+    # Our identity, given: kopf would otherwise derive one from the user name, and the operator's image
+    # runs as a UID with no passwd entry (getpass fails there).
     await kopf.operator(clusterwide=True, standalone=True, liveness_endpoint=CONFIG.liveness_endpoint,
+                        identity=CONFIG.identity,
                         stop_flag=stop_flag)
