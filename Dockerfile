@@ -27,7 +27,7 @@ ENV UV_COMPILE_BYTECODE=1 \
     UV_PYTHON=/usr/bin/python3 \
     UV_PROJECT_ENVIRONMENT=/app/.venv
 WORKDIR /src
-COPY pyproject.toml uv.lock README.md ./
+COPY pyproject.toml uv.lock ./
 
 # Dependencies first (cached while only the code changes), then the project itself. Byte-compiled, so
 # that nothing is compiled at each start on a read-only root, except the kubernetes package: its
@@ -37,6 +37,7 @@ FROM venv AS operator-venv
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project --extra operator \
  && rm -rf /app/.venv/lib/python3.11/site-packages/kubernetes/aio
+COPY README.md ./
 COPY bpf/ bpf/
 COPY node_agent/ node_agent/
 COPY operator/ operator/
@@ -48,6 +49,7 @@ FROM venv AS agent-venv
 RUN --mount=type=cache,target=/root/.cache/uv \
     uv sync --frozen --no-dev --no-install-project --extra agent \
  && rm -rf /app/.venv/lib/python3.11/site-packages/kubernetes/aio
+COPY README.md ./
 COPY bpf/ bpf/
 COPY node_agent/ node_agent/
 COPY operator/ operator/

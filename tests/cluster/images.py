@@ -111,8 +111,8 @@ def _tree_hash(*paths: Path) -> str:
     h = hashlib.sha256()
     for top in paths:
         for p in sorted(top.rglob("*") if top.is_dir() else [top]):
-            if p.is_file():
-                h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+            if p.is_file() and "__pycache__" not in p.parts and p.suffix != ".pyc":
+                h.update(str(p.relative_to(top.parent)).encode() + b"\0" + p.read_bytes() + b"\0")
     return h.hexdigest()[:12]
 
 
@@ -202,8 +202,9 @@ def _working_container(image: str = "scratch") -> Iterator[str]:
 
 @contextmanager
 def mounted(image: str) -> Iterator[Path]:
-    """The root filesystem of `image`, mounted read-write in a throwaway working container."""
-    with _working_container(image) as ctr:
+    """The root filesystem of `image`, mounted read-write in a throwaway working container (under the
+    build lock: a build ends with `buildah rm --all`)."""
+    with _lock(), _working_container(image) as ctr:
         root = Path(_run(["buildah", "mount", ctr]).strip())
         try:
             yield root
@@ -211,12 +212,18 @@ def mounted(image: str) -> Iterator[Path]:
             subprocess.run(["buildah", "umount", ctr], capture_output=True)
 
 
-def run_in(image: str, *cmd: str, user: str | None = None) -> subprocess.CompletedProcess:
-    """Runs `cmd` in a throwaway container of `image` (chroot isolation), output captured."""
-    with _working_container(image) as ctr:
+def run_in(image: str, *cmd: str, user: str | None = None, env: dict[str, str] | None = None,
+           cap_add: Sequence[str] = ()) -> subprocess.CompletedProcess:
+    """Runs `cmd` in a throwaway container of `image` (chroot isolation, the host's network and PID
+    namespaces, buildah's default capabilities plus `cap_add`), output captured; under the build lock."""
+    with _lock(), _working_container(image) as ctr:
         args = ["buildah", "run", "--isolation", "chroot"]
         if user:
             args += ["--user", user]
+        for key, value in (env or {}).items():
+            args += ["--env", f"{key}={value}"]
+        if cap_add:  # (buildah 1.28 ignores --cap-add after --cap-drop ALL, so no drop here)
+            args += ["--cap-add", ",".join(cap_add)]
         return subprocess.run([*args, ctr, "--", *cmd], capture_output=True, text=True)
 
 
@@ -377,7 +384,7 @@ def _workload_binary() -> Path:
 
 def ensure_workload() -> None:
     context = _workload_binary()
-    _bud("workload", WORKLOAD_IMAGE, WORKLOAD_DIR / "Containerfile", context)
+    _bud("workload", WORKLOAD_IMAGE, WORKLOAD_DIR / "Containerfile", context, inputs=[context / "workload"])
 
 
 # --- the Dockerfile's targets ----------------------------------------------------------------------
@@ -394,7 +401,14 @@ def _revision() -> str:
     return p.stdout.strip() if p.returncode == 0 else "unknown"
 
 
-def _bud(label: str, image: str, containerfile: Path, context: Path, *extra: str) -> None:
+def _bud(label: str, image: str, containerfile: Path, context: Path, *extra: str, inputs: Sequence[Path]) -> None:
+    """buildah bud, skipped when the image exists and nothing it is built from changed: the files
+    `inputs`, the arguments, and the ids of the images it starts from (buildah's own layer cache would
+    also find every step, but it hashes each COPY's sources on the way: about 20 s for the agent)."""
+    key = json.dumps([_tree_hash(containerfile, *inputs), [str(a) for a in extra],
+                      [image_id(i) for i in (BASE_IMAGE, UV_IMAGE) if containerfile == DOCKERFILE]])
+    if _fresh(image, key):
+        return
     before = image_id(image)
     say(f"{label}: buildah bud -> {image}")
     try:
@@ -402,7 +416,18 @@ def _bud(label: str, image: str, containerfile: Path, context: Path, *extra: str
                             "--network", "host", "-f", containerfile, "-t", image, *extra, context])
     finally:
         _remove_working_containers()
-    say(f"{label}: {'unchanged' if image_id(image) == before else 'new image'} {image_id(image)[:12]}")
+    after = image_id(image)
+    if after is None:
+        raise ImageError(f"buildah bud reported success but {image} is not in storage")
+    _record(image, key)
+    say(f"{label}: {'unchanged' if after == before else 'new image'} {after[:12]}")
+
+
+def _context_paths() -> list[Path]:
+    """What the Dockerfile's build context holds: the paths .dockerignore lets in (the one list)."""
+    ignore = ROOT / ".dockerignore"
+    lines = [ln.strip() for ln in ignore.read_text().splitlines()]
+    return [ignore, *(ROOT / ln[1:].rstrip("/") for ln in lines if ln.startswith("!"))]
 
 
 def ensure_targets() -> None:
@@ -411,7 +436,7 @@ def ensure_targets() -> None:
     args = ["--build-arg", f"VERSION={APP_VERSION}", "--build-arg", f"REVISION={_revision()}",
             *_build_volumes()]
     for target, image in (("operator", OPERATOR_IMAGE), ("agent", AGENT_IMAGE)):
-        _bud(target, image, DOCKERFILE, ROOT, "--target", target, *args)
+        _bud(target, image, DOCKERFILE, ROOT, "--target", target, *args, inputs=_context_paths())
 
 
 # --- export ----------------------------------------------------------------------------------------
