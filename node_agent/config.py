@@ -2,49 +2,19 @@
 
 Everything has a default except the node name, which the DaemonSet passes from the downward API
 (`spec.nodeName`). A missing or invalid value stops the agent at start with a message naming the
-variable. `from_env` is shared with the operator's config for the same behaviour.
+variable (`envconfig.from_env`, shared with the operator's config).
 """
 
 from __future__ import annotations
 
 import ipaddress
-from typing import TypeVar
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .envconfig import ConfigError, from_env
 from .probestats import MODES, StatsPolicy
 from .program import Sizes
-
-S = TypeVar("S", bound=BaseSettings)
-
-
-class ConfigError(ValueError):
-    """The environment holds a bad setting; the message names the variable."""
-
-
-def env_name(cls: type[BaseSettings], field: str) -> str:
-    info = cls.model_fields[field]
-    alias = info.validation_alias
-    if isinstance(alias, AliasChoices):
-        return str(alias.choices[0])
-    if isinstance(alias, str):
-        return alias
-    return f"{cls.model_config.get('env_prefix', '')}{field}".upper()
-
-
-def from_env(cls: type[S]) -> S:
-    """Build `cls` from the environment, turning validation errors into one line per variable."""
-    try:
-        return cls()
-    except ValidationError as e:
-        problems = []
-        for err in e.errors():
-            field = str(err["loc"][0]) if err["loc"] else ""
-            name = env_name(cls, field) if field in cls.model_fields else field  # else: an alias, or ""
-            msg = err["msg"].removeprefix("Value error, ")
-            problems.append(f"{name}: {msg}" if name else msg)  # a rule across fields names its variables
-        raise ConfigError("; ".join(problems)) from None
 
 
 class AgentConfig(BaseSettings):

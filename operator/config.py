@@ -10,7 +10,7 @@ import socket
 from pydantic import AliasChoices, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from latencytrace.node_agent.config import ConfigError, from_env
+from latencytrace.node_agent.envconfig import ConfigError, from_env
 
 
 class OperatorConfig(BaseSettings):

@@ -1,8 +1,8 @@
-"""pytest fixtures for the local control plane and Jaeger.
+"""pytest fixtures for the local control plane, Jaeger and the project's images.
 
 Enable with, in tests/conftest.py:   pytest_plugins = ["tests.cluster.fixtures"]
 
-Missing binaries are built (never skipped) right after collection, before any
+Missing binaries and images are built (never skipped) right after collection, before any
 test runs, so a first build on a new machine (several minutes) is not charged to
 a test's pytest-timeout; its progress lines are shown live although pytest
 captures output.
@@ -10,7 +10,9 @@ captures output.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -25,22 +27,22 @@ CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kub
 FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",),
                  "real_cluster": CONTROL_PLANE_TOOLS + NODE_TOOLS + ("jaeger",)}
 # Fixtures that need the images built from the Dockerfile (and the workload and pause images).
-FIXTURE_IMAGES = {"real_cluster"}
+FIXTURE_IMAGES = {"real_cluster", "images_built"}
+T = TypeVar("T")
 
 
-def _visibly(config: pytest.Config, build, *args) -> None:
+def _visibly(config: pytest.Config, build: Callable[[], T]) -> T:
     # A first build takes minutes; with capture on, its progress would be hidden
     # until the end, so capture is suspended for it.
     capman = config.pluginmanager.getplugin("capturemanager")
     if capman is None:
-        build(*args)
-        return
+        return build()
     with capman.global_and_fixture_disabled():
-        build(*args)
+        return build()
 
 
 def _ensure_tools_visibly(config: pytest.Config, *tools: str) -> None:
-    _visibly(config, versions.ensure_tools, *tools)
+    _visibly(config, lambda: versions.ensure_tools(*tools))
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -59,6 +61,13 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         _ensure_tools_visibly(session.config, *needed)
     if with_images:
         _visibly(session.config, images.ensure_all)
+
+
+@pytest.fixture(scope="session")
+def images_built(pytestconfig: pytest.Config) -> dict[str, Path]:
+    """{image name: OCI archive} of the project's images (tests/cluster/images.py), built once, before
+    the first test that needs them (see pytest_collection_finish)."""
+    return _visibly(pytestconfig, images.ensure_all)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,3 @@
+module latencytrace.test/workload
+
+go 1.22
