@@ -55,8 +55,8 @@ def remove_finalizers(custom: client.CustomObjectsApi) -> int:
         # A JSON patch that tests the list first: a concurrent change fails it rather than being lost.
         patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
                  {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]}]
-        # (a list body is sent as a JSON patch)
-        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], TRACE_PLURAL, meta["name"], patch)
+        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], TRACE_PLURAL, meta["name"], patch,
+                                              _content_type="application/json-patch+json")
         removed += 1
     return removed
 

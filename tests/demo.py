@@ -26,7 +26,7 @@ from collections import defaultdict
 
 from latencytrace.node_agent.segments import SEGMENTS
 
-from .cluster import __main__ as cluster
+from .cluster import __main__ as cluster, images, node
 from .cluster.controlplane import load_state
 from .cluster.images import WORKLOAD_IMAGE
 from .cluster.procs import wait_until
@@ -167,6 +167,8 @@ def main() -> int:
             return 1
         state = load_state(cluster.state_dir())
     kubectl = Kubectl(state)
+    built = images.ensure_all()  # the workload as this checkout has it, in the node's store
+    node.import_images({WORKLOAD_IMAGE: built[WORKLOAD_IMAGE]})
     print(kubectl("get", "nodes", "-o", "wide"), end="")
     print(kubectl("get", "pods", "-n", "latencytrace", "-o", "wide"), end="")
 

@@ -194,16 +194,10 @@ class RealNode:
         self.procs.clear()
 
     def import_images(self, images: Mapping[str, Path]) -> None:
-        """Puts OCI archives into containerd's store for the kubelet (nothing is ever pulled)."""
-        for name, archive in images.items():
-            self.ctr("images", "import", "--all-platforms", str(archive), timeout=600)
-            listed = self.ctr("images", "list", "-q").stdout.split()
-            if name not in listed:
-                raise RuntimeError(f"importing {archive} did not give image {name} (containerd has: {listed})")
+        import_images(images)
 
     def ctr(self, *args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
-        return _sh("ctr", "--address", str(self.containerd_socket), "--namespace", "k8s.io", *args,
-                   timeout=timeout)
+        return ctr(*args, timeout=timeout)
 
     def crictl(self, *args: str, check: bool = True, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
         return _crictl(self.bins.get("crictl") or versions.bin_path("crictl"), *args, check=check, timeout=timeout)
@@ -352,6 +346,22 @@ class RealNode:
             f"--healthz-bind-address=127.0.0.1:{healthz}", f"--metrics-bind-address=127.0.0.1:{free_port()}",
         ])
         wait_until("kube-proxy /healthz", lambda: http_ok(f"http://127.0.0.1:{healthz}/healthz"), 60, [proc])
+
+
+# ---- the running node's runtime (also from another process: `.ci/cluster up` leaves it running) ---------
+
+def ctr(*args: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    return _sh("ctr", "--address", str(RUN / "containerd.sock"), "--namespace", "k8s.io", *args, timeout=timeout)
+
+
+def import_images(images: Mapping[str, Path]) -> None:
+    """Puts OCI archives into containerd's store for the kubelet (nothing is ever pulled); an image
+    already there under the same name and content is imported again at no cost."""
+    for name, archive in images.items():
+        ctr("images", "import", "--all-platforms", str(archive), timeout=600)
+        listed = ctr("images", "list", "-q").stdout.split()
+        if name not in listed:
+            raise RuntimeError(f"importing {archive} did not give image {name} (containerd has: {listed})")
 
 
 # ---- teardown (also from another process, by the state file) -----------------------------------------

@@ -156,12 +156,13 @@ def test_workload_echoes_tcp_and_udp_and_reports_losses(images_built):
         assert lost.returncode == 1 and json.loads(lost.stdout)["received"] == 0
 
 
-def test_second_build_with_no_change_takes_seconds(images_built):
+def test_second_build_with_no_change_rebuilds_and_exports_nothing(images_built):
+    # Behaviour, not a wall-clock bound: the same images (ids) and the archives left untouched.
     before = {name: path.stat().st_mtime_ns for name, path in images_built.items()}
-    started = time.monotonic()
+    ids = {name: images.image_id(name) for name in images_built}
     again = images.ensure_all()
-    assert time.monotonic() - started < 15
     assert again == images_built
+    assert {name: images.image_id(name) for name in again} == ids
     assert {name: Path(path).stat().st_mtime_ns for name, path in again.items()} == before
 
 

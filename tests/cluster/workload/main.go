@@ -1,7 +1,8 @@
 // Command workload is the real node's test workload: an echo server and a paced client.
 //
-//	workload serve [-listen :7000]
-//	    echoes every TCP stream and every UDP datagram on the port, until SIGTERM.
+//	workload serve [-listen :7000] [-pause-every N -pause-ms M]
+//	    echoes every TCP stream and every UDP datagram on the port, until SIGTERM; with -pause-every,
+//	    stops reading UDP for M ms after every N datagrams (a slow reader, for the demo).
 //	workload client -to HOST:PORT [-proto tcp|udp] [-n 100] [-rate 50] [-size 64] [-timeout 1s]
 //	    sends n requests of size bytes at rate per second (one TCP connection, or one UDP socket),
 //	    waits for each echo, prints one JSON line
@@ -42,6 +43,8 @@ func main() {
 func serve(args []string) {
 	fs := flag.NewFlagSet("serve", flag.ExitOnError)
 	listen := fs.String("listen", ":7000", "address for both the TCP and the UDP echo")
+	pauseEvery := fs.Int("pause-every", 0, "UDP: stop reading after every N datagrams (a slow reader; 0: never)")
+	pauseMs := fs.Int("pause-ms", 0, "UDP: for this many milliseconds")
 	fs.Parse(args)
 	ln, err := net.Listen("tcp", *listen)
 	check(err)
@@ -58,12 +61,15 @@ func serve(args []string) {
 	}()
 	go func() {
 		buf := make([]byte, 65536)
-		for {
+		for read := 1; ; read++ {
 			n, from, err := pc.ReadFrom(buf)
 			if err != nil {
 				return
 			}
 			pc.WriteTo(buf[:n], from)
+			if *pauseEvery > 0 && read%*pauseEvery == 0 {
+				time.Sleep(time.Duration(*pauseMs) * time.Millisecond)
+			}
 		}
 	}()
 	fmt.Printf("echo on tcp and udp %s\n", *listen)
