@@ -56,12 +56,11 @@ def container_pid(cluster: LocalCluster, pod: str, namespace: str, container: st
     return int(info["info"]["pid"])
 
 
-def progs_of(pid: int) -> set[int]:
-    """IDs of the BPF programs a process holds open (its fdinfo)."""
+def _held(pid: int, kind: str) -> set[int]:
     ids = set()
     for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
         try:
-            m = re.search(r"^prog_id:\s+(\d+)", info.read_text(), re.M)
+            m = re.search(rf"^{kind}_id:\s+(\d+)", info.read_text(), re.M)
         except OSError:
             continue
         if m:
@@ -69,11 +68,30 @@ def progs_of(pid: int) -> set[int]:
     return ids
 
 
-def loaded_progs() -> set[int]:
-    """IDs of every BPF program loaded in the kernel now (bpftool, from the host)."""
-    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", "prog", "show", "-j"],
+def progs_of(pid: int) -> set[int]:
+    """IDs of the BPF programs a process holds open (its fdinfo)."""
+    return _held(pid, "prog")
+
+
+def maps_of(pid: int) -> set[int]:
+    """IDs of the BPF maps a process holds open (its fdinfo)."""
+    return _held(pid, "map")
+
+
+def _loaded(kind: str) -> set[int]:
+    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", kind, "show", "-j"],
                          capture_output=True, text=True, check=True)
     return {p["id"] for p in json.loads(out.stdout)}
+
+
+def loaded_progs() -> set[int]:
+    """IDs of every BPF program loaded in the kernel now (bpftool, from the host)."""
+    return _loaded("prog")
+
+
+def loaded_maps() -> set[int]:
+    """IDs of every BPF map in the kernel now (bpftool, from the host)."""
+    return _loaded("map")
 
 
 def status_field(pid: int, name: str) -> str:

@@ -8,8 +8,8 @@ import pytest
 
 from tests.cluster.local import NAMESPACE, RELEASE
 
-from .conftest import (agent_pod, apply_trace, container_pid, kget, loaded_progs, pod_ready, progs_of,
-                       start_server, tracing_pods, wait_for)
+from .conftest import (agent_pod, apply_trace, container_pid, kget, loaded_maps, loaded_progs, maps_of, pod_ready,
+                       progs_of, start_server, tracing_pods, wait_for)
 
 TRACE_SPEC = {"podSelector": {"matchLabels": {"app": "server"}}, "duration": "1h"}
 
@@ -41,11 +41,13 @@ def test_upgrade_then_uninstall(cluster, namespace):
     new_pid = container_pid(cluster, new["metadata"]["name"], NAMESPACE, "agent")
     wait_for("the new agent tracing the pod", lambda: uid in tracing_pods(cluster, namespace, "web")
              and progs_of(new_pid))
-    new_progs = progs_of(new_pid)
+    new_progs, new_maps = progs_of(new_pid), maps_of(new_pid)
+    assert new_maps
 
     # step 3: uninstall leaves nothing the release or its operator made
     cluster.cp.helm("uninstall", RELEASE, "-n", NAMESPACE, "--wait", "--timeout=3m")
-    wait_for("the agent's programs to leave the kernel", lambda: not (new_progs & loaded_progs()), 60)
+    wait_for("the agent's programs and maps to leave the kernel",
+             lambda: not (new_progs & loaded_progs()) and not (new_maps & loaded_maps()), 60)
     assert kget(cluster, "ltn")["items"] == []
     trace = kget(cluster, "lt", "-n", namespace, "web")
     assert "latencytrace.io/finalizer" not in (trace["metadata"].get("finalizers") or [])
