@@ -13,6 +13,8 @@ import socket
 import sys
 import time
 
+RCVBUF = 8 << 20  # room for every datagram a test sends, whatever the scheduler does to the reader
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python's socket module does not name it
 
 def family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -20,7 +22,11 @@ def family(address: str) -> int:
 
 def udp_recv(a) -> dict:
     s = socket.socket(family(a.bind), socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    # SO_RCVBUF is capped by net.core.rmem_max (about 200 KiB: a few thousand small datagrams, less than
+    # a second at the tests' rates while the reader is not scheduled); root may force a size past it.
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    if s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RCVBUF:
+        raise SystemExit(f"udp-recv: receive buffer not raised to {RCVBUF} bytes")
     s.bind((a.bind, a.port))
     s.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
