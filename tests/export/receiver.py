@@ -3,7 +3,8 @@ HTTP/protobuf (/v1/metrics, /v1/traces), keeping every request it accepted.
 
 Jaeger stores no metrics, so this is where the tests read metrics; traces can be forwarded to Jaeger as
 well (`forward_traces_to`), so that one agent endpoint feeds both. `available = False` makes it answer
-UNAVAILABLE / 503 like a backend that is down, `delay_s` like a slow one.
+UNAVAILABLE / 503 like a backend that is down, `delay_s` like a slow one, and clearing `gate` one that
+holds every request until the test sets it again (`arrived` counts the requests that reached it).
 
     with Receiver() as r:
         ... export to r.grpc_endpoint or r.http_endpoint ...
@@ -48,6 +49,9 @@ class Receiver:
         self.headers: list[dict[str, str]] = []
         self.available = True
         self.delay_s = 0.0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.arrived = 0
         self.refused = 0
         self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
@@ -77,6 +81,7 @@ class Receiver:
         return self
 
     def stop(self) -> None:
+        self.gate.set()  # release held requests, so that the servers can stop
         if self._grpc is not None:
             self._grpc.stop(grace=None)
             self._grpc = None
@@ -108,6 +113,9 @@ class Receiver:
 
     # -- what the servers call ------------------------------------------------------------------
     def _accept(self) -> bool:
+        with self._lock:
+            self.arrived += 1
+        self.gate.wait()
         if self.delay_s:
             time.sleep(self.delay_s)
         if not self.available:
