@@ -149,7 +149,7 @@ def trace(args) -> int:
         console.print(f"[bold]latencytrace[/]: {len(status.attached)} probes attached in "
                       f"{agent.tracer.attach_seconds:.2f} s, tracing {len(states)} target(s)"
                       + (f", unavailable: {', '.join(p.tracepoint for p, _ in status.unavailable)}"
-                         if status.unavailable else ""), highlight=False)
+                         if status.unavailable else ""), highlight=False, soft_wrap=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         live = Live(report.table(), console=console, auto_refresh=False) if args.format == "table" else None
         if live:
