@@ -157,6 +157,67 @@ def test_a_down_backend_never_blocks_and_bounds_memory_then_export_resumes(recei
         sink.close()
 
 
+def cumulative(receiver: Receiver) -> int:
+    """The highest rx_pod_stack count the backend received (the sink exports cumulative totals)."""
+    return max((p.count for _, a, p in receiver.data_points(LATENCY.name)
+                if a["latencytrace.segment"] == "rx_pod_stack"), default=0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_a_backend_whose_listener_is_gone_is_reported_and_export_resumes_when_it_returns(protocol):
+    """Connection refused (nothing listens on the port), then a backend on that port again: gRPC's
+    channel reconnects after its backoff, HTTP on the next request; the totals of every interval arrive."""
+    first = Receiver().start()
+    grpc_port, http_port = first.grpc_port, first.http_port
+    first.stop()  # the listener is gone: connections are refused
+    endpoint = f"http://127.0.0.1:{grpc_port if protocol == 'grpc' else http_port}"
+    sink = OtlpSink(config.load(endpoint=endpoint, protocol=protocol, timeout_s=1.0, queue_batches=2))
+    pod, start = fakes.pod_target(0), fakes.interval([]).start_ns
+    back = None
+    try:
+        sink.consume(traffic([pod], start_ns=start))
+        deadline = time.monotonic() + 60
+        while sink.report().healthy:
+            assert time.monotonic() < deadline, "the refused export was never reported"
+            time.sleep(0.05)
+        report = sink.report()
+        assert report.last_error and endpoint in report.last_error, report.last_error
+        back = Receiver(grpc_port=grpc_port, http_port=http_port).start()
+        # The agent exports every interval (here each 0.5 s): exports fail fast while the channel backs
+        # off, and the first one after it reconnects carries the totals of every interval so far.
+        sent = 1
+        while cumulative(back) != 3 * sent:
+            assert time.monotonic() < deadline, f"export did not resume: {cumulative(back)} of {3 * sent}"
+            sink.consume(traffic([pod], start_ns=start + sent * SECOND))
+            sent += 1
+            arrived = time.monotonic() + 0.5
+            while cumulative(back) != 3 * sent and time.monotonic() < arrived:
+                time.sleep(0.05)
+        back.wait_for(lambda: sink.report().healthy, message="export did not report healthy again")
+    finally:
+        sink.close()
+        if back is not None:
+            back.stop()
+
+
+def test_a_partial_success_is_not_retried_and_export_goes_on(receiver):
+    """An HTTP backend that accepts a request but rejects some of its points (OTLP partial success): the
+    request must not be sent again (the accepted points would be counted twice), and the next intervals
+    go out as usual."""
+    receiver.rejected_points = 2
+    sink = OtlpSink(config.load(endpoint=receiver.http_endpoint, protocol="http/protobuf", timeout_s=5.0))
+    pod, start = fakes.pod_target(0), fakes.interval([]).start_ns
+    try:
+        for i in range(3):
+            sink.consume(traffic([pod], start_ns=start + i * SECOND))
+            receiver.wait_for(lambda i=i: cumulative(receiver) == 3 * (i + 1), message=f"interval {i} not exported")
+    finally:
+        sink.close()
+    counts = [p.count for _, a, p in receiver.data_points(LATENCY.name) if a["latencytrace.segment"] == "rx_pod_stack"]
+    assert counts == [3, 6, 9], counts  # each interval's request once, none repeated
+    assert sink.report().healthy
+
+
 def test_a_slow_backend_does_not_slow_the_agent(receiver):
     receiver.gate.clear()  # slow: the backend holds each request until the test lets it through
     sink = OtlpSink(config.load(endpoint=receiver.grpc_endpoint, timeout_s=30.0))
