@@ -30,6 +30,10 @@ def udp_recv(a) -> dict:
     s.bind((a.bind, a.port))
     s.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
+    if a.hold_until:  # a reader that does not read until told (the file appears): everything waits
+        deadline = time.monotonic() + a.timeout
+        while not os.path.exists(a.hold_until) and time.monotonic() < deadline:
+            time.sleep(0.01)
     got = 0
     try:
         while got < a.count:
@@ -117,6 +121,7 @@ def main(argv=None) -> int:
         sp.add_argument("--write", action="store_true", help="udp-send: connect, then write(2)")
         sp.add_argument("--pause-every", type=int, default=0, help="udp-recv: pause after every N datagrams")
         sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
+        sp.add_argument("--hold-until", default="", help="udp-recv: read nothing until this file exists")
     a = p.parse_args(argv)
     print(json.dumps(a.fn(a)), flush=True)
     return 0

@@ -158,3 +158,40 @@ def test_a_changed_tracepoint_and_a_refused_attach_disable_only_their_probes(lab
         assert counts.get(seg, 0) >= 300, (seg, counts)
     assert counts["rx_socket_queue"] == counts["rx_total"] == 300
 
+
+
+def test_in_flight_state_is_bounded_by_its_lru_maps(lab, tmp_path):
+    """Packets whose journey does not end (queued on a socket nobody reads yet) cannot grow the agent's
+    in-flight maps past their configured size: the least recently used are evicted, their packets are
+    measured up to where they were followed, and tracing goes on."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    size, n = 64, 1000
+    small = Agent(sizes=Sizes(max_targets=2, rx_inflight=size, tx_inflight=size, send_inflight=size))
+    small.start()
+    go = tmp_path / "read-now"
+    try:
+        states = small.reconcile([desired(a)])
+        slot = states[desired(a).key].target.slot
+        before = kernel.slot_stats(small.tracer, slot, buckets=False)
+        with a.serve("udp-recv", "--port", "9720", "--count", str(n), "--timeout", "30",
+                     "--hold-until", str(go)) as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9720", "--count", str(n), "--rate", "4000")
+            # All n wait in the socket: the kernel holds no more of them than the maps' size.
+            held = {name: len(list(small.tracer.table(name).keys())) for name in ("lt_sockq", "lt_rx_flight")}
+            go.touch()
+        assert rx.result == {"received": n}
+        got = {seg: st - before[seg] for seg, st in kernel.slot_stats(small.tracer, slot, buckets=False).items()}
+        assert 0 < held["lt_sockq"] <= size and held["lt_rx_flight"] <= size, held  # UDP: queued, not in flight
+        # Every packet was followed into the socket; only the reads of those still in the map were
+        # matched to their packets (the evicted ones' reads find nothing, and are not misattributed).
+        assert got["rx_pod_stack"].count == n
+        assert 0 < got["rx_socket_queue"].count <= size, got["rx_socket_queue"].count
+        assert got["rx_total"].count == got["rx_socket_queue"].count
+        # And the next burst, read as it comes, is measured whole.
+        mid = kernel.slot_stats(small.tracer, slot, buckets=False)
+        udp_burst(a, client, 9721, 200)
+        after = kernel.slot_stats(small.tracer, slot, buckets=False)
+        assert (after["rx_socket_queue"] - mid["rx_socket_queue"]).count == 200
+        assert (after["rx_total"] - mid["rx_total"]).count == 200
+    finally:
+        small.close()
