@@ -139,16 +139,17 @@ def trace(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     console = Console(stderr=True)
     try:
-        status = agent.start()
-        if args.format == "table":
-            console.print(f"[bold]latencytrace[/]: {len(status.attached)} probes attached in "
-                          f"{agent.tracer.attach_seconds:.2f} s"
-                          + (f", unavailable: {', '.join(p.tracepoint for p, _ in status.unavailable)}"
-                             if status.unavailable else ""))
+        agent.start()
         states = agent.reconcile(desired)
         for st in states.values():
             if st.state != "Tracing":
                 raise UsageError(st.message)
+        # The readiness line (stderr, whatever the format): from here on the targets' packets are measured.
+        status = agent.tracer.status
+        console.print(f"[bold]latencytrace[/]: {len(status.attached)} probes attached in "
+                      f"{agent.tracer.attach_seconds:.2f} s, tracing {len(states)} target(s)"
+                      + (f", unavailable: {', '.join(p.tracepoint for p, _ in status.unavailable)}"
+                         if status.unavailable else ""), highlight=False, soft_wrap=True)
         deadline = time.monotonic() + args.duration if args.duration else None
         live = Live(report.table(), console=console, auto_refresh=False) if args.format == "table" else None
         if live:

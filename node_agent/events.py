@@ -111,6 +111,8 @@ class EventReader:
         self.dropped = 0  # decoded but pushed out of the queue unread
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._polls = 0  # ring buffer polls completed by the reader thread
+        self._polled = threading.Condition()
         self._table = tracer.table("lt_events")
         self._table.open_ring_buffer(self._on_event)
 
@@ -129,6 +131,19 @@ class EventReader:
     def _run(self) -> None:
         while not self._stop.is_set():
             self.tracer.bpf.ring_buffer_poll(100)
+            with self._polled:
+                self._polls += 1
+                self._polled.notify_all()
+
+    def settle(self, timeout: float = 10.0) -> bool:
+        """Wait until every event the kernel submitted before this call is in the queue: two more polls
+        have completed, so one of them began after the call (the poll under way may have emptied the ring
+        before those events were submitted).
+        The kernel wakes the poller for each record it commits once the reader has caught up, so a
+        completed poll leaves nothing behind that was there when it began. False on timeout."""
+        with self._polled:
+            target = self._polls + 2
+            return self._polled.wait_for(lambda: self._polls >= target, timeout)
 
     def drain(self) -> list[PacketEvent]:
         with self._lock:

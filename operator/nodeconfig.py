@@ -77,10 +77,15 @@ class NodeConfigs:
         self._node_uids: dict[str, str] = {}  # a Node's uid never changes while its name lives
 
     def seen(self, node: str, exists: bool) -> None:
-        """The watch saw a LatencyTraceNode appear, change (exists) or go (not)."""
+        """The watch saw a LatencyTraceNode appear, change (exists) or go (not). One that goes may have
+        been garbage-collected with its Node, which may come back under the same name with a new uid:
+        the Node is read again before the next object for it is created (the API server accepts an
+        owner reference to a deleted uid, and the garbage collector then removes the object)."""
         with self._lock:
             if self._existing is not None:
                 (self._existing.add if exists else self._existing.discard)(node)
+            if not exists:
+                self._node_uids.pop(node, None)
 
     def _maybe_exists(self, node: str) -> bool:
         with self._lock:

@@ -1,7 +1,9 @@
 """Pod-like network namespaces on this machine, wired as a CNI bridge plugin would.
 
 Each "pod" is a network namespace with an eth0 veth whose peer sits on a bridge in the host (root)
-namespace; the bridge holds the gateway address. Names carry a per-lab tag so that parallel runs do not
+namespace; the bridge holds the gateway address. A lab without `ipv6` has IPv6 switched off on its
+bridge and veths, as a v4-only CNI would: no router solicitation or multicast listener report then
+crosses a pod's device while a test counts what the probes saw there. Names carry a per-lab tag so that parallel runs do not
 collide, and `close()` removes everything the lab made, also when a test fails.
 """
 
@@ -99,6 +101,8 @@ class NetLab:
         self.subnet6 = f"fd00:1a7:{self.tag}::"
         self.bridge = f"ltbr{self.tag}"
         sh("ip", "link", "add", self.bridge, "type", "bridge")
+        if not self.ipv6:
+            self._no_ipv6(self.bridge)
         sh("ip", "addr", "add", f"{self.gateway}/{self.prefix}", "dev", self.bridge)
         if self.ipv6:
             sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
@@ -112,7 +116,12 @@ class NetLab:
         host_veth = f"lth{self.tag}{idx}"
         ip = ip or str(next(self._hosts))
         sh("ip", "netns", "add", netns)
+        if not self.ipv6:  # before eth0 exists, so that it never gets an IPv6 address
+            sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+               "net.ipv6.conf.default.disable_ipv6=1")
         sh("ip", "link", "add", host_veth, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        if not self.ipv6:
+            self._no_ipv6(host_veth)
         sh("ip", "link", "set", host_veth, "master", self.bridge, "up")
         sh("ip", "-n", netns, "link", "set", "eth0", "up")
         sh("ip", "-n", netns, "link", "set", "lo", "up")
@@ -132,6 +141,11 @@ class NetLab:
 
     def remove_address(self, pod: Pod) -> None:
         sh("ip", "-n", pod.netns, "addr", "del", f"{pod.ip}/{self.prefix}", "dev", "eth0")
+
+    @staticmethod
+    def _no_ipv6(dev: str) -> None:
+        """Switch IPv6 off on a device of the host namespace before it is up (no address, no packets)."""
+        sh("sysctl", "-qw", f"net.ipv6.conf.{dev}.disable_ipv6=1")
 
     def remove_pod(self, name: str) -> None:
         pod = self.pods.pop(name)

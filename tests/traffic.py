@@ -13,6 +13,8 @@ import socket
 import sys
 import time
 
+RCVBUF = 8 << 20  # room for every datagram a test sends, whatever the scheduler does to the reader
+SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python's socket module does not name it
 
 def family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -20,10 +22,18 @@ def family(address: str) -> int:
 
 def udp_recv(a) -> dict:
     s = socket.socket(family(a.bind), socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+    # SO_RCVBUF is capped by net.core.rmem_max (about 200 KiB: a few thousand small datagrams, less than
+    # a second at the tests' rates while the reader is not scheduled); root may force a size past it.
+    s.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
+    if s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RCVBUF:
+        raise SystemExit(f"udp-recv: receive buffer not raised to {RCVBUF} bytes")
     s.bind((a.bind, a.port))
     s.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
+    if a.hold_until:  # a reader that does not read until told (the file appears): everything waits
+        deadline = time.monotonic() + a.timeout
+        while not os.path.exists(a.hold_until) and time.monotonic() < deadline:
+            time.sleep(0.01)
     got = 0
     try:
         while got < a.count:
@@ -111,6 +121,7 @@ def main(argv=None) -> int:
         sp.add_argument("--write", action="store_true", help="udp-send: connect, then write(2)")
         sp.add_argument("--pause-every", type=int, default=0, help="udp-recv: pause after every N datagrams")
         sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
+        sp.add_argument("--hold-until", default="", help="udp-recv: read nothing until this file exists")
     a = p.parse_args(argv)
     print(json.dumps(a.fn(a)), flush=True)
     return 0

@@ -6,9 +6,11 @@ import pytest
 
 from latencytrace.node_agent import targets
 from latencytrace.node_agent.agent import Agent, Desired
+from latencytrace.node_agent.events import PacketEvent
 from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.report import Report
 from latencytrace.node_agent.tracer import TargetSettings
+from tests.agent import kernel
 from tests.netlab import NetLab, Pod
 
 
@@ -46,21 +48,45 @@ def desired(pod: Pod, **settings) -> Desired:
     return Desired(f"netns:{ns.inode}", pod.name, lambda: ns, TargetSettings(**settings))
 
 
-def measure(agent: Agent, pods: list[Pod], action, **settings) -> Report:
-    """Trace `pods`, run `action()`, and return what the agent measured meanwhile (events included)."""
-    states = agent.reconcile([desired(p, **settings) for p in pods])
-    assert all(s.state == "Tracing" for s in states.values()), states
-    agent.collect()  # start from a clean interval
-    report = Report()
-    report.event_list = []
+class Measured(Report):
+    """What the agent reported for one measurement, and what the kernel's maps say happened meanwhile."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.event_list: list[PacketEvent] = []
+        self.slots: dict[str, int] = {}  # pod name -> its slot while traced
+        self.slot_counts: dict[int, int] = {}  # every slot -> latencies recorded in it during the action
+        self.kernel_counters: dict[str, int] = {}  # lt_counters: change during the action
+        self.kernel: dict[str, dict[str, kernel.SegStat]] = {}  # pod -> segment -> change in lt_stat/lt_hist
+
+
+def measure(agent: Agent, pods: list[Pod], action, *, read_kernel: bool = False, **settings) -> Measured:
+    """Trace `pods`, run `action()`, and return what the agent measured meanwhile (events included, once
+    the event reader has caught up), with the change of every slot's counts, the kernel's counters and,
+    with `read_kernel`, each traced pod's lt_stat and lt_hist as the kernel holds them. The targets are
+    removed whatever happens, so that a failure leaves nothing to the next test."""
+    wanted = [desired(p, **settings) for p in pods]
+    tracer, out = agent.tracer, Measured()
     try:
+        states = agent.reconcile(wanted)
+        assert all(s.state == "Tracing" for s in states.values()), states
+        out.slots = {p.name: states[d.key].target.slot for p, d in zip(pods, wanted, strict=True)}
+        agent.collect()  # start from a clean interval
+        slots0, counters0 = kernel.slot_counts(tracer, agent.sizes.max_targets), kernel.counters(tracer)
+        before = {p: kernel.slot_stats(tracer, s) for p, s in out.slots.items()} if read_kernel else {}
         action()
-    finally:
+        assert agent.events.settle(), "the event reader did not catch up"
+        slots1, counters1 = kernel.slot_counts(tracer, agent.sizes.max_targets), kernel.counters(tracer)
+        out.kernel = {p: {seg: st - before[p][seg] for seg, st in kernel.slot_stats(tracer, s).items()}
+                      for p, s in out.slots.items()} if read_kernel else {}
+        out.slot_counts = {s: slots1[s] - slots0[s] for s in slots0}
+        out.kernel_counters = {k: counters1[k] - counters0[k] for k in counters0}
         interval = agent.collect()
-        report.consume(interval)
-        report.event_list = interval.events
+        out.consume(interval)
+        out.event_list = interval.events
+    finally:
         agent.reconcile([])
-    return report
+    return out
 
 
 def segment_counts(report: Report, pod: Pod) -> dict[str, int]:

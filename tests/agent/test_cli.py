@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -16,46 +15,45 @@ import pytest
 
 from latencytrace.node_agent.probes import PROBES, Probe
 from latencytrace.node_agent.tracer import Tracer
+from tests.agent.kernel import prog_ids_of
 
 AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
 
 
-def bpftool_progs() -> list[dict]:
-    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", "prog", "show", "-j"],
+def bpftool(kind: str) -> list[dict]:
+    """`bpftool prog|link show` as JSON: every program or link on the machine (filter by id)."""
+    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", kind, "show", "-j"],
                          capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)
+    return json.loads(out.stdout or "[]")
 
 
-def progs_of(pid: int) -> set[int]:
-    """IDs of the BPF programs a process holds open (from its fdinfo: bpftool here shows no owners)."""
-    ids = set()
-    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
-        try:
-            m = re.search(r"^prog_id:\s+(\d+)", info.read_text(), re.M)
-        except OSError:
-            continue
-        if m:
-            ids.add(int(m.group(1)))
-    return ids
+def wait_ready(agent: subprocess.Popen) -> str:
+    """Read the agent's stderr up to its readiness line (probes attached, targets set); fail if it
+    ends first. Whatever it logged on the way is returned with the line."""
+    seen = []
+    for line in agent.stderr:
+        seen.append(line)
+        if "probes attached" in line:
+            return "".join(seen)
+    raise AssertionError(f"agent exited ({agent.wait()}) before it was ready:\n{''.join(seen)}")
 
 
 def test_json_document(lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
-    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--duration", "8", "--format", "json"],
+    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while not progs_of(agent.pid):
-            assert agent.poll() is None and time.monotonic() < deadline, agent.stderr.read()
-            time.sleep(0.2)
-        time.sleep(0.5)  # targets are set right after the probes attach
+        ready = wait_ready(agent)
+        assert "tracing 1 target(s)" in ready, ready
         with a.serve("udp-recv", "--port", "9400", "--count", "500", "--timeout", "20") as rx:
             client.traffic("udp-send", "--to", a.ip, "--port", "9400", "--count", "500", "--rate", "2000")
         assert rx.result == {"received": 500}
+        agent.send_signal(signal.SIGTERM)  # the report covers the traffic, however long start-up took
         out, err = agent.communicate(timeout=60)
     finally:
         if agent.poll() is None:
             agent.kill()
+            agent.wait()
     assert agent.returncode == 0, err
     doc = json.loads(out)
     (target,) = doc["targets"]
@@ -119,21 +117,23 @@ def test_not_root_is_one_clear_line():
 def test_killed_agent_leaves_no_program_attached(lab):
     a = lab.add_pod("a")
     agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 30
-        while len(progs := progs_of(agent.pid)) < 10:
-            assert agent.poll() is None and time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_ready(agent)
+        progs = prog_ids_of(agent.pid)
+        links = {link["id"] for link in bpftool("link") if link.get("prog_id") in progs}
+        assert len(progs) == len(PROBES) and links  # every program loaded, those it needs attached
     finally:
         agent.send_signal(signal.SIGKILL)
         agent.wait()
-    left = {p["id"] for p in bpftool_progs()} & progs
+
+    def left():
+        return ({p["id"] for p in bpftool("prog")} & progs) | ({link["id"] for link in bpftool("link")} & links)
+
     deadline = time.monotonic() + 10
-    while left and time.monotonic() < deadline:  # the kernel frees them once the fds are closed
+    while left() and time.monotonic() < deadline:  # the kernel frees them once the fds are closed
         time.sleep(0.2)
-        left = {p["id"] for p in bpftool_progs()} & progs
-    assert not left
+    assert not left()
 
 
 def test_missing_tracepoint_disables_only_its_probe():

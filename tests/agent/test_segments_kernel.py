@@ -1,13 +1,92 @@
-"""The agent's probes on the real kernel, with pods in real network namespaces on a bridge."""
+"""The agent's probes on the real kernel, with pods in real network namespaces on a bridge.
+
+What the probes recorded is read from the kernel's maps by the tests themselves (tests/agent/kernel.py),
+and what is attached from bpftool's list of links, so that each check compares the kernel with what
+the traffic did, not the agent's bookkeeping with itself.
+"""
 
 from __future__ import annotations
 
 import pytest
 
 from latencytrace.node_agent import segments
-from tests.agent.conftest import measure, segment_counts
+from latencytrace.node_agent.segments import Direction
+from tests.agent import kernel
+from tests.agent.conftest import desired, measure, segment_counts
 
 N = 2000
+EVERY_PACKET = dict(slow_ns=0, sample_one_in=1, events_per_sec=1_000_000)  # each packet an event
+
+
+def udp_burst(dst, src, port: int, count: int, rate: int = 2000) -> None:
+    with dst.serve("udp-recv", "--port", str(port), "--count", str(count), "--timeout", "20") as rx:
+        src.traffic("udp-send", "--to", dst.ip, "--port", str(port), "--count", str(count), "--rate", str(rate))
+    assert rx.result == {"received": count}, rx.result
+
+
+def in_order(ev) -> bool:
+    """The event's boundary timestamps, in the table's order, never go back in time (0: not seen)."""
+    seen = [t for t in ev.ts if t]
+    return seen == sorted(seen)
+
+
+def rx_expected(ts: tuple[int, ...]) -> dict[str, int]:
+    """What the kernel should have recorded for one received packet, from its raw boundary timestamps
+    (irq, softirq, host_rx, pod_rx, sock_ready, app_read), as the segment table defines the segments."""
+    irq, softirq, host, pod, ready, read = ts
+    out = {}
+    if irq and softirq:
+        out["rx_irq"] = softirq - irq
+    if softirq and (host or pod):
+        out["rx_driver"] = (host or pod) - softirq  # ends in the pod when the host side was not seen
+    if host and pod:
+        out["rx_host_to_pod"] = pod - host
+    if pod and ready:
+        out["rx_pod_stack"] = ready - pod
+    if ready and read:
+        out["rx_socket_queue"] = read - ready
+    if read:
+        out["rx_total"] = read - next(t for t in ts if t)
+    return out
+
+
+def tx_expected(ts: tuple[int, ...]) -> dict[str, int]:
+    """Same for a transmitted packet (app_send, pod_dev_queue, host_rx, egress_queue, egress_xmit, done).
+    The qdisc and driver segments are those of a host-side egress device: queued after host_rx."""
+    app, podq, host, egq, egx, done = ts
+    out = {}
+    if app and podq:
+        out["tx_app_to_dev"] = podq - app
+    if podq and host:
+        out["tx_pod_to_host"] = host - podq
+    host_egress = host and egq != podq and egq >= host
+    if host_egress and egx:
+        out["tx_qdisc"] = egx - egq
+        if done:
+            out["tx_driver"] = done - egx
+    if done:
+        out["tx_total"] = done - next(t for t in ts if t)
+    return out
+
+
+def check_kernel_against_events(m, pod, direction: Direction, expected) -> dict[str, kernel.SegStat]:
+    """Each segment's count and sum in the kernel equal what its packets' raw timestamps say; every
+    count is in the histogram; nothing negative, nothing clamped, no event lost or held back."""
+    assert m.kernel_counters == dict.fromkeys(m.kernel_counters, 0), m.kernel_counters
+    stats = m.kernel[pod.name]
+    evs = [e for e in m.event_list if e.direction is direction]
+    assert all(in_order(e) for e in evs), [e.ts for e in evs if not in_order(e)][:5]
+    want: dict[str, list[int]] = {}
+    for ev in evs:
+        for seg, ns in expected(ev.ts).items():
+            want.setdefault(seg, []).append(ns)
+    for seg in segments.segments_of(direction):
+        st, vals = stats[seg.name], want.get(seg.name, [])
+        assert (st.count, st.sum_ns) == (len(vals), sum(vals)), (seg.name, st.count, st.sum_ns, len(vals), sum(vals))
+        assert sum(st.buckets) + st.zero == st.count, seg.name
+        lo, hi = st.bucket_bounds_ns()
+        assert lo <= st.sum_ns <= hi, (seg.name, lo, st.sum_ns, hi)
+    return stats
 
 
 def test_udp_reads_are_counted_for_the_traced_pod_only(agent, lab):
@@ -20,15 +99,24 @@ def test_udp_reads_are_counted_for_the_traced_pod_only(agent, lab):
             client.traffic("udp-send", "--to", b.ip, "--port", "9000", "--count", str(N), "--rate", "4000")
         assert ra.result == {"received": N} and rb.result == {"received": N}
 
-    report = measure(agent, [a], traffic)
-    counts = segment_counts(report, a)
-    for seg in ("rx_pod_stack", "rx_socket_queue", "rx_total"):
-        assert abs(counts.get(seg, 0) - N) <= N * 0.01, (seg, counts)
-    # Every datagram crossed the bridge and the veth: host-side and interrupt segments too.
-    for seg in ("rx_irq", "rx_driver", "rx_host_to_pod"):
-        assert counts.get(seg, 0) >= N * 0.99, (seg, counts)
-    assert segment_counts(report, b) == {}, "an untraced pod left a trace"
-    assert len(report.targets) == 1
+    # Events for every drop (and every slow packet): the packets that enter a's namespace besides the
+    # test's own (the bridge's multicast reaches every port) are in them.
+    m = measure(agent, [a], traffic, read_kernel=True, events_per_sec=1_000_000)
+    # In the kernel: a's slot holds a's datagrams, each once (b's are not in it), and no other slot
+    # recorded anything while b carried as many.
+    stats = m.kernel["a"]
+    for seg in ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
+        assert stats[seg].count == N, (seg, stats[seg].count)
+    others = [e for e in m.event_list if e.kind == "drop"]
+    assert all(e.daddr != a.ip and not e.ts[2] for e in others), others  # none of them addressed to a
+    assert stats["rx_driver"].count == N + len(others), (stats["rx_driver"].count, others)
+    assert N * 0.99 <= stats["rx_irq"].count - len(others) <= N, stats["rx_irq"].count
+    assert {s: n for s, n in m.slot_counts.items() if n and s != m.slots["a"]} == {}, m.slot_counts
+    assert not [e for e in m.event_list if b.ip in (e.saddr, e.daddr)]
+    # And the agent reports what the kernel holds.
+    counts = segment_counts(m, a)
+    assert counts == {seg: st.count for seg, st in stats.items() if st.count}, counts
+    assert [t["netns_inode"] for t in m.as_json()["targets"]] == [a.inode]
 
 
 def test_tx_segments_for_a_sender_inside_a_pod(agent, lab):
@@ -37,60 +125,84 @@ def test_tx_segments_for_a_sender_inside_a_pod(agent, lab):
     def traffic():
         with server.serve("tcp-sink", "--port", "9100", "--timeout", "20"):
             a.traffic("tcp-send", "--to", server.ip, "--port", "9100", "--count", "300", "--size", "1000")
-        with server.serve("udp-recv", "--port", "9001", "--count", "600", "--timeout", "20"):
+        with server.serve("udp-recv", "--port", "9001", "--count", "600", "--timeout", "20") as rx:
             a.traffic("udp-send", "--to", server.ip, "--port", "9001", "--count", "300", "--rate", "2000")
             a.traffic("udp-send", "--to", server.ip, "--port", "9001", "--count", "300", "--rate", "2000", "--write")
+        assert rx.result == {"received": 600}
 
-    counts = segment_counts(measure(agent, [a], traffic), a)
-    # 300 TCP segments with data, 300 datagrams sent with sendto(2) and 300 with write(2): each the
-    # first skb of its send.
-    assert counts.get("tx_app_to_dev", 0) >= 890, counts
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, **EVERY_PACKET)
+    tx = [e for e in m.event_list if e.direction is Direction.TX]
+    # 300 datagrams sent with sendto(2) and 300 with write(2): each one packet, the first (and only)
+    # skb of its send, measured from the send to its hand-over to the server's namespace. TCP sends
+    # as many skbs as its congestion window and GSO make of 300 writes: at least one, with its start.
+    udp = [e for e in tx if (e.protocol, e.daddr, e.dport) == ("udp", server.ip, 9001)]
+    assert len(udp) == 600 and all(e.ts[0] and e.ts[1] and e.ts[2] and e.ts[5] for e in udp), len(udp)
+    tcp_starts = [e for e in tx if (e.protocol, e.daddr, e.dport) == ("tcp", server.ip, 9100) and e.ts[0]]
+    assert tcp_starts
+    counts = segment_counts(m, a)
+    assert counts.get("tx_app_to_dev", 0) >= 600 + len(tcp_starts), counts
     for seg in ("tx_pod_to_host", "tx_qdisc", "tx_driver", "tx_total"):
-        assert counts.get(seg, 0) >= 900, (seg, counts)
+        assert counts.get(seg, 0) >= 600 + len(tcp_starts), (seg, counts)
+    # Transmit segments add up: each as the packets' timestamps say, and together with the bridge
+    # crossing between host_rx and egress_queue (which no segment covers) exactly the total.
+    stats = check_kernel_against_events(m, a, Direction.TX, tx_expected)
+    assert len(tx) == stats["tx_total"].count
+    bridge = sum(e.ts[3] - e.ts[2] for e in tx if e.ts[2] and e.ts[3] >= e.ts[2])
+    parts = sum(stats[s].sum_ns for s in ("tx_app_to_dev", "tx_pod_to_host", "tx_qdisc", "tx_driver"))
+    assert parts + bridge == stats["tx_total"].sum_ns, (parts, bridge, stats["tx_total"].sum_ns)
 
 
-def test_segments_are_positive_and_add_up_to_no_more_than_the_total(agent, lab):
+def test_receive_segments_add_up_to_the_total_in_the_kernel(agent, lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
-
-    def traffic():
-        with a.serve("udp-recv", "--port", "9002", "--count", "300", "--timeout", "20"):
-            client.traffic("udp-send", "--to", a.ip, "--port", "9002", "--count", "300", "--rate", "1000")
-
-    # Every packet becomes an event (sample 1 in 1), so each one can be checked on its own.
-    report = measure(agent, [a], traffic, slow_ns=0, sample_one_in=1, events_per_sec=100_000)
-    rx = [e for e in report.event_list if e.direction is segments.Direction.RX and e.kind != "drop"]
-    assert len(rx) >= 295, len(rx)
-    complete = 0
-    for ev in rx:
-        times = ev.segment_times()
-        parts = [end - start for name, (start, end) in times.items() if name != "rx_total"]
-        assert all(p > 0 for p in parts), times
-        if "rx_total" in times:
-            total = times["rx_total"][1] - times["rx_total"][0]
-            assert sum(parts) <= total, times
-            complete += set(times) >= {"rx_irq", "rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue"}
-    assert complete >= 295, complete
-    # Each event names the packet: UDP from the client to the pod's port.
-    ev = rx[0]
-    assert (ev.protocol, ev.saddr, ev.daddr, ev.dport) == ("udp", client.ip, a.ip, 9002)
+    m = measure(agent, [a], lambda: udp_burst(a, client, 9002, 300, rate=1000), read_kernel=True, **EVERY_PACKET)
+    stats = check_kernel_against_events(m, a, Direction.RX, rx_expected)
+    rx = [e for e in m.event_list if e.direction is Direction.RX]
+    read = [e for e in rx if e.ts[5]]
+    unread = [e for e in rx if not e.ts[5]]  # the bridge's multicast, dropped in the pod
+    assert all(e.kind == "drop" and e.daddr != a.ip for e in unread), unread
+    # Every datagram was read: each segment once per packet, and the kernel's sums of the segments
+    # (each recorded at its own tracepoint), less what the unread packets left in the first two, make
+    # up its sum of the totals to the nanosecond.
+    for seg in ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
+        assert stats[seg].count == 300, (seg, stats[seg].count)
+    parts = [stats[s.name] for s in segments.segments_of(Direction.RX) if not s.is_total]
+    total = stats["rx_total"]
+    not_read = sum(sum(rx_expected(e.ts).values()) for e in unread)
+    assert sum(p.sum_ns for p in parts) - not_read == total.sum_ns, ([p.sum_ns for p in parts], not_read, total.sum_ns)
+    # The histograms agree: the parts' bucket bounds bracket the total's.
+    lo, hi = zip(*(p.bucket_bounds_ns() for p in parts))
+    t_lo, t_hi = total.bucket_bounds_ns()
+    assert sum(lo) <= t_hi and t_lo <= sum(hi), (sum(lo), sum(hi), t_lo, t_hi)
+    # Each event names the packet, and its boundaries were all seen, in order.
+    assert len(read) == 300 and all(e.kind == "sampled" for e in read)
+    assert {(e.protocol, e.saddr, e.daddr, e.dport) for e in read} == {("udp", client.ip, a.ip, 9002)}
+    assert sum(all(e.ts[1:]) for e in read) == 300
 
 
 def test_targets_are_added_and_removed_without_reloading(agent, lab):
-    a, client = lab.add_pod("a"), lab.add_pod("client")
-    ids_before = agent.tracer.program_ids()
+    """A removed target's slot stays flat in the kernel while its pod carries traffic and another
+    target keeps the probes attached and counting."""
+    a, c, client = lab.add_pod("a"), lab.add_pod("c"), lab.add_pod("client")
+    loaded = kernel.our_programs(agent.tracer)
+    tracer, n = agent.tracer, agent.sizes.max_targets
+    try:
+        states = agent.reconcile([desired(a), desired(c)])
+        slot_a, slot_c = (states[desired(p).key].target.slot for p in (a, c))
+        before = kernel.slot_stats(tracer, slot_a, buckets=False)
+        udp_burst(a, client, 9003, 200)
+        assert (kernel.slot_stats(tracer, slot_a, buckets=False)["rx_pod_stack"] - before["rx_pod_stack"]).count == 200
 
-    def burst(port: str) -> None:
-        with a.serve("udp-recv", "--port", port, "--count", "200", "--timeout", "20"):
-            client.traffic("udp-send", "--to", a.ip, "--port", port, "--count", "200", "--rate", "2000")
-
-    traced = segment_counts(measure(agent, [a], lambda: burst("9003")), a)
-    assert traced.get("rx_pod_stack") == 200
-    # measure() removed the target on its way out: the same traffic now leaves nothing.
-    agent.collect()
-    burst("9004")
-    after = agent.collect()
-    assert after.targets == {} and not any(h.count for hs in after.histograms.values() for h in hs.values())
-    assert agent.tracer.program_ids() == ids_before
+        agent.reconcile([desired(c)])
+        counts0, c0 = kernel.slot_counts(tracer, n), kernel.slot_stats(tracer, slot_c, buckets=False)
+        udp_burst(a, client, 9004, 200)
+        udp_burst(c, client, 9005, 200)
+        counts1, c1 = kernel.slot_counts(tracer, n), kernel.slot_stats(tracer, slot_c, buckets=False)
+    finally:
+        agent.reconcile([])
+    assert (c1["rx_pod_stack"] - c0["rx_pod_stack"]).count == 200  # the probes were running
+    assert {s: counts1[s] - counts0[s] for s in counts0 if counts1[s] != counts0[s]} == {
+        slot_c: counts1[slot_c] - counts0[slot_c]}
+    assert kernel.our_programs(agent.tracer) == loaded  # the same programs, never reloaded
 
 
 def test_drop_to_a_closed_port_is_counted_with_its_reason(agent, lab):
@@ -102,14 +214,13 @@ def test_drop_to_a_closed_port_is_counted_with_its_reason(agent, lab):
 
 def test_probe_cost_is_read_back_from_the_kernel(agent, lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
-
-    def traffic():
-        with a.serve("udp-recv", "--port", "9005", "--count", "100", "--timeout", "20"):
-            client.traffic("udp-send", "--to", a.ip, "--port", "9005", "--count", "100")
-
-    report = measure(agent, [a], traffic)
+    prog = kernel.our_programs(agent.tracer)["lt_netif_receive_skb"]
+    before = kernel.programs({prog})[prog].run_cnt
+    report = measure(agent, [a], lambda: udp_burst(a, client, 9005, 100))
+    after = kernel.programs({prog})[prog].run_cnt
     probes = report.as_json()["probes"]
-    assert probes["lt_netif_receive_skb"]["run_cnt"] >= 200  # host side and pod side of each datagram
+    assert probes["lt_netif_receive_skb"]["run_cnt"] >= before + 200  # host side and pod side of each datagram
+    assert probes["lt_netif_receive_skb"]["run_cnt"] <= after  # what bpftool says the kernel counted
     assert probes["lt_netif_receive_skb"]["run_time_ns"] > 0
 
 
@@ -123,8 +234,7 @@ def test_pod_to_pod_both_traced(agent, lab, protocol):
             with b.serve("tcp-sink", "--port", "9200", "--timeout", "20"):
                 a.traffic("tcp-send", "--to", b.ip, "--port", "9200", "--count", "200", "--size", "500")
         else:
-            with b.serve("udp-recv", "--port", "9200", "--count", "200", "--timeout", "20"):
-                a.traffic("udp-send", "--to", b.ip, "--port", "9200", "--count", "200", "--rate", "2000")
+            udp_burst(b, a, 9200, 200)
 
     report = measure(agent, [a, b], traffic)
     ca, cb = segment_counts(report, a), segment_counts(report, b)
@@ -151,19 +261,35 @@ def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
         assert counts.get(seg, 0) >= 300, (seg, counts)
 
 
+# What the receive side's socket queue needs (probes.py says why): the kernel's links must show these.
+SOCKET_QUEUE_TRACEPOINTS = {"netif_receive_skb", "sk_data_ready", "skb_copy_datagram_iovec", "sock_recv_length",
+                            "kfree_skb"}
+
+
 def test_only_the_probes_the_segments_need_are_attached(agent, lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
+    progs = kernel.our_programs(agent.tracer)
+    ids = set(progs.values())
+    seen = {}
 
     def traffic():
-        attached = {p.program for p in agent.tracer.status.attached}
-        # Receive side, socket queue only: nothing on the transmit path, no syscall probe.
-        assert {"lt_netif_receive_skb", "lt_sk_data_ready", "lt_sock_recv_length", "lt_kfree_skb"} <= attached
-        assert not attached & {"lt_net_dev_queue", "lt_net_dev_xmit", "lt_consume_skb", "lt_sys_enter",
-                               "lt_tcp_sendmsg_locked", "lt_softirq_raise", "lt_irq_handler_entry"}
-        with a.serve("udp-recv", "--port", "9600", "--count", "100", "--timeout", "20"):
-            client.traffic("udp-send", "--to", a.ip, "--port", "9600", "--count", "100", "--rate", "2000")
+        seen["links"] = kernel.attached_tracepoints(ids)
+        seen["before"] = kernel.programs(ids)
+        udp_burst(a, client, 9600, 100)
+        seen["after"] = kernel.programs(ids)
 
-    counts = segment_counts(measure(agent, [a], traffic, seg_mask=segments.mask(["rx_socket_queue"]), dir_mask=0b01), a)
-    assert counts == {"rx_socket_queue": 100}
-    # No target left: nothing attached, nothing paid.
-    assert agent.tracer.status.attached == []
+    m = measure(agent, [a], traffic, seg_mask=segments.mask(["rx_socket_queue"]), dir_mask=0b01)
+    assert segment_counts(m, a) == {"rx_socket_queue": 100}
+    # In the kernel: a link for each of these tracepoints, to the program of that name, and no other
+    # (nothing on the transmit path, no syscall probe); and those programs ran.
+    assert seen["links"] == {tp: progs[f"lt_{tp}"] for tp in SOCKET_QUEUE_TRACEPOINTS}, seen["links"]
+    ran = {progs_name for progs_name, pid in progs.items()
+           if seen["after"][pid].run_cnt > seen["before"][pid].run_cnt}
+    assert {"lt_netif_receive_skb", "lt_sk_data_ready", "lt_sock_recv_length"} <= ran <= {
+        f"lt_{tp}" for tp in SOCKET_QUEUE_TRACEPOINTS}, ran
+    # No target left: no link of ours at all, and the same traffic runs none of our programs.
+    assert kernel.attached_tracepoints(ids) == {}
+    idle = kernel.programs(ids)
+    udp_burst(a, client, 9601, 100)
+    assert {p.name: p.run_cnt for p in kernel.programs(ids).values()} == {p.name: p.run_cnt for p in idle.values()}
+    assert all(p.run_cnt for pid, p in idle.items() if pid == progs["lt_netif_receive_skb"])

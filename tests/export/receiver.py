@@ -3,7 +3,9 @@ HTTP/protobuf (/v1/metrics, /v1/traces), keeping every request it accepted.
 
 Jaeger stores no metrics, so this is where the tests read metrics; traces can be forwarded to Jaeger as
 well (`forward_traces_to`), so that one agent endpoint feeds both. `available = False` makes it answer
-UNAVAILABLE / 503 like a backend that is down, `delay_s` like a slow one.
+UNAVAILABLE / 503 like a backend that is down, `delay_s` like a slow one, and clearing `gate` one that
+holds every request until the test sets it again (`arrived` counts the requests that reached it);
+`rejected_points` answers metrics over HTTP with an OTLP partial success.
 
     with Receiver() as r:
         ... export to r.grpc_endpoint or r.http_endpoint ...
@@ -39,8 +41,11 @@ def attrs(kvs: list[KeyValue]) -> dict:
 
 
 class Receiver:
-    def __init__(self, forward_traces_to: str | None = None, tls=None):
-        """`tls`: a tests.cluster.pki.CertPair to serve both protocols over TLS with."""
+    def __init__(self, forward_traces_to: str | None = None, tls=None, grpc_port: int = 0, http_port: int = 0):
+        """`tls`: a tests.cluster.pki.CertPair to serve both protocols over TLS with. The ports: 0 for any
+        free one, or the ports of a receiver that was stopped (a backend coming back)."""
+        self.grpc_port, self.http_port = grpc_port, http_port
+        self.rejected_points = 0  # > 0: answer with an OTLP partial success rejecting this many points
         self.forward_traces_to = forward_traces_to
         self.tls = tls
         self.metrics: list[msvc.ExportMetricsServiceRequest] = []
@@ -48,6 +53,9 @@ class Receiver:
         self.headers: list[dict[str, str]] = []
         self.available = True
         self.delay_s = 0.0
+        self.gate = threading.Event()
+        self.gate.set()
+        self.arrived = 0
         self.refused = 0
         self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
@@ -60,12 +68,12 @@ class Receiver:
         metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(_Metrics(self), self._grpc)
         trace_service_pb2_grpc.add_TraceServiceServicer_to_server(_Traces(self), self._grpc)
         if self.tls is None:
-            self.grpc_port = self._grpc.add_insecure_port("127.0.0.1:0")
+            self.grpc_port = self._grpc.add_insecure_port(f"127.0.0.1:{self.grpc_port}")
         else:
             creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
-            self.grpc_port = self._grpc.add_secure_port("127.0.0.1:0", creds)
+            self.grpc_port = self._grpc.add_secure_port(f"127.0.0.1:{self.grpc_port}", creds)
         self._grpc.start()
-        self._http = ThreadingHTTPServer(("127.0.0.1", 0), _http_handler(self))
+        self._http = ThreadingHTTPServer(("127.0.0.1", self.http_port), _http_handler(self))
         if self.tls is not None:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.load_cert_chain(self.tls.cert, self.tls.key)
@@ -77,6 +85,7 @@ class Receiver:
         return self
 
     def stop(self) -> None:
+        self.gate.set()  # release held requests, so that the servers can stop
         if self._grpc is not None:
             self._grpc.stop(grace=None)
             self._grpc = None
@@ -108,6 +117,9 @@ class Receiver:
 
     # -- what the servers call ------------------------------------------------------------------
     def _accept(self) -> bool:
+        with self._lock:
+            self.arrived += 1
+        self.gate.wait()
         if self.delay_s:
             time.sleep(self.delay_s)
         if not self.available:
@@ -216,7 +228,11 @@ def _http_handler(r: Receiver):
             request = kinds[0]()
             request.ParseFromString(body)
             r._store(request, {k.lower(): v for k, v in self.headers.items()})
-            out = kinds[1]().SerializeToString()
+            response = kinds[1]()
+            if r.rejected_points and isinstance(request, msvc.ExportMetricsServiceRequest):
+                response.partial_success.rejected_data_points = r.rejected_points
+                response.partial_success.error_message = "rejected by the test backend"
+            out = response.SerializeToString()
             self.send_response(200)
             self.send_header("Content-Type", "application/x-protobuf")
             self.send_header("Content-Length", str(len(out)))

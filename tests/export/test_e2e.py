@@ -60,7 +60,9 @@ def agent(args: list[str], env: dict[str, str], tmp_path: Path) -> Iterator[subp
 
 
 def finish(proc: subprocess.Popen, tmp_path: Path) -> dict:
-    """Wait for the agent to end on its own (--duration) and return its JSON report."""
+    """Stop the agent as a user would (SIGTERM) once the traffic is done, and return its JSON report: it
+    exports its last interval and flushes the exporters on the way out."""
+    os.killpg(proc.pid, signal.SIGTERM)
     out, _ = proc.communicate(timeout=60)
     log = (tmp_path / "agent.log").read_text(errors="replace")
     assert proc.returncode == 0, f"agent exited with {proc.returncode}:\n{log[-3000:]}"
@@ -104,7 +106,7 @@ def check_trace_times(spans_by_id: dict, root) -> None:
 def test_udp_pod_histograms_and_exemplar_traces_over_grpc(jaeger, lab, tmp_path):
     a, client = lab.add_pod("a"), lab.add_pod("client")
     with Receiver(forward_traces_to=jaeger.otlp_grpc_endpoint) as receiver, \
-            agent(["trace", "--netns", a.path, "--duration", "6", "--interval", "0.5", "--format", "json",
+            agent(["trace", "--netns", a.path, "--interval", "0.5", "--format", "json",
                    "--otlp-endpoint", receiver.grpc_endpoint, "--slow-threshold-us", "1",
                    "--spans-per-second", "20"], {}, tmp_path) as proc:
         tracing(receiver, proc, tmp_path)
@@ -154,7 +156,7 @@ def test_tcp_sender_exports_over_http_with_the_standard_variables(jaeger, lab, t
                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": f"{jaeger.otlp_http_endpoint}/v1/traces",
                "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
                "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment.name=e2e"}
-        with agent(["trace", "--netns", a.path, "--duration", "5", "--interval", "0.5", "--format", "json",
+        with agent(["trace", "--netns", a.path, "--interval", "0.5", "--format", "json",
                     "--slow-threshold-us", "1"], env, tmp_path) as proc:
             tracing(receiver, proc, tmp_path)
             with server.serve("tcp-sink", "--port", "9100", "--timeout", "10"):

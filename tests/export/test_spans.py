@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import StatusCode
 
-from latencytrace.node_agent import segments
 from latencytrace.node_agent.export.clock import WallClock
 from latencytrace.node_agent.export.spans import SpanBuilder
 from tests.export import fakes
@@ -24,22 +25,38 @@ def build(events, target=None, clock=None, **kw):
 def test_root_spans_the_packet_and_children_are_its_segments_at_the_kernel_times():
     clock = WallClock()
     ev = fakes.rx_event(0, 1234 * SECOND + 17)
+    irq, softirq, host_rx, pod_rx, sock_ready, app_read = ev.ts  # the kernel's raw boundary timestamps
     _, [trace] = build([ev], clock=clock)
     root, *children = trace.spans(Resource.create({}), SCOPE)
-    offset = clock.last.offset_ns
+    wall = clock.last.offset_ns  # one offset for the whole packet: the span edges are the kernel's times
     assert root.name == "receive packet" and root.parent is None
-    assert (root.start_time, root.end_time) == (ev.first_ns + offset, ev.last_ns + offset)
-    expected = {name: (s + offset, e + offset) for name, (s, e) in ev.segment_times().items()
-                if not segments.BY_NAME[name].is_total}
-    assert {c.name: (c.start_time, c.end_time) for c in children} == expected
-    assert len(children) == 5
+    assert (root.start_time, root.end_time) == (irq + wall, app_read + wall)
+    assert {c.name: (c.start_time - wall, c.end_time - wall) for c in children} == {
+        "rx_irq": (irq, softirq), "rx_driver": (softirq, host_rx), "rx_host_to_pod": (host_rx, pod_rx),
+        "rx_pod_stack": (pod_rx, sock_ready), "rx_socket_queue": (sock_ready, app_read)}
     for c in children:
         assert c.parent.span_id == root.context.span_id and c.context.trace_id == root.context.trace_id
-        assert root.start_time <= c.start_time <= c.end_time <= root.end_time
         assert c.attributes["latencytrace.segment"] == c.name
     # The boundaries themselves are events on the root, at their exact times.
-    assert [(e.name, e.timestamp) for e in root.events] == [
-        (name, ts + offset) for name, ts in ev.boundary_times().items()]
+    assert [(e.name, e.timestamp - wall) for e in root.events] == [
+        ("irq", irq), ("softirq", softirq), ("host_rx", host_rx), ("pod_rx", pod_rx), ("sock_ready", sock_ready),
+        ("app_read", app_read)]
+
+
+def test_without_a_host_side_sighting_the_driver_span_ends_in_the_pod():
+    clock = WallClock()
+    ev = fakes.rx_event(0, 50 * SECOND)
+    ts = list(ev.ts)
+    ts[2] = 0  # host_rx not seen: sent from the host itself
+    ev = dataclasses.replace(ev, ts=tuple(ts))
+    irq, softirq, _, pod_rx, sock_ready, app_read = ev.ts
+    _, [trace] = build([ev], clock=clock)
+    root, *children = trace.spans(Resource.create({}), SCOPE)
+    wall = clock.last.offset_ns
+    assert {c.name: (c.start_time - wall, c.end_time - wall) for c in children} == {
+        "rx_irq": (irq, softirq), "rx_driver": (softirq, pod_rx), "rx_pod_stack": (pod_rx, sock_ready),
+        "rx_socket_queue": (sock_ready, app_read)}
+    assert [e.name for e in root.events] == ["irq", "softirq", "pod_rx", "sock_ready", "app_read"]
 
 
 def test_root_attributes_describe_the_pod_and_the_packet():
@@ -63,12 +80,17 @@ def test_root_attributes_describe_the_pod_and_the_packet():
 
 
 def test_a_dropped_packet_is_an_error_span_with_the_drop_reason():
+    clock = WallClock()
     ev = fakes.rx_event(0, 10 * SECOND, steps_ns=(2_000, 5_000, 30_000), kind="drop", drop_reason=3)
-    _, [trace] = build([ev])
+    irq, softirq, host_rx, pod_rx, *_ = ev.ts
+    _, [trace] = build([ev], clock=clock)
     root, *children = trace.spans(Resource.create({}), SCOPE)
     assert root.status.status_code is StatusCode.ERROR
     assert root.attributes["error.type"] == "NO_SOCKET" and root.attributes["latencytrace.event.kind"] == "drop"
-    assert [c.name for c in children] == ["rx_irq", "rx_driver", "rx_host_to_pod"]
+    wall = clock.last.offset_ns
+    assert (root.start_time - wall, root.end_time - wall) == (irq, pod_rx)  # up to the last boundary seen
+    assert {c.name: (c.start_time - wall, c.end_time - wall) for c in children} == {
+        "rx_irq": (irq, softirq), "rx_driver": (softirq, host_rx), "rx_host_to_pod": (host_rx, pod_rx)}
 
 
 def test_span_rate_is_capped_per_target_per_second_of_packet_time():

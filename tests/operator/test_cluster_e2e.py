@@ -2,21 +2,26 @@
 processes; the "pods" are real network namespaces on this machine (tests/netlab.py), their IPs written
 into the pods' status so that the agents find them the way they find any pod: by pod IP.
 
-The tests run in order and share one world: a trace over pods on two of three nodes, then an operator
-restart, a pod deletion, a trace that expires, and the trace's deletion.
+One scenario on one world, in named steps: a trace over pods on two of three nodes, packets through a
+traced pod to an OTLP backend, an operator restart, a pod deletion, a trace that expires, an agent
+stopped with SIGTERM, and the trace's deletion (probes detached, then unloaded, as the kernel shows
+it). A failure names its step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from latencytrace.node_agent import contract
+from latencytrace.node_agent.export.metrics import LATENCY
+from tests.agent.kernel import attached_tracepoints, bpftool, prog_ids_of
 from tests.cluster.procs import Proc, free_port, wait_until
+from tests.export.receiver import Receiver
 from tests.netlab import NetLab
 
 from .conftest import BIN, kget
@@ -25,8 +30,8 @@ pytest_plugins = ["tests.cluster.fixtures"]
 
 
 class World:
-    def __init__(self, cp, tmp: Path, namespace: str, nodes: list[str], lab: NetLab):
-        self.cp, self.tmp, self.ns, self.nodes, self.lab = cp, tmp, namespace, nodes, lab
+    def __init__(self, cp, tmp: Path, namespace: str, nodes: list[str], lab: NetLab, receiver: Receiver):
+        self.cp, self.tmp, self.ns, self.nodes, self.lab, self.receiver = cp, tmp, namespace, nodes, lab, receiver
         self.operator: Proc | None = None
         self.agents: dict[str, Proc] = {}
         self.pods: dict[str, str] = {}  # pod name -> node
@@ -47,10 +52,11 @@ class World:
     def start_agent(self, node: str) -> Proc:
         proc = Proc(f"agent-{node}", [str(BIN / "latencytrace-agent"), "--log-level", "INFO", "run"],
                     self.tmp / f"agent-{node}.log",
-                    env=self.cp.process_env(LATENCYTRACE_NODE_NAME=node, LATENCYTRACE_AGENT_INTERVAL_SECONDS="2",
+                    env=self.cp.process_env(LATENCYTRACE_NODE_NAME=node, LATENCYTRACE_AGENT_INTERVAL_SECONDS="1",
                                             LATENCYTRACE_AGENT_STATUS_SECONDS="5", LATENCYTRACE_AGENT_STATUS_MIN_GAP_SECONDS="0.5",
-                                            LATENCYTRACE_AGENT_RETRY_SECONDS="1",
-                                            LATENCYTRACE_AGENT_HEALTH_PORT="0"),  # agents side by side
+                                            LATENCYTRACE_AGENT_RETRY_SECONDS="1", LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS="4",
+                                            LATENCYTRACE_AGENT_HEALTH_PORT="0",  # agents side by side
+                                            OTEL_EXPORTER_OTLP_ENDPOINT=self.receiver.grpc_endpoint),
                     cwd=self.tmp)
         self.agents[node] = proc
         return proc
@@ -80,7 +86,17 @@ class World:
         return sorted(p["name"] for t in traces if t["name"] == trace_name for p in t["pods"])
 
     def procs(self) -> list[Proc]:
-        return [p for p in (self.operator, *self.agents.values()) if p is not None]
+        return [p for p in (self.operator, *self.agents.values()) if p is not None and p.alive()]
+
+    def condition(self, node: str, kind: str) -> dict:
+        obj = self.ltns().get(node) or {}
+        return {c["type"]: c for c in obj.get("status", {}).get("conditions", [])}.get(kind, {})
+
+    def exported_count(self, pod: str, segment: str) -> int:
+        """The newest cumulative count the OTLP backend has for (pod, segment)."""
+        points = [p for _, a, p in self.receiver.data_points(LATENCY.name)
+                  if a.get("k8s.pod.name") == pod and a.get("latencytrace.segment") == segment]
+        return max(points, key=lambda p: p.time_unix_nano).count if points else 0
 
 
 def apply_trace(world: World, name: str, spec: dict) -> None:
@@ -95,7 +111,8 @@ def world(control_plane, crds, tmp_path_factory):
     cp.kubectl("create", "namespace", ns)
     nodes = cp.create_fake_nodes([f"e2e-{os.getpid()}-{i}" for i in range(3)])
     lab = NetLab()
-    w = World(cp, tmp_path_factory.mktemp("e2e"), ns, nodes, lab)
+    receiver = Receiver().start()
+    w = World(cp, tmp_path_factory.mktemp("e2e"), ns, nodes, lab, receiver)
     try:
         w.add_pod("web-a", nodes[0], {"app": "web"})
         w.add_pod("web-b", nodes[1], {"app": "web"})
@@ -111,10 +128,37 @@ def world(control_plane, crds, tmp_path_factory):
         cp.kubectl("delete", "lt", "--all", "-n", ns, "--wait=false", check=False)
         cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
         cp.kubectl("delete", "node", *nodes, "--wait=false", check=False)
+        receiver.stop()
         lab.close()
 
 
-def test_trace_configures_exactly_the_nodes_with_selected_pods(world):
+@contextlib.contextmanager
+def step(name: str):
+    """One named step of the scenario: a failure says which."""
+    try:
+        yield
+    except BaseException as e:
+        raise AssertionError(f"step '{name}' failed: {e}") from e
+
+
+def test_scenario(world):
+    with step("a trace configures exactly the nodes with selected pods"):
+        configures_exactly_the_nodes_with_selected_pods(world)
+    with step("pods in real namespaces are traced, their packets exported"):
+        programs = traced_end_to_end(world)
+    with step("an operator restart changes nothing"):
+        operator_restart_changes_nothing(world)
+    with step("deleting a selected pod removes it from its agent"):
+        deleting_a_selected_pod_removes_it_from_its_agent(world)
+    with step("a trace's duration expires"):
+        duration_expiry_completes_the_trace(world)
+    with step("an agent stopped with SIGTERM reports Ready=False, Stopped"):
+        sigterm_reports_stopped(world)
+    with step("deleting the trace detaches, then unloads, every probe"):
+        deleting_the_trace_detaches_everything(world, programs)
+
+
+def configures_exactly_the_nodes_with_selected_pods(world):
     apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}})
     n0, n1, n2 = world.nodes
     wait_until("node configuration published",
@@ -126,7 +170,10 @@ def test_trace_configures_exactly_the_nodes_with_selected_pods(world):
                                                            "web-c": [world.lab.pods["web-c"].ip]}
 
 
-def test_pods_in_real_namespaces_are_traced_end_to_end(world):
+def traced_end_to_end(world) -> dict[str, set[int]]:
+    """The status says the three pods are traced; datagrams read in web-a reach the OTLP backend as its
+    histograms; each tracing agent holds programs with links in the kernel. Returns each agent's
+    program ids (what the last step checks are gone)."""
     def traced() -> bool:
         st = world.trace("web").get("status", {})
         return st.get("tracedPods") == 3 and st.get("nodes", {}).get("tracing") == 2 and st.get("phase") == "Tracing"
@@ -142,33 +189,57 @@ def test_pods_in_real_namespaces_are_traced_end_to_end(world):
             assert pod["netnsInode"] == world.lab.pods[pod["name"]].inode
         ready = {c["type"]: c for c in obj["status"]["conditions"]}["Ready"]
         assert ready["status"] == "True" and obj["status"]["observedGeneration"] == obj["metadata"]["generation"]
-    assert "tracing" not in world.agents[world.nodes[2]].log.read_text()  # the third agent traces nothing
+    n2 = world.nodes[2]
+    assert not prog_ids_of(world.agents[n2].pid)  # the third agent traces nothing: it loaded nothing
+    # Packets: through the bridge into web-a, read by its application, counted on its histograms.
+    a, client = world.lab.pods["web-a"], world.lab.add_pod("client")
+    with a.serve("udp-recv", "--port", "9800", "--count", "300", "--timeout", "20") as rx:
+        client.traffic("udp-send", "--to", a.ip, "--port", "9800", "--count", "300", "--rate", "2000")
+    assert rx.result == {"received": 300}
+    wait_until("web-a's histograms exported", lambda: world.exported_count("web-a", "rx_socket_queue") == 300,
+               30, world.procs())
+    assert world.exported_count("web-a", "rx_pod_stack") == 300
+    programs = {}
+    for node in world.nodes[:2]:
+        ids = prog_ids_of(world.agents[node].pid)
+        assert ids and attached_tracepoints(ids), f"agent of {node} has no program attached"
+        programs[node] = ids
+    return programs
 
 
-def test_operator_restart_changes_nothing(world):
+def operator_restart_changes_nothing(world):
+    """The new operator has reconciled when it publishes a pod that appeared while it started (web-d,
+    on the third node); by then what it re-derived for the other nodes is written, and must be what was
+    there: same generation, same spec, conditions that did not flip."""
+    n0, n1, n2 = world.nodes
     before = {n: (o["metadata"]["generation"], o["spec"]) for n, o in world.ltns().items()}
+    assert set(before) == {n0, n1}
     status = world.trace("web")["status"]
     world.operator.stop()
     world.start_operator(2)
-    time.sleep(5)  # several status refreshes and a full resync of the trace's pods
-    after = {n: (o["metadata"]["generation"], o["spec"]) for n, o in world.ltns().items()}
+    world.add_pod("web-d", n2, {"app": "web"})
+    wait_until("the new operator published web-d", lambda: world.pods_on(n2, "web") == ["web-d"], 60, world.procs())
+    wait_until("the new operator's status counts web-d",
+               lambda: world.trace("web").get("status", {}).get("tracedPods") == 4, 60, world.procs())
+    after = {n: (o["metadata"]["generation"], o["spec"]) for n, o in world.ltns().items() if n != n2}
     assert after == before
     new = world.trace("web")["status"]
-    assert new["conditions"] == status["conditions"] and new["startTime"] == status["startTime"]
-    assert new["tracedPods"] == 3
+    flips = {c["type"]: c["lastTransitionTime"] for c in status["conditions"]}
+    assert {c["type"]: c["lastTransitionTime"] for c in new["conditions"]} == flips
+    assert new["startTime"] == status["startTime"]
 
 
-def test_deleting_a_selected_pod_removes_it_from_its_agent(world):
+def deleting_a_selected_pod_removes_it_from_its_agent(world):
     n1 = world.nodes[1]
     world.cp.kubectl("delete", "-n", world.ns, "pod", "web-c", "--wait=true", "--timeout=60s", timeout=70)
     wait_until("web-c unpublished", lambda: world.pods_on(n1, "web") == ["web-b"], 30, world.procs())
     wait_until("agent stopped tracing web-c",
                lambda: f"stopped tracing {world.ns}/web-c" in world.agents[n1].log.read_text(), 30, world.procs())
-    wait_until("status shows 2 pods", lambda: world.trace("web")["status"].get("tracedPods") == 2, 30, world.procs())
+    wait_until("status shows 3 pods", lambda: world.trace("web")["status"].get("tracedPods") == 3, 30, world.procs())
     assert "web-a" in world.pods_on(world.nodes[0], "web")  # the other node is untouched
 
 
-def test_duration_expiry_completes_the_trace(world):
+def duration_expiry_completes_the_trace(world):
     n0 = world.nodes[0]
     apply_trace(world, "short", {"podNames": ["web-a"], "duration": "10s", "directions": ["receive"]})
     wait_until("short trace published", lambda: world.pods_on(n0, "short") == ["web-a"], 30, world.procs())
@@ -182,9 +253,27 @@ def test_duration_expiry_completes_the_trace(world):
     assert world.pods_on(n0, "web") == ["web-a"]  # the other trace on that node goes on
 
 
-def test_deleting_the_trace_detaches_everything(world):
+def sigterm_reports_stopped(world):
+    """The agent of the third node (tracing web-d) stops on SIGTERM and says so in its node's status."""
+    n2 = world.nodes[2]
+    wait_until("web-d traced", lambda: world.condition(n2, "Ready").get("status") == "True", 30, world.procs())
+    held = prog_ids_of(world.agents[n2].pid)
+    assert held
+    world.agents[n2].stop()  # SIGTERM to its process group
+    assert world.agents[n2].popen.returncode == 0, world.agents[n2].tail()
+    ready = world.condition(n2, "Ready")
+    assert (ready.get("status"), ready.get("reason")) == ("False", "Stopped"), ready
+    assert not held & {p["id"] for p in bpftool("prog", "show")}
+
+
+def deleting_the_trace_detaches_everything(world, programs: dict[str, set[int]]):
+    """Once the trace is gone, each agent's programs lose their links (detached: nothing is paid per
+    packet), then, idle for LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS, are unloaded while the agent runs on."""
     world.cp.kubectl("delete", "-n", world.ns, "lt", "web", "short", "--timeout=60s", timeout=70)
     wait_until("every node configuration gone", lambda: world.ltns() == {}, 30, world.procs())
-    for node, pod in ((world.nodes[0], "web-a"), (world.nodes[1], "web-b")):
-        wait_until(f"agent of {node} detached", lambda node=node, pod=pod: f"stopped tracing {world.ns}/{pod}"
-                   in world.agents[node].log.read_text(), 30, world.procs())
+    for node, ids in programs.items():
+        wait_until(f"agent of {node} detached", lambda ids=ids: not attached_tracepoints(ids), 30, world.procs())
+    for node, ids in programs.items():
+        wait_until(f"agent of {node} unloaded its programs",
+                   lambda ids=ids: not ids & {p["id"] for p in bpftool("prog", "show")}, 30, world.procs())
+        assert world.agents[node].alive()

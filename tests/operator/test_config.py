@@ -1,9 +1,16 @@
 """Settings from the environment: a bad value stops the program with the variable's name."""
 
+import re
+from pathlib import Path
+
 import pytest
+from pydantic import AliasChoices
 
 from latencytrace.node_agent import config as agent_config
+from latencytrace.node_agent.export.config import ExportSettings
 from latencytrace.operator import config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def test_operator_defaults_and_overrides(monkeypatch):
@@ -43,3 +50,31 @@ def test_agent_bad_size_names_the_variable(monkeypatch):
     monkeypatch.setenv("LATENCYTRACE_AGENT_MAX_TARGETS", "-1")
     with pytest.raises(agent_config.ConfigError, match="LATENCYTRACE_AGENT_MAX_TARGETS"):
         agent_config.load()
+
+
+def variables_read(cls) -> set[str]:
+    """Every environment variable a settings class reads: its aliases, else its prefix and field name."""
+    prefix = cls.model_config.get("env_prefix", "")
+    names = set()
+    for field, info in cls.model_fields.items():
+        alias = info.validation_alias
+        choices = alias.choices if isinstance(alias, AliasChoices) else [alias] if isinstance(alias, str) else []
+        names |= {str(c).upper() for c in choices} or {f"{prefix}{field}".upper()}
+    return names
+
+
+def test_every_latencytrace_variable_the_chart_and_harnesses_set_is_read():
+    """The operator's and agent's settings ignore variables they do not know: a misspelt one in the chart
+    (or in the tests' process harnesses) would silently keep the default. Each one set must be read."""
+    read = variables_read(config.OperatorConfig) | variables_read(agent_config.AgentConfig) | \
+        variables_read(ExportSettings)
+    sources = [*sorted((ROOT / "charts" / "latencytrace" / "templates").glob("*.yaml")),
+               *sorted((ROOT / "tests").rglob("*.py"))]
+    set_where = {}
+    for path in sources:
+        text = path.read_text()
+        for name in re.findall(r"(?:name:\s*|\b)(LATENCYTRACE_[A-Z0-9_]*[A-Z0-9])\b\s*(?:=|\n\s*value)", text):
+            set_where.setdefault(name, path.relative_to(ROOT))
+    assert {"LATENCYTRACE_AGENT_IDLE_UNLOAD_SECONDS", "LATENCYTRACE_OPERATOR_LEASE_NAME"} <= set(set_where)
+    unknown = {name: str(where) for name, where in set_where.items() if name not in read}
+    assert unknown == {}, f"set but read by nothing: {unknown}"

@@ -1,12 +1,18 @@
-"""Per-node configuration: pure building and diffing, and the idempotent, conflict-safe writer."""
+"""Per-node configuration: pure building and diffing, and the idempotent, conflict-safe writer against
+a real API server, with real conflicts (another writer between our read and our write), objects
+deleted under it, and Nodes deleted and re-created under the same name."""
 
-import json
+import os
+import time
 
 import pytest
-from kubernetes.client.rest import ApiException
+from kubernetes import client
 
-from latencytrace.node_agent.contract import NodeSpec, NodeTrace, PodRef, TraceSettings
+from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, VERSION, NodeSpec, NodeTrace, PodRef, TraceSettings
+from latencytrace.node_agent.kube import api_client
 from latencytrace.operator import nodeconfig
+
+pytest_plugins = ["tests.cluster.fixtures"]
 
 
 def entry(uid="t1", name="web", pods=("a",), **kw):
@@ -45,99 +51,141 @@ def test_object_is_owned_by_its_node():
     assert "ownerReferences" not in nodeconfig.build_object(NodeSpec(node_name="n1"), None)["metadata"]
 
 
-class FakeCustom:
-    """An API server for one kind, with resourceVersions and optional injected conflicts."""
+class Interposed:
+    """The real CustomObjectsApi, counting calls, that can run another writer's action just before one of
+    our calls reaches the server (what a concurrent operator or a user would do at that moment)."""
 
-    def __init__(self):
-        self.objects, self.rv, self.writes, self.conflicts = {}, 0, [], 0
+    def __init__(self, real: client.CustomObjectsApi):
+        self.real, self.calls, self.before = real, [], {}
 
-    def _bump(self, obj):
-        self.rv += 1
-        obj["metadata"]["resourceVersion"] = str(self.rv)
-        return json.loads(json.dumps(obj))
+    def __getattr__(self, name):
+        method = getattr(self.real, name)
 
-    def list_cluster_custom_object(self, g, v, p, **_):
-        self.lists = getattr(self, "lists", 0) + 1
-        return {"items": [json.loads(json.dumps(o)) for o in self.objects.values()]}
-
-    def get_cluster_custom_object(self, g, v, p, name, **_):
-        self.gets = getattr(self, "gets", 0) + 1
-        if name not in self.objects:
-            raise ApiException(status=404)
-        return json.loads(json.dumps(self.objects[name]))
-
-    def create_cluster_custom_object(self, g, v, p, body, **_):
-        name = body["metadata"]["name"]
-        if name in self.objects:
-            raise ApiException(status=409)
-        self.writes.append(("create", name))
-        self.objects[name] = self._bump(body)
-        return self.objects[name]
-
-    def replace_cluster_custom_object(self, g, v, p, name, body, **_):
-        if self.conflicts:
-            self.conflicts -= 1
-            self.objects[name] = self._bump(self.objects[name])  # someone else wrote meanwhile
-            raise ApiException(status=409)
-        if body["metadata"]["resourceVersion"] != self.objects[name]["metadata"]["resourceVersion"]:
-            raise ApiException(status=409)
-        self.writes.append(("replace", name))
-        self.objects[name] = self._bump(body)
-        return self.objects[name]
-
-    def delete_cluster_custom_object(self, g, v, p, name, body=None, **_):
-        if body.preconditions.resource_version != self.objects[name]["metadata"]["resourceVersion"]:
-            raise ApiException(status=409)
-        self.writes.append(("delete", name))
-        del self.objects[name]
-
-
-class FakeCore:
-    def __init__(self, nodes):
-        self.nodes = nodes
-
-    def read_node(self, name, **_):
-        if name not in self.nodes:
-            raise ApiException(status=404)
-        return type("Node", (), {"metadata": type("Meta", (), {"uid": f"uid-{name}"})})()
+        def call(*args, **kw):
+            self.calls.append(name)
+            for action in self.before.pop(name, []):
+                action()
+            return method(*args, **kw)
+        return call
 
 
 @pytest.fixture
-def writer():
-    return nodeconfig.NodeConfigs(None, 5, custom=FakeCustom(), core=FakeCore({"n1", "n2"}))
+def api(control_plane, crds):
+    c = api_client(str(control_plane.kubeconfig))
+    yield c
+    c.close()
 
 
-def test_a_node_without_an_object_is_created_without_reading_it_first(writer):
-    writer.custom.objects["n2"] = writer.custom._bump(nodeconfig.build_object(NodeSpec(node_name="n2"), "uid-n2"))
-    assert writer.apply("n1", "t1", entry()) == entry()
-    assert writer.custom.lists == 1 and getattr(writer.custom, "gets", 0) == 0  # listed once, n1 never read
-    assert writer.apply("n2", "t1", entry()) == entry()  # known to exist: read, then replaced
-    assert writer.custom.gets == 1 and writer.custom.writes[-1] == ("replace", "n2")
-    writer.seen("n1", exists=False)  # the watch saw it deleted (by someone else)
-    del writer.custom.objects["n1"]
-    assert writer.apply("n1", "t1", entry()) == entry() and writer.custom.lists == 1
+@pytest.fixture
+def nodes(control_plane, crds):
+    """Two kwok Nodes of this test's own (LatencyTraceNodes are cluster-scoped): removed with their objects."""
+    names = control_plane.create_fake_nodes([f"nc-{os.getpid()}-{time.monotonic_ns() % 10**9}-{i}" for i in range(2)])
+    yield names
+    control_plane.kubectl("delete", NODE_PLURAL, *names, "--ignore-not-found", "--wait=false", check=False)
+    control_plane.kubectl("delete", "node", *names, "--ignore-not-found", "--wait=false", check=False)
 
 
-def test_apply_creates_updates_is_idempotent_and_deletes_when_empty(writer):
-    assert writer.apply("n1", "t1", entry()) == entry()
-    assert writer.apply("n1", "t2", entry("t2", name="other")) is not None
-    writes = len(writer.custom.writes)
-    writer.apply("n1", "t1", entry())  # unchanged: no write
-    assert len(writer.custom.writes) == writes
-    writer.apply("n1", "t1", None)
-    assert [t["uid"] for t in writer.custom.objects["n1"]["spec"]["traces"]] == ["t2"]
-    writer.apply("n1", "t2", None)
-    assert "n1" not in writer.custom.objects and writer.custom.writes[-1] == ("delete", "n1")
-    assert writer.apply("n1", "t2", None) is None  # already gone: nothing to do
+@pytest.fixture
+def writer(api):
+    w = nodeconfig.NodeConfigs(api, 10)
+    w.custom = Interposed(w.custom)
+    return w
 
 
-def test_apply_retries_conflicts_with_a_fresh_read(writer):
-    writer.apply("n1", "t1", entry())
-    writer.custom.conflicts = 2
-    writer.apply("n1", "t1", entry(pods=("a", "b")))
-    assert len(writer.custom.objects["n1"]["spec"]["traces"][0]["pods"]) == 2
+def read(api, node):
+    try:
+        return client.CustomObjectsApi(api).get_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node)
+    except client.ApiException as e:
+        if e.status == 404:
+            return None
+        raise
 
 
-def test_nothing_is_published_for_a_node_that_does_not_exist(writer):
-    assert writer.apply("gone", "t1", entry()) is None
-    assert writer.custom.objects == {}
+def uids(obj) -> list[str]:
+    return [t["uid"] for t in obj["spec"]["traces"]]
+
+
+def test_a_node_without_an_object_is_created_without_reading_it_first(api, writer, nodes):
+    n1, n2 = nodes
+    writer.apply(n2, "t0", entry("t0"))  # n2's object exists before the writer below lists them
+    fresh = nodeconfig.NodeConfigs(api, 10)
+    fresh.custom = Interposed(fresh.custom)
+    assert fresh.apply(n1, "t1", entry()) == entry()
+    assert fresh.custom.calls == ["list_cluster_custom_object", "create_cluster_custom_object"]
+    assert fresh.apply(n2, "t1", entry()) == entry()  # known to exist: read, then replaced
+    assert fresh.custom.calls[2:] == ["get_cluster_custom_object", "replace_cluster_custom_object"]
+    assert uids(read(api, n2)) == ["t0", "t1"]
+    owner = read(api, n1)["metadata"]["ownerReferences"][0]
+    assert (owner["kind"], owner["name"], owner["uid"]) == ("Node", n1, client.CoreV1Api(api).read_node(n1).metadata.uid)
+
+
+def test_apply_creates_updates_is_idempotent_and_deletes_when_empty(api, writer, nodes):
+    n1 = nodes[0]
+    assert writer.apply(n1, "t1", entry()) == entry()
+    assert writer.apply(n1, "t2", entry("t2", name="other")) is not None
+    version = read(api, n1)["metadata"]["resourceVersion"]
+    writer.apply(n1, "t1", entry())  # unchanged: no write, as the server's resourceVersion shows
+    assert read(api, n1)["metadata"]["resourceVersion"] == version
+    writer.apply(n1, "t1", None)
+    assert uids(read(api, n1)) == ["t2"]
+    writer.apply(n1, "t2", None)
+    assert read(api, n1) is None
+    assert writer.apply(n1, "t2", None) is None  # already gone: nothing to do
+
+
+def test_a_write_that_loses_a_race_is_retried_on_a_fresh_read_keeping_both(api, writer, nodes):
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    other = nodeconfig.NodeConfigs(api, 10)
+    # Between our read and our replace, another operator adds its trace: the server refuses our write
+    # (409, stale resourceVersion); the retry reads again and keeps what the other wrote.
+    writer.custom.before["replace_cluster_custom_object"] = [lambda: other.apply(n1, "t9", entry("t9", name="x"))]
+    writer.apply(n1, "t1", entry(pods=("a", "b")))
+    obj = read(api, n1)
+    assert uids(obj) == ["t1", "t9"] and len(obj["spec"]["traces"][0]["pods"]) == 2
+    assert writer.custom.calls.count("replace_cluster_custom_object") == 2
+
+
+def test_a_delete_that_loses_a_race_keeps_the_other_writers_trace(api, writer, nodes):
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    other = nodeconfig.NodeConfigs(api, 10)
+    writer.custom.before["delete_cluster_custom_object"] = [lambda: other.apply(n1, "t9", entry("t9", name="x"))]
+    writer.apply(n1, "t1", None)  # the precondition fails (409): read again, and only remove ours
+    assert uids(read(api, n1)) == ["t9"]
+
+
+def test_an_object_deleted_under_the_writer_is_created_again(api, writer, nodes):
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    custom = client.CustomObjectsApi(api)
+    writer.custom.before["replace_cluster_custom_object"] = [
+        lambda: custom.delete_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, n1)]
+    writer.apply(n1, "t1", entry(pods=("a", "b")))  # 404 on replace: read again (gone), create
+    assert len(read(api, n1)["spec"]["traces"][0]["pods"]) == 2
+
+
+def test_nothing_is_published_for_a_node_that_does_not_exist(api, writer):
+    assert writer.apply(f"no-such-node-{os.getpid()}", "t1", entry()) is None
+    assert "create_cluster_custom_object" not in writer.custom.calls
+
+
+def test_a_node_recreated_under_the_same_name_gets_an_object_owned_by_the_new_node(api, control_plane, writer, nodes):
+    """The writer remembers Node uids. A Node deleted (its object goes with it, garbage-collected) and
+    created again under the same name has a new uid: the object published for it must be owned by the
+    new Node, or the garbage collector removes it as an orphan."""
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    old_uid = read(api, n1)["metadata"]["ownerReferences"][0]["uid"]
+    control_plane.kubectl("delete", "node", n1, "--wait=true", "--timeout=60s", timeout=70)
+    deadline = time.monotonic() + 60
+    while read(api, n1) is not None:  # the garbage collector removes the dependent object
+        assert time.monotonic() < deadline, "the object outlived its Node"
+        time.sleep(0.2)
+    writer.seen(n1, exists=False)  # what the operator's watch reports
+    control_plane.create_fake_nodes([n1])
+    new_uid = client.CoreV1Api(api).read_node(n1).metadata.uid
+    assert new_uid != old_uid
+    writer.apply(n1, "t1", entry())
+    obj = read(api, n1)
+    assert obj is not None and obj["metadata"]["ownerReferences"][0]["uid"] == new_uid

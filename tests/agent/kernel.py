@@ -1,0 +1,128 @@
+"""What the kernel holds, read by the tests on their own: the result maps key by key, and the programs
+and links `bpftool` lists.
+
+The agent's collectors read the same maps in batches (node_agent/collectors.py); these readers take
+another path on purpose (one BCC lookup per key and CPU, and bpftool's view of programs and links), so
+that a test compares the kernel with the agent instead of the agent with itself.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from latencytrace.node_agent import histogram, segments
+from latencytrace.node_agent.collectors import COUNTER_NAMES
+
+__test__ = False
+
+
+@dataclass(frozen=True)
+class SegStat:
+    """One (slot, segment) of lt_stat and lt_hist, summed over CPUs."""
+
+    count: int
+    sum_ns: int
+    zero: int
+    buckets: tuple[int, ...]  # lt_hist positions 0..N_BUCKETS-1
+
+    def __sub__(self, other: SegStat) -> SegStat:
+        return SegStat(self.count - other.count, self.sum_ns - other.sum_ns, self.zero - other.zero,
+                       tuple(a - b for a, b in zip(self.buckets, other.buckets, strict=True)))
+
+    def bucket_bounds_ns(self) -> tuple[float, float]:
+        """(lowest, highest) sum the bucket counts allow: each value lies in (lower, upper] of its bucket."""
+        lo = hi = 0.0
+        for pos, n in enumerate(self.buckets):
+            if n:
+                b_lo, b_hi = histogram.bucket_bounds_s(pos + histogram.INDEX_MIN)
+                lo += n * b_lo * 1e9
+                hi += n * b_hi * 1e9
+        return lo, hi
+
+
+def slot_stats(tracer, slot: int, buckets: bool = True) -> dict[str, SegStat]:
+    """Segment name -> what lt_stat (and lt_hist) hold for `slot` now."""
+    stat, hist = tracer.table("lt_stat"), tracer.table("lt_hist")
+    out = {}
+    for seg in segments.SEGMENTS:
+        sidx = slot * segments.N_SEGMENTS + seg.id
+        per_cpu = stat[stat.Key(sidx)]
+        counts: tuple[int, ...] = ()
+        if buckets:
+            base = sidx * histogram.N_BUCKETS
+            counts = tuple(sum(int(v) & 0xFFFFFFFF for v in hist[hist.Key(base + pos)])
+                           for pos in range(histogram.N_BUCKETS))
+        out[seg.name] = SegStat(count=sum(v.count for v in per_cpu), sum_ns=sum(v.sum_ns for v in per_cpu),
+                                zero=sum(v.zero for v in per_cpu), buckets=counts)
+    return out
+
+
+def slot_counts(tracer, max_targets: int) -> dict[int, int]:
+    """Slot -> the number of latencies recorded in it over all segments (lt_stat counts only)."""
+    stat = tracer.table("lt_stat")
+    return {slot: sum(v.count for seg in range(segments.N_SEGMENTS)
+                      for v in stat[stat.Key(slot * segments.N_SEGMENTS + seg)])
+            for slot in range(max_targets)}
+
+
+def counters(tracer) -> dict[str, int]:
+    """lt_counters by name, summed over CPUs."""
+    table = tracer.table("lt_counters")
+    return {name: sum(int(v) for v in table[table.Key(i)]) for i, name in enumerate(COUNTER_NAMES)}
+
+
+def bpftool(*args: str):
+    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", *args, "-j"],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout or "[]")
+
+
+def prog_ids_of(pid: int | str = "self") -> set[int]:
+    """IDs of the BPF programs a process holds open, from its fdinfo: other processes' programs (other
+    agents, other tests on this machine) never count."""
+    ids = set()
+    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
+        try:
+            m = re.search(r"^prog_id:\s+(\d+)", info.read_text(), re.M)
+        except OSError:
+            continue
+        if m:
+            ids.add(int(m.group(1)))
+    return ids
+
+
+@dataclass(frozen=True)
+class Prog:
+    id: int
+    name: str  # as the kernel knows it: the first 15 characters of the function name
+    run_cnt: int
+
+
+def programs(ids: set[int]) -> dict[int, Prog]:
+    """bpftool's view of the programs with these ids (run_cnt: 0 while statistics are off)."""
+    return {p["id"]: Prog(p["id"], p.get("name", ""), p.get("run_cnt", 0))
+            for p in bpftool("prog", "show") if p["id"] in ids}
+
+
+def attached_tracepoints(ids: set[int]) -> dict[str, int]:
+    """Raw tracepoint name -> program id, for every raw tracepoint link of one of these programs."""
+    return {link["tp_name"]: link["prog_id"] for link in bpftool("link", "show")
+            if link.get("prog_id") in ids and link.get("type") == "raw_tracepoint"}
+
+
+def our_programs(tracer) -> dict[str, int]:
+    """Program function name -> id, for the programs this tracer loaded (each fd it holds)."""
+    ids = prog_ids_of()
+    out = {}
+    for name, fn in tracer.bpf.funcs.items():
+        m = re.search(r"^prog_id:\s+(\d+)", Path(f"/proc/self/fdinfo/{fn.fd}").read_text(), re.M)
+        pid = int(m.group(1))
+        assert pid in ids
+        out[name.decode() if isinstance(name, bytes) else name] = pid
+    return out
+
