@@ -16,17 +16,29 @@ Each step is idempotent, so a hook retried after a failure finishes the job.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 
 from kubernetes import client
+from pydantic import AliasChoices, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, TRACE_PLURAL, VERSION
+from latencytrace.node_agent.envconfig import ConfigError, from_env
 from latencytrace.node_agent.kube import api_client, or_none
 
 FINALIZER = f"{GROUP}/finalizer"  # kopf's, as operator/main.py configures it
 log = logging.getLogger("latencytrace.uninstall")
+
+
+class UninstallConfig(BaseSettings):
+    """LATENCYTRACE_UNINSTALL_*: which operator to stop first (both empty: none, e.g. operator.enabled off)."""
+
+    model_config = SettingsConfigDict(env_prefix="LATENCYTRACE_UNINSTALL_", extra="ignore", frozen=True)
+    kubeconfig: str | None = Field(default=None, validation_alias=AliasChoices("KUBECONFIG"))
+    namespace: str = ""
+    operator_deployment: str = ""
+    stop_timeout_seconds: float = Field(default=120.0, gt=0)
 
 
 def stop_operator(apps: client.AppsV1Api, namespace: str, deployment: str, timeout: float) -> None:
@@ -70,12 +82,15 @@ def delete_node_objects(custom: client.CustomObjectsApi) -> int:
 
 def main() -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    namespace = os.environ.get("LATENCYTRACE_UNINSTALL_NAMESPACE", "")
-    deployment = os.environ.get("LATENCYTRACE_UNINSTALL_OPERATOR_DEPLOYMENT", "")
-    api = api_client(os.environ.get("KUBECONFIG"))
     try:
-        if namespace and deployment:
-            stop_operator(client.AppsV1Api(api), namespace, deployment, timeout=120)
+        cfg = from_env(UninstallConfig)
+    except ConfigError as e:
+        log.error("%s", e)
+        return 2
+    api = api_client(cfg.kubeconfig)
+    try:
+        if cfg.namespace and cfg.operator_deployment:
+            stop_operator(client.AppsV1Api(api), cfg.namespace, cfg.operator_deployment, cfg.stop_timeout_seconds)
         custom = client.CustomObjectsApi(api)
         traces = remove_finalizers(custom)
         nodes = delete_node_objects(custom)

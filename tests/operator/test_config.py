@@ -9,6 +9,7 @@ from pydantic import AliasChoices
 from latencytrace.node_agent import config as agent_config
 from latencytrace.node_agent.export.config import ExportSettings
 from latencytrace.operator import config
+from latencytrace.operator.uninstall import UninstallConfig
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -67,7 +68,7 @@ def test_every_latencytrace_variable_the_chart_and_harnesses_set_is_read():
     """The operator's and agent's settings ignore variables they do not know: a misspelt one in the chart
     (or in the tests' process harnesses) would silently keep the default. Each one set must be read."""
     read = variables_read(config.OperatorConfig) | variables_read(agent_config.AgentConfig) | \
-        variables_read(ExportSettings)
+        variables_read(ExportSettings) | variables_read(UninstallConfig)
     sources = [*sorted((ROOT / "charts" / "latencytrace" / "templates").glob("*.yaml")),
                *sorted((ROOT / "tests").rglob("*.py"))]
     set_where = {}

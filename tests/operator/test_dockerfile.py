@@ -34,9 +34,14 @@ def test_copied_paths_exist_and_are_in_the_build_context():
 
 
 def test_entrypoints_are_the_console_scripts():
+    """Each console script is an image's entrypoint or the command of one of the chart's containers
+    (the uninstall hook runs in the operator's image), and each of those is a console script."""
     scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
     entrypoints = re.findall(r'^ENTRYPOINT \["([^"]+)"', TEXT, re.M)
-    assert sorted(entrypoints) == sorted(scripts.keys())
+    commands = [c for t in sorted((ROOT / "charts" / "latencytrace" / "templates").glob("*.yaml"))
+                for c in re.findall(r"^\s*command: \[([\w-]+)\]", t.read_text(), re.M)]
+    assert entrypoints and commands == ["latencytrace-uninstall"]
+    assert sorted(entrypoints + commands) == sorted(scripts.keys())
 
 
 def test_each_runtime_image_gets_only_its_components_extra():
