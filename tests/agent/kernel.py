@@ -82,18 +82,23 @@ def bpftool(*args: str):
     return json.loads(out.stdout or "[]")
 
 
-def prog_ids_of(pid: int | str = "self") -> set[int]:
-    """IDs of the BPF programs a process holds open, from its fdinfo: other processes' programs (other
-    agents, other tests on this machine) never count."""
+def held_ids(pid: int | str, kind: str) -> set[int]:
+    """IDs of the BPF objects of `kind` ("prog", "map") a process holds open, from its fdinfo: other
+    processes' objects (other agents, other tests on this machine) never count."""
     ids = set()
     for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
         try:
-            m = re.search(r"^prog_id:\s+(\d+)", info.read_text(), re.M)
+            m = re.search(rf"^{kind}_id:\s+(\d+)", info.read_text(), re.M)
         except OSError:
             continue
         if m:
             ids.add(int(m.group(1)))
     return ids
+
+
+def prog_ids_of(pid: int | str = "self") -> set[int]:
+    """IDs of the BPF programs a process holds open."""
+    return held_ids(pid, "prog")
 
 
 @dataclass(frozen=True)

@@ -261,7 +261,7 @@ class RealNode:
             f'state = "{RUN / "containerd"}"',
             "[grpc]",
             f'  address = "{self.containerd_socket}"',
-            f'[plugins."io.containerd.internal.v1.opt"]',
+            '[plugins."io.containerd.internal.v1.opt"]',
             f'  path = "{STATE / "opt"}"',
             f"[{cri}]",
             f'  sandbox_image = "{SANDBOX_IMAGE}"',

@@ -133,7 +133,7 @@ def test_a_trace_endpoint_no_exporter_can_use_is_reported_and_the_others_keep_ex
         for _ in range(2):
             sink.consume(traffic([fakes.pod_target(0, name="a", traces=("x/bad",)),
                                   fakes.pod_target(1, name="b", traces=("x/good",))]))
-        report = sink.report()  # raised ValueError (the port) and ended the agent's loop
+        sink.report()  # raised ValueError (the port) and ended the agent's loop
     finally:
         sink.close()
     assert {a["k8s.pod.name"] for _, a, _ in receiver.data_points(LATENCY.name)} == {"b"}

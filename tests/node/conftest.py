@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import shutil
-import subprocess
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -16,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.agent.kernel import bpftool, held_ids
 from tests.cluster import images
 from tests.cluster.local import NAMESPACE, LocalCluster
 
@@ -56,42 +54,24 @@ def container_pid(cluster: LocalCluster, pod: str, namespace: str, container: st
     return int(info["info"]["pid"])
 
 
-def _held(pid: int, kind: str) -> set[int]:
-    ids = set()
-    for info in Path(f"/proc/{pid}/fdinfo").glob("*"):
-        try:
-            m = re.search(rf"^{kind}_id:\s+(\d+)", info.read_text(), re.M)
-        except OSError:
-            continue
-        if m:
-            ids.add(int(m.group(1)))
-    return ids
-
-
 def progs_of(pid: int) -> set[int]:
     """IDs of the BPF programs a process holds open (its fdinfo)."""
-    return _held(pid, "prog")
+    return held_ids(pid, "prog")
 
 
 def maps_of(pid: int) -> set[int]:
     """IDs of the BPF maps a process holds open (its fdinfo)."""
-    return _held(pid, "map")
-
-
-def _loaded(kind: str) -> set[int]:
-    out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", kind, "show", "-j"],
-                         capture_output=True, text=True, check=True)
-    return {p["id"] for p in json.loads(out.stdout)}
+    return held_ids(pid, "map")
 
 
 def loaded_progs() -> set[int]:
     """IDs of every BPF program loaded in the kernel now (bpftool, from the host)."""
-    return _loaded("prog")
+    return {p["id"] for p in bpftool("prog", "show")}
 
 
 def loaded_maps() -> set[int]:
     """IDs of every BPF map in the kernel now (bpftool, from the host)."""
-    return _loaded("map")
+    return {m["id"] for m in bpftool("map", "show")}
 
 
 def status_field(pid: int, name: str) -> str:

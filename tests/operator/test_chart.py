@@ -2,7 +2,6 @@
 workloads hardened as intended (see test_cluster_helm.py for the API server's view)."""
 
 import json
-import re
 
 import pytest
 import yaml
