@@ -18,6 +18,11 @@ def test_rendered_chart_validates_on_the_server(control_plane, crds, namespace, 
     assert "(server dry run)" in result.stdout
 
 
+# kwok plays pods without running them, so the pre-delete hook's Job would never complete here; the hook
+# runs for real on the real node (tests/node/test_lifecycle.py).
+NO_HOOKS = "--no-hooks"
+
+
 @pytest.fixture
 def release(control_plane, crds, fake_nodes, namespace):
     """(namespace, release name): names of cluster-scoped objects include the release, so one per test."""
@@ -26,7 +31,7 @@ def release(control_plane, crds, fake_nodes, namespace):
         control_plane.helm("install", name, str(CHART), "-n", namespace, "--wait", "--timeout=90s")
         yield namespace, name
     finally:
-        control_plane.helm("uninstall", name, "-n", namespace, "--wait", "--timeout=90s", check=False)
+        control_plane.helm("uninstall", name, "-n", namespace, "--wait", "--timeout=90s", NO_HOOKS, check=False)
 
 
 def test_install_upgrade_uninstall(control_plane, release):
@@ -51,7 +56,7 @@ def test_install_upgrade_uninstall(control_plane, release):
     history = control_plane.helm("history", RELEASE, "-n", ns, "-o", "json").stdout
     assert '"revision":2' in history.replace(" ", "")
 
-    control_plane.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout=90s")
+    control_plane.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout=90s", NO_HOOKS)
     assert control_plane.kubectl("get", "-n", ns, "daemonset", f"{RELEASE}-latencytrace-agent",
                                  check=False).returncode != 0
     assert control_plane.kubectl("get", "clusterrole", f"{RELEASE}-latencytrace-agent", check=False).returncode != 0
