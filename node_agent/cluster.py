@@ -32,7 +32,7 @@ from latencytrace.operator import conditions  # the one place conditions are bui
 
 from . import config as agent_config, endpoints, health, segments, targets
 from .agent import Agent, Desired, TargetState
-from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition, ExportReport, NodeSpec,
+from .contract import (CONTRACT_VERSION, GROUP, KIND_BY_NAME, NODE_PLURAL, TRACE_KIND, VERSION, Condition, ExportReport, NodeSpec,
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
 from .export import OtlpSink, sink_from_settings
 from .kube import ListWatch, Trouble, api_client, describe
@@ -75,7 +75,7 @@ def desired_targets(spec: NodeSpec, locator: targets.PodLocator) -> list[Desired
             by_pod[p.uid] = (ref, traces)
     return [Desired(key=pod_key(uid), label=f"{ref.namespace}/{ref.name}",
                     resolve=functools.partial(locator.locate, ref), settings=merge_settings(traces), pod=ref,
-                    traces=tuple(sorted(f"{t.namespace}/{t.name}" for t in traces)))
+                    traces=tuple(sorted(t.ref for t in traces)))
             for uid, (ref, traces) in sorted(by_pod.items())]
 
 
@@ -112,7 +112,9 @@ def rejected_report(raw: object, why: str) -> TraceReport:
     reports = [PodReport(namespace=_text(p, "namespace"), name=_text(p, "name"), uid=_text(p, "uid"), state="Failed",
                          message=conditions.bounded(f"trace not applied: {why}", POD_MESSAGE_LIMIT))
                for p in (pods if isinstance(pods, list) else [])[:1024]]
-    return TraceReport(name=_text(raw, "name"), namespace=_text(raw, "namespace"), uid=_text(raw, "uid"), pods=reports)
+    kind = _text(raw, "kind")
+    return TraceReport(kind=kind if kind in KIND_BY_NAME else TRACE_KIND, name=_text(raw, "name"),
+                       namespace=_text(raw, "namespace"), uid=_text(raw, "uid"), pods=reports)
 
 
 def parse_node_spec(raw: object, node_name: str) -> tuple[NodeSpec, list[TraceReport]]:
@@ -154,7 +156,7 @@ def trace_reports(traces: Iterable[NodeTrace], states: Mapping[str, TargetState]
     out = []
     for t in traces:
         pods = [pod_report(p.namespace, p.name, p.uid, states.get(pod_key(p.uid))) for p in t.pods]
-        out.append(TraceReport(name=t.name, namespace=t.namespace, uid=t.uid, pods=pods,
+        out.append(TraceReport(kind=t.kind, name=t.name, namespace=t.namespace, uid=t.uid, pods=pods,
                                pods_tracing=sum(1 for p in pods if p.state == "Tracing")))
     return out
 
