@@ -6,6 +6,7 @@
   written before the rule);
 - what a trace selects: a LatencyTrace its own namespace's pods only, a ClusterLatencyTrace the pods of
   every namespace its namespaceSelector matches, each carried to the agents with its kind;
+- each agent writes only its own node's LatencyTraceNode status (the chart's ValidatingAdmissionPolicy);
 - the administrator's limits, enforced by the operator with a condition: traces per namespace, pods per
   trace, the cost knobs, export endpoints outside the allow-list, and the default duration applied to a
   trace without one.
@@ -69,7 +70,7 @@ def tenants(control_plane, crds, fake_nodes, tmp_path_factory):
     cp = control_plane
     tag = f"{os.getpid()}"
     t = Tenants(cp, fake_nodes, tag)
-    release_ns = f"lt-system-{tag}"
+    release_ns = t.release_ns = f"lt-system-{tag}"
     for ns in (t.a, t.b, release_ns):
         cp.kubectl("create", "namespace", ns)
     tmp = tmp_path_factory.mktemp("tenants")
@@ -218,3 +219,63 @@ def test_allowed_endpoint_default_duration_and_traces_per_namespace(tenants):
     wait_until("third accepted and published", lambda: t.entries(contract.NAMESPACED, "third") != {}, 30,
                [t.operator])
     assert t.condition(contract.NAMESPACED, "third", t.a, "Accepted")["status"] == "True"
+
+
+def test_an_agent_writes_only_its_own_nodes_status(tenants, control_plane):
+    """The chart's ValidatingAdmissionPolicy: node A's agent identity (the agent's service account, with a token
+    bound to its pod on node A, as the kubelet mounts it) may patch node A's LatencyTraceNode status and is
+    refused on node B's."""
+    import base64
+    import ssl
+    import urllib.error
+    import urllib.request
+
+    from tests.cluster.controlplane import run_tool
+
+    cp, ns = control_plane, tenants.release_ns
+    node_a, node_b = cp.create_fake_nodes([f"vap-{tenants.tag}-a", f"vap-{tenants.tag}-b"])
+    sa = f"{tenants.release}-latencytrace-agent"
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "agent-a", "namespace": ns},
+           "spec": {"nodeName": node_a, "serviceAccountName": sa, "automountServiceAccountToken": False,
+                    "containers": [{"name": "agent", "image": "example.invalid/agent:1"}]}}
+    cp.kubectl("create", "-f", "-", input=json.dumps(pod))
+    for node in (node_a, node_b):
+        body = {"apiVersion": contract.API_VERSION, "kind": contract.NODE_KIND, "metadata": {"name": node},
+                "spec": contract.NodeSpec(node_name=node).wire()}
+        cp.kubectl("create", "-f", "-", input=json.dumps(body))
+    try:
+        token = cp.kubectl("create", "token", sa, "-n", ns, "--bound-object-kind=Pod",
+                           "--bound-object-name=agent-a").stdout.strip()
+        payload = token.split(".")[1]
+        claims = json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))
+        assert claims["kubernetes.io"]["node"]["name"] == node_a  # the node claim the policy compares
+        env = {**cp.env(), "KUBECONFIG": os.devnull}
+        agent = [str(cp.bins["kubectl"]), f"--server={cp.api_url}", f"--certificate-authority={cp.pki.ca.cert}",
+                 f"--token={token}"]
+        tls = ssl.create_default_context(cafile=str(cp.pki.ca.cert))
+
+        def patch(node: str) -> tuple[int, str]:
+            """A status patch as the agent sends it (a merge patch of the status subresource, no read first)."""
+            req = urllib.request.Request(
+                f"{cp.api_url}/apis/{contract.API_VERSION}/{contract.NODE_PLURAL}/{node}/status",
+                json.dumps({"status": {"agentVersion": "test"}}).encode(), method="PATCH",
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/merge-patch+json"})
+            try:
+                with urllib.request.urlopen(req, context=tls, timeout=30) as resp:
+                    return resp.status, ""
+            except urllib.error.HTTPError as e:
+                return e.code, e.read().decode()
+
+        assert patch(node_a)[0] == 200
+        code, why = patch(node_b)
+        assert code == 403
+        assert f"a latencytrace agent writes only its own node's LatencyTraceNode: this one is {node_b}, the agent " \
+               f"runs on {node_a}" in why, why
+        assert kget(cp, contract.NODE_PLURAL, node_b).get("status", {}).get("agentVersion") != "test"
+        # RBAC alone would allow it: the refusal is the policy's, not a missing permission.
+        assert run_tool([*agent, "auth", "can-i", "patch", f"{contract.NODE_PLURAL}/{node_b}", "--subresource=status"],
+                        env, check=False).stdout.strip() == "yes"
+    finally:
+        cp.kubectl("delete", contract.NODE_PLURAL, node_a, node_b, "--wait=false", check=False)
+        cp.kubectl("delete", "pod", "agent-a", "-n", ns, "--wait=false", check=False)
+        cp.kubectl("delete", "node", node_a, node_b, "--wait=false", check=False)
