@@ -22,7 +22,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime
 
 from kubernetes import client
@@ -32,9 +32,9 @@ from latencytrace.operator import conditions  # the one place conditions are bui
 
 from . import config as agent_config, endpoints, health, segments, targets
 from .agent import Agent, Desired, TargetState
-from .contract import (CONTRACT_VERSION, GROUP, NODE_PLURAL, VERSION, Condition, ExportReport, NodeSpec,
+from .contract import (CONTRACT_VERSION, GROUP, KIND_BY_NAME, NODE_PLURAL, TRACE_KIND, VERSION, Condition, ExportReport, NodeSpec,
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
-from .export import OtlpSink, sink_from_settings
+from .export import OtlpSink, config as export_config, sink_from_settings
 from .kube import ListWatch, Trouble, api_client, describe
 from .tracer import ProbeStatus, TargetSettings
 from .version import version
@@ -49,7 +49,9 @@ def segment_mask(t: TraceSettings) -> int:
 
 def merge_settings(traces: Iterable[TraceSettings]) -> TargetSettings:
     """One pod, several traces: trace what any of them asks for (union of directions and segments,
-    lowest slow threshold, most frequent sampling, highest span rate)."""
+    lowest slow threshold, most frequent sampling, highest span rate). Never one tenant's cost raised by
+    another's: the traces of one pod are its own namespace's LatencyTraces and administrators'
+    ClusterLatencyTraces only, each accepted within the administrator's limits, so the merge is within them."""
     traces = list(traces)
     sampling = [t.sample_one_in for t in traces if t.sample_one_in > 0]
     return TargetSettings(
@@ -75,18 +77,21 @@ def desired_targets(spec: NodeSpec, locator: targets.PodLocator) -> list[Desired
             by_pod[p.uid] = (ref, traces)
     return [Desired(key=pod_key(uid), label=f"{ref.namespace}/{ref.name}",
                     resolve=functools.partial(locator.locate, ref), settings=merge_settings(traces), pod=ref,
-                    traces=tuple(sorted(f"{t.namespace}/{t.name}" for t in traces)))
+                    traces=tuple(sorted(t.ref for t in traces)))
             for uid, (ref, traces) in sorted(by_pod.items())]
 
 
 # -- the LatencyTraceNode, untrusted (pure) ----------------------------------------------------------------
-def trace_problem(t: NodeTrace) -> str | None:
+def trace_problem(t: NodeTrace, endpoint_allowed: Callable[[str], bool] | None = None) -> str | None:
     """Why this agent cannot trace `t` as given (the operator checked it; whoever else can write the
-    object did not necessarily), or None."""
+    object did not necessarily), or None. `endpoint_allowed`: the administrator's export allow-list."""
     if t.export.otlp_endpoint is not None:
         why = endpoints.problem(t.export.otlp_endpoint)
         if why:
             return f"export.otlpEndpoint {why}"
+        if endpoint_allowed is not None and not endpoint_allowed(t.export.otlp_endpoint):
+            return (f"export.otlpEndpoint {endpoints.shown(t.export.otlp_endpoint)} is not among the endpoints "
+                    "this agent is allowed to export to")
     unknown = [s for s in t.segments if s not in segments.BY_NAME]
     if unknown:
         return f"unknown segments {endpoints.shown(', '.join(unknown))}"
@@ -112,10 +117,13 @@ def rejected_report(raw: object, why: str) -> TraceReport:
     reports = [PodReport(namespace=_text(p, "namespace"), name=_text(p, "name"), uid=_text(p, "uid"), state="Failed",
                          message=conditions.bounded(f"trace not applied: {why}", POD_MESSAGE_LIMIT))
                for p in (pods if isinstance(pods, list) else [])[:1024]]
-    return TraceReport(name=_text(raw, "name"), namespace=_text(raw, "namespace"), uid=_text(raw, "uid"), pods=reports)
+    kind = _text(raw, "kind")
+    return TraceReport(kind=kind if kind in KIND_BY_NAME else TRACE_KIND, name=_text(raw, "name"),
+                       namespace=_text(raw, "namespace"), uid=_text(raw, "uid"), pods=reports)
 
 
-def parse_node_spec(raw: object, node_name: str) -> tuple[NodeSpec, list[TraceReport]]:
+def parse_node_spec(raw: object, node_name: str, endpoint_allowed: Callable[[str], bool] | None = None,
+                    ) -> tuple[NodeSpec, list[TraceReport]]:
     """The node spec with every trace entry this agent can trace, and a report for each one it cannot:
     one bad entry fails that trace, never the others or the agent."""
     raw = raw if isinstance(raw, Mapping) else {}
@@ -126,7 +134,7 @@ def parse_node_spec(raw: object, node_name: str) -> tuple[NodeSpec, list[TraceRe
     for item in entries if isinstance(entries, list) else []:
         try:
             t = NodeTrace.model_validate(item)
-            why = trace_problem(t)
+            why = trace_problem(t, endpoint_allowed)
         except ValidationError as e:
             t, why = None, "; ".join(f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}"
                                      for err in e.errors(include_input=False)[:5])
@@ -154,7 +162,7 @@ def trace_reports(traces: Iterable[NodeTrace], states: Mapping[str, TargetState]
     out = []
     for t in traces:
         pods = [pod_report(p.namespace, p.name, p.uid, states.get(pod_key(p.uid))) for p in t.pods]
-        out.append(TraceReport(name=t.name, namespace=t.namespace, uid=t.uid, pods=pods,
+        out.append(TraceReport(kind=t.kind, name=t.name, namespace=t.namespace, uid=t.uid, pods=pods,
                                pods_tracing=sum(1 for p in pods if p.state == "Tracing")))
     return out
 
@@ -197,6 +205,15 @@ def readiness(*, failure: tuple[str, str] | None, wanted: bool, loaded: bool, pe
 
 
 # -- the loop -------------------------------------------------------------------------------------------
+def export_policy() -> Callable[[str], bool]:
+    """Which trace endpoints this agent exports to (LATENCYTRACE_EXPORT_ALLOWED_ENDPOINTS and the default).
+    With export settings that cannot be read (the sink reports why when it is made), none."""
+    try:
+        return export_config.load().trace_endpoint_allowed
+    except export_config.ExportConfigError:
+        return lambda _: False
+
+
 class NodeAgent:
     def __init__(self, cfg: agent_config.AgentConfig, api: client.ApiClient, make_agent=None):
         self.cfg = cfg
@@ -209,6 +226,7 @@ class NodeAgent:
                                field_selector=f"metadata.name={cfg.node_name}", on_change=self.wake.set, log=log,
                                timeout_seconds=cfg.watch_timeout_seconds)
         self.spec = NodeSpec(node_name=cfg.node_name)
+        self.endpoint_allowed = export_policy()  # defense in depth: the operator checked the endpoints too
         self.rejected: list[TraceReport] = []  # trace entries of the spec this agent refused
         self.locator = targets.PodLocator()
         self.generation = 0
@@ -239,7 +257,8 @@ class NodeAgent:
         self.exists = obj is not None
         generation = obj.get("metadata", {}).get("generation", 0) if obj else 0
         self.generation = generation if type(generation) is int else 0
-        spec, self.rejected = parse_node_spec(obj.get("spec") if obj else None, self.cfg.node_name)
+        spec, self.rejected = parse_node_spec(obj.get("spec") if obj else None, self.cfg.node_name,
+                                              self.endpoint_allowed)
         if spec.contract_version > CONTRACT_VERSION:
             self.failure = ("ContractVersionUnsupported",
                             f"the operator publishes contract version {spec.contract_version}; this agent "

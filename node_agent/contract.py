@@ -9,6 +9,7 @@ wire, as everywhere in Kubernetes.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -22,8 +23,36 @@ NODE_KIND = "LatencyTraceNode"
 NODE_PLURAL = "latencytracenodes"
 TRACE_KIND = "LatencyTrace"
 TRACE_PLURAL = "latencytraces"
+CLUSTER_TRACE_KIND = "ClusterLatencyTrace"
+CLUSTER_TRACE_PLURAL = "clusterlatencytraces"
 
 PodState = Literal["Tracing", "Pending", "NotFound", "Failed"]
+TraceKindName = Literal["LatencyTrace", "ClusterLatencyTrace"]
+
+
+@dataclass(frozen=True)
+class TraceKind:
+    """One of the two kinds of trace, as data: the operator handles both through the same code.
+
+    A LatencyTrace (namespaced) selects pods of its own namespace only; a ClusterLatencyTrace
+    (cluster-scoped, an administrator's) selects pods across the namespaces its namespaceSelector matches.
+    """
+
+    kind: TraceKindName
+    plural: str
+    namespaced: bool
+
+    def ref(self, namespace: str | None, name: str) -> str:
+        """How a trace is named in logs, reports and routing: namespace/name, or Kind/name for a cluster
+        trace (a kind is not a valid namespace name, so the two never collide)."""
+        return f"{namespace}/{name}" if self.namespaced else f"{self.kind}/{name}"
+
+
+NAMESPACED = TraceKind(TRACE_KIND, TRACE_PLURAL, namespaced=True)
+CLUSTER = TraceKind(CLUSTER_TRACE_KIND, CLUSTER_TRACE_PLURAL, namespaced=False)
+TRACE_KINDS = (NAMESPACED, CLUSTER)
+KIND_BY_PLURAL = {k.plural: k for k in TRACE_KINDS}
+KIND_BY_NAME = {k.kind: k for k in TRACE_KINDS}
 
 
 class _Model(BaseModel):
@@ -58,11 +87,16 @@ class TraceSettings(_Model):
 
 
 class NodeTrace(TraceSettings):
+    kind: TraceKindName = TRACE_KIND
     name: str
-    namespace: str
+    namespace: str  # "" for a ClusterLatencyTrace
     uid: str
     generation: int = 0
     pods: list[PodRef] = Field(default_factory=list)
+
+    @property
+    def ref(self) -> str:
+        return KIND_BY_NAME[self.kind].ref(self.namespace, self.name)
 
 
 class NodeSpec(_Model):
@@ -90,6 +124,7 @@ class PodReport(_Model):
 
 
 class TraceReport(_Model):
+    kind: TraceKindName = TRACE_KIND
     name: str
     namespace: str
     uid: str

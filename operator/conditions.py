@@ -78,19 +78,23 @@ class TraceFacts:
     """What the LatencyTrace conditions are decided from."""
 
     generation: int
-    invalid: str | None = None  # why the spec was rejected
+    invalid: str | None = None  # why the trace is not accepted
     completed: bool = False
     duration: str | None = None
     summary: Summary = Summary()
+    invalid_reason: str = "InvalidSpec"  # InvalidSpec, NotAllowed (the administrator's limits), TooManyTraces
+    pods_over_limit: tuple[int, int] | None = None  # (pods selected, the most one trace traces) when over
+    explicit_duration: bool = True  # False: the duration is the cluster's default
 
 
 def trace_conditions(f: TraceFacts) -> list[Condition]:
     g, s = f.generation, f.summary
     if f.invalid is not None:
-        return [make(ACCEPTED, False, "InvalidSpec", f.invalid, g),
-                make(TRACING, False, "InvalidSpec", "nothing is traced until the spec is fixed", g),
-                make(DEGRADED, False, "InvalidSpec", "", g),
-                make(COMPLETED, False, "InvalidSpec", "", g)]
+        r = f.invalid_reason
+        return [make(ACCEPTED, False, r, f.invalid, g),
+                make(TRACING, False, r, "nothing is traced until the trace is accepted", g),
+                make(DEGRADED, False, r, "", g),
+                make(COMPLETED, False, r, "", g)]
     accepted = make(ACCEPTED, True, "Valid", "spec accepted", g)
     if f.completed:
         return [accepted,
@@ -105,14 +109,24 @@ def trace_conditions(f: TraceFacts) -> list[Condition]:
     else:
         tracing = make(TRACING, True, "PodsTraced",
                        f"{s.traced_pods} of {s.matched_pods} pods traced on {s.tracing_nodes} of {s.matched_nodes} nodes", g)
+    failing = ""
     if s.failing_nodes:
         sample = "; ".join(f"{node}: {err}" for node, err in s.failing_sample)
-        degraded = make(DEGRADED, True, "NodesFailing",
-                        f"{s.failing_nodes} of {s.matched_nodes} nodes failing" + (f" ({sample})" if sample else ""), g)
+        failing = f"{s.failing_nodes} of {s.matched_nodes} nodes failing" + (f" ({sample})" if sample else "")
+    if f.pods_over_limit is not None:
+        selected, limit = f.pods_over_limit
+        degraded = make(DEGRADED, True, "PodLimitExceeded",
+                        f"{selected} pods selected; this cluster traces at most {limit} per trace (the first {limit} "
+                        "by namespace and name)" + (f"; {failing}" if failing else ""), g)
+    elif failing:
+        degraded = make(DEGRADED, True, "NodesFailing", failing, g)
     else:
         degraded = make(DEGRADED, False, "AsExpected", "", g)
-    completed = make(COMPLETED, False, "Running" if f.duration else "NoDuration",
-                     f"completes {f.duration} after it started" if f.duration else "traces until deleted", g)
+    if f.duration:
+        completed = make(COMPLETED, False, "Running", f"completes {f.duration} after it started" +
+                         ("" if f.explicit_duration else " (the cluster's default duration)"), g)
+    else:
+        completed = make(COMPLETED, False, "NoDuration", "traces until deleted", g)
     return [accepted, tracing, degraded, completed]
 
 

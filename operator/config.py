@@ -12,6 +12,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from latencytrace.node_agent.envconfig import ConfigError, from_env
 
+from .spec import Limits
+
 
 class OperatorConfig(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="LATENCYTRACE_OPERATOR_", extra="ignore", frozen=True)
@@ -39,8 +41,18 @@ class OperatorConfig(BaseSettings):
     request_timeout_seconds: float = Field(default=30.0, gt=0)
     # An agent silent for this long counts as failing for the traces on its node.
     agent_stale_seconds: float = Field(default=180.0, gt=0)
-    # Cluster policy on top of the CRD's 168h bound: the longest duration accepted.
+    # The administrator's limits (chart values limits.*; spec.Limits). The longest duration accepted, on
+    # top of the CRD's 168h bound, and the one a trace without a duration gets (0: the maximum).
     max_duration_seconds: float = Field(default=7 * 24 * 3600.0, gt=0)
+    default_duration_seconds: float = Field(default=0.0, ge=0)
+    min_slow_threshold_microseconds: int = Field(default=1, ge=1, le=60_000_000)
+    max_spans_per_second: int = Field(default=1000, ge=0, le=1000)
+    min_sample_one_in: int = Field(default=0, ge=0, le=1_000_000)
+    traces_per_namespace: int = Field(default=0, ge=0)  # LatencyTraces per namespace; 0: no limit
+    pods_per_trace: int = Field(default=0, ge=0)  # pods one trace traces; 0: no limit
+    # Endpoints traces may name in spec.export.otlpEndpoint, as a JSON list (the chart: otlp.endpoint and
+    # otlp.allowedEndpoints); unset: any endpoint.
+    allowed_endpoints: tuple[str, ...] | None = None
     failing_nodes_listed: int = Field(default=10, ge=0, le=20)  # the CRD allows 20
 
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
@@ -51,6 +63,14 @@ class OperatorConfig(BaseSettings):
             raise ValueError("LATENCYTRACE_OPERATOR_RETRY_PERIOD_SECONDS < RENEW_DEADLINE_SECONDS < "
                              "LEASE_DURATION_SECONDS must hold")
         return self
+
+    def limits(self) -> Limits:
+        return Limits(max_duration_seconds=self.max_duration_seconds,
+                      default_duration_seconds=self.default_duration_seconds or None,
+                      min_slow_threshold_microseconds=self.min_slow_threshold_microseconds,
+                      max_spans_per_second=self.max_spans_per_second, min_sample_one_in=self.min_sample_one_in,
+                      allowed_endpoints=None if self.allowed_endpoints is None else frozenset(self.allowed_endpoints),
+                      traces_per_namespace=self.traces_per_namespace, pods_per_trace=self.pods_per_trace)
 
     @property
     def liveness_endpoint(self) -> str:

@@ -1,5 +1,8 @@
 """`latencytrace-operator`: the kopf handlers (wiring only; the work is in handlers.py) and `run()`.
 
+Both kinds of trace (LatencyTrace, ClusterLatencyTrace) get the same handlers, stacked: the kind comes
+from the resource kopf passes (contract.KIND_BY_PLURAL) and flows on as data.
+
 Run with KUBECONFIG set outside a cluster. Settings: LATENCYTRACE_OPERATOR_* (config.py).
 """
 
@@ -14,14 +17,25 @@ from datetime import UTC, datetime
 
 import kopf
 
-from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, TRACE_PLURAL, VERSION
+from latencytrace.node_agent.contract import GROUP, KIND_BY_PLURAL, NODE_PLURAL, TRACE_KINDS, TRACE_PLURAL, VERSION
 from latencytrace.node_agent.kube import api_client
 
 from . import aggregation, config, handlers, leader
 from .worker import Runtime
 
-TRACE = (GROUP, VERSION, TRACE_PLURAL)
+TRACES = [(GROUP, VERSION, kind.plural) for kind in TRACE_KINDS]
+NAMESPACED_TRACE = (GROUP, VERSION, TRACE_PLURAL)
 NODE = (GROUP, VERSION, NODE_PLURAL)
+
+
+def for_each_kind(*decorators):
+    """Apply each kopf decorator factory once per kind of trace."""
+    def wrap(fn):
+        for make in decorators:
+            for res in TRACES:
+                fn = make(*res)(fn)
+        return fn
+    return wrap
 
 try:
     CONFIG = config.load()
@@ -56,9 +70,15 @@ def shutdown(memo: kopf.Memo, **_) -> None:
     memo.runtime.pool.shutdown(wait=False, cancel_futures=True)
 
 
-@kopf.index(*TRACE)
+@for_each_kind(kopf.index)
 def trace_uids(uid: str, **_) -> dict:
     return {uid: True}
+
+
+@kopf.index(*NAMESPACED_TRACE)
+def namespace_traces(namespace: str, name: str, uid: str, meta, **_) -> dict:
+    """{namespace: (created, name, uid)} of every LatencyTrace: the per-namespace limit's order."""
+    return {namespace: (meta.get("creationTimestamp") or "", name, uid)}
 
 
 @kopf.index(*NODE)
@@ -66,32 +86,41 @@ def node_views(name: str, meta, spec, status, **_) -> dict:
     return aggregation.index_node(name, meta, spec, status)
 
 
-@kopf.on.create(*TRACE)
-@kopf.on.update(*TRACE, field="spec")
-@kopf.on.resume(*TRACE)
-def accept(spec, meta, status, uid: str, patch: kopf.Patch, memo: kopf.Memo, node_views: kopf.Index, **_) -> None:
-    new, invalid = handlers.trace_status(spec, meta.get("generation", 0), status, node_views.get(uid, []),
+def _trace(resource, body, uid: str, memo, node_views, namespace_traces) -> handlers.Trace:
+    return handlers.Trace(KIND_BY_PLURAL[resource.plural], body, lambda: list(node_views.get(uid, [])),
+                          lambda: handlers.rank(namespace_traces, body), getattr(memo, "worker", None))
+
+
+@for_each_kind(kopf.on.create, lambda *res: kopf.on.update(*res, field="spec"), kopf.on.resume)
+def accept(resource, body, status, uid: str, patch: kopf.Patch, memo: kopf.Memo, node_views: kopf.Index,
+           namespace_traces: kopf.Index, **_) -> None:
+    new, invalid = handlers.trace_status(_trace(resource, body, uid, memo, node_views, namespace_traces), status,
                                          CONFIG, datetime.now(UTC))
     patch.status.update(handlers.status_patch(status, new) or {})
     handlers.poke(memo)
     if invalid is not None:
-        raise kopf.PermanentError(f"invalid spec: {invalid}")
+        raise kopf.PermanentError(f"not accepted: {invalid}")
 
 
-@kopf.timer(*TRACE, interval=CONFIG.status_interval_seconds, initial_delay=CONFIG.status_interval_seconds)
-def refresh_status(spec, meta, status, uid: str, patch: kopf.Patch, node_views: kopf.Index, **_) -> None:
-    new, _ = handlers.trace_status(spec, meta.get("generation", 0), status, node_views.get(uid, []),
+@for_each_kind(lambda *res: kopf.timer(*res, interval=CONFIG.status_interval_seconds,
+                                       initial_delay=CONFIG.status_interval_seconds))
+def refresh_status(resource, body, status, uid: str, patch: kopf.Patch, memo: kopf.Memo, node_views: kopf.Index,
+                   namespace_traces: kopf.Index, **_) -> None:
+    new, _ = handlers.trace_status(_trace(resource, body, uid, memo, node_views, namespace_traces), status,
                                    CONFIG, datetime.now(UTC))
     patch.status.update(handlers.status_patch(status, new) or {})
+    if handlers.acceptance_changed(status, new):
+        handlers.poke(memo)  # e.g. an older trace of the namespace was deleted: this one may trace now
 
 
-@kopf.daemon(*TRACE)
-async def trace_worker(stopped: kopf.DaemonStopped, body: kopf.Body, uid: str, memo: kopf.Memo,
-                       node_views: kopf.Index, logger: logging.Logger, **_) -> None:
-    await handlers.run_worker(memo.runtime, memo, stopped, body, lambda: list(node_views.get(uid, [])), logger)
+@for_each_kind(kopf.daemon)
+async def trace_worker(resource, stopped: kopf.DaemonStopped, body: kopf.Body, uid: str, memo: kopf.Memo,
+                       node_views: kopf.Index, namespace_traces: kopf.Index, logger: logging.Logger, **_) -> None:
+    await handlers.run_worker(memo.runtime, memo, stopped, _trace(resource, body, uid, memo, node_views,
+                                                                  namespace_traces), logger)
 
 
-@kopf.on.delete(*TRACE)
+@for_each_kind(kopf.on.delete)
 async def detach(uid: str, memo: kopf.Memo, node_views: kopf.Index, **_) -> None:
     failed = await handlers.detach(memo.runtime, getattr(memo, "worker", None), uid, list(node_views.get(uid, [])))
     if failed:

@@ -21,7 +21,7 @@ from kubernetes import client
 from kubernetes.client.rest import ApiException
 
 from latencytrace.node_agent.contract import (API_VERSION, GROUP, NODE_KIND, NODE_PLURAL, VERSION, NodeSpec,
-                                              NodeTrace, PodRef, TraceSettings)
+                                              NodeTrace, PodRef, TraceKind, TraceSettings)
 from latencytrace.node_agent.kube import or_none
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,12 @@ MANAGED_BY = {"app.kubernetes.io/managed-by": "latencytrace-operator"}
 CONFLICT_RETRIES = 8
 
 
-def entries_by_node(namespace: str, name: str, uid: str, generation: int, settings: TraceSettings,
+def entries_by_node(kind: TraceKind, namespace: str, name: str, uid: str, generation: int, settings: TraceSettings,
                     pods: Mapping[str, list[PodRef]]) -> dict[str, NodeTrace]:
-    """This trace's entry for each node that runs at least one of its pods."""
+    """This trace's entry for each node that runs at least one of its pods (namespace "" for a cluster trace)."""
     base = settings.model_dump()
-    return {node: NodeTrace(**base, name=name, namespace=namespace, uid=uid, generation=generation, pods=refs)
+    return {node: NodeTrace(**base, kind=kind.kind, name=name, namespace=namespace, uid=uid, generation=generation,
+                            pods=refs)
             for node, refs in pods.items() if refs}
 
 
@@ -43,7 +44,7 @@ def with_trace(spec: NodeSpec, uid: str, entry: NodeTrace | None) -> NodeSpec:
     traces = [t for t in spec.traces if t.uid != uid]
     if entry is not None:
         traces.append(entry)
-    traces.sort(key=lambda t: (t.namespace, t.name, t.uid))
+    traces.sort(key=lambda t: (t.namespace, t.kind, t.name, t.uid))
     return spec.model_copy(update={"traces": traces})
 
 

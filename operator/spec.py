@@ -2,15 +2,18 @@
 
 The CRD schema rejects most mistakes at the API server; this module re-checks every one of its limits
 (the schema can be older than the operator, or bypassed: whatever this accepts, the schema accepts too, a
-generated-input test holds it to that), and adds what a schema cannot express: label syntax, the
-operator's own duration policy. `parse` raises SpecError with every problem found, and nothing else,
-whatever the input.
+generated-input test holds it to that), and adds what a schema cannot express: label syntax and the
+cluster administrator's policy (`Limits`: durations, the cost knobs a trace may ask for, the export
+destinations it may name). Both kinds of trace are parsed here: the kind decides how pods may be
+selected (a LatencyTrace: its own namespace only; a ClusterLatencyTrace: across namespaces). `parse`
+raises SpecError with every problem found, and nothing else, whatever the input.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Mapping
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Annotated, Literal
 
@@ -18,9 +21,38 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 from latencytrace.node_agent import endpoints, segments
-from latencytrace.node_agent.contract import ExportOverrides, TraceSettings
+from latencytrace.node_agent.contract import NAMESPACED, ExportOverrides, TraceKind, TraceSettings
 
 MIN_DURATION_SECONDS = 10.0  # as the CRD's CEL rule
+MAX_DURATION_SECONDS = 168 * 3600.0  # as the CRD's CEL rule
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The administrator's policy (chart values `limits.*` and `otlp.*`, via LATENCYTRACE_OPERATOR_*).
+
+    The defaults are the CRD's own bounds: no policy beyond the schema.
+    """
+
+    max_duration_seconds: float = MAX_DURATION_SECONDS
+    # Applied when a trace gives no duration; None: the maximum (omitting it never escapes the maximum).
+    default_duration_seconds: float | None = None
+    min_slow_threshold_microseconds: int = 1
+    max_spans_per_second: int = 1000
+    min_sample_one_in: int = 0  # 0 (no sampling) is always allowed; 1..N-1 are refused
+    # Endpoints a trace may name in spec.export.otlpEndpoint (the default endpoint among them); None: any.
+    allowed_endpoints: frozenset[str] | None = None
+    traces_per_namespace: int = 0  # LatencyTraces that run per namespace (the oldest); 0: no limit
+    pods_per_trace: int = 0  # pods one trace traces (the first by namespace and name); 0: no limit
+
+    @property
+    def duration_when_omitted(self) -> float:
+        return min(self.default_duration_seconds or self.max_duration_seconds, self.max_duration_seconds)
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Endpoints compare as written, but for a trailing slash."""
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def _int(lo: int, hi: int):
@@ -33,7 +65,9 @@ def _str(max_length: int):
 
 
 class SpecError(ValueError):
-    pass
+    def __init__(self, message: str, reason: str = "InvalidSpec"):
+        super().__init__(message)
+        self.reason = reason  # the Accepted condition's: InvalidSpec, or NotAllowed (the administrator's policy)
 
 
 class _Model(BaseModel):
@@ -134,8 +168,10 @@ def label_problems(where: str, sel: LabelSelector) -> list[str]:
     return problems
 
 
-def parse(raw: Mapping, max_duration_seconds: float) -> TraceSpec:
-    """The typed spec, or SpecError naming every problem (field paths as in the manifest)."""
+def parse(raw: Mapping, limits: Limits = Limits(), kind: TraceKind = NAMESPACED) -> TraceSpec:
+    """The typed spec of a trace of `kind` under the administrator's `limits`, with the cluster's default
+    duration filled in when it has none; or SpecError naming every problem (field paths as in the
+    manifest)."""
     if not isinstance(raw, Mapping):
         raise SpecError(f"spec must be an object, not {type(raw).__name__}")
     try:
@@ -144,10 +180,10 @@ def parse(raw: Mapping, max_duration_seconds: float) -> TraceSpec:
         raise SpecError("; ".join(
             f"spec.{'.'.join(endpoints.shown(str(p), 40).strip(chr(39)) for p in err['loc'])}: {err['msg']}"
             for err in e.errors(include_input=False)[:20])) from None
-    problems: list[str] = []
-    by_selector = spec.pod_selector is not None or spec.namespace_selector is not None
-    if by_selector == (spec.pod_names is not None):
-        problems.append("spec: select pods in exactly one way: podSelector and/or namespaceSelector, or podNames")
+    problems = selection_problems(spec, kind)
+    policy = limit_problems(spec, limits)
+    if kind.namespaced and spec.namespace_selector is not None:
+        policy.insert(0, problems.pop())
     for where, sel in (("spec.podSelector", spec.pod_selector), ("spec.namespaceSelector", spec.namespace_selector)):
         if sel is not None:
             problems += label_problems(where, sel)
@@ -177,14 +213,62 @@ def parse(raw: Mapping, max_duration_seconds: float) -> TraceSpec:
             seconds = parse_duration(spec.duration)
             if seconds < MIN_DURATION_SECONDS:
                 problems.append(f"spec.duration: {spec.duration} is shorter than {MIN_DURATION_SECONDS:g}s")
-            elif seconds > max_duration_seconds:
+            elif seconds > limits.max_duration_seconds:
                 problems.append(f"spec.duration: {spec.duration} is longer than this cluster allows "
-                                f"({timedelta(seconds=max_duration_seconds)})")
+                                f"({timedelta(seconds=limits.max_duration_seconds)})")
         except SpecError as e:
             problems.append(f"spec.{e}")
-    if problems:
-        raise SpecError("; ".join(problems))
+    if problems or policy:
+        raise SpecError("; ".join(problems + policy), "InvalidSpec" if problems else "NotAllowed")
+    if spec.duration is None:
+        spec = spec.model_copy(update={"duration": format_duration(limits.duration_when_omitted)})
     return spec
+
+
+def selection_problems(spec: TraceSpec, kind: TraceKind) -> list[str]:
+    """How pods may be selected depends on the kind (the CRDs' scope rules, tests/operator/crdgen.py)."""
+    problems = []
+    if kind.namespaced:
+        if (spec.pod_selector is not None) == (spec.pod_names is not None):
+            problems.append("spec: select pods in exactly one way: podSelector or podNames")
+        if spec.namespace_selector is not None:
+            problems.append("spec.namespaceSelector: a LatencyTrace selects pods of its own namespace only: "
+                            "namespaceSelector is for a ClusterLatencyTrace, which a cluster administrator creates")
+        return problems
+    if spec.namespace_selector is None:
+        problems.append("spec: a ClusterLatencyTrace selects pods with namespaceSelector ({} is every namespace) "
+                        "and optionally podSelector")
+    if spec.pod_names is not None:
+        problems.append("spec.podNames: podNames name pods of one namespace: use a LatencyTrace in that namespace")
+    return problems
+
+
+def limit_problems(spec: TraceSpec, limits: Limits) -> list[str]:
+    """What this cluster's administrator does not allow a trace to ask for."""
+    problems = []
+    if spec.slow_threshold_microseconds < limits.min_slow_threshold_microseconds:
+        problems.append(f"spec.slowThresholdMicroseconds: {spec.slow_threshold_microseconds} is below this "
+                        f"cluster's minimum ({limits.min_slow_threshold_microseconds})")
+    if spec.spans_per_second > limits.max_spans_per_second:
+        problems.append(f"spec.spansPerSecond: {spec.spans_per_second} is above this cluster's maximum "
+                        f"({limits.max_spans_per_second})")
+    if 0 < spec.sample_one_in < limits.min_sample_one_in:
+        problems.append(f"spec.sampleOneIn: 1 in {spec.sample_one_in} is more often than this cluster allows "
+                        f"(0, or at least {limits.min_sample_one_in})")
+    url = spec.export.otlp_endpoint
+    if url is not None and limits.allowed_endpoints is not None and endpoints.problem(url) is None \
+            and not any(same_endpoint(url, a) for a in limits.allowed_endpoints):
+        allowed = ", ".join(sorted(limits.allowed_endpoints)) or "none"
+        problems.append(f"spec.export.otlpEndpoint: {endpoints.shown(url)} is not an endpoint this cluster's "
+                        f"administrator allows traces to export to (allowed: {endpoints.shown(allowed, 400)})")
+    return problems
+
+
+def format_duration(seconds: float) -> str:
+    """A duration string parse_duration reads back as `seconds` (whole seconds)."""
+    h, rest = divmod(int(seconds), 3600)
+    m, s = divmod(rest, 60)
+    return "".join(f"{v}{u}" for v, u in ((h, "h"), (m, "m"), (s, "s")) if v) or "0s"
 
 
 def deadline(spec: TraceSpec, start: datetime | None) -> datetime | None:

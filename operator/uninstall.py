@@ -6,7 +6,7 @@ operator's finalizer on users' LatencyTraces. Left alone, a LatencyTrace could t
 (its finalizer has no one to remove it) and the agents' per-node objects would linger. So, in order:
 1. stop the operator (scale its Deployment to 0 and wait for its replicas to go), so that it cannot
    add a finalizer or publish a node's object again behind our back;
-2. take the operator's finalizer (and only it) off every LatencyTrace; users' LatencyTraces stay,
+2. take the operator's finalizer (and only it) off every LatencyTrace and ClusterLatencyTrace; they stay,
    as Helm leaves every custom resource;
 3. delete every LatencyTraceNode: each node's agent sees its object go and unloads its probes before
    Helm deletes the DaemonSet.
@@ -23,7 +23,7 @@ from kubernetes import client
 from pydantic import AliasChoices, Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, TRACE_PLURAL, VERSION
+from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, TRACE_KINDS, VERSION, TraceKind
 from latencytrace.node_agent.envconfig import ConfigError, from_env
 from latencytrace.node_agent.kube import api_client, or_none
 
@@ -59,18 +59,26 @@ def stop_operator(apps: client.AppsV1Api, namespace: str, deployment: str, timeo
 
 def remove_finalizers(custom: client.CustomObjectsApi) -> int:
     removed = 0
-    for trace in custom.list_cluster_custom_object(GROUP, VERSION, TRACE_PLURAL)["items"]:
-        meta = trace["metadata"]
-        finalizers = meta.get("finalizers") or []
-        if FINALIZER not in finalizers:
-            continue
-        # A JSON patch that tests the list first: a concurrent change fails it rather than being lost.
-        patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
-                 {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]}]
-        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], TRACE_PLURAL, meta["name"], patch,
-                                              _content_type="application/json-patch+json")
-        removed += 1
+    for kind in TRACE_KINDS:
+        for trace in custom.list_cluster_custom_object(GROUP, VERSION, kind.plural)["items"]:
+            removed += _remove_finalizer(custom, kind, trace["metadata"])
     return removed
+
+
+def _remove_finalizer(custom: client.CustomObjectsApi, kind: TraceKind, meta: dict) -> int:
+    finalizers = meta.get("finalizers") or []
+    if FINALIZER not in finalizers:
+        return 0
+    # A JSON patch that tests the list first: a concurrent change fails it rather than being lost.
+    patch = [{"op": "test", "path": "/metadata/finalizers", "value": finalizers},
+             {"op": "replace", "path": "/metadata/finalizers", "value": [f for f in finalizers if f != FINALIZER]}]
+    json_patch = "application/json-patch+json"  # the client would send a merge patch by default
+    if kind.namespaced:
+        custom.patch_namespaced_custom_object(GROUP, VERSION, meta["namespace"], kind.plural, meta["name"], patch,
+                                              _content_type=json_patch)
+    else:
+        custom.patch_cluster_custom_object(GROUP, VERSION, kind.plural, meta["name"], patch, _content_type=json_patch)
+    return 1
 
 
 def delete_node_objects(custom: client.CustomObjectsApi) -> int:
@@ -97,5 +105,5 @@ def main() -> int:
     except Exception as e:  # the hook's log is what the user sees when `helm uninstall` fails
         log.error("uninstall cleanup failed: %s", e)
         return 1
-    log.info("finalizer removed from %d LatencyTraces; %d LatencyTraceNodes deleted", traces, nodes)
+    log.info("finalizer removed from %d (Cluster)LatencyTraces; %d LatencyTraceNodes deleted", traces, nodes)
     return 0

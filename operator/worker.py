@@ -19,7 +19,7 @@ from datetime import UTC, datetime
 
 from kubernetes import client
 
-from latencytrace.node_agent.contract import NodeTrace
+from latencytrace.node_agent.contract import NodeTrace, TraceKind
 from latencytrace.node_agent.kube import ListWatch, Trouble
 
 from . import nodeconfig, selection, spec as specs
@@ -66,12 +66,27 @@ async def publish(rt: Runtime, uid: str, todo: Mapping[str, NodeTrace | None]) -
     return done, failed
 
 
+def within_limit(pods: Mapping[str, list], limit: int) -> tuple[dict[str, list], int]:
+    """At most `limit` pods (0: all), the first by namespace and name; and how many were selected."""
+    total = sum(len(refs) for refs in pods.values())
+    if not limit or total <= limit:
+        return dict(pods), total
+    keep = {(r.namespace, r.name, r.uid) for r in
+            sorted((r for refs in pods.values() for r in refs), key=lambda r: (r.namespace, r.name, r.uid))[:limit]}
+    out = {node: [r for r in refs if (r.namespace, r.name, r.uid) in keep] for node, refs in pods.items()}
+    return {node: refs for node, refs in out.items() if refs}, total
+
+
 class TraceWorker:
-    def __init__(self, rt: Runtime, namespace: str, name: str, uid: str,
-                 views: Callable[[], Iterable[NodeTraceView]], logger: logging.Logger):
-        self.rt, self.namespace, self.name, self.uid = rt, namespace, name, uid
+    def __init__(self, rt: Runtime, kind: TraceKind, namespace: str | None, name: str, uid: str,
+                 views: Callable[[], Iterable[NodeTraceView]], logger: logging.Logger,
+                 admitted: Callable[[], specs.TraceSpec | None]):
+        self.rt, self.kind, self.namespace, self.name, self.uid = rt, kind, namespace, name, uid
         self.views = views  # this trace's views in the LatencyTraceNode index
+        self.admitted = admitted  # the spec to trace, or None while the trace is not accepted (handlers.evaluate)
+        self.pods_over_limit: tuple[int, int] | None = None  # (selected, limit) while over the pod limit
         self.log = logger
+        ref = kind.ref(namespace, name)
         self.lock = asyncio.Lock()  # held while writing; deletion takes it, then closes the worker
         self.closed = False
         self.published: dict[str, NodeTrace] = {}
@@ -80,8 +95,8 @@ class TraceWorker:
         self._watch: ListWatch | None = None
         self._query: selection.PodQuery | None = None
         self._namespaces: set[str] | None = None
-        self._trouble = Trouble(logger, f"publishing trace {namespace}/{name}")
-        self._ns_trouble = Trouble(logger, f"listing namespaces for trace {namespace}/{name}")
+        self._trouble = Trouble(logger, f"publishing trace {ref}")
+        self._ns_trouble = Trouble(logger, f"listing namespaces for trace {ref}")
 
     def poke(self) -> None:
         """Something changed (spec, pods): look again. Safe from any thread."""
@@ -138,8 +153,12 @@ class TraceWorker:
             return None
         if spec.namespace_selector is not None and self._namespaces is None:
             return None
-        pods = selection.pods_by_node(self._watch.snapshot(), spec, self.namespace, self._namespaces)
-        return nodeconfig.entries_by_node(self.namespace, self.name, self.uid, generation, spec.settings(), pods)
+        selected = selection.pods_by_node(self._watch.snapshot(), spec, self.namespace, self._namespaces)
+        limit = self.rt.cfg.pods_per_trace
+        pods, total = within_limit(selected, limit)
+        self.pods_over_limit = (total, limit) if limit and total > limit else None
+        return nodeconfig.entries_by_node(self.kind, self.namespace or "", self.name, self.uid, generation,
+                                          spec.settings(), pods)
 
     async def _publish(self, desired: Mapping[str, NodeTrace]) -> float | None:
         """Write what changed; on failure, the seconds until the next try."""
@@ -183,10 +202,13 @@ class TraceWorker:
                 if meta.get("generation") != generation:
                     generation = meta.get("generation")
                     next_resync = 0.0  # a new selection may name other namespaces
-                    try:
-                        spec = specs.parse(body.get("spec", {}), cfg.max_duration_seconds)
-                    except specs.SpecError:
-                        spec = None  # the accept handler reports it; nothing stays published
+                # Every turn: acceptance also depends on the namespace's other traces. Refused, nothing stays
+                # published (the status handlers report why).
+                admitted = self.admitted()
+                if admitted != spec:
+                    if spec is None:
+                        next_resync = 0.0
+                    spec = admitted
                 now = datetime.now(UTC)
                 if time.monotonic() >= next_resync:
                     next_resync = time.monotonic() + cfg.resync_seconds

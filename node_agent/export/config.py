@@ -5,13 +5,18 @@ OpenTelemetry defines one, the standard variable (OTEL_EXPORTER_OTLP_PROTOCOL, .
 ..._DEFAULT_HISTOGRAM_AGGREGATION). Endpoint, headers, TLS files, compression and timeout left unset here
 are read by the OpenTelemetry exporters themselves from the standard OTEL_EXPORTER_OTLP_* variables, with
 their per-signal variants. An invalid value fails at start with a message naming the variable.
+
+`allowed_endpoints` (LATENCYTRACE_EXPORT_ALLOWED_ENDPOINTS, JSON) is the administrator's list of the
+endpoints a LatencyTrace may name besides the default, each saying whether the agent's credentials (OTLP
+headers, client certificate, CA bundle) go there too; unset, any endpoint is allowed, without them.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Literal
 
-from pydantic import AliasChoices, Field, ValidationError, field_validator
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .. import endpoints
@@ -23,6 +28,21 @@ PREFIX = "LATENCYTRACE_EXPORT_"
 
 class ExportConfigError(ValueError):
     pass
+
+
+class AllowedEndpoint(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    endpoint: str
+    credentials: bool = False  # the agent's headers and certificates go to it as well
+
+    @field_validator("endpoint")
+    @classmethod
+    def _url(cls, v):
+        why = endpoints.problem(v)
+        if why:
+            raise ValueError(why)
+        return v
 
 
 def _env(field: str, *standard: str) -> AliasChoices:
@@ -55,6 +75,20 @@ class ExportSettings(BaseSettings):
     node_name: str | None = None
     service_version: str = Field(default_factory=version)
     resource_attributes: dict[str, str] = Field(default_factory=dict)
+    # Endpoints traces may name (see the module docstring); None: any, without credentials.
+    allowed_endpoints: tuple[AllowedEndpoint, ...] | None = None
+
+    def trace_endpoint_allowed(self, url: str) -> bool:
+        """May a trace export to `url`? The default endpoint and the allow-list's; any without a list."""
+        if self.allowed_endpoints is None:
+            return True
+        default = self.endpoint or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
+        return (default is not None and same_endpoint(url, default)) or \
+            any(same_endpoint(url, a.endpoint) for a in self.allowed_endpoints)
+
+    def credentials_for(self, url: str) -> bool:
+        """Do the agent's credentials go to a trace's endpoint `url`? Only where the administrator said so."""
+        return any(a.credentials and same_endpoint(url, a.endpoint) for a in self.allowed_endpoints or ())
 
     @field_validator("endpoint")
     @classmethod
@@ -89,6 +123,11 @@ class ExportSettings(BaseSettings):
         if not v or any(b <= 0 for b in v) or any(x >= y for x, y in zip(v, v[1:])):
             raise ValueError("boundaries must be positive and increasing (seconds)")
         return v
+
+
+def same_endpoint(a: str, b: str) -> bool:
+    """Endpoints compare as written, but for a trailing slash (as the operator compares them)."""
+    return a.rstrip("/") == b.rstrip("/")
 
 
 def load(**overrides) -> ExportSettings:

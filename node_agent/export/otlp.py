@@ -3,11 +3,20 @@
 We build the data ourselves but send it with the SDK's exporters: they bring TLS, headers, compression,
 the standard OTEL_EXPORTER_OTLP_* variables and retries with backoff. What is not given here explicitly
 they read from those variables, including the per-signal ones (..._METRICS_ENDPOINT, ..._TRACES_HEADERS).
+
+Credentials: the SDK's exporters read the headers, client certificate and key, CA bundle and credential
+providers from the environment for every exporter they build, whatever its endpoint (and an empty value
+given here falls back to the environment). So an exporter built `with_credentials=False` (a trace's own
+endpoint the administrator did not configure them for) is built with those variables out of the
+environment, under a lock, and gets none of the explicit ones either: the backend's token never goes to an
+endpoint a tenant named.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
+import threading
 from dataclasses import dataclass
 from urllib.parse import urlparse
 
@@ -72,9 +81,43 @@ def _http_url(base: str, signal: str) -> str:
     return f"{base.rstrip('/')}/v1/{signal}"
 
 
-def build(endpoints: dict[str, str | None], settings: ExportSettings, from_env: bool = False) -> Exporters:
+_ENV_LOCK = threading.Lock()
+_CREDENTIAL_SUFFIXES = ("_HEADERS", "_CERTIFICATE", "_CLIENT_KEY", "_CLIENT_CERTIFICATE")
+
+
+def credential_variables(environ=os.environ) -> list[str]:
+    """The environment variables through which the SDK's exporters pick up credentials."""
+    return [k for k in environ if (k.startswith("OTEL_EXPORTER_OTLP_") and k.endswith(_CREDENTIAL_SUFFIXES))
+            or (k.startswith("OTEL_PYTHON_EXPORTER_OTLP_") and k.endswith("CREDENTIAL_PROVIDER"))]
+
+
+@contextlib.contextmanager
+def _without_credentials():
+    with _ENV_LOCK:
+        saved = {k: os.environ.pop(k) for k in credential_variables()}
+        try:
+            yield
+        finally:
+            os.environ.update(saved)
+
+
+def build(endpoints: dict[str, str | None], settings: ExportSettings, from_env: bool = False,
+          with_credentials: bool = True) -> Exporters:
     """Exporters for `endpoints` ({signal: url or None}). With `from_env` the URLs came from the OTEL
-    variables and are left for the exporters to resolve (they add the HTTP path per signal themselves)."""
+    variables and are left for the exporters to resolve (they add the HTTP path per signal themselves).
+    Without `with_credentials`, no header, certificate or key of the agent's reaches them."""
+    if not with_credentials:
+        with _without_credentials():
+            return _build(endpoints, replace_credentials(settings), from_env)
+    with _ENV_LOCK:  # not while another thread has the credentials out of the environment
+        return _build(endpoints, settings, from_env)
+
+
+def replace_credentials(settings: ExportSettings) -> ExportSettings:
+    return settings.model_copy(update={"headers": None, "certificate": None})
+
+
+def _build(endpoints: dict[str, str | None], settings: ExportSettings, from_env: bool) -> Exporters:
     proto = protocol(settings)
     shown = endpoints.get("metrics") or endpoints.get("traces") or "?"
     made: dict[str, object] = {}

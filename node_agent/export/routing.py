@@ -89,5 +89,5 @@ class Router:
 
 
 def exports_of(traces: Iterable) -> dict[str, ExportOverrides]:
-    """{"namespace/name": export overrides} of contract.NodeTrace objects."""
-    return {f"{t.namespace}/{t.name}": t.export for t in traces}
+    """{trace ref (namespace/name, or ClusterLatencyTrace/name): export overrides} of contract.NodeTrace objects."""
+    return {t.ref: t.export for t in traces}

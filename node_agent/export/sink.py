@@ -83,8 +83,11 @@ class OtlpSink:
     def _exporters(self, endpoint: str | None) -> otlp.Exporters:
         if endpoint is None:
             return otlp.build(self.default or {}, self.settings, from_env=self.settings.endpoint is None)
+        if not self.settings.trace_endpoint_allowed(endpoint):
+            raise otlp.ExportConfigError(f"{endpoint} is not in this cluster's allowed export endpoints")
         signals = {s: endpoint if otlp.signal_enabled(s, self.settings) else None for s in otlp.SIGNALS}
-        return otlp.build(signals, self.settings)
+        # A trace's own endpoint: the agent's credentials only where the administrator configured them.
+        return otlp.build(signals, self.settings, with_credentials=self.settings.credentials_for(endpoint))
 
     def _worker(self, endpoint: str | None) -> ExportWorker:
         w = self._workers.get(endpoint)

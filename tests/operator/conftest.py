@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from latencytrace.node_agent.contract import TRACE_KINDS
+
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: never the repository on PYTHONPATH
 
@@ -23,7 +25,8 @@ def crds(control_plane):
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
     control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          "crd/latencytraces.latencytrace.io", "crd/latencytracenodes.latencytrace.io")
+                          *(f"crd/{kind.plural}.latencytrace.io" for kind in TRACE_KINDS),
+                          "crd/latencytracenodes.latencytrace.io")
 
 
 @pytest.fixture

@@ -1,5 +1,7 @@
 """The in-cluster agent's pure parts: node spec to targets, merged settings, status reports."""
 
+import pytest
+
 from latencytrace.node_agent import cluster, segments
 from latencytrace.node_agent.agent import TargetState
 from latencytrace.node_agent.contract import NodeSpec, NodeTrace, PodRef, TraceSettings
@@ -49,3 +51,23 @@ def test_ready_condition():
     failed = cluster.ready_condition(failure=("TracerFailed", "no BTF"), loaded=False, targets_n=0, probes=probes,
                                      generation=3)
     assert (failed.status, failed.reason, failed.message) == ("False", "TracerFailed", "no BTF")
+
+
+def test_merged_settings_stay_within_the_administrators_limits():
+    """The merge rule (README "Tenant isolation"): one pod's traces are its own namespace's LatencyTraces and
+    administrators' ClusterLatencyTraces only (no other tenant's trace can select it), and the kernel runs the
+    most demanding of their settings; each was accepted within the limits, so the merge is within them too."""
+    from latencytrace.operator import spec as specs
+
+    limits = specs.Limits(min_slow_threshold_microseconds=100, max_spans_per_second=20, min_sample_one_in=1000)
+    asked = [{"slowThresholdMicroseconds": 100, "spansPerSecond": 20, "sampleOneIn": 0},
+             {"slowThresholdMicroseconds": 5000, "spansPerSecond": 1, "sampleOneIn": 1000},
+             {"slowThresholdMicroseconds": 150, "spansPerSecond": 5, "sampleOneIn": 50_000}]
+    settings = [specs.parse({"podNames": ["a"], **a}, limits).settings() for a in asked]
+    merged = cluster.merge_settings(settings)
+    assert merged.slow_ns >= limits.min_slow_threshold_microseconds * 1000
+    assert merged.events_per_sec <= limits.max_spans_per_second
+    assert merged.sample_one_in == 0 or merged.sample_one_in >= limits.min_sample_one_in
+    for over in ({"slowThresholdMicroseconds": 99}, {"spansPerSecond": 21}, {"sampleOneIn": 999}):
+        with pytest.raises(specs.SpecError):
+            specs.parse({"podNames": ["a"], **over}, limits)

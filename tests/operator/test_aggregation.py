@@ -2,11 +2,16 @@
 
 from datetime import UTC, datetime, timedelta
 
-from latencytrace.node_agent.contract import NodeSpec, NodeStatus, NodeTrace, PodRef, PodReport, TraceReport
+from latencytrace.node_agent.contract import NAMESPACED, NodeSpec, NodeStatus, NodeTrace, PodRef, PodReport, TraceReport
 from latencytrace.operator import aggregation, conditions, handlers
 from latencytrace.operator.config import OperatorConfig
 
 NOW = datetime(2026, 1, 1, 12, tzinfo=UTC)
+
+
+def trace_status(spec, generation, old, views, cfg, now, kind=NAMESPACED, rank=None):
+    body = {"metadata": {"namespace": "app", "name": "web", "uid": "t1", "generation": generation}, "spec": spec}
+    return handlers.trace_status(handlers.Trace(kind, body, lambda: views, lambda: rank), old, cfg, now)
 
 
 def ltn(node, pods, states, heartbeat_age=5.0, ready=("True", "Tracing"), generation=1, observed=1, uid="t1",
@@ -63,26 +68,26 @@ def test_trace_status_end_to_end():
     cfg = OperatorConfig()
     views = [ltn("n1", ["a"], ["Tracing"])]
     spec = {"podSelector": {}, "duration": "10m", "directions": ["receive", "transmit"]}
-    status, invalid = handlers.trace_status(spec, 1, {}, views, cfg, NOW)
+    status, invalid = trace_status(spec, 1, {}, views, cfg, NOW)
     assert invalid is None and status["phase"] == "Tracing" and status["tracedPods"] == 1
     assert status["startTime"] == conditions.timestamp(NOW) and status["nodes"]["tracing"] == 1
     # Ten minutes later: completed; counts kept, nothing traced, completionTime = the deadline.
     later = NOW + timedelta(minutes=10, seconds=1)
-    done, _ = handlers.trace_status(spec, 1, status, [], cfg, later)
+    done, _ = trace_status(spec, 1, status, [], cfg, later)
     assert done["phase"] == "Completed" and done["tracedPods"] == 0 and done["matchedPods"] == 1
     assert done["completionTime"] == conditions.timestamp(NOW + timedelta(minutes=10))
     # Unchanged inputs: nothing to patch (an operator restart writes nothing).
-    again, _ = handlers.trace_status(spec, 1, done, [], cfg, later + timedelta(minutes=1))
+    again, _ = trace_status(spec, 1, done, [], cfg, later + timedelta(minutes=1))
     assert handlers.status_patch(done, again) is None
     # Extending the duration revives it, and the completion time is removed.
-    revived, _ = handlers.trace_status({**spec, "duration": "1h"}, 2, done, views, cfg, later)
+    revived, _ = trace_status({**spec, "duration": "1h"}, 2, done, views, cfg, later)
     completed = next(c for c in revived["conditions"] if c["type"] == "Completed")
     assert completed["status"] == "False" and revived["phase"] != "Completed"
     assert handlers.status_patch(done, revived)["completionTime"] is None
 
 
 def test_invalid_spec_status():
-    status, invalid = handlers.trace_status({"podNames": ["a"], "podSelector": {}}, 3, {}, [], OperatorConfig(), NOW)
+    status, invalid = trace_status({"podNames": ["a"], "podSelector": {}}, 3, {}, [], OperatorConfig(), NOW)
     assert "exactly one way" in invalid and status["phase"] == "Invalid" and "startTime" not in status
     assert status["observedGeneration"] == 3
 

@@ -32,7 +32,7 @@ def test_valid_trace_is_accepted_with_defaults(control_plane, crds, namespace):
 
 @pytest.mark.parametrize("spec, message", [
     ({"podSelector": {}, "podNames": ["a"]},
-     "select pods in exactly one way: podSelector and/or namespaceSelector, or podNames"),
+     "select pods in exactly one way: podSelector or podNames"),
     ({"podNames": ["a"], "directions": ["receive"], "segments": ["tx_qdisc"]},
      "segments must belong to the traced directions"),
     ({"podNames": ["a"], "segments": ["rx_nowhere"]}, 'Unsupported value: "rx_nowhere"'),

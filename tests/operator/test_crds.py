@@ -58,7 +58,8 @@ def test_node_schema_matches_the_contract(model, part):
 
 
 def test_names_match_the_contract():
-    for plural, kind in ((contract.TRACE_PLURAL, contract.TRACE_KIND), (contract.NODE_PLURAL, contract.NODE_KIND)):
+    kinds = [(k.plural, k.kind) for k in contract.TRACE_KINDS] + [(contract.NODE_PLURAL, contract.NODE_KIND)]
+    for plural, kind in kinds:
         doc = crd(plural)
         assert doc["spec"]["group"] == contract.GROUP and doc["spec"]["names"]["kind"] == kind
         assert [v["name"] for v in doc["spec"]["versions"]] == [contract.VERSION]
@@ -69,7 +70,8 @@ def test_chart_is_self_contained_and_the_repository_crds_link_to_it():
     chart_crds = ROOT / "charts" / "latencytrace" / "crds"
     assert not chart_crds.is_symlink()
     files = sorted(p.name for p in chart_crds.glob("*.yaml"))
-    assert files == ["latencytrace.io_latencytracenodes.yaml", "latencytrace.io_latencytraces.yaml"]
+    assert files == ["latencytrace.io_clusterlatencytraces.yaml", "latencytrace.io_latencytracenodes.yaml",
+                     "latencytrace.io_latencytraces.yaml"]
     for name in files:
         assert not (chart_crds / name).is_symlink()
         assert (CRDS / name).resolve() == (chart_crds / name).resolve()
@@ -82,3 +84,34 @@ def test_otlp_endpoint_pattern_is_the_agent_and_operator_check():
     node = schema("latencytracenodes")["properties"]["spec"]["properties"]["traces"]["items"]["properties"]
     for field in (trace, node["export"]["properties"]["otlpEndpoint"]):
         assert field["pattern"] == endpoints.PATTERN and field["maxLength"] == endpoints.MAX_LENGTH
+
+
+def test_the_cluster_kind_is_generated_from_the_namespaced_one():
+    """One spec schema for both kinds: the ClusterLatencyTrace CRD is crdgen's output from the LatencyTrace CRD,
+    which differs only in scope, the selection rules and a few descriptions."""
+    from . import crdgen
+
+    assert yaml.safe_load(crdgen.TARGET.read_text()) == yaml.safe_load(crdgen.render()), \
+        "run python -m tests.operator.crdgen"
+    ns, cl = crd(contract.TRACE_PLURAL), crd(contract.CLUSTER_TRACE_PLURAL)
+    assert (ns["spec"]["scope"], cl["spec"]["scope"]) == ("Namespaced", "Cluster")
+    assert cl["spec"]["names"]["shortNames"] == ["clt"]
+
+    def strip(doc):  # the schema without descriptions and the scope's own rules
+        sch = doc["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+        out = yaml.safe_load(yaml.safe_dump(sch).replace("description:", "x-description:"))
+        rules = out["properties"]["spec"]["x-kubernetes-validations"]
+        out["properties"]["spec"]["x-kubernetes-validations"] = [r for r in rules if r not in
+                                                                   sum(crdgen.SCOPE_RULES.values(), [])]
+        return _without(out, "x-description")
+
+    assert strip(ns) == strip(cl)
+    assert ns["spec"]["versions"][0]["additionalPrinterColumns"] == cl["spec"]["versions"][0]["additionalPrinterColumns"]
+
+
+def _without(doc, key):
+    if isinstance(doc, dict):
+        return {k: _without(v, key) for k, v in doc.items() if k != key}
+    if isinstance(doc, list):
+        return [_without(v, key) for v in doc]
+    return doc

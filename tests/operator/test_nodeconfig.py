@@ -8,7 +8,8 @@ import time
 import pytest
 from kubernetes import client
 
-from latencytrace.node_agent.contract import GROUP, NODE_PLURAL, VERSION, NodeSpec, NodeTrace, PodRef, TraceSettings
+from latencytrace.node_agent.contract import (GROUP, NAMESPACED, NODE_PLURAL, VERSION, NodeSpec, NodeTrace, PodRef,
+                                              TraceSettings)
 from latencytrace.node_agent.kube import api_client
 from latencytrace.operator import nodeconfig
 
@@ -22,7 +23,7 @@ def entry(uid="t1", name="web", pods=("a",), **kw):
 
 def test_entries_only_for_nodes_with_pods():
     pods = {"n1": [PodRef(namespace="app", name="a", uid="u-a")], "n2": []}
-    out = nodeconfig.entries_by_node("app", "web", "t1", 3, TraceSettings(slow_threshold_microseconds=50), pods)
+    out = nodeconfig.entries_by_node(NAMESPACED, "app", "web", "t1", 3, TraceSettings(slow_threshold_microseconds=50), pods)
     assert list(out) == ["n1"]
     assert out["n1"].generation == 3 and out["n1"].slow_threshold_microseconds == 50
 

@@ -1,5 +1,6 @@
 """Pods to nodes: the query pushed to the API server and what is filtered here."""
 
+from latencytrace.node_agent.contract import CLUSTER, NAMESPACED
 from latencytrace.operator import selection, spec as specs
 
 
@@ -10,7 +11,8 @@ def pod(name, node="n1", ns="app", labels=None, ips=("10.0.0.1",), phase="Runnin
 
 
 def parse(raw):
-    return specs.parse(raw, 1e9)
+    kind = CLUSTER if "namespaceSelector" in raw else NAMESPACED
+    return specs.parse(raw, specs.Limits(), kind)
 
 
 def test_selector_string_covers_every_operator():

@@ -6,7 +6,7 @@ import pytest
 
 from latencytrace.operator import spec as specs
 
-WEEK = 7 * 24 * 3600.0
+WEEK = specs.Limits(max_duration_seconds=7 * 24 * 3600.0)
 
 
 def test_defaults_fill_what_the_user_left_out():
@@ -79,4 +79,7 @@ def test_deadline_counts_from_start():
     start = datetime(2026, 1, 1, tzinfo=UTC)
     assert specs.deadline(s, start) == start + timedelta(minutes=10)
     assert specs.deadline(s, None) is None
-    assert specs.deadline(specs.parse({"podNames": ["a"]}, WEEK), start) is None
+    # No duration: the cluster's default, or its maximum; never unbounded.
+    assert specs.deadline(specs.parse({"podNames": ["a"]}, WEEK), start) == start + timedelta(days=7)
+    limits = specs.Limits(max_duration_seconds=3600, default_duration_seconds=600)
+    assert specs.deadline(specs.parse({"podNames": ["a"]}, limits), start) == start + timedelta(minutes=10)
