@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--pid", action="append", default=[], type=int, help="trace the network namespace of this process")
     t.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
                    help="stop after this long (default: until Ctrl-C)")
-    t.add_argument("--format", choices=("table", "json"), default="table")
+    t.add_argument("--format", choices=("table", "json", "jsonl"), default="table",
+                   help="table (live, default), json (one document at the end) or jsonl (one line per interval)")
     t.add_argument("--interval", type=_positive(float), default=1.0, metavar="SECONDS",
                    help="table refresh and export interval (default 1)")
     t.add_argument("--segments", default="", help="comma-separated segments to record (default: all)")
@@ -119,7 +120,7 @@ def trace(args) -> int:
 
     from .agent import Agent
     from .program import Sizes
-    from .report import Report
+    from .report import IntervalLines, Report
     from .tracer import check_privileges
 
     if args.dump_bpf:
@@ -132,9 +133,11 @@ def trace(args) -> int:
     endpoint_sink = _otlp_sink(args)
     if endpoint_sink is not None:
         sinks.append(endpoint_sink)
+    stop = threading.Event()
+    if args.format == "jsonl":  # a reader that goes away (`| head`) ends the run like Ctrl-C
+        sinks.append(IntervalLines(sys.stdout, lambda: _run_fields(agent, args), on_broken_pipe=stop.set))
     agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks, btf_path=args.btf,
                   stats_policy=StatsPolicy(args.probe_stats))
-    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     console = Console(stderr=True)
@@ -169,16 +172,19 @@ def trace(args) -> int:
                 live.stop()
     finally:
         agent.close()
-    doc = report.as_json()
-    doc["attach_seconds"] = round(agent.tracer.attach_seconds or 0, 3)
-    doc["probe_stats"] = {"mode": args.probe_stats, "seconds_on": round(agent.tracer.stats.seconds_on, 3)}
-    doc["unavailable_probes"] = {p.tracepoint: why for p, why in agent.tracer.status.unavailable}
     if args.format == "json":
-        json.dump(doc, sys.stdout, indent=2)
+        json.dump({**report.as_json(), **_run_fields(agent, args)}, sys.stdout, indent=2)
         sys.stdout.write("\n")
-    else:
+    elif args.format == "table":
         console.print(report.table(title="latencytrace: whole run"))
     return 0
+
+
+def _run_fields(agent, args) -> dict:
+    """The fields of the JSON documents that describe the run rather than the packets."""
+    return {"attach_seconds": round(agent.tracer.attach_seconds or 0, 3),
+            "probe_stats": {"mode": args.probe_stats, "seconds_on": round(agent.tracer.stats.seconds_on, 3)},
+            "unavailable_probes": {p.tracepoint: why for p, why in agent.tracer.status.unavailable}}
 
 
 def _otlp_sink(args):

@@ -1,8 +1,12 @@
-"""Human and machine reports of a trace: a live table and the final JSON document (both are sinks)."""
+"""Human and machine reports of a trace: a live table, the final JSON document and JSON lines (all sinks)."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import TextIO
 
 from rich.table import Table
 
@@ -84,3 +88,40 @@ class Report:
                 t.add_row(tot.label if first else "", f"drop {name}", str(n), "", "", "", "")
                 first = False
         return t
+
+
+def _rfc3339(ns: int) -> str:
+    return datetime.fromtimestamp(ns / 1e9, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class IntervalLines:
+    """`--format jsonl`: one JSON document per interval, on one line, flushed, for piping.
+
+    Each line has the shape of the end document of `--format json` for that interval alone (a fresh
+    Report per interval), plus `interval_start`/`interval_end` (RFC 3339, UTC) and the same in ns since
+    the epoch. `extra` adds the run-wide fields (attach time, probe-stats mode, unavailable probes).
+    The agent publishes its last partial interval on close, so the lines add up to the whole run.
+    """
+
+    def __init__(self, out: TextIO, extra: Callable[[], dict] = dict,
+                 on_broken_pipe: Callable[[], object] = lambda: None) -> None:
+        self.out, self.extra, self.on_broken_pipe = out, extra, on_broken_pipe
+        self.broken = False
+
+    def consume(self, interval: Interval) -> None:
+        if self.broken:
+            return
+        one = Report()
+        one.consume(interval)
+        doc = {"interval_start": _rfc3339(interval.start_ns), "interval_end": _rfc3339(interval.end_ns),
+               "interval_start_ns": interval.start_ns, "interval_end_ns": interval.end_ns,
+               **one.as_json(), **self.extra()}
+        try:
+            self.out.write(json.dumps(doc, separators=(",", ":")) + "\n")
+            self.out.flush()
+        except BrokenPipeError:
+            self.broken = True
+            self.on_broken_pipe()
+
+    def close(self) -> None:
+        pass

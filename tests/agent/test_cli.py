@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -64,6 +65,43 @@ def test_json_document(lab):
     assert doc["probes"]["lt_netif_receive_skb"]["run_cnt"] > 0
     assert doc["probe_stats"]["mode"] == "always" and doc["probe_stats"]["seconds_on"] > 0
     assert doc["attach_seconds"] < 30
+
+
+def test_jsonl_one_document_per_interval(lab):
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "jsonl", "--interval", "0.5"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: list[tuple[float, str]] = []  # (when it was read, the line): each must arrive as its interval ends
+    reader = threading.Thread(target=lambda: lines.extend((time.monotonic(), ln) for ln in agent.stdout), daemon=True)
+    try:
+        wait_ready(agent)
+        reader.start()
+        with a.serve("udp-recv", "--port", "9401", "--count", "600", "--timeout", "30") as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9401", "--count", "600", "--rate", "200")
+            sent_at = time.monotonic()
+        assert rx.result == {"received": 600}
+        agent.send_signal(signal.SIGTERM)
+        err = agent.stderr.read()
+        agent.wait(timeout=60)
+        reader.join(timeout=10)
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.wait()
+    assert agent.returncode == 0, err
+    docs = [(t, json.loads(ln)) for t, ln in lines]  # every line is a whole JSON document
+    counts = []
+    for t, doc in docs:
+        assert doc["interval_start_ns"] < doc["interval_end_ns"]
+        assert doc["interval_start"].endswith("Z") and doc["probe_stats"]["mode"] == "always"
+        (target,) = doc["targets"] or [{"netns_inode": a.inode, "segments": {}}]
+        assert target["netns_inode"] == a.inode
+        counts.append((t, target["segments"].get("rx_pod_stack", {}).get("count", 0)))
+    for (_, one), (_, two) in zip(docs, docs[1:]):
+        assert one["interval_end_ns"] == two["interval_start_ns"]  # the intervals tile the run
+    # 600 packets at 200/s take 3 s: several 0.5 s intervals carry some, and were read while traffic flowed.
+    assert sum(1 for t, n in counts if n and t <= sent_at) >= 2, counts
+    assert sum(n for _, n in counts) == 600
 
 
 @pytest.mark.parametrize("args, message", [
