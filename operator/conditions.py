@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from latencytrace.node_agent.contract import Condition
 
 ACCEPTED, TRACING, DEGRADED, COMPLETED = "Accepted", "Tracing", "Degraded", "Completed"
-READY = "Ready"  # the agent's condition on its LatencyTraceNode
+READY = "Ready"  # the agent's condition on its LatencyTraceNode, and the trace's summary condition
 MESSAGE_LIMIT = 1024  # characters of a condition message (Kubernetes allows 32768)
 
 
@@ -88,6 +88,38 @@ class TraceFacts:
 
 
 def trace_conditions(f: TraceFacts) -> list[Condition]:
+    """Accepted, Tracing, Degraded, Completed, then the summary Ready (see `ready`)."""
+    detail = _detail_conditions(f)
+    return detail + [ready(f, {c.type: c for c in detail})]
+
+
+def ready(f: TraceFacts, by_type: Mapping[str, Condition]) -> Condition:
+    """The summary condition GitOps tools and `kubectl wait --for=condition=Ready` read (kstatus).
+
+    True only while the trace is accepted, not completed, and every pod it selects is traced on every
+    node that hosts it, with no node failing. False otherwise, with the reason of what is missing:
+    the Accepted reason when refused (InvalidSpec, NotAllowed, TooManyTraces); Completed once the
+    duration expired (a finished trace traces nothing: wait for condition=Completed for its end);
+    PodLimitExceeded, NodesFailing, NoPodsMatched, or PodsPending while agents are still attaching.
+    """
+    g, s = f.generation, f.summary
+    if f.invalid is not None:
+        return make(READY, False, f.invalid_reason, "the trace is not accepted: " + f.invalid, g)
+    if f.completed:
+        return make(READY, False, "Completed", f"the duration ({f.duration}) expired; nothing is traced any more", g)
+    degraded = by_type[DEGRADED]
+    if degraded.status == "True":
+        return make(READY, False, degraded.reason, degraded.message, g)
+    if s.matched_pods == 0:
+        return make(READY, False, "NoPodsMatched", "no selected pod is scheduled to a node", g)
+    if s.traced_pods < s.matched_pods or s.tracing_nodes < s.matched_nodes:
+        return make(READY, False, "PodsPending", f"{s.traced_pods} of {s.matched_pods} pods traced on "
+                    f"{s.tracing_nodes} of {s.matched_nodes} nodes; waiting for the agents", g)
+    return make(READY, True, "AllPodsTraced",
+                f"all {s.matched_pods} selected pods traced on {s.matched_nodes} nodes", g)
+
+
+def _detail_conditions(f: TraceFacts) -> list[Condition]:
     g, s = f.generation, f.summary
     if f.invalid is not None:
         r = f.invalid_reason

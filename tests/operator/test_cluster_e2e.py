@@ -4,7 +4,7 @@ into the pods' status so that the agents find them the way they find any pod: by
 
 One scenario on one world, in named steps: a trace over pods on two of three nodes, packets through a
 traced pod to an OTLP backend, an operator restart, a pod deletion, a trace that expires, an agent
-stopped with SIGTERM, and the trace's deletion (probes detached, then unloaded, as the kernel shows
+stopped with SIGTERM, and the trace's deletion; the trace's summary Ready condition along the way (probes detached, then unloaded, as the kernel shows
 it). A failure names its step.
 """
 
@@ -152,7 +152,7 @@ def test_scenario(world):
         deleting_a_selected_pod_removes_it_from_its_agent(world)
     with step("a trace's duration expires"):
         duration_expiry_completes_the_trace(world)
-    with step("an agent stopped with SIGTERM reports Ready=False, Stopped"):
+    with step("an agent stopped with SIGTERM reports Ready=False, Stopped; the trace is not Ready"):
         sigterm_reports_stopped(world)
     with step("deleting the trace detaches, then unloads, every probe"):
         deleting_the_trace_detaches_everything(world, programs)
@@ -179,7 +179,11 @@ def traced_end_to_end(world) -> dict[str, set[int]]:
         return st.get("tracedPods") == 3 and st.get("nodes", {}).get("tracing") == 2 and st.get("phase") == "Tracing"
 
     wait_until("trace status shows 3 pods on 2 nodes traced", traced, 90, world.procs())
+    # The summary condition, as GitOps tools and scripts wait for it.
+    world.cp.kubectl("wait", "-n", world.ns, "--for=condition=Ready", "lt/web", "--timeout=30s", timeout=40)
     status = world.trace("web")["status"]
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert (ready["reason"], ready["observedGeneration"]) == ("AllPodsTraced", world.trace("web")["metadata"]["generation"])
     assert status["matchedPods"] == 3 and status["matchedNodes"] == 2 and status["nodes"]["failing"] == 0
     # Each agent traces the very namespace that holds the pod's IP on this machine.
     for node, obj in world.ltns().items():
@@ -224,8 +228,10 @@ def operator_restart_changes_nothing(world):
     after = {n: (o["metadata"]["generation"], o["spec"]) for n, o in world.ltns().items() if n != n2}
     assert after == before
     new = world.trace("web")["status"]
-    flips = {c["type"]: c["lastTransitionTime"] for c in status["conditions"]}
-    assert {c["type"]: c["lastTransitionTime"] for c in new["conditions"]} == flips
+    # Ready is left out: it rightly went False while web-d (the sentinel) was not yet traced.
+    flips = {c["type"]: c["lastTransitionTime"] for c in status["conditions"] if c["type"] != "Ready"}
+    assert {c["type"]: c["lastTransitionTime"] for c in new["conditions"] if c["type"] != "Ready"} == flips
+    world.cp.kubectl("wait", "-n", world.ns, "--for=condition=Ready", "lt/web", "--timeout=30s", timeout=40)
     assert new["startTime"] == status["startTime"]
 
 
@@ -248,6 +254,8 @@ def duration_expiry_completes_the_trace(world):
     status = world.trace("short")["status"]
     completed = {c["type"]: c for c in status["conditions"]}["Completed"]
     assert completed["status"] == "True" and completed["reason"] == "DurationExpired"
+    ready = {c["type"]: c for c in status["conditions"]}["Ready"]
+    assert (ready["status"], ready["reason"]) == ("False", "Completed"), ready  # a finished trace traces nothing
     assert status["completionTime"] >= status["startTime"] and status["tracedPods"] == 0
     wait_until("short trace removed from the node", lambda: world.pods_on(n0, "short") == [], 30, world.procs())
     assert world.pods_on(n0, "web") == ["web-a"]  # the other trace on that node goes on
@@ -264,6 +272,10 @@ def sigterm_reports_stopped(world):
     ready = world.condition(n2, "Ready")
     assert (ready.get("status"), ready.get("reason")) == ("False", "Stopped"), ready
     assert not held & {p["id"] for p in bpftool("prog", "show")}
+    # web-d is no longer traced: the trace is not Ready, and says why.
+    world.cp.kubectl("wait", "-n", world.ns, "--for=condition=Ready=false", "lt/web", "--timeout=30s", timeout=40)
+    trace_ready = {c["type"]: c for c in world.trace("web")["status"]["conditions"]}["Ready"]
+    assert trace_ready["reason"] == "PodsPending" and "2 of 3 pods traced" in trace_ready["message"], trace_ready
 
 
 def deleting_the_trace_detaches_everything(world, programs: dict[str, set[int]]):

@@ -36,12 +36,38 @@ def test_conditions_and_phase_for_each_situation():
     }
     for phase, facts in cases.items():
         conds = conditions.trace_conditions(facts)
-        assert [c.type for c in conds] == ["Accepted", "Tracing", "Degraded", "Completed"]
+        assert [c.type for c in conds] == ["Accepted", "Tracing", "Degraded", "Completed", "Ready"]
         assert all(c.observed_generation == facts.generation for c in conds)
         assert conditions.phase(conds) == phase, phase
     degraded = by_type(conditions.trace_conditions(cases["Degraded"]))["Degraded"]
     assert degraded.reason == "NodesFailing" and "n2: agent silent" in degraded.message
     assert by_type(conditions.trace_conditions(cases["Invalid"]))["Accepted"].message == "spec.duration: bad"
+
+
+def test_ready_summarizes_the_others():
+    def ready(facts):
+        return by_type(conditions.trace_conditions(facts))["Ready"]
+    all_traced = Summary(matched_pods=3, traced_pods=3, matched_nodes=2, ready_nodes=2, tracing_nodes=2)
+    cases = [
+        (TraceFacts(4, summary=all_traced), "True", "AllPodsTraced"),
+        (TraceFacts(4, summary=Summary(matched_pods=3, traced_pods=2, matched_nodes=2, tracing_nodes=2)),
+         "False", "PodsPending"),
+        (TraceFacts(4, summary=Summary(matched_pods=3, traced_pods=3, matched_nodes=3, tracing_nodes=2)),
+         "False", "PodsPending"),
+        (TraceFacts(4, summary=Summary()), "False", "NoPodsMatched"),
+        (TraceFacts(4, summary=Summary(matched_pods=3, traced_pods=3, matched_nodes=2, tracing_nodes=2,
+                                       failing_nodes=1, failing_sample=(("n2", "pod a/b: no such netns"),))),
+         "False", "NodesFailing"),
+        (TraceFacts(4, summary=all_traced, pods_over_limit=(9, 3)), "False", "PodLimitExceeded"),
+        (TraceFacts(4, invalid="spec.podSelector: bad", invalid_reason="InvalidSpec"), "False", "InvalidSpec"),
+        (TraceFacts(4, invalid="too many", invalid_reason="TooManyTraces"), "False", "TooManyTraces"),
+        (TraceFacts(4, completed=True, duration="10m", summary=all_traced), "False", "Completed"),
+    ]
+    for facts, status, reason in cases:
+        c = ready(facts)
+        assert (c.status, c.reason, c.observed_generation) == (status, reason, 4), (facts, c)
+    assert "n2: pod a/b: no such netns" in ready(cases[4][0]).message
+    assert len(ready(TraceFacts(1, invalid="x" * 100_000)).message) == conditions.MESSAGE_LIMIT
 
 
 def test_timestamps_are_rfc3339_utc():

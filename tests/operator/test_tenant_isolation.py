@@ -194,6 +194,8 @@ def test_what_the_administrator_does_not_allow_is_refused_with_a_condition(tenan
         wait_until("refused", lambda: t.condition(contract.NAMESPACED, name, t.a, "Accepted").get("reason")
                    == "NotAllowed", 30, [t.operator])
         assert fragment in t.condition(contract.NAMESPACED, name, t.a, "Accepted")["message"]
+        ready = t.condition(contract.NAMESPACED, name, t.a, "Ready")
+        assert (ready["status"], ready["reason"]) == ("False", "NotAllowed") and fragment in ready["message"]
         assert t.entries(contract.NAMESPACED, name) == {}  # nothing reaches an agent
     finally:
         t.cp.kubectl("delete", "lt", name, "-n", t.a, "--timeout=60s")
