@@ -148,6 +148,8 @@ def parse_node_spec(raw: object, node_name: str, endpoint_allowed: Callable[[str
 
 # -- agent state -> status (pure) ---------------------------------------------------------------------
 POD_MESSAGE_LIMIT = 512  # what the operator passes on per failing node anyway
+DESTINATIONS_LISTED = 32  # export destinations in the node's status (the default first); the CRD's maxItems
+DESTINATION_ERROR_LIMIT = 512  # characters of a destination's last error; the CRD's maxLength
 
 
 def pod_report(namespace: str, name: str, uid: str, st: TargetState | None) -> PodReport:
@@ -337,6 +339,8 @@ class NodeAgent:
             export = ExportReport(healthy=False, last_error=f"export health unknown: {type(e).__name__}: {e}")
         if export.last_error:
             export.last_error = conditions.bounded(export.last_error)
+        export.destinations = [d.model_copy(update={"last_error": conditions.bounded(d.last_error, DESTINATION_ERROR_LIMIT)})
+                               if d.last_error else d for d in export.destinations[:DESTINATIONS_LISTED]]
         return NodeStatus(observed_generation=self.generation, agent_version=version(),
                           heartbeat_time=conditions.timestamp(now), conditions=self.conditions, probes=probes,
                           traces=trace_reports(self.spec.traces, self.states) + self.rejected, export=export,

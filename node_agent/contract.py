@@ -143,11 +143,22 @@ class ProbeReport(_Model):
     unavailable: list[UnavailableProbe] = Field(default_factory=list)
 
 
+class DestinationReport(_Model):
+    """One OTLP destination this agent exports to: the default (the agent's endpoint) or a trace's own."""
+
+    endpoint: str | None = None  # None: the default destination's endpoint is not known (environment)
+    default: bool = False
+    healthy: bool = True  # the last export worked (or none was tried yet)
+    dropped_batches: int = 0  # since the agent started, all traces sharing this destination together
+    last_error: str | None = None
+
+
 class ExportReport(_Model):
     endpoint: str | None = None
     healthy: bool = True
     dropped_batches: int = 0
     last_error: str | None = None
+    destinations: list[DestinationReport] = Field(default_factory=list)
 
 
 class NodeStatus(_Model):

@@ -2,8 +2,9 @@
 
 The operator indexes every LatencyTraceNode by the traces it carries (`index_node`, a kopf index), so
 that a trace's status is computed from its own nodes only: counts of matched, traced and failing pods
-and nodes, plus the first few failing nodes with their error. Full per-node detail stays in each
-LatencyTraceNode, where the agent wrote it.
+and nodes, plus the first few failing nodes with their error, and the health of the OTLP destination
+the trace's data goes to (its own endpoint, or the agents' default), from each agent's export report.
+Full per-node detail stays in each LatencyTraceNode, where the agent wrote it.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from datetime import datetime
 
 from pydantic import ValidationError
 
-from latencytrace.node_agent.contract import Condition, NodeSpec, NodeStatus, NodeTrace, TraceReport
+from latencytrace.node_agent.contract import (Condition, DestinationReport, ExportReport, NodeSpec, NodeStatus,
+                                              NodeTrace, TraceReport)
 
 from . import conditions
-from .conditions import Summary, TraceFacts
+from .conditions import DestinationHealth, Summary, TraceFacts
 
 MESSAGE_LIMIT = 500  # the CRD allows 512 per failing node
 # Reasons an agent gives for not being ready that are part of its normal life, not a failure.
@@ -36,6 +38,7 @@ class NodeTraceView:
     created: datetime | None
     heartbeat: datetime | None
     ready: Condition | None
+    export: ExportReport | None = None  # the agent's export health, every destination of the node
 
 
 def index_node(name: str, meta: Mapping, spec: Mapping, status: Mapping) -> dict[str, NodeTraceView]:
@@ -54,7 +57,8 @@ def index_node(name: str, meta: Mapping, spec: Mapping, status: Mapping) -> dict
     common = dict(node=name, generation=int(meta.get("generation") or 0),
                   observed_generation=node_status.observed_generation,
                   created=conditions.parse_time(meta.get("creationTimestamp")),
-                  heartbeat=conditions.parse_time(node_status.heartbeat_time), ready=ready)
+                  heartbeat=conditions.parse_time(node_status.heartbeat_time), ready=ready,
+                  export=node_status.export if status else None)
     return {uid: NodeTraceView(published=entries.get(uid), report=reports.get(uid), **common)
             for uid in entries.keys() | reports.keys()}
 
@@ -92,7 +96,38 @@ def node_failure(view: NodeTraceView, now: datetime, stale_seconds: float) -> st
     return None
 
 
+def destination(view: NodeTraceView) -> DestinationReport | None:
+    """The agent's report on the destination this trace's data goes to from that node: the trace's own
+    endpoint, else the default (None when the agent reports neither, e.g. it exports nowhere)."""
+    if view.published is None or view.export is None:
+        return None
+    own = view.published.export.otlp_endpoint
+    reports = view.export.destinations
+    if own is None:
+        return next((d for d in reports if d.default), None)
+    # A trace naming the agent's own endpoint goes through the default's exporter: a trace's own first.
+    return next((d for d in sorted(reports, key=lambda d: d.default) if d.endpoint == own), None)
+
+
+def export_health(views: Iterable[NodeTraceView], now: datetime, stale_seconds: float) -> tuple[DestinationHealth, ...]:
+    """Per destination, over the nodes whose agent reported recently."""
+    by: dict[tuple[str | None, bool], list[tuple[str, DestinationReport]]] = {}
+    for v in views:
+        d = destination(v) if _fresh(v, now, stale_seconds) else None
+        if d is not None:
+            by.setdefault((d.endpoint, d.default), []).append((v.node, d))
+    out = []
+    for (endpoint, default), reports in sorted(by.items(), key=lambda kv: (not kv[0][1], kv[0][0] or "")):
+        reports.sort(key=lambda nd: nd[0])
+        bad = [(n, d) for n, d in reports if not d.healthy]
+        error = next((f"{n}: {d.last_error}" for n, d in bad if d.last_error), None)
+        out.append(DestinationHealth(endpoint, default, len(reports), len(bad), sum(d.dropped_batches for _, d in reports),
+                                     _clip(error) if error else None))
+    return tuple(out)
+
+
 def summarize(views: Iterable[NodeTraceView], now: datetime, stale_seconds: float, listed: int) -> Summary:
+    views = list(views)
     matched_pods = traced = matched_nodes = ready = tracing = 0
     failing: list[tuple[str, str]] = []
     for v in views:
@@ -109,13 +144,14 @@ def summarize(views: Iterable[NodeTraceView], now: datetime, stale_seconds: floa
         if why is not None:
             failing.append((v.node, _clip(why)))
     failing.sort()
-    return Summary(matched_pods, traced, matched_nodes, ready, tracing, len(failing), tuple(failing[:listed]))
+    return Summary(matched_pods, traced, matched_nodes, ready, tracing, len(failing), tuple(failing[:listed]),
+                   destinations=export_health(views, now, stale_seconds))
 
 
 def trace_status(old: Mapping, facts: TraceFacts, summary: Summary | None, start: str | None,
                  completion: str | None, now: datetime) -> dict:
-    """The LatencyTrace status to write. A completed trace keeps the counts it had (for the record);
-    its traced pods drop to zero as the agents detach."""
+    """The LatencyTrace status to write. A completed trace keeps the counts and export health it had (for
+    the record); its traced pods drop to zero as the agents detach."""
     conds = conditions.merge(old.get("conditions", []), conditions.trace_conditions(facts), now)
     status: dict = {
         "observedGeneration": facts.generation,
@@ -131,9 +167,10 @@ def trace_status(old: Mapping, facts: TraceFacts, summary: Summary | None, start
                       matchedNodes=summary.matched_nodes,
                       nodes={"ready": summary.ready_nodes, "tracing": summary.tracing_nodes,
                              "failing": summary.failing_nodes,
-                             "failingNodes": [{"name": n, "message": m} for n, m in summary.failing_sample]})
+                             "failingNodes": [{"name": n, "message": m} for n, m in summary.failing_sample]},
+                      export={"destinations": [d.wire() for d in summary.destinations]})
     else:
-        for key in ("matchedPods", "matchedNodes"):
+        for key in ("matchedPods", "matchedNodes", "export"):
             if key in old:
                 status[key] = old[key]
         status["tracedPods"] = 0

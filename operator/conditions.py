@@ -61,6 +61,24 @@ def merge(old: Iterable[Mapping | Condition], new: Iterable[Condition], now: dat
 
 
 @dataclass(frozen=True)
+class DestinationHealth:
+    """One OTLP destination of a trace, as the agents of its nodes report it."""
+
+    endpoint: str | None  # None: the agents' default, whose endpoint they do not know
+    default: bool
+    nodes: int  # nodes exporting the trace's data there
+    unhealthy_nodes: int  # of those, nodes whose last export there failed
+    dropped_batches: int  # summed over the nodes, since each agent started (all traces sharing it)
+    last_error: str | None  # "node: error" of the first unhealthy node (by name)
+
+    def wire(self) -> dict:
+        out = {"endpoint": self.endpoint, "default": self.default, "healthy": self.unhealthy_nodes == 0,
+               "nodes": self.nodes, "unhealthyNodes": self.unhealthy_nodes, "droppedBatches": self.dropped_batches,
+               "lastError": self.last_error}
+        return {k: v for k, v in out.items() if v is not None}
+
+
+@dataclass(frozen=True)
 class Summary:
     """The agents' reports of one trace, summed over its nodes."""
 
@@ -71,6 +89,7 @@ class Summary:
     tracing_nodes: int = 0
     failing_nodes: int = 0
     failing_sample: tuple[tuple[str, str], ...] = ()  # (node, error) of the first failing nodes
+    destinations: tuple[DestinationHealth, ...] = ()  # where the trace's data is exported, and how that goes
 
 
 @dataclass(frozen=True)

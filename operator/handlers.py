@@ -30,7 +30,7 @@ from .worker import Runtime, TraceWorker, publish
 
 # The status keys this operator owns; a key it no longer sets is removed (merge patch: null).
 STATUS_KEYS = ("observedGeneration", "phase", "conditions", "startTime", "completionTime", "matchedPods",
-               "tracedPods", "matchedNodes", "nodes")
+               "tracedPods", "matchedNodes", "nodes", "export")
 
 
 @dataclass(frozen=True)

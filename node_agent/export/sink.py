@@ -20,7 +20,7 @@ from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.semconv.schemas import Schemas
 
 from ..agent import Interval
-from ..contract import ExportReport
+from ..contract import DestinationReport, ExportReport
 from . import attributes as a, otlp
 from .clock import WallClock
 from .config import ExportSettings
@@ -176,19 +176,28 @@ class OtlpSink:
 
     # -- health ----------------------------------------------------------------------------------
     def report(self) -> ExportReport:
-        """For the node's status: healthy if every destination's last export worked."""
+        """For the node's status: healthy if every destination's last export worked; each destination's
+        own health in `destinations` (the operator shows each trace the one it exports to)."""
         with self._lock:
             workers = list(self._workers.items())
             broken = dict(self._broken)
         errors = [f"{w.endpoint}: {w.last_error}" for _, w in workers if not w.healthy and w.last_error]
         errors += [f"{endpoint}: {why}" for endpoint, why in broken.items()]
         default = self.default or {}
+        default_endpoint = default.get("metrics") or default.get("traces")
+        destinations = [DestinationReport(endpoint=default_endpoint if key is None else key, default=key is None,
+                                          healthy=w.healthy, dropped_batches=sum(_worker_totals(w).values()),
+                                          last_error=w.last_error)
+                        for key, w in workers]
+        destinations += [DestinationReport(endpoint=endpoint, healthy=False, last_error=why)
+                         for endpoint, why in broken.items()]
         return ExportReport(
-            endpoint=default.get("metrics") or default.get("traces"),
+            endpoint=default_endpoint,
             healthy=all(w.healthy for _, w in workers) and not broken,
             dropped_batches=sum(n for _, w in workers for n in _worker_totals(w).values())
             + sum(self._retired.values()),
-            last_error="; ".join(errors) or next((w.last_error for _, w in workers if w.last_error), None))
+            last_error="; ".join(errors) or next((w.last_error for _, w in workers if w.last_error), None),
+            destinations=sorted(destinations, key=lambda d: (not d.default, d.endpoint or "")))
 
 
 def _server(endpoint: str) -> tuple[tuple[str, object], ...]:

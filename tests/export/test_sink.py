@@ -133,10 +133,41 @@ def test_a_trace_endpoint_no_exporter_can_use_is_reported_and_the_others_keep_ex
         for _ in range(2):
             sink.consume(traffic([fakes.pod_target(0, name="a", traces=("x/bad",)),
                                   fakes.pod_target(1, name="b", traces=("x/good",))]))
-        sink.report()  # raised ValueError (the port) and ended the agent's loop
+        report = sink.report()  # raised ValueError (the port) and ended the agent's loop
     finally:
         sink.close()
     assert {a["k8s.pod.name"] for _, a, _ in receiver.data_points(LATENCY.name)} == {"b"}
+    # Per destination (what the trace's status shows): both listed, the good one healthy (how soon the bad
+    # one fails depends on the URL: at once, or when its first export does; the next test covers that).
+    by = {d.endpoint: d for d in report.destinations}
+    assert set(by) == {bad, receiver.grpc_endpoint} and not any(d.default for d in by.values())
+    assert by[receiver.grpc_endpoint].healthy
+
+
+def test_each_destination_reports_its_own_health(receiver):
+    """The default destination works, a trace's own has nothing listening: only that one is unhealthy."""
+    down = Receiver().start()
+    down_endpoint = down.grpc_endpoint
+    down.stop()  # connections refused from now on
+    traces = [NodeTrace(name="mine", namespace="x", uid="1", export=ExportOverrides(otlp_endpoint=down_endpoint))]
+    sink = OtlpSink(config.load(endpoint=receiver.grpc_endpoint, timeout_s=1.0))
+    sink.set_traces(traces)
+    pod, start = fakes.pod_target(0, name="a", traces=("x/mine",)), fakes.interval([]).start_ns
+    try:
+        deadline, sent = time.monotonic() + 60, 0
+        while {d.endpoint: d.healthy for d in sink.report().destinations}.get(down_endpoint, True):
+            assert time.monotonic() < deadline, f"the refused destination was never reported: {sink.report()}"
+            sink.consume(traffic([pod], start_ns=start + sent * SECOND))
+            sent += 1
+            time.sleep(0.5)
+        report = sink.report()
+    finally:
+        sink.close()
+    default, own = report.destinations  # the default first
+    assert (default.endpoint, default.default, default.healthy) == (receiver.grpc_endpoint, True, True), default
+    assert (own.endpoint, own.default, own.healthy) == (down_endpoint, False, False), own
+    assert own.dropped_batches >= 1 and own.last_error and default.dropped_batches == 0
+    assert receiver.metric_names()  # the default destination received the agent's own metrics meanwhile
 
 
 def test_a_down_backend_never_blocks_and_bounds_memory_then_export_resumes(receiver):

@@ -96,3 +96,47 @@ def test_orphans_are_entries_of_traces_that_are_gone():
     spec = NodeSpec(node_name="n1", traces=[NodeTrace(name="a", namespace="x", uid="live"),
                                             NodeTrace(name="b", namespace="x", uid="dead")]).wire()
     assert handlers.orphans(spec, {"live"}.__contains__) == ["dead"]
+
+
+def with_export(view, *destinations, own=None):
+    """`view` with the agent's export report (contract.DestinationReport) and the trace's own endpoint."""
+    from dataclasses import replace
+
+    from latencytrace.node_agent.contract import ExportOverrides, ExportReport
+
+    published = view.published.model_copy(update={"export": ExportOverrides(otlp_endpoint=own)})
+    return replace(view, published=published, export=ExportReport(destinations=list(destinations)))
+
+
+def test_export_health_per_destination_of_the_trace():
+    from latencytrace.node_agent.contract import DestinationReport as D
+
+    default_ok = D(endpoint="http://collector:4317", default=True, healthy=True, dropped_batches=1)
+    own_bad = D(endpoint="http://mine:4317", healthy=False, dropped_batches=3, last_error="UNAVAILABLE")
+    own_ok = D(endpoint="http://mine:4317", healthy=True)
+    # The trace names its own endpoint: only that destination counts, the default is another trace's.
+    s = summarize(with_export(ltn("n2", ["a"], ["Tracing"]), default_ok, own_bad, own=own_bad.endpoint),
+                  with_export(ltn("n1", ["b"], ["Tracing"]), default_ok, own_ok, own=own_bad.endpoint),
+                  with_export(ltn("n3", ["c"], ["Tracing"], heartbeat_age=999), own_bad, own=own_bad.endpoint))
+    assert [d.wire() for d in s.destinations] == [
+        {"endpoint": "http://mine:4317", "default": False, "healthy": False, "nodes": 2, "unhealthyNodes": 1,
+         "droppedBatches": 3, "lastError": "n2: UNAVAILABLE"}]  # n3 is silent: its report is not counted
+    # No endpoint of its own: the default; a trace naming the agent's own endpoint goes there too.
+    for own in (None, default_ok.endpoint):
+        s = summarize(with_export(ltn("n1", ["a"], ["Tracing"]), default_ok, own_bad, own=own))
+        assert [d.wire() for d in s.destinations] == [
+            {"endpoint": "http://collector:4317", "default": True, "healthy": True, "nodes": 1, "unhealthyNodes": 0,
+             "droppedBatches": 1}]
+    # An agent that reports no destination for the trace (exports nowhere): nothing is claimed.
+    assert summarize(with_export(ltn("n1", ["a"], ["Tracing"]), own_bad)).destinations == ()
+
+
+def test_export_health_in_the_status_and_kept_when_completed():
+    view = with_export(ltn("n1", ["a"], ["Tracing"]),
+                       aggregation.DestinationReport(endpoint="http://c:4317", default=True, healthy=False,
+                                                     last_error="x" * 5000))
+    status = aggregation.trace_status({}, conditions.TraceFacts(1), summarize(view), None, None, NOW)
+    (d,) = status["export"]["destinations"]
+    assert d["healthy"] is False and len(d["lastError"]) <= 512  # the CRD's maxLength
+    done = aggregation.trace_status(status, conditions.TraceFacts(1, completed=True, duration="1m"), None, None, None, NOW)
+    assert done["export"] == status["export"]

@@ -4,7 +4,8 @@ into the pods' status so that the agents find them the way they find any pod: by
 
 One scenario on one world, in named steps: a trace over pods on two of three nodes, packets through a
 traced pod to an OTLP backend, an operator restart, a pod deletion, a trace that expires, an agent
-stopped with SIGTERM, and the trace's deletion; the trace's summary Ready condition along the way (probes detached, then unloaded, as the kernel shows
+stopped with SIGTERM, and the trace's deletion; the trace's summary Ready condition along the way, and
+a trace exporting to a destination that is down (probes detached, then unloaded, as the kernel shows
 it). A failure names its step.
 """
 
@@ -146,6 +147,8 @@ def test_scenario(world):
         configures_exactly_the_nodes_with_selected_pods(world)
     with step("pods in real namespaces are traced, their packets exported"):
         programs = traced_end_to_end(world)
+    with step("a trace exporting to a destination that is down shows it in its status"):
+        a_destination_that_is_down_shows_in_the_status(world)
     with step("an operator restart changes nothing"):
         operator_restart_changes_nothing(world)
     with step("deleting a selected pod removes it from its agent"):
@@ -209,6 +212,31 @@ def traced_end_to_end(world) -> dict[str, set[int]]:
         assert ids and attached_tracepoints(ids), f"agent of {node} has no program attached"
         programs[node] = ids
     return programs
+
+
+def a_destination_that_is_down_shows_in_the_status(world):
+    """A second trace over web-a names its own endpoint, where nothing listens: web-a's agent reports that
+    destination failing and the trace's status shows it (and `kubectl describe`); the first trace's
+    destination, the agents' default (the receiver), stays healthy on both its nodes."""
+    n0 = world.nodes[0]
+    down = f"http://127.0.0.1:{free_port()}"
+    apply_trace(world, "down", {"podNames": ["web-a"], "export": {"otlpEndpoint": down}})
+
+    def destinations(name: str) -> list[dict]:
+        return world.trace(name).get("status", {}).get("export", {}).get("destinations", [])
+
+    wait_until("the down destination reported failing",
+               lambda: [d.get("healthy") for d in destinations("down")] == [False], 90, world.procs())
+    (d,) = destinations("down")
+    assert (d["endpoint"], d["default"], d["nodes"], d["unhealthyNodes"]) == (down, False, 1, 1), d
+    assert d["droppedBatches"] >= 1 and d["lastError"].startswith(f"{n0}: "), d
+    (web,) = destinations("web")
+    assert (web["endpoint"], web["default"], web["healthy"], web["nodes"]) == \
+        (world.receiver.grpc_endpoint, True, True, 2), web
+    described = world.cp.kubectl("describe", "-n", world.ns, "lt", "down").stdout
+    assert down in described and "Unhealthy Nodes:" in described, described
+    world.cp.kubectl("delete", "-n", world.ns, "lt", "down", "--timeout=60s", timeout=70)
+    wait_until("the down trace removed from its node", lambda: world.pods_on(n0, "down") == [], 30, world.procs())
 
 
 def operator_restart_changes_nothing(world):
