@@ -28,6 +28,9 @@ BACKOFF_SECONDS = (1.0, 2.0, 5.0, 10.0, 30.0)
 
 def api_client(kubeconfig: str | None, pool_size: int = 8) -> client.ApiClient:
     """A client from `kubeconfig`, else the pod's service account, else ~/.kube/config."""
+    # urllib3 warns on each of its own quick retries of a request; the failure that remains reaches our
+    # callers, which log it once (Trouble): an API server away for a while is one line, not one per retry.
+    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
     cfg = client.Configuration()
     if kubeconfig:
         config.load_kube_config(config_file=kubeconfig, client_configuration=cfg)

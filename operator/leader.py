@@ -24,7 +24,7 @@ from datetime import UTC, datetime
 from kubernetes import client
 from kubernetes.client.rest import ApiException
 
-from latencytrace.node_agent.kube import describe, or_none
+from latencytrace.node_agent.kube import Trouble, describe, or_none
 
 from .config import OperatorConfig
 
@@ -116,12 +116,16 @@ def standby_health(host: str, port: int) -> Iterator[None]:
         server.server_close()
 
 
-def _attempt(lease: Lease) -> bool:
+def _attempt(lease: Lease, trouble: Trouble) -> bool:
+    """One try to take or renew the Lease; API trouble counts as a failed attempt, logged once (not on
+    each retry of an outage) and once more when the API answers again."""
     try:
-        return lease.try_acquire_or_renew()
-    except Exception as e:  # API trouble counts as a failed attempt
-        log.warning("Lease %s/%s: %s", lease.namespace, lease.name, describe(e))
+        held = lease.try_acquire_or_renew()
+    except Exception as e:
+        trouble.failed(e)
         return False
+    trouble.ok()
+    return held
 
 
 class Leading:
@@ -140,10 +144,10 @@ class Leading:
             cb()
 
 
-def _renew(lease: Lease, cfg: OperatorConfig, leading: Leading, done: threading.Event) -> None:
+def _renew(lease: Lease, cfg: OperatorConfig, leading: Leading, done: threading.Event, trouble: Trouble) -> None:
     last_ok = time.monotonic()
     while not done.wait(cfg.retry_period_seconds):
-        if _attempt(lease):
+        if _attempt(lease, trouble):
             last_ok = time.monotonic()
         elif time.monotonic() - last_ok > cfg.renew_deadline_seconds:
             log.error("could not renew Lease %s/%s for %ss: stopping leading", lease.namespace, lease.name,
@@ -161,8 +165,9 @@ def leadership(api: client.ApiClient, cfg: OperatorConfig, stop: threading.Event
         return
     lease = Lease(api, cfg.namespace, cfg.lease_name, cfg.identity, cfg.lease_duration_seconds)
     log.info("waiting to lead (Lease %s/%s, identity %s)", cfg.namespace, cfg.lease_name, cfg.identity)
+    trouble = Trouble(log, f"Lease {cfg.namespace}/{cfg.lease_name}")
     with standby_health(cfg.health_host, cfg.health_port):
-        while not _attempt(lease):
+        while not _attempt(lease, trouble):
             if stop.wait(cfg.retry_period_seconds):
                 break
     if stop.is_set():
@@ -170,7 +175,7 @@ def leadership(api: client.ApiClient, cfg: OperatorConfig, stop: threading.Event
         return
     log.info("leading (Lease %s/%s)", cfg.namespace, cfg.lease_name)
     leading, done = Leading(), threading.Event()
-    renewer = threading.Thread(target=_renew, args=(lease, cfg, leading, done), name="lease-renewer", daemon=True)
+    renewer = threading.Thread(target=_renew, args=(lease, cfg, leading, done, trouble), name="lease-renewer", daemon=True)
     renewer.start()
     try:
         yield leading

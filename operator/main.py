@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import signal
 import sys
 import threading
@@ -57,6 +58,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.watching.client_timeout = CONFIG.watch_timeout_seconds + 30
     settings.watching.connect_timeout = 10
     settings.networking.request_timeout = CONFIG.request_timeout_seconds
+    # kopf retries a request that finds no API server (or a 5xx) over its error_backoffs, then gives up and
+    # the operator exits. Its default (54 s in all) is shorter than an API server restart on a busy control
+    # plane; these ride out some 4.5 minutes (4xx answers are never retried).
+    settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30)
     settings.networking.error_backoffs = (1, 2, 5, 10, 20)
     settings.execution.max_workers = CONFIG.publish_concurrency
     # The CRDs are installed before the operator (Helm's crds/); not watching CRDs and namespaces
@@ -134,12 +139,26 @@ def collect_orphans(type: str, name: str, spec, memo: kopf.Memo, trace_uids: kop
         handlers.collect_orphans(memo.runtime.nodes, name, spec, trace_uids.__contains__, logger)
 
 
+_RETRY = re.compile(r"Request attempt #(\d+)\S* failed; will retry")
+
+
+def _first_attempt_only(record: logging.LogRecord) -> bool:
+    """kopf logs every failed attempt of one request ("Request attempt #3/9 failed; will retry"): only the
+    first passes; the outcome (success, or "escalating" after the last) is logged by kopf on its own."""
+    m = _RETRY.match(record.getMessage())
+    return m is None or m.group(1) == "1"
+
+
 def run() -> int:
     """Entry point: wait for leadership (if enabled), then run kopf until SIGTERM or leadership loss."""
     logging.basicConfig(level=CONFIG.log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if CONFIG.log_level != "DEBUG":  # kopf logs every timer run at INFO
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    # An API server away for a while is one trouble, logged once: kopf logs each attempt of a request at
+    # ERROR (urllib3's own retry warnings are quieted by api_client).
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(_first_attempt_only)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -230,6 +230,23 @@ class ControlPlane:
         if self.state_file.exists():
             self.state_file.unlink()
 
+    def stop_apiserver(self) -> None:
+        """Stops just the kube-apiserver (SIGTERM, SIGKILL if it lingers): its clients find nothing on its
+        port until start_apiserver(). etcd and the other components keep running."""
+        [proc] = [p for p in self._procs if p.name == "kube-apiserver"]
+        proc.stop()
+
+    def start_apiserver(self) -> None:
+        """Starts the kube-apiserver again, on the same port with the same certificates and etcd (so every
+        client's kubeconfig and tokens stay valid), and waits for its /readyz."""
+        [index] = [i for i, p in enumerate(self._procs) if p.name == "kube-apiserver"]
+        assert not self._procs[index].alive(), "the kube-apiserver is running"
+        self._start_apiserver()
+        self._procs.insert(index, self._procs.pop())  # stop() keeps stopping clients before it
+        wait_until("kube-apiserver /readyz", lambda: http_ok(f"{self.api_url}/readyz", self._admin_tls),
+                   self.startup_timeout, [self._procs[index]])
+        self._write_state()
+
     def __enter__(self) -> ControlPlane:
         return self.start()
 

@@ -37,18 +37,23 @@ class World:
         self.agents: dict[str, Proc] = {}
         self.pods: dict[str, str] = {}  # pod name -> node
 
-    def start_operator(self, n: int) -> Proc:
-        self.operator = Proc(f"operator-{n}", [str(BIN / "latencytrace-operator")], self.tmp / f"operator-{n}.log",
-                             env=self.cp.process_env(LATENCYTRACE_OPERATOR_NAMESPACE=self.ns,
-                                                     LATENCYTRACE_OPERATOR_LEASE_NAME="e2e-operator",
-                                                     LATENCYTRACE_OPERATOR_IDENTITY=f"operator-{n}",
-                                                     LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port()),
-                                                     LATENCYTRACE_OPERATOR_STATUS_INTERVAL_SECONDS="1",
-                                                     LATENCYTRACE_OPERATOR_DEBOUNCE_SECONDS="0.2",
-                                                     LATENCYTRACE_OPERATOR_AGENT_STALE_SECONDS="60"),
-                             cwd=self.tmp)
-        wait_until("operator leading", lambda: "leading (Lease" in self.operator.log.read_text(), 60, [self.operator])
-        return self.operator
+    def start_operator(self, n: int, *, lead: bool = True, **env: str) -> Proc:
+        """Operator number `n`; waits until it leads (lead=False: until it waits to lead, as a standby)."""
+        proc = Proc(f"operator-{n}", [str(BIN / "latencytrace-operator")], self.tmp / f"operator-{n}.log",
+                    env=self.cp.process_env(LATENCYTRACE_OPERATOR_NAMESPACE=self.ns,
+                                            LATENCYTRACE_OPERATOR_LEASE_NAME="e2e-operator",
+                                            LATENCYTRACE_OPERATOR_IDENTITY=f"operator-{n}",
+                                            LATENCYTRACE_OPERATOR_HEALTH_PORT=str(free_port()),
+                                            LATENCYTRACE_OPERATOR_STATUS_INTERVAL_SECONDS="1",
+                                            LATENCYTRACE_OPERATOR_DEBOUNCE_SECONDS="0.2",
+                                            LATENCYTRACE_OPERATOR_AGENT_STALE_SECONDS="60", **env),
+                    cwd=self.tmp)
+        if not lead:
+            wait_until("operator waiting to lead", lambda: "waiting to lead" in proc.log.read_text(), 60, [proc])
+            return proc
+        self.operator = proc
+        wait_until("operator leading", lambda: "leading (Lease" in proc.log.read_text(), 60, [proc])
+        return proc
 
     def start_agent(self, node: str) -> Proc:
         proc = Proc(f"agent-{node}", [str(BIN / "latencytrace-agent"), "--log-level", "INFO", "run"],

@@ -1,0 +1,329 @@
+"""Faults injected for real, on the real control plane: the operator and the agent run as host processes
+(`latencytrace-operator`, `latencytrace-agent run`) the way tests/operator/test_cluster_e2e.py starts them,
+against the real API server; the traced pod is a real network namespace on this machine.
+
+Every wait is for a positive signal (the kernel's view through bpftool and /proc, the LatencyTraceNode's
+status) with a generous bound: the machine is shared and loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from datetime import datetime
+
+import pytest
+
+from tests.agent.kernel import attached_tracepoints, bpftool, held_ids, prog_ids_of
+from tests.cluster.controlplane import ControlPlane
+from tests.cluster.procs import wait_until
+from tests.export.receiver import Receiver
+from tests.netlab import NetLab
+
+from .conftest import ROOT
+from .test_cluster_e2e import World, apply_trace
+
+pytest_plugins = ["tests.cluster.fixtures"]
+
+BOUND = 180  # seconds: a BCC compile on a busy 2-core machine fits well within it
+
+
+@contextlib.contextmanager
+def one_node_world(cp, tmp_path, **operator_env: str) -> Iterator[World]:
+    """One kwok node with one pod ("web", app=web) in a real network namespace, an OTLP backend, the
+    operator running (no agent yet)."""
+    ns = f"faults-{os.getpid()}-{time.monotonic_ns() % 100000}"
+    cp.kubectl("create", "namespace", ns)
+    nodes = cp.create_fake_nodes([f"{ns}-0"])
+    lab = NetLab()
+    receiver = Receiver().start()
+    w = World(cp, tmp_path, ns, nodes, lab, receiver)
+    try:
+        w.add_pod("web", nodes[0], {"app": "web"})
+        w.start_operator(1, **operator_env)
+        yield w
+    finally:
+        for p in w.procs():
+            p.stop()
+        cp.kubectl("delete", "lt", "--all", "-n", ns, "--wait=false", check=False)
+        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
+        cp.kubectl("delete", "ltn", *nodes, "--wait=false", check=False)
+        cp.kubectl("delete", "node", *nodes, "--wait=false", check=False)
+        w.receiver.stop()  # the one running now (a test may have replaced it)
+        lab.close()
+
+
+@pytest.fixture
+def world(control_plane, crds, tmp_path):
+    with one_node_world(control_plane, tmp_path) as w:
+        yield w
+
+
+def parse_time(stamp: str) -> float:
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def heartbeat(world: World, node: str) -> float:
+    beat = world.ltns().get(node, {}).get("status", {}).get("heartbeatTime")
+    return parse_time(beat) if beat else 0.0
+
+
+def node_tracing(world: World, node: str, pod: str, after: float) -> bool:
+    """The node's status, with a heartbeat newer than `after`: Ready, `pod` Tracing in the very namespace
+    that holds its IP."""
+    status = world.ltns().get(node, {}).get("status", {})
+    beat = status.get("heartbeatTime")
+    if not beat or parse_time(beat) <= after:
+        return False
+    ready = {c["type"]: c for c in status.get("conditions", [])}.get("Ready", {})
+    pods = {p["name"]: p for r in status.get("traces", []) for p in r["pods"]}
+    return (ready.get("status") == "True" and pods.get(pod, {}).get("state") == "Tracing"
+            and pods[pod].get("netnsInode") == world.lab.pods[pod].inode)
+
+
+def test_agent_sigkilled_mid_trace_leaves_nothing_in_the_kernel_and_recovers_on_restart(world):
+    """SIGKILL runs no handler: the agent cannot detach anything. The kernel must free every program,
+    link and map the dead process held (they live by its file descriptors), and a new agent on the same
+    node must trace the same pod again and bring the LatencyTraceNode status back (Ready, Tracing, a
+    heartbeat newer than the restart)."""
+    [node] = world.nodes
+    apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}})
+    first = world.start_agent(node)
+    wait_until("the first agent traces web", lambda: node_tracing(world, node, "web", 0), BOUND, world.procs())
+    progs, maps = prog_ids_of(first.pid), held_ids(first.pid, "map")
+    assert progs and maps and attached_tracepoints(progs), first.tail()
+
+    os.kill(first.pid, signal.SIGKILL)
+    first.popen.wait(30)
+    assert first.popen.returncode == -signal.SIGKILL
+    wait_until("the kernel freed the dead agent's programs",
+               lambda: not progs & {p["id"] for p in bpftool("prog", "show")}, 60)
+    wait_until("the kernel freed the dead agent's maps",
+               lambda: not maps & {m["id"] for m in bpftool("map", "show")}, 60)
+    assert not attached_tracepoints(progs)
+
+    last_beat = heartbeat(world, node)  # the dead agent's last word: whatever is newer comes from the next one
+
+    second = world.start_agent(node)
+    wait_until("the restarted agent traces web again", lambda: node_tracing(world, node, "web", last_beat),
+               BOUND, world.procs())
+    new_progs = prog_ids_of(second.pid)
+    assert new_progs and not new_progs & progs and attached_tracepoints(new_progs), second.tail()
+    wait_until("the trace's status counts web", lambda: world.trace("web").get("status", {}).get("tracedPods") == 1,
+               60, world.procs())
+
+
+@pytest.fixture
+def own_control_plane(tmp_path_factory) -> Iterator[ControlPlane]:
+    """A control plane of this test's own: its API server goes away, and the session's other components
+    (controllers that give up their leases) must not be disturbed by that."""
+    cp = ControlPlane(tmp_path_factory.mktemp("apiserver-outage"), with_controllers=True, with_kwok=True)
+    cp.start()
+    try:
+        for path in sorted((ROOT / "crds").glob("*.yaml")):
+            cp.kubectl("apply", "--server-side", "-f", str(path))
+        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/latencytraces.latencytrace.io",
+                   "crd/latencytracenodes.latencytrace.io")
+        yield cp
+    finally:
+        cp.stop()
+
+
+OUTAGE = 30  # seconds
+
+
+def trouble_lines(text: str) -> Counter:
+    """Warning/error lines of a log, by message with numbers and addresses blanked: a retry logged each
+    time shows as a count above 1."""
+    out = Counter()
+    for line in text.splitlines():
+        m = re.match(r"\S+ \S+ (WARNING|ERROR) (.*)", line)
+        if m:
+            out[re.sub(r"0x[0-9a-f]+|\d+", "N", m.group(2))] += 1
+    return out
+
+
+def test_api_server_away_for_30_s_operator_and_agent_recover_in_place(own_control_plane, tmp_path):
+    """The kube-apiserver process is stopped for 30 s and started again on the same port and certificates.
+    The operator (whose Lease renew deadline is set above the outage: with the default 10 s it gives up
+    leading and exits, as leader-elected components do, to be restarted) and the agent go on in the same
+    processes; an edit made right after the API server returns is published to the node and applied by
+    the agent; each logs a given trouble once, not once per retry. (Seen here first: kopf's default retry
+    budget, 54 s, ended shorter than a busy API server's restart, and the operator exited.)"""
+    cp = own_control_plane
+    with one_node_world(cp, tmp_path, LATENCYTRACE_OPERATOR_LEASE_DURATION_SECONDS="180",
+                        LATENCYTRACE_OPERATOR_RENEW_DEADLINE_SECONDS="120") as world:
+        [node] = world.nodes
+        apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}})
+        agent = world.start_agent(node)
+        wait_until("the agent traces web", lambda: node_tracing(world, node, "web", 0), BOUND, world.procs())
+        operator = world.operator
+        pids = (operator.pid, agent.pid)
+        logs_before = (len(operator.log.read_text()), len(agent.log.read_text()))
+
+        cp.stop_apiserver()
+        down = time.monotonic()
+        # The agent has noticed (its watch broke) before the outage is over; then the outage runs its course.
+        wait_until("the agent notices the API server is gone",
+                   lambda: "(retrying)" in agent.log.read_text()[logs_before[1]:], OUTAGE, world.procs())
+        while time.monotonic() - down < OUTAGE:
+            for p in world.procs():
+                p.check_alive()
+            time.sleep(1)  # the fault's length, not a wait for an effect
+        cp.start_apiserver()
+        back = time.time()
+
+        apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}, "slowThresholdMicroseconds": 3000})
+        wait_until("the edit is published to the node",
+                   lambda: [t.get("slowThresholdMicroseconds") for t in world.ltns()[node]["spec"]["traces"]] == [3000],
+                   BOUND, world.procs())
+
+        def applied() -> bool:
+            obj = world.ltns()[node]
+            return (obj.get("status", {}).get("observedGeneration") == obj["metadata"]["generation"]
+                    and node_tracing(world, node, "web", back))
+
+        wait_until("the agent applies the edit and reports it", applied, BOUND, world.procs())
+        assert (operator.pid, agent.pid) == pids and operator.alive() and agent.alive()
+        for proc, start in zip((operator, agent), logs_before, strict=True):
+            repeated = {msg: n for msg, n in trouble_lines(proc.log.read_text()[start:]).items() if n > 1}
+            assert not repeated, f"{proc.name} logged the same trouble more than once: {repeated}"
+
+
+class LeaseWatch:
+    """Samples the Lease's holder and renew time in a thread, every quarter second, on the monotonic
+    clock: the record of who led when."""
+
+    def __init__(self, cp, namespace: str, name: str):
+        from latencytrace.node_agent.kube import api_client
+        from kubernetes import client
+
+        self.api = client.CoordinationV1Api(api_client(str(cp.kubeconfig)))
+        self.namespace, self.name = namespace, name
+        self.samples: list[tuple[float, str | None, str | None]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lease-watch", daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.25):
+            try:
+                spec = self.api.read_namespaced_lease(self.name, self.namespace).spec
+            except Exception:  # noqa: BLE001 (a slow answer is a missing sample, not a failure)
+                continue
+            renew = spec.renew_time.isoformat() if spec.renew_time else None
+            self.samples.append((time.monotonic(), spec.holder_identity, renew))
+
+    def __enter__(self) -> LeaseWatch:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+    def holders(self) -> list[str | None]:
+        """The holders in the order they held, each once per uninterrupted run."""
+        out: list[str | None] = []
+        for _, holder, _ in self.samples:
+            if not out or out[-1] != holder:
+                out.append(holder)
+        return out
+
+
+LEASE_SECONDS = 15  # the operator's default lease duration
+
+
+def test_leader_killed_the_standby_takes_over_after_the_lease_expires_never_two_leaders(world):
+    """Two operator replicas: operator-1 leads, operator-2 waits. operator-1 is SIGKILLed (it cannot release
+    the Lease); operator-2 takes over once the Lease has gone unrenewed for a whole lease duration, and not
+    before: never two leaders. The Lease's holder, sampled all along, goes operator-1 -> operator-2 once;
+    the new leader publishes an edit made after the takeover."""
+    [node] = world.nodes
+    leader = world.operator
+    with LeaseWatch(world.cp, world.ns, "e2e-operator") as lease:
+        standby = world.start_operator(2, lead=False)
+        apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}})
+        wait_until("operator-1 publishes the trace", lambda: world.pods_on(node, "web") == ["web"], 60,
+                   [leader, standby])
+        # A few renewals by operator-1 while operator-2 waits.
+        wait_until("operator-1 renewed the Lease thrice", lambda: len({r for _, h, r in lease.samples
+                                                                       if h == "operator-1"}) >= 3, 60,
+                   [leader, standby])
+        assert "leading (Lease" not in standby.log.read_text()
+
+        os.kill(leader.pid, signal.SIGKILL)
+        killed = time.monotonic()
+        leader.popen.wait(30)
+        wait_until("operator-2 leads", lambda: "leading (Lease" in standby.log.read_text(),
+                   LEASE_SECONDS + 60, [standby])
+        wait_until("the Lease names operator-2", lambda: lease.samples and lease.samples[-1][1] == "operator-2",
+                   30, [standby])
+    final_renew = [r for _, h, r in lease.samples if h == "operator-1"][-1]
+    renew_seen = min(t for t, h, r in lease.samples if h == "operator-1" and r == final_renew)
+    first_seen_2 = min(t for t, h, _ in lease.samples if h == "operator-2")
+    # operator-2 may take over only a whole lease duration after operator-1's last renewal (the sample saw
+    # that renewal up to a request's latency after it happened: 2 s of slack on a loaded machine).
+    assert first_seen_2 - renew_seen >= LEASE_SECONDS - 2, (first_seen_2 - renew_seen, lease.samples)
+    assert first_seen_2 - killed <= LEASE_SECONDS + 30, first_seen_2 - killed
+    assert lease.holders() == ["operator-1", "operator-2"], lease.holders()
+
+    world.operator = standby
+    apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}, "slowThresholdMicroseconds": 3000})
+    wait_until("operator-2 publishes the edit",
+               lambda: [t.get("slowThresholdMicroseconds") for t in world.ltns()[node]["spec"]["traces"]] == [3000],
+               60, [standby])
+
+
+def datagrams_into(world: World, pod: str, port: int, count: int) -> None:
+    """`count` UDP datagrams from a client namespace, read by an application in `pod`."""
+    target = world.lab.pods[pod]
+    client = world.lab.pods.get("client") or world.lab.add_pod("client")
+    with target.serve("udp-recv", "--port", str(port), "--count", str(count), "--timeout", "30") as rx:
+        client.traffic("udp-send", "--to", target.ip, "--port", str(port), "--count", str(count), "--rate", "2000")
+    assert rx.result == {"received": count}
+
+
+def export_report(world: World, node: str, after: float) -> dict:
+    """The node status's export report, if its heartbeat is newer than `after`."""
+    status = world.ltns().get(node, {}).get("status", {})
+    beat = status.get("heartbeatTime")
+    return status.get("export", {}) if beat and parse_time(beat) > after else {}
+
+
+def test_otlp_backend_killed_mid_run_probes_go_on_losses_counted_export_resumes(world):
+    """The agent's OTLP backend is stopped while packets flow into a traced pod, then started again on the
+    same ports. The probes keep counting (the histograms are cumulative: the first export after the
+    backend returns carries the packets of the outage), the node status reports the export unhealthy with
+    the batches dropped, and once the backend is back export resumes by itself and the status says so;
+    the agent is the same process throughout."""
+    [node] = world.nodes
+    apply_trace(world, "web", {"podSelector": {"matchLabels": {"app": "web"}}, "directions": ["receive"]})
+    agent = world.start_agent(node)
+    wait_until("the agent traces web", lambda: node_tracing(world, node, "web", 0), BOUND, world.procs())
+    datagrams_into(world, "web", 9801, 100)
+    wait_until("web's histograms exported", lambda: world.exported_count("web", "rx_socket_queue") == 100,
+               60, world.procs())
+    assert export_report(world, node, 0).get("healthy") is True
+
+    old = world.receiver
+    old.stop()
+    stopped = time.time()
+    datagrams_into(world, "web", 9802, 200)
+    wait_until("the status reports the export unhealthy, batches dropped",
+               lambda: (lambda r: r.get("healthy") is False and r.get("droppedBatches", 0) > 0
+                        and "127.0.0.1" in (r.get("lastError") or ""))(export_report(world, node, stopped)),
+               BOUND, world.procs())
+
+    world.receiver = Receiver(grpc_port=old.grpc_port, http_port=old.http_port).start()
+    back = time.time()
+    wait_until("export resumes with the outage's packets counted",
+               lambda: world.exported_count("web", "rx_socket_queue") == 300, BOUND, world.procs())
+    wait_until("the status reports the export healthy again",
+               lambda: export_report(world, node, back).get("healthy") is True, BOUND, world.procs())
+    assert agent.alive() and world.agents[node] is agent
