@@ -90,6 +90,13 @@ def tenants(control_plane, crds, fake_nodes, tmp_path_factory):
                                          LATENCYTRACE_OPERATOR_DEBOUNCE_SECONDS="0.2", **LIMITS), cwd=tmp)
     try:
         wait_until("operator leading", lambda: "leading (Lease" in t.operator.log.read_text(), 60, [t.operator])
+        # kopf lists and starts its watches a while after the Lease is won (a minute was seen on a loaded
+        # machine with a busy API server): the tests start once it has handled a trace, created and deleted.
+        assert t.apply(contract.NAMESPACED, "warm-up", {"podNames": ["web-1"], "duration": "1m"}, t.a).returncode == 0
+        wait_until("the operator handling traces",
+                   lambda: t.condition(contract.NAMESPACED, "warm-up", t.a, "Accepted").get("status") == "True",
+                   180, [t.operator])
+        cp.kubectl("delete", "lt", "warm-up", "-n", t.a, "--timeout=180s", timeout=200)
         yield t
     finally:
         for kind in contract.TRACE_KINDS:
