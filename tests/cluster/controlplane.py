@@ -14,6 +14,7 @@ import atexit
 import base64
 import json
 import os
+import shutil
 import ssl
 import subprocess
 import urllib.request
@@ -39,6 +40,7 @@ NODE_IP_PREFIX = "198.19"
 FAKE_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 
 ADMIN_USER = "latencytrace-admin"
+START_ATTEMPTS = 3
 
 
 class CommandError(subprocess.CalledProcessError):
@@ -205,22 +207,34 @@ class ControlPlane:
             # PDEATHSIG if the interpreter dies outright.
             atexit.register(self.stop)
             self._atexit_registered = True
-        try:
-            self._make_pki()
-            self._start_etcd()
-            self._start_apiserver()
-            if self.with_controllers:
-                self._start_controller_manager()
-            if self.with_scheduler:
-                self._start_scheduler()
-            if self.with_kwok:
-                self._start_kwok()
-            self._wait_components()
-        except BaseException:
-            self.stop()
-            raise
+        # free_port() closes the port it found before a server binds it, and an outgoing connection can
+        # take that ephemeral port meanwhile (seen once in a full run): then start again on new ports.
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                self._start_all()
+                break
+            except (RuntimeError, TimeoutError) as e:
+                self.stop()
+                if attempt == START_ATTEMPTS or "address already in use" not in str(e):
+                    raise
+                shutil.rmtree(self.workdir / "etcd-data", ignore_errors=True)  # a new etcd on new ports
+            except BaseException:
+                self.stop()
+                raise
         self._write_state()
         return self
+
+    def _start_all(self) -> None:
+        self._make_pki()
+        self._start_etcd()
+        self._start_apiserver()
+        if self.with_controllers:
+            self._start_controller_manager()
+        if self.with_scheduler:
+            self._start_scheduler()
+        if self.with_kwok:
+            self._start_kwok()
+        self._wait_components()
 
     def stop(self) -> None:
         """Stops every process this object started, newest first (clients before
