@@ -195,9 +195,15 @@ class HttpSession(requests.Session):
     - the configured CA stays the CA: requests lets REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE in the
       environment override a session's `verify` (psf/requests#3829, kept for compatibility), which would
       make OTEL_EXPORTER_OTLP_CERTIFICATE silently ineffective;
-    - it remembers why the last request failed: the exporter's own final message does not say."""
+    - it remembers why an export failed: the exporter's own final message does not say. The first failure
+      since the worker cleared `last_error` is kept: it is the cause, while the exporter's last retry,
+      made with what is left of its timeout, fails with a meaningless "read timed out"."""
 
     last_error: str | None = None
+
+    def _failed(self, why: str) -> None:
+        if self.last_error is None:
+            self.last_error = why
 
     def merge_environment_settings(self, url, proxies, stream, verify, cert):
         merged = super().merge_environment_settings(url, proxies, stream, verify, cert)
@@ -209,8 +215,8 @@ class HttpSession(requests.Session):
         try:
             response = super().request(method, url, *args, **kwargs)
         except Exception as e:
-            self.last_error = f"{method} {url}: {e}"
+            self._failed(f"{method} {url}: {e}")
             raise
         if response.status_code >= 400:
-            self.last_error = f"{method} {url}: HTTP {response.status_code} {response.reason}"
+            self._failed(f"{method} {url}: HTTP {response.status_code} {response.reason}")
         return response
