@@ -104,6 +104,18 @@ class World:
                   if a.get("k8s.pod.name") == pod and a.get("latencytrace.segment") == segment]
         return max(points, key=lambda p: p.time_unix_nano).count if points else 0
 
+    def close(self) -> None:
+        """Stop every process this world started and remove what it made: its traces, namespace, nodes and
+        their LatencyTraceNodes, the OTLP backend running now (a test may have replaced it), the lab."""
+        for p in self.procs():
+            p.stop()
+        self.cp.kubectl("delete", "lt", "--all", "-n", self.ns, "--wait=false", check=False)
+        self.cp.kubectl("delete", "namespace", self.ns, "--wait=false", check=False)
+        self.cp.kubectl("delete", "ltn", *self.nodes, "--wait=false", check=False)
+        self.cp.kubectl("delete", "node", *self.nodes, "--wait=false", check=False)
+        self.receiver.stop()
+        self.lab.close()
+
 
 def apply_trace(world: World, name: str, spec: dict) -> None:
     body = {"apiVersion": contract.API_VERSION, "kind": contract.TRACE_KIND, "metadata": {"name": name}, "spec": spec}
@@ -129,13 +141,7 @@ def world(control_plane, crds, tmp_path_factory):
             w.start_agent(node)
         yield w
     finally:
-        for p in w.procs():
-            p.stop()
-        cp.kubectl("delete", "lt", "--all", "-n", ns, "--wait=false", check=False)
-        cp.kubectl("delete", "namespace", ns, "--wait=false", check=False)
-        cp.kubectl("delete", "node", *nodes, "--wait=false", check=False)
-        receiver.stop()
-        lab.close()
+        w.close()
 
 
 @contextlib.contextmanager
