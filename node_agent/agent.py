@@ -109,7 +109,10 @@ class Agent:
             try:
                 ns = self._still_there(key) or d.resolve()
             except TargetError as e:
-                self._forget(key)
+                was = self.states.get(key)
+                # A traced namespace that is gone (deleted with the pod still listed): said once, as it
+                # stops being traced; a pod still not found on later rounds is not logged again.
+                self._forget(key, str(e) if was is not None and was.state == "Tracing" else None)
                 self.states[key] = TargetState(key, "NotFound", str(e))
                 continue
             old = self._keys.get(key)
@@ -155,10 +158,17 @@ class Agent:
         except OSError:
             return None
 
-    def _forget(self, key: str) -> None:
+    def vanished(self) -> bool:
+        """A traced namespace no longer opens where it was found: the caller should reconcile (its
+        resolvers tell a deleted namespace from one still held by another process)."""
+        return self.registry is not None and bool(self.registry.vanished())
+
+    def _forget(self, key: str, why: str | None = None) -> None:
         inode = self._keys.pop(key, None)
         if inode is not None and inode not in self._keys.values():
-            self.registry.remove(inode)
+            target = self.registry.remove(inode, why)
+            if target is not None:
+                self.drops.forget_slot(target.slot)
 
     def collect(self) -> Interval:
         assert self.registry is not None, "start() first"

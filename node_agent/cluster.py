@@ -321,6 +321,8 @@ class NodeAgent:
     def collect(self) -> None:
         if self.agent is None:
             return
+        if self.agent.vanished():  # a traced pod's namespace was deleted: stop tracing it now, report it
+            self.reconcile()
         self.agent.refresh_addresses()  # a pod's IP arrives after its namespace: the host side must learn it
         interval = self.agent.collect()
         self.events_lost = interval.counters.get("events_lost", 0) + interval.counters.get("events_dropped_userspace", 0)

@@ -213,6 +213,8 @@ class Registry:
         existing = self.by_inode.get(ns.inode)
         if existing is not None:  # its addresses are kept current by readdress(), not by the caller's copy
             existing.label, existing.pod, existing.traces = label, pod, traces
+            if existing.ns.path != ns.path:  # found by another path (the process it was found by exited)
+                existing.ns = replace(existing.ns, path=ns.path)
             if existing.settings != settings:
                 existing.settings = settings
                 self.tracer.set_target(existing.slot, settings)
@@ -228,13 +230,30 @@ class Registry:
         log.info("tracing %s (netns %d, slot %d, ips %s)", label, ns.inode, slot, ", ".join(ns.ips) or "none")
         return target
 
-    def remove(self, inode: int) -> Target | None:
+    def remove(self, inode: int, why: str | None = None) -> Target | None:
+        """Stop tracing the namespace `inode`; one log line, a warning when `why` says it went wrong."""
         target = self.by_inode.pop(inode, None)
         if target is not None:
             self.tracer.clear_target(target.slot)
             self._cooling[target.slot] = time.monotonic()
-            log.info("stopped tracing %s (slot %d)", target.label, target.slot)
+            if why:
+                log.warning("stopped tracing %s (slot %d): %s", target.label, target.slot, why)
+            else:
+                log.info("stopped tracing %s (slot %d)", target.label, target.slot)
         return target
+
+    def vanished(self) -> list[Target]:
+        """Targets whose namespace no longer opens at the path they were found by (the namespace was
+        deleted, or the process whose /proc path it was exited: finding it again tells which)."""
+        out = []
+        for t in self.by_inode.values():
+            try:
+                if os.stat(t.ns.path).st_ino == t.ns.inode:
+                    continue
+            except OSError:
+                pass
+            out.append(t)
+        return out
 
     def readdress(self) -> bool:
         """Read the traced namespaces' addresses again (True if any changed; sync() then writes them).

@@ -92,6 +92,7 @@ class NetLab:
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     pods: dict[str, Pod] = field(default_factory=dict)
     ipv6: bool = False  # also give every pod an IPv6 address (dual stack)
+    made: int = 0  # pods made so far: names a new pod's veth (never that of one removed before, as len(pods) would)
 
     def __post_init__(self) -> None:
         net = ipaddress.ip_network(self.subnet)
@@ -111,7 +112,8 @@ class NetLab:
     def add_pod(self, name: str, ip: str | None = None, addressed: bool = True) -> Pod:
         """A pod-like namespace on the bridge. With `addressed=False` its eth0 is up but has no address
         yet (as a pod's namespace between its creation and the CNI's IPAM): `assign_address` gives it one."""
-        idx = len(self.pods)
+        idx = self.made
+        self.made += 1
         netns = f"lt{self.tag}-{name}"
         host_veth = f"lth{self.tag}{idx}"
         ip = ip or str(next(self._hosts))

@@ -8,6 +8,7 @@ that a test compares the kernel with the agent instead of the agent with itself.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 import shutil
@@ -131,3 +132,44 @@ def our_programs(tracer) -> dict[str, int]:
         out[name.decode() if isinstance(name, bytes) else name] = pid
     return out
 
+
+
+def maps_of(pid: int | str) -> dict[str, dict]:
+    """The BPF maps a process holds, by the name the kernel knows (bpftool's record: id, type,
+    max_entries, ...)."""
+    ids = held_ids(pid, "map")
+    return {m.get("name", ""): m for m in bpftool("map", "show") if m["id"] in ids}
+
+
+def _raw(field) -> bytes:
+    return bytes(int(b, 16) for b in field)
+
+
+def map_dump(map_id: int) -> list[tuple[bytes, bytes]]:
+    """(key, value) raw bytes of every entry bpftool finds in the map (per-CPU maps: CPU 0's value)."""
+    out = []
+    for entry in bpftool("map", "dump", "id", str(map_id)):
+        value = entry["value"] if "value" in entry else entry["values"][0]["value"]
+        out.append((_raw(entry["key"]), _raw(value)))
+    return out
+
+
+def lookup_slots(map_id: int) -> dict[int, int]:
+    """An lt_netns or lt_ip4 lookup table (struct lt_ent1 {u32 key; s32 slot}) as the probes see it:
+    key -> slot for each occupied position (key 0 marks an empty one)."""
+    out = {}
+    for _, value in map_dump(map_id):
+        key, slot = int.from_bytes(value[0:4], "little"), int.from_bytes(value[4:8], "little", signed=True)
+        if key:
+            out[key] = slot
+    return out
+
+
+def used_target_slots(map_id: int) -> set[int]:
+    """The lt_targets slots in use (struct lt_target: dir_mask, at byte 16, is 0 in an unused slot)."""
+    return {int.from_bytes(k[:4], "little") for k, v in map_dump(map_id) if int.from_bytes(v[16:20], "little")}
+
+
+def ip4_key(ip: str) -> int:
+    """An IPv4 address as the key lt_ip4 holds (the packet's bytes read as a little-endian u32)."""
+    return int.from_bytes(ipaddress.ip_address(ip).packed, "little")

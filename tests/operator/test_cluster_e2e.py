@@ -79,6 +79,12 @@ class World:
                         json.dumps({"status": {"podIP": lab_pod.ip, "podIPs": [{"ip": lab_pod.ip}]}}))
         self.pods[name] = node
 
+    def remove_pod(self, name: str) -> None:
+        """What a kubelet does when a pod goes: its network namespace (and veth) deleted, then the object."""
+        self.lab.remove_pod(name)
+        self.cp.kubectl("delete", "-n", self.ns, "pod", name, "--wait=false")
+        self.pods.pop(name, None)
+
     def ltns(self) -> dict[str, dict]:
         items = kget(self.cp, contract.NODE_PLURAL)["items"]
         return {o["metadata"]["name"]: o for o in items if o["metadata"]["name"] in self.nodes}
