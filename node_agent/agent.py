@@ -104,7 +104,8 @@ class Agent:
                 target = self.registry.remove(inode)
                 if target is not None:
                     self.drops.forget_slot(target.slot)
-            self.states.pop(key, None)
+        for key in [k for k in self.states if k not in wanted]:  # also those never found: no state outlives its pod
+            del self.states[key]
         for key, d in wanted.items():
             try:
                 ns = self._still_there(key) or d.resolve()
@@ -118,6 +119,11 @@ class Agent:
             old = self._keys.get(key)
             if old is not None and old != ns.inode:
                 self._forget(key)  # same pod, new namespace (sandbox restarted)
+            held = self.registry.by_inode.get(ns.inode)
+            if held is not None and held.ns.path != ns.path:
+                # The inode number, found at another path: the namespace traced under it is gone and the
+                # kernel gave its number to this one (another pod's, or the same one held by another process).
+                self._drop_inode(ns.inode, f"its network namespace ({held.ns.path}) is gone")
             try:
                 fresh = ns.inode not in self.registry.by_inode
                 target = self.registry.add(ns, d.label, d.settings, d.pod, d.traces)
@@ -162,6 +168,17 @@ class Agent:
         """A traced namespace no longer opens where it was found: the caller should reconcile (its
         resolvers tell a deleted namespace from one still held by another process)."""
         return self.registry is not None and bool(self.registry.vanished())
+
+    def _drop_inode(self, inode: int, why: str) -> None:
+        """Stop tracing the namespace under `inode` for every key that had it (they are found again)."""
+        for k in [k for k, i in self._keys.items() if i == inode]:
+            del self._keys[k]
+            st = self.states.get(k)
+            if st is not None and st.target is not None and st.target.ns.inode == inode:
+                self.states[k] = TargetState(k, "NotFound", why)
+        target = self.registry.remove(inode, why)
+        if target is not None:
+            self.drops.forget_slot(target.slot)
 
     def _forget(self, key: str, why: str | None = None) -> None:
         inode = self._keys.pop(key, None)

@@ -125,6 +125,9 @@ class PodLocator:
         self.proc = proc
         self._paths: dict[int, str] = {}  # inode -> a path that opens it
         self._ips: dict[int, tuple[str, ...]] = {}  # inode -> its addresses
+        # Addresses kept by (inode, path): the kernel gives a deleted namespace's inode number to the next
+        # namespace made, which a new pod's sandbox then holds at another path.
+        self._known: dict[tuple[int, str], tuple[str, ...]] = {}
         self._by_uid: dict[str, int] = {}
         self._by_ip: dict[str, int] = {}
         self._host = 0
@@ -152,16 +155,17 @@ class PodLocator:
             if m:
                 by_uid.setdefault(m.group(1).replace("_", "-"), inode)
         ips: dict[int, tuple[str, ...]] = {}
+        known_now: dict[tuple[int, str], tuple[str, ...]] = {}
         for inode, path in paths.items():
-            known = self._ips.get(inode)
+            known = self._known.get((inode, path))
             if known is None and inode != self._host:
                 try:
                     known = namespace_ips(path)
                 except TargetError:
                     continue
             if known:
-                ips[inode] = known
-        self._paths, self._ips, self._by_uid = paths, ips, by_uid
+                ips[inode] = known_now[(inode, path)] = known
+        self._paths, self._ips, self._by_uid, self._known = paths, ips, by_uid, known_now
         self._by_ip = {ip: inode for inode, addrs in ips.items() for ip in addrs}
 
     def locate(self, pod: PodRef) -> Namespace:
@@ -213,8 +217,6 @@ class Registry:
         existing = self.by_inode.get(ns.inode)
         if existing is not None:  # its addresses are kept current by readdress(), not by the caller's copy
             existing.label, existing.pod, existing.traces = label, pod, traces
-            if existing.ns.path != ns.path:  # found by another path (the process it was found by exited)
-                existing.ns = replace(existing.ns, path=ns.path)
             if existing.settings != settings:
                 existing.settings = settings
                 self.tracer.set_target(existing.slot, settings)
@@ -243,8 +245,10 @@ class Registry:
         return target
 
     def vanished(self) -> list[Target]:
-        """Targets whose namespace no longer opens at the path they were found by (the namespace was
-        deleted, or the process whose /proc path it was exited: finding it again tells which)."""
+        """Targets whose namespace no longer opens at the path they were found by. Such a target is over:
+        the namespace was deleted, and its inode number may already be another namespace's (the kernel
+        reuses them). Where the path was a process's (/proc/PID/ns/net) and the namespace lives on in
+        another process, it is found again, by its new path, and traced as a new target."""
         out = []
         for t in self.by_inode.values():
             try:

@@ -135,6 +135,8 @@ async def detach(uid: str, memo: kopf.Memo, node_views: kopf.Index, **_) -> None
 @kopf.on.event(*NODE)
 def collect_orphans(type: str, name: str, spec, memo: kopf.Memo, trace_uids: kopf.Index, logger, **_) -> None:
     memo.runtime.nodes.seen(name, exists=type != "DELETED")
+    if type == "DELETED":
+        memo.runtime.node_object_gone(name)
     if type != "DELETED" and spec:
         handlers.collect_orphans(memo.runtime.nodes, name, spec, trace_uids.__contains__, logger)
 

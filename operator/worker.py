@@ -13,8 +13,9 @@ import asyncio
 import concurrent.futures
 import logging
 import time
+import weakref
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
 from kubernetes import client
@@ -37,6 +38,13 @@ class Runtime:
     api: client.ApiClient
     nodes: NodeConfigs
     pool: concurrent.futures.ThreadPoolExecutor
+    workers: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # the running trace workers
+
+    def node_object_gone(self, node: str) -> None:
+        """A LatencyTraceNode was deleted (by the garbage collector with its Node, say): each worker that
+        thinks it carries an entry there publishes it again. Safe from any thread."""
+        for worker in list(self.workers):
+            worker.node_object_gone(node)
 
     @classmethod
     def create(cls, cfg: OperatorConfig, api: client.ApiClient) -> Runtime:
@@ -101,6 +109,14 @@ class TraceWorker:
     def poke(self) -> None:
         """Something changed (spec, pods): look again. Safe from any thread."""
         self._loop.call_soon_threadsafe(self._wake.set)
+
+    def node_object_gone(self, node: str) -> None:
+        """`node`'s LatencyTraceNode was deleted: what this worker published there is gone with it."""
+        def forget() -> None:
+            if self.published.pop(node, None) is not None:
+                self._wake.set()
+
+        self._loop.call_soon_threadsafe(forget)
 
     def _seed(self) -> None:
         """What the nodes carry now, as the index saw it: the base for the next diff."""
@@ -177,6 +193,11 @@ class TraceWorker:
         if failed:
             node, err = next(iter(failed.items()))
             return self._trouble.failed(RuntimeError(f"{len(failed)} nodes, e.g. {node}: {err}"))
+        # A node whose Node object is missing got nothing: it is being re-created (a kubelet re-registering)
+        # or its pods go soon (the pod garbage collector). Look again, with backoff, until one of them happens.
+        absent = sorted(n for n, entry in done.items() if entry is None and todo[n] is not None)
+        if absent:
+            return self._trouble.failed(RuntimeError(f"{len(absent)} nodes do not exist (yet), e.g. {absent[0]}"))
         self._trouble.ok()
         self.log.debug("published trace to %d nodes (%d changed)", len(self.published), len(todo))
         return None
@@ -194,6 +215,7 @@ class TraceWorker:
         """The daemon's body. `body` is kopf's live view of the trace (updated in place)."""
         cfg = self.rt.cfg
         self._seed()
+        self.rt.workers.add(self)
         generation, spec = None, None
         next_resync = 0.0  # list namespaces at once
         try:
@@ -227,6 +249,7 @@ class TraceWorker:
                 if not stopped:
                     await stopped.wait(cfg.debounce_seconds)  # let a burst of pod churn gather
         finally:
+            self.rt.workers.discard(self)
             self._stop_watch()
 
     def _timeout(self, spec, body, next_resync: float, active: bool, retry_in: float | None) -> float:
