@@ -290,3 +290,60 @@ def test_an_agent_writes_only_its_own_nodes_status(tenants, control_plane):
         cp.kubectl("delete", contract.NODE_PLURAL, node_a, node_b, "--wait=false", check=False)
         cp.kubectl("delete", "pod", "agent-a", "-n", ns, "--wait=false", check=False)
         cp.kubectl("delete", "node", node_a, node_b, "--wait=false", check=False)
+
+
+def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
+    """The chart's trace-limits ValidatingAdmissionPolicy, rendered with stricter limits: `kubectl apply` of
+    a trace asking for a longer duration, a lower slow threshold, a higher span rate or more frequent
+    sampling than allowed fails with the reason, for both kinds; a trace within the limits is created; a
+    trace written before the policy (over its limits now) still takes writes that leave its spec alone
+    (the operator's finalizer and annotations), and only those."""
+    from .chart import render
+
+    cp, t = control_plane, tenants
+    name = f"limits-{t.tag}"
+    docs = render("--show-only", "templates/trace-limits-policy.yaml", "--set", "limits.maxDurationSeconds=3600",
+                  "--set", "limits.minSlowThresholdMicroseconds=100", "--set", "limits.maxSpansPerSecond=20",
+                  "--set", "limits.minSampleOneIn=1000")
+    for d in docs:
+        d["metadata"]["name"] = name
+        if d["kind"] == "ValidatingAdmissionPolicyBinding":
+            d["spec"]["policyName"] = name
+    old = {"podNames": ["web-1"], "duration": "2h"}  # written before the policy: over its maximum
+    labels = {"tenant-test": t.tag}
+
+    def apply(kind, trace: str, spec: dict, ns: str | None = None, *flags: str):
+        meta = {"name": trace, "labels": labels, **({"namespace": ns} if ns else {})}
+        body = {"apiVersion": contract.API_VERSION, "kind": kind.kind, "metadata": meta, "spec": spec}
+        return cp.kubectl("apply", *flags, "-f", "-", input=json.dumps(body), check=False)
+
+    assert apply(contract.NAMESPACED, "before-policy", old, t.a).returncode == 0
+    cp.kubectl("apply", "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List", "items": docs}))
+    try:
+        wait_until("the policy in force", lambda: apply(contract.NAMESPACED, "probe", {
+            "podNames": ["web-1"], "duration": "2h"}, t.a, "--dry-run=server").returncode != 0, 60)
+        refused = {
+            "spec.duration: 2h is longer than this cluster allows (3600s)": {"duration": "2h"},
+            "spec.slowThresholdMicroseconds: 5 is below this cluster's minimum (100)": {"slowThresholdMicroseconds": 5},
+            "spec.spansPerSecond: 50 is above this cluster's maximum (20)": {"spansPerSecond": 50},
+            "spec.sampleOneIn: 1 in 10 is more often than this cluster allows (0, or at least 1000)": {"sampleOneIn": 10},
+        }
+        for why, extra in refused.items():
+            out = apply(contract.NAMESPACED, "over", {"podNames": ["web-1"], **extra}, t.a)
+            assert out.returncode != 0 and why in out.stderr and name in out.stderr, (extra, out.stderr)
+        out = apply(contract.CLUSTER, "over", {"namespaceSelector": {}, "spansPerSecond": 50})
+        assert out.returncode != 0 and "spec.spansPerSecond: 50 is above" in out.stderr, out.stderr
+        within = {"podNames": ["web-1"], "duration": "1h", "slowThresholdMicroseconds": 100, "spansPerSecond": 20,
+                  "sampleOneIn": 1000}
+        assert apply(contract.NAMESPACED, "within", within, t.a).returncode == 0
+        # The trace from before the policy: its metadata can be written (as the operator writes its finalizer
+        # and annotations), its spec only back within the limits.
+        cp.kubectl("annotate", "-n", t.a, "lt", "before-policy", f"latencytrace.io/test={t.tag}")
+        cp.kubectl("label", "-n", t.a, "lt", "before-policy", "more=labels")
+        out = apply(contract.NAMESPACED, "before-policy", {**old, "spansPerSecond": 5}, t.a)
+        assert out.returncode != 0 and "spec.duration: 2h is longer" in out.stderr, out.stderr
+        assert apply(contract.NAMESPACED, "before-policy", {**old, "duration": "30m"}, t.a).returncode == 0
+    finally:
+        cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
+        for trace in ("before-policy", "within"):
+            cp.kubectl("delete", "-n", t.a, "lt", trace, "--wait=false", check=False)
