@@ -27,6 +27,14 @@ from .otlp import Exporters
 
 log = logging.getLogger(__name__)
 
+# Spans waiting in one queue, at most (oldest batches go first, counted as dropped batches): a queue bounded
+# in batches alone holds whatever an interval brought, and at a high span rate a slow backend let the
+# agent grow by hundreds of MB (tests/bench/soak.py). About 2 KiB each in memory.
+MAX_QUEUED_SPANS = 32768
+# Spans per export request: an interval's spans in one request exceeded the 4 MiB a gRPC server (the
+# OpenTelemetry Collector's default) accepts, and the whole batch was refused.
+SPANS_PER_REQUEST = 512
+
 
 @dataclass
 class Batch:
@@ -67,10 +75,11 @@ _errors = _ExporterErrors()
 
 
 class ExportWorker:
-    def __init__(self, exporters: Exporters, max_batches: int = 16):
+    def __init__(self, exporters: Exporters, max_batches: int = 16, max_spans: int = MAX_QUEUED_SPANS):
         self.exporters = exporters
         self.endpoint = exporters.endpoint
         self.max_batches = max_batches
+        self.max_spans = max_spans
         self._queue: collections.deque[Batch] = collections.deque()
         self._cv = threading.Condition()
         self._busy = False
@@ -95,8 +104,9 @@ class ExportWorker:
                         old.metrics = None
                         self.superseded += 1
                 self._queue = collections.deque(b for b in self._queue if b.spans)
-            while len(self._queue) >= self.max_batches:
-                self._queue.popleft()
+            queued = sum(len(b.spans) for b in self._queue) + len(batch.spans)
+            while self._queue and (len(self._queue) >= self.max_batches or queued > self.max_spans):
+                queued -= len(self._queue.popleft().spans)
                 self.dropped_queue_full += 1
                 if self.dropped_queue_full == 1 or self.dropped_queue_full % 100 == 0:
                     log.warning("OTLP export to %s is behind; dropped %d batch(es) so far (last error: %s)",
@@ -137,7 +147,10 @@ class ExportWorker:
     def _export(self, batch: Batch) -> bool:
         ok = True
         if batch.spans and self.exporters.spans is not None:
-            ok = self.exporters.spans.export(batch.spans) == SpanExportResult.SUCCESS
+            for i in range(0, len(batch.spans), SPANS_PER_REQUEST):  # one failed request fails the rest too
+                ok = self.exporters.spans.export(batch.spans[i:i + SPANS_PER_REQUEST]) == SpanExportResult.SUCCESS
+                if not ok:
+                    break
         if batch.metrics is not None and self.exporters.metrics is not None:
             ok = self.exporters.metrics.export(batch.metrics) == MetricExportResult.SUCCESS and ok
         return ok

@@ -95,3 +95,30 @@ def test_close_flushes_what_is_queued_and_gives_up_at_its_deadline():
     # (it did not end by itself); the two batches still queued were dropped, not sent.
     assert exporter.shut_down.is_set() and exporter.gave_up == 0
     assert w.dropped_at_shutdown == 2 and names(log) == ["S0"]
+
+
+def spans_batch(tag: str, n: int) -> Batch:
+    return Batch(spans=[f"{tag}{i}" for i in range(n)])
+
+
+def test_queued_spans_are_bounded_too_and_go_out_in_requests_a_backend_accepts():
+    """A queue bounded in batches alone held whatever the intervals brought (hundreds of MB at a high span
+    rate with a slow backend); and one request per interval exceeded what a gRPC backend accepts (4 MiB).
+    The oldest batches go once the queued spans pass the bound (counted as dropped batches); a batch's
+    spans are sent in requests of at most SPANS_PER_REQUEST."""
+    from latencytrace.node_agent.export import worker as worker_module
+
+    log, gate = [], threading.Event()
+    exporter = GatedExporter(log, gate)
+    w = ExportWorker(Exporters("test", exporter, exporter), max_batches=100, max_spans=1500)
+    w.submit(spans_batch("a", 10))
+    wait(lambda: w.pending() == 1 and not w._queue)  # "a" in flight, held at the gate
+    for tag in "bcd":
+        w.submit(spans_batch(tag, 600))  # b and c fit in 1500; d pushes b out
+    assert [b.spans[0] for b in w._queue] == ["c0", "d0"] and w.dropped_queue_full == 1
+    gate.set()
+    w.close(timeout_s=5)
+    per_request = worker_module.SPANS_PER_REQUEST
+    assert [len(x) for x in log] == [10, per_request, 600 - per_request, per_request, 600 - per_request]
+    assert [x[0] for x in log] == ["a0", "c0", f"c{per_request}", "d0", f"d{per_request}"]
+    assert w.exported == 3
