@@ -1,8 +1,9 @@
 """`python -m tests.bench`: run the benchmarks and write results.md, results.json and plot.png.
 
 Parts: overhead (alternating agent off/on rounds, probe cost, agent process, bpftrace comparison),
-fidelity (agent vs an independent bpftrace measurement, packet accounting) and controlplane (operator
-and agents against a real control plane with kwok nodes). A part that fails is reported as failed
+fidelity (agent vs an independent bpftrace measurement, packet accounting), soak (the agent for 10
+minutes at the steady rate) and controlplane (operator and agents against a real control plane with
+kwok nodes). A part that fails is reported as failed
 in the results and the others still run; the exit status says whether all of them ran.
 """
 
@@ -22,18 +23,18 @@ from pathlib import Path
 
 from tests.netlab import NetLab
 
-from . import controlplane, cost, fidelity, overhead, plot, results
+from . import controlplane, cost, fidelity, overhead, plot, results, soak
 from .system import machine
 from .tracers import AgentProcess
 from .workloads import Traffic
 
-PARTS = ("overhead", "fidelity", "controlplane")
+PARTS = ("overhead", "fidelity", "soak", "controlplane")
 TOOLS = ("iperf3", "sockperf", "bpftrace", "bpftool", "taskset")
 
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how often: the full run (about 17 minutes on 2 cores) or --quick (a smoke test)."""
+    """How long and how often: the full run (about 32 minutes on 2 cores) or --quick (a smoke test)."""
 
     rounds: int = 4
     extra_rounds: int = 2
@@ -49,11 +50,14 @@ class Plan:
     cp_scales: tuple[int, ...] = (10, 100, 1000)
     cp_pods_per_node: int = 30
     cp_agents: int = 2
+    soak_seconds: float = 600
+    soak_max_spans_seconds: float = 180  # then with every packet asked for as a span
 
 
 QUICK = Plan(rounds=1, extra_rounds=0, seconds=1, pingpong_seconds=1, steady_seconds=1, calibrate_seconds=1,
              rate_candidates=(20_000,), fidelity_accounting_seconds=1, fidelity_pingpong_seconds=1,
-             quiet_wait_s=0, overhead_budget_s=0, cp_scales=(3,), cp_pods_per_node=5, cp_agents=1)
+             quiet_wait_s=0, overhead_budget_s=0, cp_scales=(3,), cp_pods_per_node=5, cp_agents=1,
+             soak_seconds=6, soak_max_spans_seconds=6)
 
 
 class Progress:
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             doc["sections"].setdefault(section, {})["error"] = f"{type(e).__name__}: {e}"
             (log_dir / f"{section}-error.txt").write_text(traceback.format_exc())
 
-    if "overhead" in parts or "fidelity" in parts:
+    if {"overhead", "fidelity", "soak"} & set(parts):
         expected = AgentProcess.expected_programs()
         traffic = Traffic()
         with NetLab() as lab:
@@ -177,6 +181,16 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     doc["rows"] += [asdict(r) for r in fidelity.rows(data)]
 
                 attempt("fidelity", run_fidelity)
+            if "soak" in parts:
+                def run_soak() -> None:
+                    doc["sections"]["soak"] = {}
+                    for spans, seconds in (("default", plan.soak_seconds), ("max", plan.soak_max_spans_seconds)):
+                        data = soak.run(traffic, pods.client, pods.traced,
+                                        soak.Settings(pps, seconds, log_dir, expected, spans), progress)
+                        doc["sections"]["soak"][spans] = data
+                        doc["rows"] += [asdict(r) for r in soak.rows(data)]
+
+                attempt("soak", run_soak)
 
     if "controlplane" in parts:
         def run_controlplane() -> None:

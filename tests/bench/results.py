@@ -18,6 +18,7 @@ SECTIONS = {
     "comparison": "Comparison: the same measurement with bpftrace",
     "fidelity": "Fidelity: agent medians vs an independent bpftrace measurement",
     "accounting": "Packet accounting at the steady rate",
+    "soak": "Soak: the agent at the steady rate for a long run",
     "controlplane": "Control plane (real kube-apiserver, kwok nodes)",
 }
 
