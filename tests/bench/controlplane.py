@@ -230,7 +230,8 @@ class Bench:
         t0 = time.monotonic()
         # Not waiting for Ready: kwok initialises the nodes while their pods are created, and the pods
         # turning Running (below) is what the benchmark needs.
-        self.cp.create_fake_nodes([node_name(i) for i in new], wait_ready=False)
+        for k in range(0, len(new), 100):  # in batches: one kubectl of 1000 Nodes can outlast its timeout
+            self.cp.create_fake_nodes([node_name(i) for i in new[k:k + 100]], wait_ready=False)
         self.progress(f"control plane: {len(new)} fake nodes created in {time.monotonic() - t0:.0f} s")
         bodies = []
         for i in new:
