@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Mapping
 
 from kubernetes import client
@@ -48,6 +49,9 @@ log = logging.getLogger(__name__)
 MANAGED_BY = {"app.kubernetes.io/managed-by": "latencytrace-operator"}
 CONFLICT_RETRIES = 8
 FIELD_MANAGER_PREFIX = "latencytrace-operator/"
+METADATA_ONLY = "application/json;as=PartialObjectMetadata;g=meta.k8s.io;v=v1"
+METADATA_LIST = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+NODE_LIST_SECONDS = 30.0  # Nodes are listed again for a name not known, at most this often
 APPLY = "application/apply-patch+yaml"  # JSON is YAML: the client sends the dict as JSON
 
 
@@ -119,6 +123,9 @@ class NodeConfigs:
         self.timeout = request_timeout
         self._lock = threading.Lock()
         self._node_uids: dict[str, str] = {}  # a Node's uid never changes while its name lives
+        self._list_lock = threading.Lock()
+        self._node_list_at = -NODE_LIST_SECONDS
+        self._node_list_allowed: bool | None = None
 
     def seen(self, node: str, exists: bool) -> None:
         """The watch saw a LatencyTraceNode appear, change (exists) or go (not). One that goes may have
@@ -138,15 +145,42 @@ class NodeConfigs:
             uid = self._node_uids.get(node)
         if uid is not None:
             return uid
-        # The Node as JSON, not as a V1Node model: only its uid is wanted, and building the model of a
-        # Node costs more CPU than the request.
-        resp = or_none(self.core.read_node, node, _request_timeout=self.timeout, _preload_content=False)
+        self._list_nodes()
+        with self._lock:
+            uid = self._node_uids.get(node)
+        if uid is not None:
+            return uid
+        # A Node newer than the list (or no permission to list): this one alone. Only its metadata, as
+        # JSON: its uid is all that is wanted, and a whole Node (status, images) parsed into a V1Node
+        # model costs the operator more CPU than the request.
+        resp = or_none(self.core.read_node, node, _request_timeout=self.timeout, _preload_content=False,
+                       _headers={"Accept": METADATA_ONLY})
         if resp is None:
             return None
         uid = json.loads(resp.data)["metadata"]["uid"]
         with self._lock:
             self._node_uids[node] = uid
         return uid
+
+    def _list_nodes(self) -> None:
+        """Every Node's uid in one request (metadata only), instead of one request per node: at most once
+        per NODE_LIST_SECONDS, and the threads that need it meanwhile wait for the one list in flight."""
+        with self._list_lock:
+            if self._node_list_allowed is False or time.monotonic() - self._node_list_at < NODE_LIST_SECONDS:
+                return
+            try:
+                resp = self.core.list_node(_request_timeout=self.timeout, _preload_content=False,
+                                           _headers={"Accept": METADATA_LIST})
+            except ApiException as e:
+                if e.status != 403:
+                    raise
+                log.info("not allowed to list Nodes: reading each Node's uid on its own")
+                self._node_list_allowed = False
+                return
+            uids = {o["metadata"]["name"]: o["metadata"]["uid"] for o in json.loads(resp.data).get("items") or []}
+            self._node_list_at = time.monotonic()
+            with self._lock:
+                self._node_uids.update(uids)
 
     def apply(self, node: str, uid: str, entry: NodeTrace | None) -> NodeTrace | None:
         """Make node `node` carry `entry` for trace `uid` (None: not at all); return what it carries."""
