@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from latencytrace.node_agent.contract import NodeSpec, TraceKind
+from latencytrace.node_agent.contract import TraceKind
 
 from . import aggregation, conditions, spec as specs
 from .aggregation import NodeTraceView
@@ -144,12 +144,13 @@ async def detach(rt: Runtime, worker: TraceWorker | None, uid: str, views: Itera
 
 
 def orphans(spec: Mapping, live: Callable[[str], bool]) -> list[str]:
-    """Uids of the traces in a node's spec that no longer exist."""
-    try:
-        node_spec = NodeSpec.model_validate(dict(spec))
-    except ValueError:
+    """Uids of the traces in a node's spec that no longer exist (read from the object as it is: this
+    runs on every LatencyTraceNode event, and only the uids matter)."""
+    traces = spec.get("traces") if isinstance(spec, Mapping) else None
+    if not isinstance(traces, list):
         return []
-    return [t.uid for t in node_spec.traces if not live(t.uid)]
+    uids = [t.get("uid") for t in traces if isinstance(t, Mapping)]
+    return [u for u in uids if isinstance(u, str) and u and not live(u)]
 
 
 def collect_orphans(nodes: NodeConfigs, node: str, spec: Mapping, live: Callable[[str], bool],

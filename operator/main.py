@@ -133,12 +133,16 @@ async def detach(uid: str, memo: kopf.Memo, node_views: kopf.Index, **_) -> None
 
 
 @kopf.on.event(*NODE)
-def collect_orphans(type: str, name: str, spec, memo: kopf.Memo, trace_uids: kopf.Index, logger, **_) -> None:
+async def collect_orphans(type: str, name: str, spec, memo: kopf.Memo, trace_uids: kopf.Index, logger, **_) -> None:
+    # Runs for every LatencyTraceNode event (a thousand while a trace is published to a thousand nodes):
+    # the check stays on the event loop, and only a write, when there is an orphan, goes to a thread.
     memo.runtime.nodes.seen(name, exists=type != "DELETED")
     if type == "DELETED":
         memo.runtime.node_object_gone(name)
-    if type != "DELETED" and spec:
-        handlers.collect_orphans(memo.runtime.nodes, name, spec, trace_uids.__contains__, logger)
+    if type != "DELETED" and spec and handlers.orphans(spec, trace_uids.__contains__):
+        await asyncio.get_running_loop().run_in_executor(
+            memo.runtime.pool, handlers.collect_orphans, memo.runtime.nodes, name, spec, trace_uids.__contains__,
+            logger)
 
 
 _RETRY = re.compile(r"Request attempt #(\d+)\S* failed; will retry")

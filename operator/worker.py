@@ -245,9 +245,11 @@ class TraceWorker:
                     self._stop_watch()
                     desired = {}
                 retry_in = await self._publish(desired) if desired is not None else None
+                listed = self._watch is not None and self._watch.synced.is_set()
                 await self._wait(stopped, self._timeout(spec, body, next_resync, active, retry_in))
-                if not stopped:
-                    await stopped.wait(cfg.debounce_seconds)  # let a burst of pod churn gather
+                # Let a burst of pod churn gather; but the first pod list is whole: publish it at once.
+                if not stopped and listed:
+                    await stopped.wait(cfg.debounce_seconds)
         finally:
             self.rt.workers.discard(self)
             self._stop_watch()

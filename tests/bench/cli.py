@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 import traceback
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tests.netlab import NetLab
@@ -79,7 +79,19 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--only", action="append", choices=PARTS, default=[],
                    help="run only this part (repeatable; default: all)")
     p.add_argument("--quick", action="store_true", help="a tiny run of every part, to check the harness works")
+    p.add_argument("--cp-scales", type=_scales, default=None, metavar="N[,N...]",
+                   help="control plane: node counts to measure, e.g. 1000 (default 10,100,1000; --quick 3)")
     return p.parse_args(argv)
+
+
+def _scales(text: str) -> tuple[int, ...]:
+    try:
+        out = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a comma-separated list of node counts: {text!r}") from None
+    if not out or min(out) < 1 or list(out) != sorted(set(out)):
+        raise argparse.ArgumentTypeError(f"node counts must be positive and increasing: {text!r}")
+    return out
 
 
 def preflight() -> None:
@@ -111,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     plan = QUICK if args.quick else Plan()
+    if args.cp_scales:
+        plan = replace(plan, cp_scales=args.cp_scales)
     parts = [p for p in PARTS if not args.only or p in args.only]
     progress = Progress()
     out_dir: Path = args.out.resolve()

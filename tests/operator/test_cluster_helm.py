@@ -78,6 +78,7 @@ OPERATOR_MAY = [
     ("watch", "pods", "-A"),
     ("list", "namespaces"),
     ("get", "nodes"),
+    ("list", "nodes"),  # every Node's uid (metadata) in one request, for the LatencyTraceNodes' owner
     ("create", "events", "-n", "anywhere"),
 ]
 OPERATOR_MAY_NOT = [
@@ -86,7 +87,7 @@ OPERATOR_MAY_NOT = [
     ("patch", "latencytracenodes.latencytrace.io", "--subresource=status"),  # the agents' part
     ("delete", "pods", "-n", "anywhere"),
     ("get", "secrets", "-n", "anywhere"),
-    ("list", "nodes"),
+    ("watch", "nodes"),
     ("watch", "namespaces"),
     ("list", "customresourcedefinitions.apiextensions.k8s.io"),
 ]

@@ -1,6 +1,6 @@
-"""Per-node configuration: pure building and diffing, and the idempotent, conflict-safe writer against
-a real API server, with real conflicts (another writer between our read and our write), objects
-deleted under it, and Nodes deleted and re-created under the same name."""
+"""Per-node configuration: pure building and diffing, and the server-side-apply writer against a real
+API server, with concurrent writers (another trace writing just before us), objects deleted under it,
+entries edited by hand, the agent's status, and Nodes deleted and re-created under the same name."""
 
 import os
 import time
@@ -106,18 +106,19 @@ def uids(obj) -> list[str]:
     return [t["uid"] for t in obj["spec"]["traces"]]
 
 
-def test_a_node_without_an_object_is_created_without_reading_it_first(api, writer, nodes):
+def test_a_write_is_one_apply_whether_the_object_exists_or_not(api, writer, nodes):
     n1, n2 = nodes
-    writer.apply(n2, "t0", entry("t0"))  # n2's object exists before the writer below lists them
+    writer.apply(n2, "t0", entry("t0"))  # n2's object exists before the writer below writes
     fresh = nodeconfig.NodeConfigs(api, 10)
     fresh.custom = Interposed(fresh.custom)
-    assert fresh.apply(n1, "t1", entry()) == entry()
-    assert fresh.custom.calls == ["list_cluster_custom_object", "create_cluster_custom_object"]
-    assert fresh.apply(n2, "t1", entry()) == entry()  # known to exist: read, then replaced
-    assert fresh.custom.calls[2:] == ["get_cluster_custom_object", "replace_cluster_custom_object"]
+    assert fresh.apply(n1, "t1", entry()) == entry()  # created
+    assert fresh.apply(n2, "t1", entry()) == entry()  # merged into what is there, unread
+    assert fresh.custom.calls == ["patch_cluster_custom_object"] * 2
     assert uids(read(api, n2)) == ["t0", "t1"]
     owner = read(api, n1)["metadata"]["ownerReferences"][0]
     assert (owner["kind"], owner["name"], owner["uid"]) == ("Node", n1, client.CoreV1Api(api).read_node(n1).metadata.uid)
+    managers = {m["manager"] for m in read(api, n2)["metadata"]["managedFields"]}
+    assert {nodeconfig.field_manager("t0"), nodeconfig.field_manager("t1")} <= managers
 
 
 def test_apply_creates_updates_is_idempotent_and_deletes_when_empty(api, writer, nodes):
@@ -125,26 +126,29 @@ def test_apply_creates_updates_is_idempotent_and_deletes_when_empty(api, writer,
     assert writer.apply(n1, "t1", entry()) == entry()
     assert writer.apply(n1, "t2", entry("t2", name="other")) is not None
     version = read(api, n1)["metadata"]["resourceVersion"]
-    writer.apply(n1, "t1", entry())  # unchanged: no write, as the server's resourceVersion shows
+    writer.apply(n1, "t1", entry())  # unchanged: the server stores nothing, as its resourceVersion shows
     assert read(api, n1)["metadata"]["resourceVersion"] == version
+    writer.apply(n1, "t1", entry(pods=("a", "b")))
+    assert [len(t["pods"]) for t in read(api, n1)["spec"]["traces"]] == [2, 1]
     writer.apply(n1, "t1", None)
     assert uids(read(api, n1)) == ["t2"]
     writer.apply(n1, "t2", None)
     assert read(api, n1) is None
-    assert writer.apply(n1, "t2", None) is None  # already gone: nothing to do
+    assert writer.apply(n1, "t2", None) is None  # already gone: nothing stays behind
+    assert read(api, n1) is None
 
 
-def test_a_write_that_loses_a_race_is_retried_on_a_fresh_read_keeping_both(api, writer, nodes):
+def test_two_traces_writing_one_node_at_the_same_moment_keep_both(api, writer, nodes):
     n1 = nodes[0]
     writer.apply(n1, "t1", entry())
     other = nodeconfig.NodeConfigs(api, 10)
-    # Between our read and our replace, another operator adds its trace: the server refuses our write
-    # (409, stale resourceVersion); the retry reads again and keeps what the other wrote.
-    writer.custom.before["replace_cluster_custom_object"] = [lambda: other.apply(n1, "t9", entry("t9", name="x"))]
+    # Just before our write reaches the server, another trace adds its entry: neither carries a
+    # resourceVersion, the server merges the two, and nobody writes twice.
+    writer.custom.before["patch_cluster_custom_object"] = [lambda: other.apply(n1, "t9", entry("t9", name="x"))]
     writer.apply(n1, "t1", entry(pods=("a", "b")))
     obj = read(api, n1)
     assert uids(obj) == ["t1", "t9"] and len(obj["spec"]["traces"][0]["pods"]) == 2
-    assert writer.custom.calls.count("replace_cluster_custom_object") == 2
+    assert writer.custom.calls.count("patch_cluster_custom_object") == 2
 
 
 def test_a_delete_that_loses_a_race_keeps_the_other_writers_trace(api, writer, nodes):
@@ -152,7 +156,7 @@ def test_a_delete_that_loses_a_race_keeps_the_other_writers_trace(api, writer, n
     writer.apply(n1, "t1", entry())
     other = nodeconfig.NodeConfigs(api, 10)
     writer.custom.before["delete_cluster_custom_object"] = [lambda: other.apply(n1, "t9", entry("t9", name="x"))]
-    writer.apply(n1, "t1", None)  # the precondition fails (409): read again, and only remove ours
+    writer.apply(n1, "t1", None)  # ours is gone; the delete's precondition fails (409): the object stays
     assert uids(read(api, n1)) == ["t9"]
 
 
@@ -160,15 +164,42 @@ def test_an_object_deleted_under_the_writer_is_created_again(api, writer, nodes)
     n1 = nodes[0]
     writer.apply(n1, "t1", entry())
     custom = client.CustomObjectsApi(api)
-    writer.custom.before["replace_cluster_custom_object"] = [
+    writer.custom.before["patch_cluster_custom_object"] = [
         lambda: custom.delete_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, n1)]
-    writer.apply(n1, "t1", entry(pods=("a", "b")))  # 404 on replace: read again (gone), create
-    assert len(read(api, n1)["spec"]["traces"][0]["pods"]) == 2
+    writer.apply(n1, "t1", entry(pods=("a", "b")))  # the apply finds nothing and creates it
+    obj = read(api, n1)
+    assert len(obj["spec"]["traces"][0]["pods"]) == 2 and obj["metadata"]["ownerReferences"][0]["name"] == n1
+
+
+def test_an_entry_edited_by_hand_is_taken_back_and_removed_whole(api, writer, nodes):
+    """An entry another field manager has a part of (edited by hand, or written with an update by an
+    operator from before field managers): the apply's answer shows it, and the entry is rewritten whole."""
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    custom = client.CustomObjectsApi(api)
+    obj = read(api, n1)
+    obj["spec"]["traces"][0]["export"] = {"otlpEndpoint": "http://elsewhere:4317"}
+    custom.replace_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, n1, obj)  # an update, by another manager
+    assert writer.apply(n1, "t1", entry(pods=("a", "b"))) == entry(pods=("a", "b"))
+    assert nodeconfig.entry_of(read(api, n1), "t1") == entry(pods=("a", "b"))
+    writer.custom.calls.clear()
+    writer.apply(n1, "t1", None)
+    assert read(api, n1) is None
+
+
+def test_the_agents_status_is_left_alone(api, control_plane, writer, nodes):
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    control_plane.kubectl("patch", NODE_PLURAL, n1, "--subresource=status", "--type=merge",
+                          "-p", '{"status": {"agentVersion": "9.9", "observedGeneration": 1}}')
+    writer.apply(n1, "t1", entry(pods=("a", "b")))
+    writer.apply(n1, "t2", entry("t2", name="other"))
+    assert read(api, n1)["status"] == {"agentVersion": "9.9", "observedGeneration": 1}
 
 
 def test_nothing_is_published_for_a_node_that_does_not_exist(api, writer):
     assert writer.apply(f"no-such-node-{os.getpid()}", "t1", entry()) is None
-    assert "create_cluster_custom_object" not in writer.custom.calls
+    assert writer.custom.calls == []
 
 
 def test_a_node_recreated_under_the_same_name_gets_an_object_owned_by_the_new_node(api, control_plane, writer, nodes):
