@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from latencytrace.node_agent.probes import PROBES
 
 from .bpfprogs import ProgramSet, ProgStats
@@ -65,6 +67,7 @@ class TracerProcess:
         while True:
             if self.proc.poll() is not None:
                 raise self._fail(f"exited with status {self.proc.returncode} before attaching")
+            self._sample()
             n = len(self.progs.ids())
             if ready(n):
                 self.attach_wall_s = time.monotonic() - self.started
@@ -73,6 +76,9 @@ class TracerProcess:
             if time.monotonic() > deadline:
                 raise self._fail(f"had {n} programs loaded after {timeout:.0f} s")
             time.sleep(0.02)
+
+    def _sample(self) -> None:
+        """Called every 20 ms while waiting for the programs."""
 
     def stats(self) -> dict[str, ProgStats]:
         return self.progs.snapshot()
@@ -108,6 +114,21 @@ class AgentProcess(TracerProcess):
         self.log_dir = log_dir
         self.extra_args = extra_args
         self.report: dict | None = None
+        # The compiler process the agent starts (node_agent/kernel/loader.py): pid -> its VmHWM, sampled
+        # while waiting for the programs (it exits once it has handed them over).
+        self.compiler_peak_rss: dict[int, int] = {}
+
+    def _sample(self) -> None:
+        try:
+            children = psutil.Process(self.pid).children()
+        except psutil.NoSuchProcess:
+            return
+        for c in children:
+            try:
+                peak = process_usage(c.pid).peak_rss_bytes
+            except (OSError, psutil.NoSuchProcess):  # it exited meanwhile
+                continue
+            self.compiler_peak_rss[c.pid] = max(peak, self.compiler_peak_rss.get(c.pid, 0))
 
     @staticmethod
     def expected_programs() -> int:
