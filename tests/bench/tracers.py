@@ -103,6 +103,13 @@ class TracerProcess:
             self.proc.communicate()
 
 
+def _rss_anon(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class AgentProcess(TracerProcess):
     """`latencytrace-agent trace --netns ... --format json`, as a user runs it; stopped with SIGTERM."""
 
@@ -117,18 +124,24 @@ class AgentProcess(TracerProcess):
         # The compiler process the agent starts (node_agent/kernel/loader.py): pid -> its VmHWM, sampled
         # while waiting for the programs (it exits once it has handed them over).
         self.compiler_peak_rss: dict[int, int] = {}
+        # Anonymous memory (RssAnon: what no memory limit can reclaim) of the agent and its children
+        # together, the largest sample while waiting: what the container holds at start.
+        self.start_anon_peak = 0
 
     def _sample(self) -> None:
         try:
             children = psutil.Process(self.pid).children()
-        except psutil.NoSuchProcess:
+            anon = _rss_anon(self.pid)
+        except (OSError, psutil.NoSuchProcess):
             return
         for c in children:
             try:
                 peak = process_usage(c.pid).peak_rss_bytes
+                anon += _rss_anon(c.pid)
             except (OSError, psutil.NoSuchProcess):  # it exited meanwhile
                 continue
             self.compiler_peak_rss[c.pid] = max(peak, self.compiler_peak_rss.get(c.pid, 0))
+        self.start_anon_peak = max(self.start_anon_peak, anon)
 
     @staticmethod
     def expected_programs() -> int:
