@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 MAX_FDS = 200  # per message: below the kernel's SCM_MAX_FD (253)
 MAX_MSG = 1 << 20
 RAW_TRACEPOINT = 17  # BPF_PROG_TYPE_RAW_TRACEPOINT
+PERF_EVENT_ARRAY, RINGBUF = 4, 27  # BPF_MAP_TYPE_*
 PR_SET_PDEATHSIG = 1
 
 
@@ -216,15 +217,26 @@ def _child(sock_fd: int, parent_pid: int) -> int:
     def send(msg: dict, fds: list[int] = ()) -> None:
         socket.send_fds(sock, [json.dumps(msg).encode()], list(fds))
 
-    from bcc import BPF, libbcc, table  # only here: the agent's process never loads BCC
+    from bcc import BPF  # only here: the agent's process never loads BCC
 
     try:
         bpf = BPF(text=req["source"].encode(), cflags=req["cflags"])
     except Exception as e:  # BCC raises bare Exception; clang's diagnostics went to stderr
         send({"kind": "error", "message": f"BPF program failed to compile: {e}"})
         return 1
+    try:
+        _hand_over(bpf, req["programs"], send)
+    except Exception as e:  # anything else: one message, not a traceback the agent has to guess from
+        send({"kind": "error", "message": f"the BPF compiler process failed: {e!r}"})
+        return 1
+    return 0
+
+
+def _hand_over(bpf, programs: list[str], send) -> None:
+    from bcc import BPF, libbcc, table
+
     progs, failed = {}, {}
-    for name in req["programs"]:
+    for name in programs:
         try:
             progs[name] = bpf.load_func(name.encode(), RAW_TRACEPOINT).fd
         except Exception as e:  # the verifier's refusal (its log is on stderr): that program alone fails
@@ -233,25 +245,31 @@ def _child(sock_fd: int, parent_pid: int) -> int:
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ct.c_ulonglong, [ct.c_void_p]
     lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ct.c_char_p, [ct.c_void_p, ct.c_ulonglong]
     maps, map_fds = [], []
+    # Types come from BCC's own descriptions, whatever the map type (BCC's Python table classes are
+    # needed only for the record type of ring and perf buffers).
     for i in range(lib.bpf_num_tables(bpf.module)):
         name = lib.bpf_table_name(bpf.module, i)
-        t = bpf.get_table(name)
+        key_desc = lib.bpf_table_key_desc(bpf.module, name).decode()
+        value_desc = lib.bpf_table_leaf_desc(bpf.module, name).decode()
+        key = BPF._decode_table_type(json.loads(key_desc)) if key_desc else None
+        value = BPF._decode_table_type(json.loads(value_desc))
         event = None
-        if isinstance(t, (table.RingBuf, table.PerfEventArray)):
+        if lib.bpf_table_type_id(bpf.module, lib.bpf_table_id(bpf.module, name)) in (RINGBUF, PERF_EVENT_ARRAY):
             try:
-                event = describe(table._get_event_class(t))
+                event = describe(table._get_event_class(bpf.get_table(name)))
             except Exception:  # no record type found: event() says so if ever called
                 event = None
-        key = None if isinstance(t, table.QueueStack) else t.Key
-        maps.append({"name": name.decode(), "key": describe(key), "value": describe(getattr(t, "sLeaf", t.Leaf)),
-                     "event": event})
-        map_fds.append(t.map_fd)
+        maps.append({"name": name.decode(), "key": describe(key), "value": describe(value), "event": event})
+        map_fds.append(lib.bpf_table_fd(bpf.module, name))
     items = [(f"prog:{n}", fd) for n, fd in progs.items()] + [(f"map:{m['name']}", fd) for m, fd in zip(maps, map_fds)]
     for i in range(0, len(items), MAX_FDS):
         chunk = items[i:i + MAX_FDS]
         send({"kind": "fds", "names": [n for n, _ in chunk]}, [fd for _, fd in chunk])
-    send({"kind": "done", "programs": list(progs), "failed": failed, "maps": maps, "peak_rss": _peak_rss()})
-    return 0
+    done = json.dumps({"kind": "done", "programs": list(progs), "failed": failed, "maps": maps,
+                       "peak_rss": _peak_rss()})
+    if len(done) > MAX_MSG:
+        raise ValueError(f"the description of the maps is {len(done)} bytes, more than {MAX_MSG}")
+    send(json.loads(done))
 
 
 if __name__ == "__main__":
