@@ -101,8 +101,6 @@ class Tracer:
             raise TracerError(f"{e} (run with --dump-bpf to see the source)") from e
         log.debug("probes compiled by process %d (peak %d MiB)", self.loaded.compiler_pid,
                   self.loaded.compiler_peak_rss >> 20)
-        if self.loaded.diagnostics.strip():
-            log.info("BPF compiler said: %s", self.loaded.diagnostics.strip()[-2000:])
         try:
             self._prog_info = bpfsys.ProgInfoReader(self.btf)
             self.stats.start()

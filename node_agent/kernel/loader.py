@@ -14,7 +14,8 @@ LLVM: it attaches and reads maps with libbpf (libbpf.py, maps.py). Its peak is i
 child's peak is paid once, in another process, for a few seconds (the container still has both for that
 moment: the benchmark reports the two).
 
-Failure modes: a compile error comes back as a message with clang's diagnostics (LoadError); a child
+What BCC prints (clang's diagnostics, a verifier's log) goes to the agent's stderr as when BCC ran
+in-process. Failure modes: a compile error is one line naming clang's first error (LoadError); a child
 that dies closes its end of the socket, so the agent sees end-of-file at once (no hang), and a child
 that hangs is killed after `timeout`. The child dies with the agent (PR_SET_PDEATHSIG), so a SIGKILLed
 agent leaves no compiler behind; nothing is pinned, so nothing outlives the processes that hold it.
@@ -104,7 +105,6 @@ class Loaded:
     maps: dict[str, MapSpec] = field(default_factory=dict)
     compiler_pid: int = 0
     compiler_peak_rss: int = 0  # bytes: the child's VmHWM as it finished
-    diagnostics: str = ""  # what the compiler printed (warnings)
 
     def fds(self) -> list[int]:
         return [*self.programs.values(), *(m.fd for m in self.maps.values())]
@@ -153,12 +153,11 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
                 if len(msg["names"]) != len(got):
                     raise LoadError("the BPF compiler process sent fewer file descriptors than it named")
             elif msg["kind"] == "error":
-                raise LoadError(msg["message"] + _diagnostics(err, errors_only=True))
+                raise LoadError(msg["message"] + _first_error(err))
             else:
                 break
         by_name = dict(zip(names, fds, strict=True))
-        out = Loaded(compiler_pid=proc.pid, compiler_peak_rss=msg["peak_rss"], failed=msg["failed"],
-                     diagnostics=_diagnostics(err))
+        out = Loaded(compiler_pid=proc.pid, compiler_peak_rss=msg["peak_rss"], failed=msg["failed"])
         out.programs = {name: by_name[f"prog:{name}"] for name in msg["programs"]}
         out.maps = {m["name"]: MapSpec(m["name"], by_name[f"map:{m['name']}"], build(m["key"]), build(m["value"]),
                                        build(m["event"])) for m in msg["maps"]}
@@ -175,16 +174,27 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
                 except subprocess.TimeoutExpired:
                     proc.kill()
                     proc.wait()
+        _forward(err)
         err.close()
 
 
-def _diagnostics(err, errors_only: bool = False) -> str:
+def _first_error(err) -> str:
+    err.seek(0)
+    lines = err.read().decode(errors="replace").splitlines()
+    for pattern in (": error:", "Error"):  # clang's first error, else a Python exception's line
+        for line in lines:
+            if pattern in line:
+                return f"; {line.strip()}"
+    return ""
+
+
+def _forward(err) -> None:
+    """What the child printed, onto our stderr (as BCC in-process printed it)."""
     err.seek(0)
     text = err.read().decode(errors="replace")
-    if errors_only:
-        lines = [ln for ln in text.splitlines() if "error" in ln.lower()]
-        return (":\n" + "\n".join(lines[:20])) if lines else ""
-    return text
+    if text:
+        sys.stderr.write(text if text.endswith("\n") else text + "\n")
+        sys.stderr.flush()
 
 
 def _death(proc: subprocess.Popen, err) -> str:
@@ -194,7 +204,7 @@ def _death(proc: subprocess.Popen, err) -> str:
         proc.kill()
         rc = proc.wait()
     how = f"was killed by signal {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
-    return f"the BPF compiler process {how} before handing over the probes" + _diagnostics(err, errors_only=True)
+    return f"the BPF compiler process {how} before handing over the probes" + _first_error(err)
 
 
 # -- the child's side ------------------------------------------------------------------------------
