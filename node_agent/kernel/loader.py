@@ -125,6 +125,7 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
     err = tempfile.TemporaryFile()
     fds: list[int] = []
     proc = None
+    finished = False  # the child said its last word (or died): it is exiting by itself
     try:
         try:
             proc = subprocess.Popen(
@@ -139,15 +140,18 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
             pass  # it died already: reported below
         deadline = time.monotonic() + timeout
         names: list[str] = []
+        poller = select.poll()  # not select(): the agent may hold more than 1024 descriptors
+        poller.register(parent, select.POLLIN)
         while True:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([parent], [], [], left)[0]:
-                raise LoadError(f"the BPF compiler process did not finish within {timeout:.0f} s")
+            if left <= 0 or not poller.poll(left * 1000):
+                raise LoadError(f"the BPF compiler process did not finish within {timeout:g} s")
             data, got, _flags, _addr = socket.recv_fds(parent, MAX_MSG, MAX_FDS)
             fds += got
+            msg = json.loads(data) if data else {"kind": "eof"}
+            finished = msg["kind"] != "fds"
             if not data:
                 raise LoadError(_death(proc, err))
-            msg = json.loads(data)
             if msg["kind"] == "fds":
                 names += msg["names"]
                 if len(msg["names"]) != len(got):
@@ -167,13 +171,12 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
         for fd in fds:
             os.close(fd)
         parent.close()
-        if proc is not None:
-            if proc.poll() is None:
-                try:
-                    proc.wait(5)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.wait(5 if finished else 0)  # a child that did not finish (timeout) is killed at once
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
         _forward(err)
         err.close()
 

@@ -14,7 +14,7 @@ import time
 import psutil
 import pytest
 
-from latencytrace.node_agent.kernel import features
+from latencytrace.node_agent.kernel import features, loader
 from latencytrace.node_agent.kernel.btf import KernelBTF
 from latencytrace.node_agent.probes import PROBES
 from latencytrace.node_agent.tracer import Tracer, TracerError
@@ -166,3 +166,29 @@ def test_the_running_agent_holds_the_programs_and_maps_no_compiler(lab):
     finally:
         agent.send_signal(signal.SIGKILL)
         agent.wait()
+
+
+def test_a_compiler_that_hangs_is_killed_after_the_timeout():
+    """A stopped child stands for one that hangs: load() gives up after its timeout and kills it."""
+    src, cflags, _ = Tracer().build_source()
+    before = _held()
+    result: dict = {}
+
+    def load():
+        try:
+            loader.load(src, cflags, [], timeout=5)
+        except loader.LoadError as e:
+            result["error"] = str(e)
+
+    thread = threading.Thread(target=load)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not (children := _compiler_children(os.getpid())) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert children, "no compiler process was started"
+    children[0].send_signal(signal.SIGSTOP)
+    thread.join(120)
+    assert not thread.is_alive()
+    assert result.get("error") == "the BPF compiler process did not finish within 5 s", result
+    assert not psutil.pid_exists(children[0].pid)  # killed and reaped
+    assert _held() == before
