@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import histogram, segments
-from .kernel import bpfsys
+from .kernel import bpfsys, libbpf
 from .tracer import Tracer
 
 _STAT_FIELDS = 4  # struct lt_seg_stat: count, sum_ns, max_ns, zero
@@ -28,7 +28,7 @@ class HistogramCollector:
     def __init__(self, tracer: Tracer):
         self.tracer = tracer
         self.ncpu = bpfsys.possible_cpus()
-        self._lib = __import__("bcc").libbcc.lib
+        self._lib = libbpf.BATCH
         self._prev: dict[SlotEpoch, dict[int, histogram.SegmentHistogram]] = {}
 
     def _read_slot(self, slot: int) -> dict[int, histogram.SegmentHistogram]:

@@ -78,7 +78,7 @@ def _addr(family: int, words) -> str | None:
 
 
 def decode(raw) -> PacketEvent:
-    """Turn the kernel's struct lt_event (as BCC decodes it) into a PacketEvent."""
+    """Turn the kernel's struct lt_event (as the compiler described it) into a PacketEvent."""
     a = raw
     family = a.family
     has_ports = a.proto in (6, 17)
@@ -130,7 +130,7 @@ class EventReader:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.tracer.bpf.ring_buffer_poll(100)
+            self._table.poll(100)
             with self._polled:
                 self._polls += 1
                 self._polled.notify_all()
@@ -155,5 +155,5 @@ class EventReader:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=2)
-        if self.tracer.bpf is not None:
-            self.tracer.bpf.ring_buffer_consume()
+        if self.tracer.running:
+            self._table.consume()

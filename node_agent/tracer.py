@@ -1,8 +1,11 @@
-"""The tracer owns the BCC program for its whole life: build, attach, target maps, statistics, close.
+"""The tracer owns the probes for their whole life: build, load, attach, target maps, statistics, close.
 
-Attachment is per probe: a tracepoint the kernel lacks, or one that refuses the program, disables only
-that probe and the segments that need it, and is reported. Programs are never pinned, so whatever way
-the agent ends (even SIGKILL), closing its file descriptors detaches them.
+BCC compiles and loads the programs in a short-lived child process (kernel/loader.py: why); the tracer
+holds their file descriptors and the maps', attaches each program to its raw tracepoint itself (one
+link fd per attachment) and reads the maps through kernel/maps.py, so the agent's process never loads
+LLVM. Attachment is per probe: a tracepoint the kernel lacks, or one that refuses the program, disables
+only that probe and the segments that need it, and is reported. Programs are never pinned, so whatever
+way the agent ends (even SIGKILL), the kernel frees them with its file descriptors.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import lookup, program, segments
-from .kernel import bpfsys, features as kfeatures, headers, memory, offsets
+from .kernel import bpfsys, features as kfeatures, headers, libbpf, loader, maps, offsets
 from .kernel.btf import VMLINUX, KernelBTF
 from .probes import PROBES, Probe, needed
 from .probestats import ProbeStats, StatsPolicy
@@ -66,7 +69,9 @@ class Tracer:
         self.btf = btf
         self.btf_path = btf_path
         self.probes = probes
-        self.bpf = None
+        self.loaded: loader.Loaded | None = None  # the programs' and maps' file descriptors
+        self._tables: dict[str, maps.Map] = {}
+        self._links: dict[Probe, int] = {}  # attached probe -> its raw tracepoint link fd
         self.status = ProbeStatus()
         self.attach_seconds: float | None = None
         self.stats = ProbeStats(stats_policy)
@@ -90,20 +95,23 @@ class Tracer:
         check_privileges()
         headers.ensure()
         src, cflags, feats = self.build_source()
-        from bcc import BPF  # imported late: only the tracer needs the system's BCC
-
         try:
-            self.bpf = BPF(text=src.encode(), cflags=cflags)
-        except Exception as e:
-            raise TracerError(f"BPF program failed to compile: {e} (run with --dump-bpf to see the source)") from e
-        self._prog_info = bpfsys.ProgInfoReader(self.btf)
-        self.stats.start()
-        self.status = ProbeStatus(unavailable=[(u.probe, u.reason) for u in feats.unavailable])
-        self._usable = list(feats.usable)
-        # Everything at first (every program loads and verifies now, so that problems show at start);
-        # want() narrows it to what the targets ask for.
-        self.want(ALL_SEGMENTS)
-        memory.release_compiler(self.bpf)
+            self.loaded = loader.load(src, cflags, sorted({p.program for p in feats.usable}))
+        except loader.LoadError as e:
+            raise TracerError(f"{e} (run with --dump-bpf to see the source)") from e
+        log.debug("probes compiled by process %d (peak %d MiB)", self.loaded.compiler_pid,
+                  self.loaded.compiler_peak_rss >> 20)
+        try:
+            self._prog_info = bpfsys.ProgInfoReader(self.btf)
+            self.stats.start()
+            self.status = ProbeStatus(unavailable=[(u.probe, u.reason) for u in feats.unavailable])
+            self._usable = list(feats.usable)
+            # Everything at first (every program loaded and verified in the child, so that problems show
+            # at start); want() narrows it to what the targets ask for.
+            self.want(ALL_SEGMENTS)
+        except BaseException:
+            self.close()
+            raise
         self.attach_seconds = time.monotonic() - started
         for p, why in self.status.unavailable:
             log.warning("probe %s on %s disabled: %s (segments affected: %s)", p.program, p.tracepoint, why,
@@ -119,7 +127,7 @@ class Tracer:
             if needed(p, seg_mask) and not on:
                 self._attach(p)
             elif not needed(p, seg_mask) and on:
-                self.bpf.detach_raw_tracepoint(tp=p.name.encode())
+                os.close(self._links.pop(p))
                 self.status.attached.remove(p)
 
     def pending(self) -> list[Probe]:
@@ -128,18 +136,34 @@ class Tracer:
 
     def _attach(self, p: Probe) -> None:
         try:
-            self.bpf.attach_raw_tracepoint(tp=p.name.encode(), fn_name=p.program.encode())
+            why = self.loaded.failed.get(p.program)
+            if why is not None:
+                raise OSError(why)
+            self._links[p] = libbpf.raw_tracepoint_open(p.name, self.loaded.programs[p.program])
             self.status.attached.append(p)
-        except Exception as e:  # BCC raises bare Exception for load and attach failures
+        except OSError as e:
             self._usable.remove(p)
             self.status.unavailable.append((p, f"attach failed: {e}"))
 
     def close(self) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
+        """Detach and unload everything: no program, link or map of this tracer stays in the kernel."""
+        for t in self._tables.values():
+            if isinstance(t, maps.RingBuf):
+                t.close()
+        self._tables = {}
+        for fd in self._links.values():
+            os.close(fd)
+        self._links = {}
+        self.status.attached = []
+        if self.loaded is not None:
+            self.loaded.close()
+            self.loaded = None
         self._lookup_written = {}  # the maps went with the programs
         self.stats.close()
+
+    @property
+    def running(self) -> bool:
+        return self.loaded is not None
 
     def __enter__(self) -> Tracer:
         self.start()
@@ -149,8 +173,17 @@ class Tracer:
         self.close()
 
     # -- maps ----------------------------------------------------------------------------------
-    def table(self, name: str):
-        return self.bpf[name.encode()]
+    def table(self, name: str) -> maps.Map:
+        """The probes' map `name`, with the item access of a BCC table (kernel/maps.py)."""
+        t = self._tables.get(name)
+        if t is None:
+            if self.loaded is None:
+                raise TracerError("the tracer is not running")
+            spec = self.loaded.maps.get(name)
+            if spec is None:
+                raise KeyError(name)
+            t = self._tables[name] = maps.open_map(spec.name, spec.fd, spec.key, spec.value, spec.event)
+        return t
 
     def set_target(self, slot: int, settings: TargetSettings) -> None:
         t = self.table("lt_targets")
@@ -185,16 +218,14 @@ class Tracer:
 
     # -- statistics ----------------------------------------------------------------------------
     def probe_stats(self) -> dict[str, bpfsys.ProgStats]:
-        """Kernel-measured run count and run time of each attached program (summed over attachments)."""
-        out: dict[str, bpfsys.ProgStats] = {}
-        if self.bpf is None or self._prog_info is None:
-            return out
-        for name, fn in self.bpf.funcs.items():
-            s = self._prog_info.read(fn.fd)
-            out[name.decode() if isinstance(name, bytes) else name] = s
-        return out
+        """Kernel-measured run count and run time of each loaded program (summed over attachments)."""
+        if self.loaded is None or self._prog_info is None:
+            return {}
+        return {name: self._prog_info.read(fd) for name, fd in self.loaded.programs.items()}
+
+    def program_fds(self) -> dict[str, int]:
+        """Function name -> file descriptor of every loaded program."""
+        return dict(self.loaded.programs) if self.loaded is not None else {}
 
     def program_ids(self) -> list[int]:
-        if self.bpf is None:
-            return []
-        return [bpfsys.prog_id(fn.fd) for fn in self.bpf.funcs.values()]
+        return [bpfsys.prog_id(fd) for fd in self.program_fds().values()]

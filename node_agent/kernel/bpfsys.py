@@ -1,4 +1,4 @@
-"""The few bpf(2) commands BCC does not wrap: run-time statistics and batched reads of per-CPU arrays.
+"""The few bpf(2) commands the agent makes itself: run-time statistics and batched reads of per-CPU arrays.
 
 BPF_ENABLE_STATS is preferred to the kernel.bpf_stats_enabled sysctl because it is scoped to our file
 descriptor: statistics switch off again when the agent exits, whatever way it exits. The layout of
@@ -92,7 +92,8 @@ def read_percpu_array(lib, fd: int, start: int, count: int, value_size: int, ncp
     """Entries start..start+count-1 of a per-CPU array as a (count, ncpu, value_size/8) uint64 array.
 
     One BPF_MAP_LOOKUP_BATCH call per chunk instead of one syscall per key and CPU. For arrays the batch
-    token is the previous key, so a range starts after key start-1.
+    token is the previous key, so a range starts after key start-1. `lib` provides bpf_lookup_batch()
+    with libbcc's signature (libbpf.BATCH in the agent).
     """
     stride = (value_size + 7) // 8 * 8
     values = np.zeros(count * ncpu * stride // 8, dtype=np.uint64)

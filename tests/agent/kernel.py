@@ -2,7 +2,7 @@
 and links `bpftool` lists.
 
 The agent's collectors read the same maps in batches (node_agent/collectors.py); these readers take
-another path on purpose (one BCC lookup per key and CPU, and bpftool's view of programs and links), so
+another path on purpose (one lookup per key and CPU, and bpftool's view of programs and links), so
 that a test compares the kernel with the agent instead of the agent with itself.
 """
 
@@ -125,11 +125,11 @@ def our_programs(tracer) -> dict[str, int]:
     """Program function name -> id, for the programs this tracer loaded (each fd it holds)."""
     ids = prog_ids_of()
     out = {}
-    for name, fn in tracer.bpf.funcs.items():
-        m = re.search(r"^prog_id:\s+(\d+)", Path(f"/proc/self/fdinfo/{fn.fd}").read_text(), re.M)
+    for name, fd in tracer.program_fds().items():
+        m = re.search(r"^prog_id:\s+(\d+)", Path(f"/proc/self/fdinfo/{fd}").read_text(), re.M)
         pid = int(m.group(1))
         assert pid in ids
-        out[name.decode() if isinstance(name, bytes) else name] = pid
+        out[name] = pid
     return out
 
 

@@ -92,6 +92,8 @@ def _phase(traffic: Traffic, pods: Pods, s: Settings, arm: str, progress) -> dic
     if probe_stats:
         agent = AgentProcess([pods.traced.path], s.log_dir, ("--probe-stats", probe_stats)).start(s.expected_programs)
         phase["attach_wall_s"] = agent.attach_wall_s
+        phase["compiler_peak_rss_mib"] = max(agent.compiler_peak_rss.values(), default=0) / 2**20
+        phase["start_anon_mib"] = agent.start_anon_peak / 2**20
     try:
         for name in WORKLOADS:
             for which in _destinations(arm):
@@ -184,6 +186,8 @@ def summarise(rounds: list[dict]) -> dict:
         "rss_mib": max(x["agent_rss_mib"] for x in agent_runs),
         "peak_rss_mib": max(r["on"]["agent_peak_rss_mib"] for r in rounds),
         "uss_mib": max(r["on"]["agent_uss_mib"] for r in rounds),
+        "compiler_peak_rss_mib": max(r["on"].get("compiler_peak_rss_mib", 0) for r in rounds),
+        "start_anon_mib": max(r["on"].get("start_anon_mib", 0) for r in rounds),
         "pps": stats.median([x["delivered_pps"] for x in agent_runs]),
     }
     out["attach"] = {"agent_reported_s": [r["on"].get("attach_seconds") for r in rounds],
@@ -261,11 +265,17 @@ def agent_rows(data: dict, steady_pps: int) -> list[Row]:
             "0 (no agent)", f"{a['cpu_pct']:.1f}% of one core", f"user {a['user_cpu_pct']:.1f}%", "—", None,
             note=f"UDP 64 B, {steady_pps:,} pkt/s offered: the highest steady rate found"),
         Row("agent", f"agent resident memory while tracing at {steady_pps:,} pkt/s (RSS)", "—",
-            f"{a['rss_mib']:.0f} MiB", f"of which private (USS) {a['uss_mib']:.0f} MiB", "≤ 150 MB",
-            a["rss_mib"] * 2**20 <= 150e6, note="largest of the rounds"),
-        Row("agent", "agent peak resident memory (VmHWM: while BCC compiles the probes)", "—",
-            f"{a['peak_rss_mib']:.0f} MiB", "", "≤ 150 MB", a["peak_rss_mib"] * 2**20 <= 150e6,
-            note="what a container memory limit must allow"),
+            f"{a['rss_mib']:.0f} MiB", f"of which private (USS) {a['uss_mib']:.0f} MiB", "≤ 110 MiB",
+            a["rss_mib"] <= 110, note="largest of the rounds"),
+        Row("agent", "agent peak resident memory (VmHWM of the agent's process, whole run)", "—",
+            f"{a['peak_rss_mib']:.0f} MiB", "", "< 150 MiB", a["peak_rss_mib"] < 150,
+            note="BCC compiles in a child process; the agent's own peak"),
+        Row("agent", "compiler child process peak resident memory (VmHWM, for the seconds of the compile)", "—",
+            f"{a['compiler_peak_rss_mib']:.0f} MiB",
+            f"agent + child at most {a['peak_rss_mib'] + a['compiler_peak_rss_mib']:.0f} MiB, of which "
+            f"anonymous {a['start_anon_mib']:.0f} MiB", "—", None,
+            note="what a container memory limit must allow at start: anonymous memory (RssAnon, largest "
+                 "20 ms sample of the two) cannot be reclaimed, the compiler's code pages can"),
         Row("agent", "process start to all probes attached", "—",
             f"{stats.median(wall):.2f} s (max {max(wall):.2f} s)" if wall else "n/a",
             f"agent's own attach_seconds {stats.median(own):.2f} s" if own else "", "≤ 5 s",

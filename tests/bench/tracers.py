@@ -17,6 +17,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import psutil
+
 from latencytrace.node_agent.probes import PROBES
 
 from .bpfprogs import ProgramSet, ProgStats
@@ -65,6 +67,7 @@ class TracerProcess:
         while True:
             if self.proc.poll() is not None:
                 raise self._fail(f"exited with status {self.proc.returncode} before attaching")
+            self._sample()
             n = len(self.progs.ids())
             if ready(n):
                 self.attach_wall_s = time.monotonic() - self.started
@@ -73,6 +76,9 @@ class TracerProcess:
             if time.monotonic() > deadline:
                 raise self._fail(f"had {n} programs loaded after {timeout:.0f} s")
             time.sleep(0.02)
+
+    def _sample(self) -> None:
+        """Called every 20 ms while waiting for the programs."""
 
     def stats(self) -> dict[str, ProgStats]:
         return self.progs.snapshot()
@@ -97,6 +103,13 @@ class TracerProcess:
             self.proc.communicate()
 
 
+def _rss_anon(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
 class AgentProcess(TracerProcess):
     """`latencytrace-agent trace --netns ... --format json`, as a user runs it; stopped with SIGTERM."""
 
@@ -108,6 +121,27 @@ class AgentProcess(TracerProcess):
         self.log_dir = log_dir
         self.extra_args = extra_args
         self.report: dict | None = None
+        # The compiler process the agent starts (node_agent/kernel/loader.py): pid -> its VmHWM, sampled
+        # while waiting for the programs (it exits once it has handed them over).
+        self.compiler_peak_rss: dict[int, int] = {}
+        # Anonymous memory (RssAnon: what no memory limit can reclaim) of the agent and its children
+        # together, the largest sample while waiting: what the container holds at start.
+        self.start_anon_peak = 0
+
+    def _sample(self) -> None:
+        try:
+            children = psutil.Process(self.pid).children()
+            anon = _rss_anon(self.pid)
+        except (OSError, psutil.NoSuchProcess):
+            return
+        for c in children:
+            try:
+                peak = process_usage(c.pid).peak_rss_bytes
+                anon += _rss_anon(c.pid)
+            except (OSError, psutil.NoSuchProcess):  # it exited meanwhile
+                continue
+            self.compiler_peak_rss[c.pid] = max(peak, self.compiler_peak_rss.get(c.pid, 0))
+        self.start_anon_peak = max(self.start_anon_peak, anon)
 
     @staticmethod
     def expected_programs() -> int:
