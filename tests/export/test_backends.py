@@ -14,6 +14,7 @@ report of `latencytrace-agent trace`) is what Prometheus' answers are compared w
 
 from __future__ import annotations
 
+import json
 import os
 import threading
 import time
@@ -21,6 +22,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -152,6 +154,7 @@ class Run:
     report: dict
     ref: PodRef
     started: float
+    ended: float
 
 
 def run(lab: NetLab, name: str, sink_for: Callable[[], object]) -> Run:
@@ -162,8 +165,10 @@ def run(lab: NetLab, name: str, sink_for: Callable[[], object]) -> Run:
     with running_agent(sink, desired) as report:
         steady_traffic(pod, client)
         client.traffic("udp-send", "--to", pod.ip, "--port", "9999", "--count", str(DROPPED))  # nobody listens
+        with client.serve("udp-recv", "--port", "9001", "--count", "200", "--timeout", "20"):  # and it sends
+            pod.traffic("udp-send", "--to", client.ip, "--port", "9001", "--count", "200", "--rate", "1000")
     assert sink.report().healthy, sink.report()
-    return Run(report.as_json(), ref, started)
+    return Run(report.as_json(), ref, started, time.time())
 
 
 @contextmanager
@@ -206,3 +211,48 @@ def test_direct_to_prometheus_and_jaeger(direct: Run, prometheus: Prometheus, ja
 
 def test_through_the_collector(via_collector: Run, prometheus: Prometheus, jaeger: Jaeger):
     check_backends(prometheus, jaeger, via_collector)
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "latencytrace" / "dashboards" / "latencytrace.json"
+
+
+def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(panel title, PromQL) of every query of every panel."""
+    out = []
+    for panel in dashboard["panels"]:
+        for target in panel.get("targets", []):
+            out.append((panel["title"], target["expr"]))
+    return out
+
+
+def test_every_dashboard_panel_returns_series(direct: Run, prometheus: Prometheus):
+    """The chart's Grafana dashboard: each panel's PromQL, with the dashboard's variables set to this pod
+    and node as Grafana would, returns series from the real Prometheus; its variables' label_values list
+    them."""
+    dashboard = json.loads(DASHBOARD.read_text())
+    queries = panel_queries(dashboard)
+    assert len(queries) >= 12
+    values = {"$__rate_interval": "1m", "$namespace": direct.ref.namespace, "$pod": direct.ref.name,
+              "$segment": ".*", "$node": NODE}
+    empty = []
+    for title, expr in queries:
+        promql = expr
+        for var, value in values.items():
+            promql = promql.replace(var, value)
+        assert "$" not in promql, (title, promql)
+        if not prometheus.query(promql, at=direct.ended):
+            empty.append((title, promql))
+    assert not empty, empty
+    # Native histograms: the latency panels get histograms or numbers, not the classic _bucket series.
+    [heat] = [q for t, q in queries if t.startswith("Receive total")]
+    series = prometheus.query(heat.replace("$__rate_interval", "1m").replace("$namespace", "shop")
+                              .replace("$pod", direct.ref.name), at=direct.ended)
+    assert all("histogram" in s for s in series), series
+    for var in dashboard["templating"]["list"]:
+        if var["type"] != "query":
+            continue
+        metric, label = var["definition"][len("label_values("):-1].rsplit(", ", 1)
+        for name, value in values.items():
+            metric = metric.replace(name, value)
+        found = prometheus.api(f"label/{label}/values", **{"match[]": metric})
+        assert found, (var["name"], metric, label)
