@@ -267,7 +267,7 @@ build_prometheus() {
 # An OpenTelemetry Collector with only what the canonical deployment (agents ->
 # collector -> Jaeger and Prometheus) needs, made by the collector builder (ocb):
 # the builder itself is built from its module, generates a main package from the
-# manifest below and compiles it (with -trimpath and -s -w unless debug_compilation).
+# manifest below (its sources and go.mod); then go build compiles it as the other tools are.
 # All core components are at one release (OTELCOL_VERSION; the stable modules'
 # v1.x versions are resolved by the builder). No contrib module is needed: Prometheus
 # takes OTLP over HTTP itself, so the core otlphttp exporter keeps exponential
@@ -306,13 +306,28 @@ build_otelcol() {
       done
     done
   } >"$manifest"
-  local log=$LOGS/otelcol-$v.log
-  say "  otelcol: generating and compiling (log: $log)"
-  if ! (cd "$work" && "$(bin_path ocb "$v")" --config="$manifest" >"$log" 2>&1); then
+  local log=$LOGS/otelcol-$v.log total rc
+  : >"$log"
+  # The builder writes the main package and resolves its modules; compiling is left to the same
+  # `go build` as every other tool here (-trimpath, -s -w, progress lines).
+  say "  otelcol: generating the collector's sources (log: $log)"
+  if ! (cd "$work" && "$(bin_path ocb "$v")" --config="$manifest" --skip-compilation >>"$log" 2>&1); then
     say "  otelcol: builder failed (full log: $log); last lines:"
     tail -n 40 "$log" >&2
     rm -rf "$work" "$out"
     exit 1
+  fi
+  total=$(cd "$out/src" && go list -deps . 2>>"$log" | wc -l)
+  say "  otelcol: compiling up to $total packages with $(nproc) cores"
+  set +e
+  (cd "$out/src" && go build -v -trimpath -ldflags "-s -w" -o otelcol . 2>&1) | progress otelcol "$total" "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  if (( rc != 0 )); then
+    say "  otelcol: go build failed (full log: $log); last lines:"
+    tail -n 40 "$log" >&2
+    rm -rf "$work" "$out"
+    exit "$rc"
   fi
   mv "$out/src/otelcol" "$out/otelcol"
   install_bins "$out" "$v" otelcol

@@ -54,12 +54,12 @@ class Collector:
         exporters: dict[str, Any] = {}
         pipelines: dict[str, Any] = {}
         if self.traces_to:
-            exporters["otlp/jaeger"] = {"endpoint": self.traces_to, "tls": {"insecure": True}}
-            pipelines["traces"] = {"receivers": ["otlp"], "processors": processors, "exporters": ["otlp/jaeger"]}
+            exporters["otlp_grpc/jaeger"] = {"endpoint": self.traces_to, "tls": {"insecure": True}}
+            pipelines["traces"] = {"receivers": ["otlp"], "processors": processors, "exporters": ["otlp_grpc/jaeger"]}
         if self.metrics_to:
-            exporters["otlphttp/prometheus"] = {"endpoint": self.metrics_to, "tls": {"insecure": True}}
+            exporters["otlp_http/prometheus"] = {"endpoint": self.metrics_to, "tls": {"insecure": True}}
             pipelines["metrics"] = {"receivers": ["otlp"], "processors": processors,
-                                    "exporters": ["otlphttp/prometheus"]}
+                                    "exporters": ["otlp_http/prometheus"]}
         return {
             "receivers": {"otlp": {"protocols": {
                 "grpc": {"endpoint": self.otlp_grpc_endpoint},

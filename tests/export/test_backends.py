@@ -145,6 +145,9 @@ def check_backends(prom: Prometheus, jaeger: Jaeger, run: Run) -> None:
         process = trace["processes"][root["processID"]]
         tags = {t["key"]: t["value"] for t in process["tags"]}
         assert tags["k8s.pod.name"] == ref.name and tags["k8s.pod.uid"] == ref.uid
+    # A user searching Jaeger by the pod (a resource attribute) finds its packets.
+    found = jaeger.find_traces("latencytrace-agent", limit=5, tags=json.dumps({"k8s.pod.uid": ref.uid}))
+    assert found and all(t["processes"] for t in found)
 
 
 @dataclass(frozen=True)
