@@ -216,7 +216,27 @@ def test_through_the_collector(via_collector: Run, prometheus: Prometheus, jaege
     check_backends(prometheus, jaeger, via_collector)
 
 
-DASHBOARD = Path(__file__).resolve().parents[2] / "charts" / "latencytrace" / "dashboards" / "latencytrace.json"
+ROOT = Path(__file__).resolve().parents[2]
+DASHBOARD = ROOT / "charts" / "latencytrace" / "dashboards" / "latencytrace.json"
+
+
+def test_the_promql_of_the_export_readme_returns_series(direct: Run, prometheus: Prometheus):
+    """node_agent/export/README.md's PromQL examples, as written, return the traced pod's series."""
+    text = (ROOT / "node_agent" / "export" / "README.md").read_text()
+    [block] = [b.split("\n", 1)[1] for b in text.split("```")[1:] if b.startswith("promql\n")]
+    queries, current = [], ""
+    for line in block.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        current = f"{current} {line.strip()}" if line.startswith(" ") else line.strip()
+        if current.count("(") == current.count(")"):
+            queries.append(current)
+            current = ""
+    assert len(queries) >= 4 and not current, queries
+    for q in queries:
+        result = prometheus.query(q, at=direct.ended)
+        assert result, q
+        assert any(r["metric"].get("k8s_pod_name") == direct.ref.name for r in result), (q, result)
 
 
 def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
