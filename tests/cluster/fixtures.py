@@ -29,7 +29,7 @@ CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kub
                        "kubectl", "kwok", "helm")
 FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",), "prometheus": ("prometheus",),
                  "collector": ("otelcol", "prometheus", "jaeger"),
-                 "real_cluster": CONTROL_PLANE_TOOLS + NODE_TOOLS + ("jaeger",)}
+                 "real_cluster": CONTROL_PLANE_TOOLS + NODE_TOOLS + ("jaeger", "prometheus", "otelcol")}
 # Fixtures that need the images built from the Dockerfile (and the workload and pause images).
 FIXTURE_IMAGES = {"real_cluster", "images_built"}
 T = TypeVar("T")
@@ -128,7 +128,8 @@ def collector(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFact
 @pytest.fixture(scope="session")
 def real_cluster(pytestconfig: pytest.Config,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """The local cluster with its real node (containerd, kubelet, kube-proxy, CNI) and Jaeger; the
+    """The local cluster with its real node (containerd, kubelet, kube-proxy, CNI) and the backends (a
+    collector, Prometheus, Jaeger); the
     images built from the Dockerfile are in the node's store. latencytrace is not installed: tests
     install the chart (LocalCluster.helm_install). There is one real node per machine."""
     _ensure_tools_visibly(pytestconfig, *FIXTURE_TOOLS["real_cluster"])
