@@ -41,8 +41,10 @@ COPY README.md ./
 COPY bpf/ bpf/
 COPY node_agent/ node_agent/
 COPY operator/ operator/
+# --reinstall-package: uv's cache (shared by every build on the machine) keys a built project wheel on
+# pyproject.toml only, and would install an older build of these sources.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable --extra operator \
+    uv sync --frozen --no-dev --no-editable --reinstall-package latencytrace --extra operator \
  && find /app/.venv/lib/python3.11/site-packages/kubernetes -name __pycache__ -prune -exec rm -rf {} +
 
 FROM venv AS agent-venv
@@ -56,7 +58,7 @@ COPY operator/ operator/
 # BCC's Python module is Debian's (python3-bpfcc in the agent image; the PyPI package named bcc is
 # unrelated): linked into the environment.
 RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --frozen --no-dev --no-editable --extra agent \
+    uv sync --frozen --no-dev --no-editable --reinstall-package latencytrace --extra agent \
  && find /app/.venv/lib/python3.11/site-packages/kubernetes -name __pycache__ -prune -exec rm -rf {} + \
  && ln -s /usr/lib/python3/dist-packages/bcc /app/.venv/lib/python3.11/site-packages/bcc
 

@@ -1,28 +1,28 @@
 """The demo: `python -m tests.demo` (run by `.ci/demo`).
 
 On the local cluster (`python -m tests.cluster up`: a real control plane and a real node running
-latencytrace's chart from the images built here, and Jaeger), it runs two server pods and a client pod
+latencytrace's chart from the images built here, a collector, Prometheus and Jaeger), it runs two server pods and a client pod
 from the workload image, a LatencyTrace that selects the servers, and traffic from the untraced client;
 one server reads too slowly. Then it shows what a user would look at: the LatencyTrace status, the
-per-pod latency histograms as Prometheus scrapes them from the collector, and the slowest packet as a
-trace in Jaeger, one span per stack segment. Nothing is faked: the pods are the kubelet's, their network
+per-pod per-segment quantiles from Prometheus' native histograms (the agents export through an
+OpenTelemetry Collector), and the slowest packet, found through an exemplar in Prometheus, as a trace in
+Jaeger with one span per stack segment. Nothing is faked: the pods are the kubelet's, their network
 namespaces the CNI plugin's, and the agent runs in its DaemonSet pod.
 
-Everything stays up afterwards to explore (KUBECONFIG and Jaeger's address are printed);
+Everything stays up afterwards to explore (KUBECONFIG and the backends' API addresses are printed);
 `.ci/cluster down` removes it all.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
-from collections import defaultdict
 
 from latencytrace.node_agent.segments import SEGMENTS
 
@@ -92,61 +92,79 @@ def traffic(kubectl: Kubectl, ips: dict[str, str], seconds: int) -> None:
         print(f"   {name}: {summary}")
 
 
-def scrape(url: str) -> dict[tuple[str, str], list[tuple[float, float]]]:
-    """(pod, segment) -> cumulative (le, count) buckets of latencytrace.network.stack.duration."""
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    hist: dict[tuple[str, str], list[tuple[float, float]]] = defaultdict(list)
-    for line in text.splitlines():
-        if not line.startswith("latencytrace_network_stack_duration_seconds_bucket{"):
-            continue
-        labels = dict(re.findall(r'(\w+)="([^"]*)"', line[line.index("{"):line.rindex("}")]))
-        le = math.inf if labels["le"] == "+Inf" else float(labels["le"])
-        hist[(labels.get("k8s_pod_name", "?"), labels["latencytrace_segment"])].append((le, float(line.split()[-1])))
-    return hist
+HIST = "latencytrace_network_stack_duration_seconds"
 
 
-def quantile(buckets: list[tuple[float, float]], q: float) -> float:
-    buckets = sorted(buckets)
-    total = buckets[-1][1]
-    rank, prev_le, prev_n = q * total, 0.0, 0.0
-    for le, n in buckets:
-        if n >= rank:
-            if math.isinf(le):
-                return prev_le
-            return prev_le + (le - prev_le) * ((rank - prev_n) / (n - prev_n) if n > prev_n else 1)
-        prev_le, prev_n = le, n
-    return prev_le
+def prom(url: str, path: str, **params) -> object:
+    """GET <prometheus>/api/v1/<path>: its data."""
+    full = f"{url}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    return json.loads(urllib.request.urlopen(full, timeout=10).read())["data"]
+
+
+def by_pod_segment(url: str, promql: str) -> dict[tuple[str, str], float]:
+    return {(r["metric"].get("k8s_pod_name", "?"), r["metric"]["latencytrace_segment"]): float(r["value"][1])
+            for r in prom(url, "query", query=promql)["result"]}
 
 
 def show_histograms(url: str) -> None:
+    """Per-pod per-segment quantiles from the native histograms, since the trace began (the cumulative
+    histograms: a dashboard would take rate() over a window instead)."""
+    series = f'{HIST}{{k8s_namespace_name="{NS}"}}'
+    queries = {"count": f"histogram_count({series})",
+               "p50": f"histogram_quantile(0.5, {series})",
+               "p99": f"histogram_quantile(0.99, {series})"}
+    for name, q in queries.items():
+        print(f"   {name}: {q}")
+    results = {name: by_pod_segment(url, q) for name, q in queries.items()}
     order = [seg.name for seg in SEGMENTS]
-    hist = scrape(url)
     print(f"   {'pod':7} {'segment':16} {'count':>8} {'p50 µs':>9} {'p99 µs':>9}")
-    for (pod, seg), buckets in sorted(hist.items(), key=lambda kv: (kv[0][0], order.index(kv[0][1]))):
-        count = max(n for _, n in buckets)
+    for pod, seg in sorted(results["count"], key=lambda k: (k[0], order.index(k[1]))):
+        count = results["count"][(pod, seg)]
         if count:
-            print(f"   {pod:7} {seg:16} {int(count):8d} {quantile(buckets, 0.5) * 1e6:9.1f} "
-                  f"{quantile(buckets, 0.99) * 1e6:9.1f}")
+            print(f"   {pod:7} {seg:16} {int(count):8d} {results['p50'][(pod, seg)] * 1e6:9.1f} "
+                  f"{results['p99'][(pod, seg)] * 1e6:9.1f}")
+    print(f"   in Prometheus' API: {url}/api/v1/query?{urllib.parse.urlencode({'query': queries['p99']})}")
 
 
-def slowest_trace(query_url: str) -> dict:
-    url = f"{query_url}/api/traces?service=latencytrace-agent&limit=200&lookback=1h"
-    traces = json.loads(urllib.request.urlopen(url, timeout=10).read())["data"] or []
-    if not traces:
-        raise RuntimeError("no trace reached Jaeger")
+def slowest_exemplar(url: str, pod: str) -> dict:
+    """The slowest packet of `pod` that Prometheus holds an exemplar of, on its total segments."""
+    selector = f'{HIST}{{k8s_namespace_name="{NS}",k8s_pod_name="{pod}",latencytrace_segment=~"rx_total|tx_total"}}'
+    now = time.time()
+    print(f"   query_exemplars: {selector}")
+    found = prom(url, "query_exemplars", query=selector, start=now - 3600, end=now) or []
+    exemplars = [{**e, "series": s["seriesLabels"]} for s in found for e in s["exemplars"]]
+    if not exemplars:
+        raise RuntimeError("Prometheus holds no exemplar of the demo's pods")
+    slowest = max(exemplars, key=lambda e: float(e["value"]))
+    labels = slowest["series"]
+    print(f"   slowest: {float(slowest['value']) * 1e6:.1f} µs, pod {labels.get('k8s_pod_name')} "
+          f"{labels['latencytrace_segment']}, trace_id {slowest['labels']['trace_id']} "
+          f"(of {len(exemplars)} exemplars)")
+    return slowest
 
-    def root_duration(t: dict) -> int:
-        return max(s["duration"] for s in t["spans"])
 
-    return max(traces, key=root_duration)
+def jaeger_trace(query_url: str, trace_id: str, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            data = json.loads(urllib.request.urlopen(f"{query_url}/api/traces/{trace_id}", timeout=10).read())
+            if data.get("data"):
+                return data["data"][0]
+        except urllib.error.HTTPError as err:
+            if err.code != 404:
+                raise
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trace {trace_id} is not in Jaeger")
+        time.sleep(1)
 
 
 def show_trace(query_url: str, trace: dict) -> None:
     order = {seg.name: seg.id for seg in SEGMENTS}  # segments that start in the same µs: in path order
     spans = sorted(trace["spans"], key=lambda s: (s["startTime"], order.get(s["operationName"], -1)))
-    root = max(spans, key=lambda s: s["duration"])
+    root = next(s for s in spans if not s.get("references"))
     tags = {t["key"]: t["value"] for t in root["tags"]}
-    print(f"   {root['operationName']}: {root['duration']} µs, pod {tags.get('k8s.pod.name')}, "
+    resource = {t["key"]: t["value"] for t in trace["processes"][root["processID"]]["tags"]}
+    print(f"   {root['operationName']}: {root['duration']} µs, pod {resource.get('k8s.pod.name')}, "
           f"{tags.get('network.transport', '?')} {tags.get('source.address')}:{tags.get('source.port')} -> "
           f"{tags.get('destination.address')}:{tags.get('destination.port')}, {tags.get('latencytrace.packet.length')} bytes")
     for s in spans:
@@ -161,7 +179,9 @@ def show_trace(query_url: str, trace: dict) -> None:
 
 def main() -> int:
     state = load_state(cluster.state_dir())
-    if state is None or "jaeger" not in state:
+    if state is not None and "prometheus" not in state:
+        raise SystemExit("a local cluster made by an older checkout (no Prometheus) is up: .ci/cluster down first")
+    if state is None:
         say("starting the local cluster (python -m tests.cluster up)")
         if cluster.main(["up"]) != 0:
             return 1
@@ -183,21 +203,24 @@ def main() -> int:
 
     say("traffic for 15 s from untraced client pods: UDP to web-0 (a slow reader), TCP to web-1")
     traffic(kubectl, ips, 15)
-    time.sleep(6)  # two agent intervals: the last histograms and spans reach the collector
+    time.sleep(6)  # two agent intervals: the last histograms and spans reach the backends
 
     say("kubectl get lt,ltn")
     print(kubectl("get", "lt", "-n", NS), end="")
     print(kubectl("get", "ltn"), end="")
 
-    say(f"per-pod stack latency, as Prometheus scrapes it from the collector ({state['jaeger']['metrics_url']})")
-    show_histograms(state["jaeger"]["metrics_url"])
+    prometheus = state["prometheus"]["url"]
+    say("per-pod stack latency in Prometheus (native histograms through the collector)")
+    show_histograms(prometheus)
 
-    say("the slowest packet, as a trace in Jaeger (one span per stack segment)")
-    show_trace(state["jaeger"]["query_url"], slowest_trace(state["jaeger"]["query_url"]))
+    say("web-0's slowest packet: an exemplar in Prometheus, its trace in Jaeger (one span per stack segment)")
+    exemplar = slowest_exemplar(prometheus, "web-0")
+    show_trace(state["jaeger"]["query_url"], jaeger_trace(state["jaeger"]["query_url"],
+                                                          exemplar["labels"]["trace_id"]))
 
     say("all of it is still running")
-    print(f"   export KUBECONFIG={state['kubeconfig']}\n   Jaeger API: {state['jaeger']['query_url']}/api/traces\n"
-          f"   stop everything: .ci/cluster down")
+    print(f"   export KUBECONFIG={state['kubeconfig']}\n   Prometheus API: {prometheus}/api/v1/query\n"
+          f"   Jaeger API: {state['jaeger']['query_url']}/api/traces\n   stop everything: .ci/cluster down")
     return 0
 
 

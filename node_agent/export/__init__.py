@@ -43,7 +43,7 @@ def sink_from_settings(
     endpoint: the default OTLP endpoint (URL; for HTTP the base, /v1/metrics and /v1/traces are added).
         Without one (here or in OTEL_EXPORTER_OTLP_ENDPOINT) only pods of traces that set
         spec.export.otlpEndpoint are exported.
-    node_name: k8s.node.name on the resource and on every data point.
+    node_name: k8s.node.name on every resource (the agent's and each traced pod's).
     traces: the node's contract.NodeTrace objects (their export overrides); or call set_traces() later.
     Raises ExportConfigError for an invalid value.
     """

@@ -48,20 +48,17 @@ COUNTER = "latencytrace.counter"
 OVERFLOW = {"otel.metric.overflow": True}
 
 
-def target_attributes(target: Target, node_name: str | None) -> dict[str, str | int]:
-    """What identifies a target on every metric point: the pod, or for a standalone target its label and
-    namespace inode (a pod's inode is left out: it changes when the sandbox restarts, the pod does not)."""
-    attrs: dict[str, str | int] = {}
+def target_resource(target: Target) -> dict[str, str | int]:
+    """What identifies a target, as resource attributes of its metrics and spans (the traced pod is the
+    resource, per the semantic conventions' k8s resource attributes): the pod, or for a standalone target
+    its label and namespace inode. A pod's inode is left out: it changes when the sandbox restarts, the pod
+    does not. The node (k8s.node.name) and the agent (service.*) come from the agent's own resource."""
     if target.pod is not None:
-        attrs[K8S_POD_NAME] = target.pod.name
-        attrs[K8S_POD_UID] = target.pod.uid
-        attrs[K8S_NAMESPACE_NAME] = target.pod.namespace
-    else:
-        attrs[TARGET] = target.label
-        attrs[NETNS_INODE] = target.ns.inode
-    if node_name:
-        attrs[K8S_NODE_NAME] = node_name
-    if target.traces:
-        # One value for all the traces that selected the pod, so that its packets are counted once.
-        attrs[TRACE] = ",".join(sorted(target.traces))
-    return attrs
+        return {K8S_POD_NAME: target.pod.name, K8S_POD_UID: target.pod.uid, K8S_NAMESPACE_NAME: target.pod.namespace}
+    return {TARGET: target.label, NETNS_INODE: target.ns.inode}
+
+
+def target_point_attributes(target: Target) -> dict[str, str]:
+    """What a target adds to its data points besides segment, direction and error.type: the traces that
+    selected it, one value for all of them so that its packets are counted once."""
+    return {TRACE: ",".join(sorted(target.traces))} if target.traces else {}

@@ -62,7 +62,7 @@ EVENTS_DROPPED = Instrument("latencytrace.event.dropped", "counter", "{event}",
                             "Slow-packet events (would-be spans) that were not exported, by cause (error.type).")
 ANOMALIES = Instrument("latencytrace.measurement.anomaly", "counter", "{measurement}",
                        "Measurements the kernel could not take as they were, by kind (error.type).")
-AGENT_COUNTER = Instrument("latencytrace.agent.counter", "counter", "1",
+AGENT_COUNTER = Instrument("latencytrace.agent.counter", "counter", "{count}",
                            "Kernel counters of the agent without a metric of their own (latencytrace.counter).")
 SERIES_OVERFLOW = Instrument("latencytrace.metric.series.overflow", "gauge", "{series}",
                              "Attribute sets aggregated into the otel.metric.overflow series in the last interval, "
@@ -99,14 +99,28 @@ class Built:
     temporality: AggregationTemporality
     explicit: bool  # histograms have explicit buckets rather than exponential ones
     points: dict[Instrument, list[tuple[Hashable, object]]] = field(default_factory=dict)  # (owner, data point)
+    # Resource attributes of each target owner (the pod); NODE's points are the agent's own.
+    resources: dict[Hashable, dict[str, object]] = field(default_factory=dict)
 
     def metrics(self, owners: set[Hashable]) -> list[Metric]:
+        """The metrics of `owners`' points together (one resource for all of them)."""
         out = []
         for inst, pts in self.points.items():
             selected = [p for owner, p in pts if owner in owners]
             if selected:
                 out.append(Metric(inst.name, inst.description, inst.unit, self._data(inst, selected)))
         return out
+
+    def by_owner(self, owners: set[Hashable]) -> dict[Hashable, list[Metric]]:
+        """The metrics of each of `owners` apart, as each is its own resource; one pass over the points."""
+        grouped: dict[Hashable, dict[Instrument, list]] = {}
+        for inst, pts in self.points.items():
+            for owner, p in pts:
+                if owner in owners:
+                    grouped.setdefault(owner, {}).setdefault(inst, []).append(p)
+        return {owner: [Metric(inst.name, inst.description, inst.unit, self._data(inst, pts))
+                        for inst, pts in per_inst.items()]
+                for owner, per_inst in grouped.items()}
 
     def _data(self, inst: Instrument, pts: list):
         if inst.kind == "histogram":
@@ -158,7 +172,7 @@ class MetricsBuilder:
         for slot in sorted(interval.targets):
             target = interval.targets[slot]
             owner = target_key(target)
-            base = a.target_attributes(target, self.node_name)
+            base = a.target_point_attributes(target)
             for seg_id, h in sorted(interval.histograms.get(slot, {}).items()):
                 ex = exemplars.get((owner, seg_id), [])
                 if not h.count and not ex:
@@ -170,12 +184,14 @@ class MetricsBuilder:
             target = interval.targets.get(slot)
             if target is None or not n:
                 continue
-            attrs = {**a.target_attributes(target, self.node_name),
+            attrs = {**a.target_point_attributes(target),
                      a.NETWORK_IO_DIRECTION: segments.Direction(direction).otel,
                      a.ERROR_TYPE: interval.drop_reasons.get(reason, str(reason))}
             self._table(DROPS).add(attrs, target_key(target), n, start)
         self._node_counters(interval, totals or {}, start)
-        return self._collect(end, interval)
+        built = self._collect(end, interval)
+        built.resources = {target_key(t): a.target_resource(t) for t in interval.targets.values()}
+        return built
 
     def _node_counters(self, interval: Interval, extra: Totals, start: int) -> None:
         now: Totals = dict(extra)
@@ -188,13 +204,12 @@ class MetricsBuilder:
             now[(PROBE_TIME, ((a.PROBE, prog),))] = stats.run_time_ns  # ns here, seconds on the way out
         now[(TARGET_OVERFLOW, ())] = interval.overflow_targets
         now[(TARGETS, ())] = len(interval.targets)
-        node = {a.K8S_NODE_NAME: self.node_name} if self.node_name else {}
         for (inst, key), value in now.items():
             delta = value - self._previous.get((inst, key), 0)
             if delta < 0 and inst.kind == "counter":
                 delta = value  # the source restarted (a reloaded program): count from zero
             self._previous[(inst, key)] = value
-            self._table(inst).add({**node, **dict(key)}, None, delta, start)
+            self._table(inst).add(dict(key), None, delta, start)
 
     def _collect(self, end: int, interval: Interval) -> Built:
         built = Built(self.temporality, explicit=self._explicit is not None)
@@ -208,9 +223,8 @@ class MetricsBuilder:
                 continue
             scale = 1e-9 if inst is PROBE_TIME else 1  # kept in integer ns so that deltas are exact
             built.points[inst] = [(p.owner or NODE, self._number_point(p, scale)) for p in pts]
-        node = {a.K8S_NODE_NAME: self.node_name} if self.node_name else {}
         built.points[SERIES_OVERFLOW] = [
-            (NODE, NumberDataPoint({**node, a.METRIC: name}, interval.start_ns, end, n))
+            (NODE, NumberDataPoint({a.METRIC: name}, interval.start_ns, end, n))
             for name, n in sorted(overflows.items()) if n]
         return built
 

@@ -1,6 +1,8 @@
 """Where each target's data goes, and under which resource.
 
-A target goes to the agent's default endpoint, unless the LatencyTrace that selected it names its own
+Each traced pod is its own resource (the agent's resource with the pod's k8s attributes), so that its
+metrics and spans describe the pod as the semantic conventions have it; the agent's own metrics have the
+agent's resource. A target goes to the agent's default endpoint, unless the LatencyTrace that selected it names its own
 (`spec.export.otlpEndpoint`); a pod selected by several traces goes to each of their destinations. A
 trace's `resourceAttributes` are added to the resource of what it receives. The agent's own metrics
 (probe cost, health) go to the default endpoint, or, without one, to every endpoint a trace names.
@@ -48,7 +50,7 @@ class Router:
         self.has_default = has_default
         self.default_endpoint = default_endpoint
         self._exports: dict[str, ExportOverrides] = {}
-        self._resources: dict[Route, Resource] = {}
+        self._resources: dict[tuple[Route, tuple], Resource] = {}
 
     def set_exports(self, exports: Mapping[str, ExportOverrides]) -> None:
         """Export overrides by trace ("namespace/name")."""
@@ -81,11 +83,30 @@ class Router:
         out.update(ov.otlp_endpoint for ov in self._exports.values() if ov.otlp_endpoint)
         return out
 
-    def resource(self, route: Route) -> Resource:
-        r = self._resources.get(route)
+    def resource(self, route: Route, target: Mapping[str, object] | None = None) -> Resource:
+        """The resource of what goes along `route`: the agent's (`target` None), or a traced target's, which
+        is the agent's with the pod's attributes (see target_resource). The pod's own attributes win over any
+        the agent was given for itself (OTEL_RESOURCE_ATTRIBUTES often names the agent's pod and container,
+        which are not the traced pod's: every k8s.* attribute but the node's and cluster's is dropped), and
+        over a trace's resourceAttributes, which come after the agent's (a trace cannot rename its pods)."""
+        key = (route, tuple(sorted(target.items())) if target else ())
+        r = self._resources.get(key)
         if r is None:
-            r = self._resources[route] = self.base.merge(Resource(dict(route.resource_attributes)))
+            if len(self._resources) >= _MAX_RESOURCES:  # pods come and go: forget them all now and then
+                self._resources.clear()
+            r = self.base
+            if target:
+                r = Resource({k: v for k, v in r.attributes.items()
+                              if not k.startswith("k8s.") or k.startswith(_AGENT_K8S)}, r.schema_url)
+            r = r.merge(Resource(dict(route.resource_attributes)))
+            if target:
+                r = r.merge(Resource(dict(target)))
+            self._resources[key] = r
         return r
+
+
+_AGENT_K8S = ("k8s.node.", "k8s.cluster.")  # the agent's k8s attributes that are also its targets'
+_MAX_RESOURCES = 4096
 
 
 def exports_of(traces: Iterable) -> dict[str, ExportOverrides]:

@@ -3,7 +3,9 @@
 Every input is a delta (what happened since the last interval). Cumulative temporality keeps a running
 total per series from the start of that series; delta temporality hands out what accumulated since the
 last collection and starts again. A series belongs to an owner (a target) and is forgotten with it, so
-that memory follows the live targets and not every pod the agent ever saw.
+that memory follows the live targets and not every pod the agent ever saw. A series is its owner and its
+attribute set: the owner (the pod) is the resource its points are exported under, so two pods' points
+may carry the same attributes.
 
 At most `limit` series live at once. Further attribute sets are folded into one series with the
 attributes {"otel.metric.overflow": true}, as the OpenTelemetry metrics SDK does at its cardinality limit:
@@ -24,8 +26,8 @@ from .attributes import OVERFLOW
 log = logging.getLogger(__name__)
 
 V = TypeVar("V")
-Key = tuple[tuple[str, Any], ...]
-_OVERFLOW_KEY: Key = tuple(sorted(OVERFLOW.items()))
+Key = tuple[Hashable | None, tuple[tuple[str, Any], ...]]  # (owner, attribute set)
+_OVERFLOW_KEY: Key = (None, tuple(sorted(OVERFLOW.items())))
 
 
 @dataclass
@@ -67,7 +69,7 @@ class SeriesTable(Generic[V]):
 
     def add(self, attributes: dict[str, Any], owner: Hashable | None, delta: V, start_ns: int,
             exemplars: Iterable[Exemplar] = ()) -> None:
-        key: Key = tuple(sorted(attributes.items()))
+        key: Key = (owner, tuple(sorted(attributes.items())))
         s = self._series.get(key)
         if s is None:
             # The overflow series does not count against the limit: it is what keeps the limit.

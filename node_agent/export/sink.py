@@ -137,19 +137,25 @@ class OtlpSink:
 
     def _batch(self, routes: list[Route], owners: dict[Route, set[Hashable]], built: Built,
                traces: list[PacketTrace], with_spans: bool) -> Batch:
+        """One resource per route and owner: a traced pod is the resource of its metrics and spans (the
+        agent's resource with the pod's attributes); the agent's own metrics (NODE) have the agent's."""
         resource_metrics, spans = [], []
+        traces_of: dict[Hashable, list[PacketTrace]] = defaultdict(list)
+        if with_spans:
+            for tr in traces:
+                traces_of[tr.owner].append(tr)
         for route in sorted(routes, key=lambda r: r.resource_attributes):
-            resource = self.router.resource(route)
-            metrics = built.metrics(owners[route])
-            if not with_spans:  # exemplars would name spans this destination never receives
-                metrics = [_without_exemplars(m) for m in metrics]
-            if metrics:
-                resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(self.scope, metrics, SCHEMA_URL)],
-                                                        SCHEMA_URL))
-            if with_spans:
-                for tr in traces:
-                    if tr.owner in owners[route]:
-                        spans.extend(tr.spans(resource, self.scope))
+            metrics_of = built.by_owner(owners[route])
+            for owner in sorted(owners[route], key=_owner_order):
+                resource = self.router.resource(route, built.resources.get(owner))
+                metrics = metrics_of.get(owner, [])
+                if not with_spans:  # exemplars would name spans this destination never receives
+                    metrics = [_without_exemplars(m) for m in metrics]
+                if metrics:
+                    resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(self.scope, metrics, SCHEMA_URL)],
+                                                            SCHEMA_URL))
+                for tr in traces_of.get(owner, ()):
+                    spans.extend(tr.spans(resource, self.scope))
         return Batch(spans, MetricsData(resource_metrics) if resource_metrics else None,
                      cumulative=self.settings.temporality == "cumulative")
 
@@ -218,6 +224,11 @@ def _worker_totals(w: ExportWorker) -> Totals:
                       ("shutdown", w.dropped_at_shutdown)):
         out[(EXPORT_DROPPED, tuple(sorted(((a.ERROR_TYPE, reason), *_server(w.endpoint)))))] = n
     return out
+
+
+def _owner_order(owner: Hashable) -> tuple:
+    """The agent's own resource first, then targets by slot: a stable order of resources in a request."""
+    return (0, ()) if owner == NODE else (1, owner)
 
 
 def _without_exemplars(metric):

@@ -179,7 +179,7 @@ class SpanBuilder:
             children=children, total=total, status=status)
 
     def attributes(self, ev: PacketEvent, target: Target) -> dict:
-        attrs = a.target_attributes(target, self.node_name)
+        attrs: dict = a.target_point_attributes(target)  # the pod itself is the spans' resource
         attrs[a.NETNS_INODE] = target.ns.inode
         attrs[a.NETWORK_IO_DIRECTION] = ev.direction.otel
         attrs[a.EVENT_KIND] = ev.kind

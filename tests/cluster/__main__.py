@@ -3,7 +3,7 @@
   build                 build every pinned tool that is missing (tests/cluster/build.sh)
   up [--kwok-nodes N]   start a detached local cluster: control plane, the real node (containerd,
                         kubelet, kube-proxy, CNI) running latencytrace's chart from the images built
-                        here, Jaeger, and N kwok fake nodes (default none); prints `export KUBECONFIG=...`
+                        here, a collector, Prometheus and Jaeger, and N kwok fake nodes (default none); prints `export KUBECONFIG=...`
   down                  stop it and remove everything it made
   status                show whether it runs, and its nodes
 

@@ -3,7 +3,7 @@
 # repository, one directory per tool and version, so a machine builds each version
 # once:  ${LATENCYTRACE_CACHE:-/var/cache/latencytrace}/bin/<tool>-<version>/<tool>
 #
-# Usage: build.sh [all|kubernetes|kwok|helm|jaeger|etcd|cni|crictl]...   (default: all)
+# Usage: build.sh [all|kubernetes|kwok|helm|jaeger|etcd|cni|crictl|prometheus|otelcol]...   (default: all)
 # Idempotent: a tool whose binary exists is skipped. Safe to run concurrently
 # (one flock serialises builds). Versions come from versions.env beside this file.
 set -euo pipefail
@@ -244,6 +244,97 @@ build_crictl() {
   build_one crictl sigs.k8s.io/cri-tools "$CRICTL_VERSION" sigs.k8s.io/cri-tools/cmd/crictl "" 1
 }
 
+# Prometheus 3 (the module is versioned v0.3MINOR.PATCH for 3.MINOR.PATCH). Tags:
+# remove_all_sd leaves out every service-discovery plugin (cloud SDKs, Kubernetes client):
+# the tests push OTLP into it and scrape nothing, and those plugins are most of its
+# packages. Without the builtinassets tag the binary carries no UI assets (the HTTP API
+# is all the tests and the demo use), so no npm build either.
+build_prometheus() {
+  local v=$PROMETHEUS_VERSION
+  have prometheus "$v" && return 0
+  say "prometheus $v (first build takes ~4 min on 2 cores) ..."
+  local start=$SECONDS out ver
+  ver=${v#v0.}; ver=3.${ver#3}   # v0.316.0 -> 3.16.0
+  out=$(mktemp -d "${TMPDIR:-/tmp}/latencytrace-out.XXXXXX")
+  GOFLAGS="$GOFLAGS -tags=remove_all_sd" wrapper_build prometheus github.com/prometheus/prometheus "$v" "" \
+    "-X github.com/prometheus/common/version.Version=$ver -X github.com/prometheus/common/version.Branch=HEAD" \
+    "$out" github.com/prometheus/prometheus/cmd/prometheus
+  install_bins "$out" "$v" prometheus
+  rm -rf "$out"
+  say "  prometheus $v built in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+}
+
+# An OpenTelemetry Collector with only what the canonical deployment (agents ->
+# collector -> Jaeger and Prometheus) needs, made by the collector builder (ocb):
+# the builder itself is built from its module, generates a main package from the
+# manifest below (its sources and go.mod); then go build compiles it as the other tools are.
+# All core components are at one release (OTELCOL_VERSION; the stable modules'
+# v1.x versions are resolved by the builder). No contrib module is needed: Prometheus
+# takes OTLP over HTTP itself, so the core otlphttp exporter keeps exponential
+# histograms (stored as native histograms) and exemplars as they are.
+OTELCOL_COMPONENTS=(
+  receivers:go.opentelemetry.io/collector/receiver/otlpreceiver
+  processors:go.opentelemetry.io/collector/processor/batchprocessor
+  processors:go.opentelemetry.io/collector/processor/memorylimiterprocessor
+  exporters:go.opentelemetry.io/collector/exporter/otlpexporter
+  exporters:go.opentelemetry.io/collector/exporter/otlphttpexporter
+)
+build_otelcol() {
+  local v=$OTELCOL_VERSION
+  have otelcol "$v" && return 0
+  say "otelcol $v (collector builder, then the collector; first build takes ~4 min) ..."
+  local start=$SECONDS out work manifest entry kind
+  out=$(mktemp -d "${TMPDIR:-/tmp}/latencytrace-out.XXXXXX")
+  have ocb "$v" || {
+    wrapper_build ocb go.opentelemetry.io/collector/cmd/builder "$v" "" "" "$out" \
+      go.opentelemetry.io/collector/cmd/builder
+    mv "$out/builder" "$out/ocb"
+    install_bins "$out" "$v" ocb
+  }
+  work=$(mktemp -d "${TMPDIR:-/tmp}/latencytrace-ocb.XXXXXX")
+  manifest=$work/manifest.yaml
+  {
+    echo "dist:"
+    echo "  name: otelcol"
+    echo "  description: OpenTelemetry Collector for latencytrace tests (OTLP in; batch, memory_limiter; OTLP out)"
+    echo "  output_path: $out/src"
+    echo "  version: ${v#v}"
+    for kind in receivers processors exporters; do
+      echo "$kind:"
+      for entry in "${OTELCOL_COMPONENTS[@]}"; do
+        [[ ${entry%%:*} == "$kind" ]] && echo "  - gomod: ${entry#*:} $v"
+      done
+    done
+  } >"$manifest"
+  local log=$LOGS/otelcol-$v.log total rc
+  : >"$log"
+  # The builder writes the main package and resolves its modules; compiling is left to the same
+  # `go build` as every other tool here (-trimpath, -s -w, progress lines).
+  say "  otelcol: generating the collector's sources (log: $log)"
+  if ! (cd "$work" && "$(bin_path ocb "$v")" --config="$manifest" --skip-compilation >>"$log" 2>&1); then
+    say "  otelcol: builder failed (full log: $log); last lines:"
+    tail -n 40 "$log" >&2
+    rm -rf "$work" "$out"
+    exit 1
+  fi
+  total=$(cd "$out/src" && go list -deps . 2>>"$log" | wc -l)
+  say "  otelcol: compiling up to $total packages with $(nproc) cores"
+  set +e
+  (cd "$out/src" && go build -v -trimpath -ldflags "-s -w" -o otelcol . 2>&1) | progress otelcol "$total" "$log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  if (( rc != 0 )); then
+    say "  otelcol: go build failed (full log: $log); last lines:"
+    tail -n 40 "$log" >&2
+    rm -rf "$work" "$out"
+    exit "$rc"
+  fi
+  mv "$out/src/otelcol" "$out/otelcol"
+  install_bins "$out" "$v" otelcol
+  rm -rf "$work" "$out"
+  say "  otelcol $v built in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"
+}
+
 ensure_go() {
   command -v go >/dev/null || { say "go is not on PATH"; exit 1; }
   command -v jq >/dev/null && return 0
@@ -255,15 +346,15 @@ ensure_go() {
 main() {
   local targets=("$@")
   (( ${#targets[@]} )) || targets=(all)
-  [[ ${targets[0]} == all ]] && targets=(etcd kubernetes kwok helm jaeger cni crictl)
+  [[ ${targets[0]} == all ]] && targets=(etcd kubernetes kwok helm jaeger cni crictl prometheus otelcol)
   # One build at a time per cache (parallel test workers may all call this).
   exec 9>"$CACHE/.build.lock"
   flock 9
   local t start=$SECONDS
   for t in "${targets[@]}"; do
     case $t in
-      etcd|kubernetes|kwok|helm|jaeger|cni|crictl) ensure_go; "build_$t" ;;
-      *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd|cni|crictl)"; exit 2 ;;
+      etcd|kubernetes|kwok|helm|jaeger|cni|crictl|prometheus|otelcol) ensure_go; "build_$t" ;;
+      *) say "unknown target '$t' (want all|kubernetes|kwok|helm|jaeger|etcd|cni|crictl|prometheus|otelcol)"; exit 2 ;;
     esac
   done
   (( SECONDS - start > 5 )) && say "done in $(( (SECONDS - start) / 60 ))m$(( (SECONDS - start) % 60 ))s"

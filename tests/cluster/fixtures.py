@@ -1,4 +1,5 @@
-"""pytest fixtures for the local control plane, Jaeger and the project's images.
+"""pytest fixtures for the local control plane, the backends (Jaeger, Prometheus, an OpenTelemetry
+Collector) and the project's images.
 
 Enable with, in tests/conftest.py:   pytest_plugins = ["tests.cluster.fixtures"]
 
@@ -20,12 +21,15 @@ from . import images, versions
 from .controlplane import ControlPlane
 from .jaeger import Jaeger
 from .local import LocalCluster
+from .otelcol import Collector
+from .prometheus import Prometheus
 from .node import NODE_TOOLS
 
 CONTROL_PLANE_TOOLS = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler",
                        "kubectl", "kwok", "helm")
-FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",),
-                 "real_cluster": CONTROL_PLANE_TOOLS + NODE_TOOLS + ("jaeger",)}
+FIXTURE_TOOLS = {"control_plane": CONTROL_PLANE_TOOLS, "jaeger": ("jaeger",), "prometheus": ("prometheus",),
+                 "collector": ("otelcol", "prometheus", "jaeger"),
+                 "real_cluster": CONTROL_PLANE_TOOLS + NODE_TOOLS + ("jaeger", "prometheus", "otelcol")}
 # Fixtures that need the images built from the Dockerfile (and the workload and pause images).
 FIXTURE_IMAGES = {"real_cluster", "images_built"}
 T = TypeVar("T")
@@ -101,9 +105,31 @@ def jaeger(pytestconfig: pytest.Config,
 
 
 @pytest.fixture(scope="session")
+def prometheus(pytestconfig: pytest.Config,
+               tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prometheus]:
+    """Prometheus 3 with its OTLP receiver and exemplar storage on, shared by the session: each test
+    tells its data apart by labels of its own (a pod name, a namespace inode)."""
+    _ensure_tools_visibly(pytestconfig, "prometheus")
+    with Prometheus(tmp_path_factory.mktemp("prometheus")) as p:
+        yield p
+
+
+@pytest.fixture(scope="session")
+def collector(pytestconfig: pytest.Config, tmp_path_factory: pytest.TempPathFactory,
+              prometheus: Prometheus, jaeger: Jaeger) -> Iterator[Collector]:
+    """An OpenTelemetry Collector (OTLP in; memory_limiter, batch; traces to the session's Jaeger over
+    OTLP/gRPC, metrics to its Prometheus over OTLP/HTTP), shared by the session."""
+    _ensure_tools_visibly(pytestconfig, "otelcol")
+    with Collector(tmp_path_factory.mktemp("otelcol"), traces_to=jaeger.otlp_grpc_endpoint,
+                   metrics_to=prometheus.otlp_http_endpoint) as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
 def real_cluster(pytestconfig: pytest.Config,
                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
-    """The local cluster with its real node (containerd, kubelet, kube-proxy, CNI) and Jaeger; the
+    """The local cluster with its real node (containerd, kubelet, kube-proxy, CNI) and the backends (a
+    collector, Prometheus, Jaeger); the
     images built from the Dockerfile are in the node's store. latencytrace is not installed: tests
     install the chart (LocalCluster.helm_install). There is one real node per machine."""
     _ensure_tools_visibly(pytestconfig, *FIXTURE_TOOLS["real_cluster"])

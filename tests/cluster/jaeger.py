@@ -66,8 +66,11 @@ class Jaeger:
         config = self._traces_config()
         if self.prometheus:
             config["service"]["pipelines"]["metrics"] = {"receivers": ["otlp"], "exporters": ["prometheus"]}
+            # The traced pod is the resource of its metrics: its k8s.* attributes become labels of each
+            # series (as Prometheus' promote_resource_attributes does), not only of target_info.
             config["exporters"]["prometheus"] = {"endpoint": f"127.0.0.1:{self.ports['prometheus']}",
-                                                "metric_expiration": "30m"}
+                                                "metric_expiration": "30m",
+                                                "resource_to_telemetry_conversion": {"enabled": True}}
         return config
 
     def _traces_config(self) -> dict[str, Any]:

@@ -1,6 +1,7 @@
 """The local cluster as a user has one: a control plane, the real node (tests/cluster/node.py) running
-latencytrace's chart from the images built here (tests/cluster/images.py), Jaeger as the OpenTelemetry
-backend, and kwok's fake nodes on request (they carry no real pods: for scale only).
+latencytrace's chart from the images built here (tests/cluster/images.py), the OpenTelemetry backends as
+most users run them (agents -> an OpenTelemetry Collector -> Prometheus for metrics, Jaeger for traces),
+and kwok's fake nodes on request (they carry no real pods: for scale only).
 
 `.ci/cluster up` makes one that outlives the command (detach); the `real_cluster` pytest fixture makes
 one for the test session. Either way `stop()` (or `.ci/cluster down`, from the recorded state) removes
@@ -19,16 +20,17 @@ from . import images, install
 from .controlplane import ControlPlane, stop_from_state
 from .jaeger import Jaeger
 from .node import NODE_IP, NODE_NAME, RealNode, teardown
+from .otelcol import Collector
+from .prometheus import Prometheus
 
 NAMESPACE = install.NAMESPACE
 RELEASE = install.RELEASE
 
-# The local cluster's chart values: quick intervals for a demo and tests; spans to Jaeger, metrics to
-# the Prometheus endpoint of the same collector, which takes explicit-bucket histograms only.
+# The local cluster's chart values: quick intervals for a demo and tests; everything to the collector,
+# which sends spans to Jaeger and metrics (exponential histograms, exemplars) to Prometheus.
 LOCAL_VALUES = {
     "operator": {"statusIntervalSeconds": 2},
-    "agent": {"intervalSeconds": 2, "statusSeconds": 10, "statusMinGapSeconds": 1, "retrySeconds": 2,
-              "extraEnv": [{"name": "LATENCYTRACE_EXPORT_HISTOGRAM", "value": "explicit"}]},
+    "agent": {"intervalSeconds": 2, "statusSeconds": 10, "statusMinGapSeconds": 1, "retrySeconds": 2},
     "otlp": {"insecure": True},
 }
 
@@ -41,7 +43,9 @@ class LocalCluster:
         self.node = RealNode(self.workdir / "logs", detach=detach)
         self.cp = ControlPlane(self.workdir, with_controllers=True, with_kwok=kwok_nodes > 0, detach=detach,
                                node_ip=NODE_IP)
-        self.jaeger = Jaeger(self.workdir / "jaeger", detach=detach, prometheus=True)
+        self.jaeger = Jaeger(self.workdir / "jaeger", detach=detach)
+        self.prometheus = Prometheus(self.workdir / "prometheus", detach=detach)
+        self.collector: Collector | None = None
         self.fake_nodes: list[str] = []
 
     @property
@@ -57,19 +61,24 @@ class LocalCluster:
             if self.kwok_nodes:
                 self.fake_nodes = self.cp.create_fake_nodes(self.kwok_nodes)
             self.jaeger.start()
+            self.prometheus.start()
+            self.collector = Collector(self.workdir / "otelcol", traces_to=self.jaeger.otlp_grpc_endpoint,
+                                       metrics_to=self.prometheus.otlp_http_endpoint, detach=self.detach).start()
             if self.detach:
-                install.record(self.cp, [self.jaeger.proc], jaeger={
-                    "ports": self.jaeger.ports, "query_url": self.jaeger.query_url,
-                    "metrics_url": self.jaeger.metrics_url})
+                install.record(self.cp, [self.jaeger.proc, self.prometheus.proc, self.collector.proc],
+                               jaeger={"ports": self.jaeger.ports, "query_url": self.jaeger.query_url},
+                               prometheus={"url": self.prometheus.url},
+                               collector={"otlp_grpc": self.collector.otlp_grpc_endpoint})
         except BaseException:
             self.stop()
             raise
         return self
 
     def values(self, **overrides) -> dict:
-        """The chart values of the local cluster: LOCAL_VALUES, OTLP to this cluster's Jaeger."""
+        """The chart values of the local cluster: LOCAL_VALUES, OTLP to this cluster's collector."""
         values = json.loads(json.dumps(LOCAL_VALUES))
-        values["otlp"]["endpoint"] = f"http://{self.jaeger.otlp_grpc_endpoint}"  # the agent is on the host network
+        assert self.collector is not None, "start() the cluster first"
+        values["otlp"]["endpoint"] = f"http://{self.collector.otlp_grpc_endpoint}"  # the agent is on the host network
         return _merge(values, overrides)
 
     def helm_install(self, values: dict | None = None, *, timeout: str = "5m") -> None:
@@ -80,6 +89,9 @@ class LocalCluster:
                      "-f", str(values_file), "--wait", f"--timeout={timeout}", timeout=600)
 
     def stop(self) -> None:
+        if self.collector is not None:
+            self.collector.stop()
+        self.prometheus.stop()
         self.jaeger.stop()
         self.node.stop()
         if self.detach:

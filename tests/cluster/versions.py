@@ -35,6 +35,8 @@ HELM_VERSION = _PINS["HELM_VERSION"]
 JAEGER_VERSION = _PINS["JAEGER_VERSION"]
 CNI_PLUGINS_VERSION = _PINS["CNI_PLUGINS_VERSION"]
 CRICTL_VERSION = _PINS["CRICTL_VERSION"]
+PROMETHEUS_VERSION = _PINS["PROMETHEUS_VERSION"]
+OTELCOL_VERSION = _PINS["OTELCOL_VERSION"]
 
 # tool -> (pinned version, build.sh target that produces it)
 TOOLS: dict[str, tuple[str, str]] = {
@@ -53,6 +55,8 @@ TOOLS: dict[str, tuple[str, str]] = {
     "loopback": (CNI_PLUGINS_VERSION, "cni"),
     "portmap": (CNI_PLUGINS_VERSION, "cni"),
     "crictl": (CRICTL_VERSION, "crictl"),
+    "prometheus": (PROMETHEUS_VERSION, "prometheus"),
+    "otelcol": (OTELCOL_VERSION, "otelcol"),
 }
 
 

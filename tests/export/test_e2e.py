@@ -79,10 +79,11 @@ def tracing(receiver: Receiver, proc: subprocess.Popen, tmp_path: Path) -> None:
 
 
 def last_points(receiver: Receiver, metric: str, **match) -> dict[str, object]:
-    """The newest point of `metric` per segment (or per error.type), among points whose attributes match."""
+    """The newest point of `metric` per segment (or per error.type), among points whose attributes or
+    resource attributes (a target is its points' resource) match."""
     out: dict[str, object] = {}
-    for _, a, p in receiver.data_points(metric):
-        if all(a.get(k) == v for k, v in match.items()):
+    for r, a, p in receiver.data_points(metric):
+        if all({**r, **a}.get(k) == v for k, v in match.items()):
             key = a.get("latencytrace.segment") or a.get("error.type")
             if key not in out or p.time_unix_nano >= out[key].time_unix_nano:
                 out[key] = p
@@ -129,8 +130,8 @@ def test_udp_pod_histograms_and_exemplar_traces_over_grpc(jaeger, lab, tmp_path)
 
     # Exemplars: each names a trace of this pod, found in Jaeger's query API with one span per segment.
     exemplars = {(e.trace_id, e.span_id) for seg in ("rx_pod_stack", "rx_total")
-                 for _, at, p in receiver.data_points(LATENCY.name)
-                 if at.get("latencytrace.segment") == seg and at.get("latencytrace.netns.inode") == a.inode
+                 for res, at, p in receiver.data_points(LATENCY.name)
+                 if at.get("latencytrace.segment") == seg and res.get("latencytrace.netns.inode") == a.inode
                  for e in p.exemplars}
     assert exemplars, "no exemplars on the pod's histograms"
     spans = {(s.trace_id, s.span_id): s for _, s in receiver.spans()}

@@ -28,6 +28,16 @@ def latency_points(built, owners=None):
     return None, []
 
 
+def latency_by_resource(built) -> list[tuple[dict, object]]:
+    """(resource attributes of the point's owner, point) of every latency point."""
+    out = []
+    for owner, ms in built.by_owner({o for pts in built.points.values() for o, _ in pts}).items():
+        for m in ms:
+            if m.name == metrics.LATENCY.name:
+                out.extend((built.resources.get(owner, {}), p) for p in m.data.data_points)
+    return out
+
+
 def number_points(built, inst) -> dict[tuple, float]:
     out = {}
     for m in built.metrics({o for pts in built.points.values() for o, _ in pts}):
@@ -58,8 +68,10 @@ def test_kernel_buckets_become_an_exponential_point_with_counts_and_sum_in_secon
     assert bucket_of(p, 47_000e-9) == 2
     assert bucket_of(p, 1_200_000e-9) == 1
     assert sum(p.positive.bucket_counts) == 5
-    assert p.attributes == {"k8s.pod.name": "web", "k8s.pod.uid": "uid-web-0", "k8s.namespace.name": "shop",
-                            "latencytrace.segment": "rx_pod_stack", "network.io.direction": "receive"}
+    # The pod is the point's resource, not its attributes (one resource per pod, semantic conventions).
+    assert p.attributes == {"latencytrace.segment": "rx_pod_stack", "network.io.direction": "receive"}
+    [(resource, _)] = latency_by_resource(built)
+    assert resource == {"k8s.pod.name": "web", "k8s.pod.uid": "uid-web-0", "k8s.namespace.name": "shop"}
 
 
 def test_bucket_index_matches_the_otlp_definition_over_the_whole_range():
@@ -124,13 +136,15 @@ def test_standalone_targets_are_named_by_label_and_netns_inode_and_traces_by_nam
     b = MetricsBuilder(node_name="node-1")
     built = b.build(fakes.interval([pod, ns], histograms={0: {POD_STACK: fakes.hist(5_000)},
                                                           1: {POD_STACK: fakes.hist(5_000)}}))
-    _, points = latency_points(built)
-    by_target = {p.attributes.get("k8s.pod.name") or p.attributes["latencytrace.target"]: p.attributes for p in points}
-    assert by_target["web"]["latencytrace.trace"] == "ops/all,shop/slow-rx"
-    assert by_target["web"]["k8s.node.name"] == "node-1"
-    assert "latencytrace.netns.inode" not in by_target["web"]
-    assert by_target["/run/netns/lab"]["latencytrace.netns.inode"] == ns.ns.inode
-    assert "k8s.pod.name" not in by_target["/run/netns/lab"]
+    by_target = {r.get("k8s.pod.name") or r["latencytrace.target"]: (r, p.attributes)
+                 for r, p in latency_by_resource(built)}
+    assert by_target["web"][1]["latencytrace.trace"] == "ops/all,shop/slow-rx"
+    assert "latencytrace.netns.inode" not in by_target["web"][0]
+    assert by_target["/run/netns/lab"][0]["latencytrace.netns.inode"] == ns.ns.inode
+    assert "k8s.pod.name" not in by_target["/run/netns/lab"][0]
+    # Data points carry only segment, direction and trace: who and where is the resource's.
+    for _, attrs in by_target.values():
+        assert set(attrs) <= {"latencytrace.segment", "network.io.direction", "latencytrace.trace"}, attrs
 
 
 def test_series_over_the_cap_fold_into_the_overflow_series_and_show(caplog):
@@ -141,7 +155,7 @@ def test_series_over_the_cap_fold_into_the_overflow_series_and_show(caplog):
         built = b.build(fakes.interval(targets, histograms=hists))
         b.build(fakes.interval(targets, histograms=hists))
     _, points = latency_points(built)
-    named = [p for p in points if "k8s.pod.name" in p.attributes]
+    named = [p for p in points if "latencytrace.segment" in p.attributes]
     overflow = [p for p in points if p.attributes == {"otel.metric.overflow": True}]
     assert len(named) == 3 and len(overflow) == 1
     assert overflow[0].count == 4  # two pods' packets, none lost
@@ -156,8 +170,8 @@ def test_series_of_removed_targets_are_forgotten_and_free_the_cap():
     a, b_ = fakes.pod_target(0, name="a"), fakes.pod_target(1, name="b")
     b = MetricsBuilder(MetricsConfig(max_series=1))
     b.build(fakes.interval([a], histograms={0: {POD_STACK: fakes.hist(5_000)}}))
-    _, points = latency_points(b.build(fakes.interval([b_], histograms={1: {POD_STACK: fakes.hist(5_000)}})))
-    assert [p.attributes["k8s.pod.name"] for p in points] == ["b"]
+    built = b.build(fakes.interval([b_], histograms={1: {POD_STACK: fakes.hist(5_000)}}))
+    assert [r["k8s.pod.name"] for r, _ in latency_by_resource(built)] == ["b"]
 
 
 def test_drops_count_per_reason_and_direction():

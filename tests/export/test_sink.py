@@ -68,7 +68,15 @@ def test_metrics_and_exemplar_spans_arrive_over_otlp(receiver, protocol, monkeyp
     assert resource["service.name"] == "latencytrace-agent" and resource["k8s.node.name"] == "node-1"
     assert resource["host.name"] and resource["service.version"]
     assert resource["deployment.environment.name"] == "test"
-    assert attrs["k8s.pod.name"] == "web" and attrs["k8s.node.name"] == "node-1"
+    # One resource per pod (semantic conventions): the agent's identity plus the pod's; the point itself
+    # carries only segment and direction.
+    assert resource["k8s.pod.name"] == "web" and resource["k8s.pod.uid"] == "uid-web-0"
+    assert resource["k8s.namespace.name"] == "shop" and resource["service.instance.id"]
+    assert attrs == {"latencytrace.segment": "rx_pod_stack", "network.io.direction": "receive"}
+    [(span_resource, _)] = [x for x in receiver.spans() if not x[1].parent_span_id]
+    assert span_resource == resource
+    [node_resource] = {tuple(sorted(r.items())) for r, _, _ in receiver.data_points("latencytrace.target.count")}
+    assert "k8s.pod.name" not in dict(node_resource) and dict(node_resource)["k8s.node.name"] == "node-1"
     assert point.count == 3 and point.scale == 3 and point.sum == pytest.approx(52_000e-9)
     assert receiver.metric(LATENCY.name).exponential_histogram.aggregation_temporality == 2  # cumulative
     assert all(h.get("x-tenant") == "blue" for h in receiver.headers)
@@ -98,11 +106,11 @@ def test_each_trace_goes_to_its_own_endpoint_with_its_resource_attributes():
             sink.close()
 
         def pods(r):
-            return {(a["k8s.pod.name"], res.get("team")) for res, a, _ in r.data_points(LATENCY.name)}
+            return {(res["k8s.pod.name"], res.get("team")) for res, _, _ in r.data_points(LATENCY.name)}
 
         assert pods(default) == {("b", None), ("c", None)}
         assert pods(special) == {("a", "payments"), ("c", "payments")}
-        assert {attrs(s.attributes)["k8s.pod.name"] for _, s in special.spans() if not s.parent_span_id} == {"a", "c"}
+        assert {res["k8s.pod.name"] for res, s in special.spans() if not s.parent_span_id} == {"a", "c"}
         # The agent's own metrics go to the default endpoint only.
         assert "latencytrace.probe.run.count" in default.metric_names()
         assert "latencytrace.probe.run.count" not in special.metric_names()
@@ -120,7 +128,7 @@ def test_without_a_default_endpoint_only_traces_with_their_own_are_exported(rece
                               fakes.pod_target(1, name="b", traces=("x/other",))]))
     finally:
         sink.close()
-    assert {a["k8s.pod.name"] for _, a, _ in receiver.data_points(LATENCY.name)} == {"a"}
+    assert {res["k8s.pod.name"] for res, _, _ in receiver.data_points(LATENCY.name)} == {"a"}
     assert "latencytrace.target.count" in receiver.metric_names()
 
 
@@ -136,7 +144,7 @@ def test_a_trace_endpoint_no_exporter_can_use_is_reported_and_the_others_keep_ex
         report = sink.report()  # raised ValueError (the port) and ended the agent's loop
     finally:
         sink.close()
-    assert {a["k8s.pod.name"] for _, a, _ in receiver.data_points(LATENCY.name)} == {"b"}
+    assert {res["k8s.pod.name"] for res, _, _ in receiver.data_points(LATENCY.name)} == {"b"}
     # Per destination (what the trace's status shows): both listed, the good one healthy (how soon the bad
     # one fails depends on the URL: at once, or when its first export does; the next test covers that).
     by = {d.endpoint: d for d in report.destinations}
@@ -372,7 +380,7 @@ def test_a_trace_with_an_unusable_endpoint_does_not_stop_the_others(receiver):
         report = sink.report()
     finally:
         sink.close()
-    assert {a["k8s.pod.name"] for _, a, _ in receiver.data_points(LATENCY.name)} == {"b"}
+    assert {res["k8s.pod.name"] for res, _, _ in receiver.data_points(LATENCY.name)} == {"b"}
     assert not report.healthy and "collector:4318" in report.last_error and "not a URL" in report.last_error
 
 

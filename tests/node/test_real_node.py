@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
-import urllib.request
 
 from tests.cluster.local import NAMESPACE
 
@@ -79,16 +77,13 @@ def test_real_pod_is_traced_and_its_data_reaches_the_backend(installed, namespac
         summary = run_client(installed, namespace, ip, protocol, count=400, rate=200)
         assert summary["received"] == summary["sent"] == 400, summary
 
-    # Per-segment histograms of that pod, with its real identity, at the collector's Prometheus endpoint.
+    # Per-segment histograms of that pod, with its real identity (its resource), in Prometheus behind the
+    # collector: native histograms, counted per segment.
     def series() -> dict[str, float]:
-        text = urllib.request.urlopen(installed.jaeger.metrics_url, timeout=10).read().decode()
-        counts = {}
-        for line in text.splitlines():
-            if line.startswith("latencytrace_network_stack_duration_seconds_count{"):
-                labels = dict(re.findall(r'(\w+)="([^"]*)"', line[line.index("{"):line.rindex("}")]))
-                if (labels.get("k8s_pod_uid"), labels.get("k8s_pod_name"), labels.get("k8s_namespace_name")) \
-                        == (uid, "server", namespace):
-                    counts[labels["latencytrace_segment"]] = float(line.split()[-1])
+        counts = installed.prometheus.values(
+            "histogram_count(latencytrace_network_stack_duration_seconds"
+            f'{{k8s_pod_uid="{uid}",k8s_pod_name="server",k8s_namespace_name="{namespace}"}})',
+            by="latencytrace_segment")
         # Every request crosses the pod's stack, and every echo leaves it.
         return counts if min(counts.get("rx_pod_stack", 0), counts.get("tx_total", 0)) >= 800 else {}
 

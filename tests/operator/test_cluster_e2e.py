@@ -106,8 +106,8 @@ class World:
 
     def exported_count(self, pod: str, segment: str) -> int:
         """The newest cumulative count the OTLP backend has for (pod, segment)."""
-        points = [p for _, a, p in self.receiver.data_points(LATENCY.name)
-                  if a.get("k8s.pod.name") == pod and a.get("latencytrace.segment") == segment]
+        points = [p for r, a, p in self.receiver.data_points(LATENCY.name)  # the pod is the resource
+                  if r.get("k8s.pod.name") == pod and a.get("latencytrace.segment") == segment]
         return max(points, key=lambda p: p.time_unix_nano).count if points else 0
 
     def close(self) -> None:

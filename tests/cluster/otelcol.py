@@ -1,0 +1,119 @@
+"""An OpenTelemetry Collector (built by tests/cluster/build.sh with the collector builder) between agents
+and the backends, as the canonical deployment has it: agents -> collector -> Jaeger (traces, OTLP/gRPC)
+and Prometheus (metrics, OTLP/HTTP to its OTLP receiver, which stores exponential histograms as native
+histograms and keeps their exemplars).
+
+The pipeline is the one node_agent/export/README.md recommends: otlp receiver -> memory_limiter -> batch
+-> exporters. Everything listens on free 127.0.0.1 ports; the collector's own telemetry listener is off.
+
+    with Collector(tmp_path, traces_to=jaeger.otlp_grpc_endpoint, metrics_to=prom.otlp_http_endpoint) as c:
+        agent --otlp-endpoint http://{c.otlp_grpc_endpoint}
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import versions
+from .procs import Proc, free_port, wait_until
+
+
+class Collector:
+    def __init__(self, workdir: str | os.PathLike[str], *, traces_to: str | None = None,
+                 metrics_to: str | None = None, startup_timeout: float = 60.0, detach: bool = False) -> None:
+        """`traces_to`: host:port of an OTLP/gRPC receiver (Jaeger); `metrics_to`: base URL of an OTLP/HTTP
+        receiver (Prometheus' <url>/api/v1/otlp; the exporter adds /v1/metrics)."""
+        if not traces_to and not metrics_to:
+            raise ValueError("a collector needs somewhere to send: traces_to and/or metrics_to")
+        self.workdir = Path(workdir).resolve()
+        self.traces_to = traces_to
+        self.metrics_to = metrics_to
+        self.startup_timeout = startup_timeout
+        self.detach = detach
+        self.ports: dict[str, int] = {}
+        self.proc: Proc | None = None
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        """host:port of the OTLP/gRPC receiver (plaintext)."""
+        return f"127.0.0.1:{self.ports['otlp_grpc']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        """Base URL of the OTLP/HTTP receiver."""
+        return f"http://127.0.0.1:{self.ports['otlp_http']}"
+
+    def config(self) -> dict[str, Any]:
+        processors = ["memory_limiter", "batch"]
+        exporters: dict[str, Any] = {}
+        pipelines: dict[str, Any] = {}
+        if self.traces_to:
+            exporters["otlp_grpc/jaeger"] = {"endpoint": self.traces_to, "tls": {"insecure": True}}
+            pipelines["traces"] = {"receivers": ["otlp"], "processors": processors, "exporters": ["otlp_grpc/jaeger"]}
+        if self.metrics_to:
+            exporters["otlp_http/prometheus"] = {"endpoint": self.metrics_to, "tls": {"insecure": True}}
+            pipelines["metrics"] = {"receivers": ["otlp"], "processors": processors,
+                                    "exporters": ["otlp_http/prometheus"]}
+        return {
+            "receivers": {"otlp": {"protocols": {
+                "grpc": {"endpoint": self.otlp_grpc_endpoint},
+                "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
+            }}},
+            "processors": {
+                # First in the pipeline: refuses data (the agent retries, then counts a dropped batch)
+                # before the collector runs out of memory.
+                "memory_limiter": {"check_interval": "1s", "limit_mib": 256, "spike_limit_mib": 64},
+                # Short, so that tests see data soon; a deployment keeps the defaults (200 ms here vs 200 ms
+                # there: batch's default timeout is already short) and sizes send_batch_size to its load.
+                "batch": {"timeout": "200ms"},
+            },
+            "exporters": exporters,
+            "service": {
+                "pipelines": pipelines,
+                # "none" also drops the default metrics listener on :8888.
+                "telemetry": {"metrics": {"level": "none"}, "logs": {"level": "info"}},
+            },
+        }
+
+    def start(self) -> Collector:
+        if self.proc is not None:
+            return self
+        binary = versions.ensure_tools("otelcol")["otelcol"]
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        for name in ("otlp_grpc", "otlp_http"):
+            self.ports[name] = free_port()
+        config = self.workdir / "otelcol.yaml"
+        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
+        self.proc = Proc("otelcol", [binary, f"--config={config}"], self.workdir / "logs" / "otelcol.log",
+                         cwd=self.workdir, die_with_parent=not self.detach)
+        if not self.detach:
+            atexit.register(self.stop)
+        try:
+            wait_until("collector's OTLP receivers", self._ready, self.startup_timeout, [self.proc])
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _ready(self) -> bool:
+        for port in self.ports.values():
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        return True
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop()
+            self.proc = None
+
+    def __enter__(self) -> Collector:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
