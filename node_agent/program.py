@@ -32,6 +32,12 @@ class Sizes:
                 raise ValueError(f"{name} must be positive")
 
 
+def table_bits(entries: int) -> int:
+    """log2 of the power of two at or above `entries` (at least 2: the in-flight arrays' sets have two
+    entries)."""
+    return max(1, (entries - 1).bit_length())
+
+
 def bpf_dir():
     return importlib.resources.files("latencytrace.bpf")
 
@@ -47,21 +53,29 @@ def source() -> str:
 def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None) -> dict[str, int | str]:
     m: dict[str, int | str] = {}
     m.update(offsets)
+    # Imported here: both import the tracer, which imports this module.
+    from . import collectors, events
+
     m.update(segments.bpf_macros())
+    m.update(collectors.bpf_macros())
+    m.update(events.bpf_macros())
     m.update(
         LT_MAX_TARGETS=sizes.max_targets,
-        LT_RX_INFLIGHT=sizes.rx_inflight,
-        LT_TX_INFLIGHT=sizes.tx_inflight,
-        LT_SEND_INFLIGHT=sizes.send_inflight,
+        # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).
+        LT_RX_BITS=table_bits(sizes.rx_inflight),
+        LT_TX_BITS=table_bits(sizes.tx_inflight),
+        LT_SOCKQ_BITS=table_bits(sizes.rx_inflight),
+        LT_SOCK_BITS=table_bits(sizes.send_inflight),
         LT_RINGBUF_PAGES=sizes.ringbuf_pages,
         LT_NB=histogram.N_BUCKETS,
         LT_INDEX_MIN=histogram.INDEX_MIN,
+        LT_OCTAVE_BASE=histogram.OCTAVE_BASE,
         LT_TBL_BITS=sizes.lookup_bits,
         LT_TBL_SIZE=1 << sizes.lookup_bits,
         LT_TBL_PROBES=lookup.PROBES,
     )
-    for j, t in enumerate(histogram.THRESHOLDS, start=1):
-        m[f"LT_T{j}"] = f"{t}ULL"
+    for j, t in enumerate(histogram.MANTISSA_THRESHOLDS):
+        m[f"LT_M{j}"] = f"{t}ULL"
     if kfree_skb_reason_arg is not None:
         m["LT_KFREE_REASON_ARG"] = kfree_skb_reason_arg
     # Unknown architecture: -1 matches no syscall, so the send-start probe stays inert.
