@@ -22,7 +22,6 @@ static __always_inline void lt_record_drop(struct lt_flight *f, u32 dir, void *s
     struct lt_target *t = lt_target(f->slot);
     if (t && lt_wants(t, dir))
         lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason);
-    f->skb = 0;
 }
 
 int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
@@ -36,10 +35,14 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
     u64 key = (u64)skb;
     /* A packet in flight (in both directions when it goes from one traced pod to another). */
     struct lt_flight *rf = lt_rx_get(key), *tf = lt_tx_get(key);
-    if (rf)
+    if (rf) {
         lt_record_drop(rf, LT_DIR_RX, skb, reason);
-    if (tf)
+        lt_rx_free(rf);
+    }
+    if (tf) {
         lt_record_drop(tf, LT_DIR_TX, skb, reason);
+        lt_tx_free(tf);
+    }
     if (rf || tf)
         return 0;
     struct lt_cpu_ctx *c = lt_this_cpu();

@@ -180,12 +180,17 @@ BPF_ARRAY(lt_targets, struct lt_target, LT_MAX_TARGETS);
 BPF_ARRAY(lt_netns, struct lt_ent1, LT_TBL_SIZE);      /* netns inode -> slot */
 BPF_ARRAY(lt_ip4, struct lt_ent1, LT_TBL_SIZE);        /* pod IPv4 address -> slot */
 BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> slot */
-BPF_HASH(lt_nic_irq, u32, u8, 1024);                   /* IRQ numbers of physical NIC queues (IRQ path only) */
+BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers of physical NIC queues */
 BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 
-/* In-flight packets: arrays of 2^LT_*_BITS entries, two ways per set (lt_set()). */
+/* In-flight packets: arrays of 2^LT_*_BITS entries, two ways per set (lt_set()), and their tags. */
 BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
+struct lt_tags {
+    u64 skb[2]; /* the skb addresses of a set's two entries; 0: free */
+};
+BPF_ARRAY(lt_rx_tags, struct lt_tags, 1 << (LT_RX_BITS - 1));
 BPF_ARRAY(lt_rx_flight, struct lt_flight, 1 << LT_RX_BITS);
+BPF_ARRAY(lt_tx_tags, struct lt_tags, 1 << (LT_TX_BITS - 1));
 BPF_ARRAY(lt_tx_flight, struct lt_flight, 1 << LT_TX_BITS);
 BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* UDP socket -> its queue, direct-mapped */
 BPF_ARRAY(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
@@ -592,7 +597,8 @@ static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
     }
 }
 
-/* filter: target slot of the namespace a device is in (-1: untraced), and its ifindex. Each CPU
+/* filter: target slot of the namespace a device is in (LT_SLOT_HOST: the host's; -1: another untraced
+ * one), and its ifindex. Each CPU
  * remembers the last few devices it saw (a packet into a pod crosses the NIC or a veth, the bridge, the
  * pod's veth) and skips the pointer chase, the reads and the lookup. */
 static __always_inline s32 lt_filter_dev(struct lt_cpu_ctx *c, void *dev, u32 *ifindex)
@@ -605,7 +611,8 @@ static __always_inline s32 lt_filter_dev(struct lt_cpu_ctx *c, void *dev, u32 *i
             return c->devs[i].slot;
         }
     }
-    s32 slot = lt_netns_slot(lt_dev_netns(dev));
+    u32 inum = lt_dev_netns(dev);
+    s32 slot = inum == LT_HOST_NETNS ? LT_SLOT_HOST : lt_netns_slot(inum);
     u32 ifi = lt_dev_ifindex(dev);
     u32 i = c->dev_next++ & (LT_DEV_CACHE - 1);
     c->devs[i].dev = (u64)dev;
@@ -637,15 +644,16 @@ static __always_inline s32 lt_filter_sock(struct lt_cpu_ctx *c, void *sk)
     return lt_filter_net(c, lt_read_ptr(sk, LT_OFF_SK_NET));
 }
 
-/* In-flight tables. Position lt_hash64(skb) rounded down to even and the next one form a set of two;
- * a packet is in one of its set's two entries or nowhere. Taking an entry for a new packet uses the
- * one holding the same skb, else a free one, else the older, counting LT_C_COLLISION when that one
- * was still young (its packet loses the rest of its journey; nothing is misattributed, since every
- * later boundary checks the skb address). (Spelled out per table: BCC rewrites map calls only in
- * plain code.) */
+/* In-flight tables. Set lt_hash64(skb) of a table has two entries, 2*set and 2*set+1, whose skb
+ * addresses are also kept together in a small tag array (16 bytes a set): a packet that is not in
+ * flight, the common case on a node, costs one load from it, and only a hit touches the entry. A new
+ * packet takes the entry holding the same skb, else a free one, else the older, counting
+ * LT_C_COLLISION when that one was still young (its packet loses the rest of its journey; nothing is
+ * misattributed, since every later boundary checks the skb address). (Spelled out per table: BCC
+ * rewrites map calls only in plain code.) */
 static __always_inline u32 lt_set(u64 key, u32 bits)
 {
-    return lt_hash64(key, bits) & ~1u;
+    return lt_hash64(key, bits - 1);
 }
 
 static __always_inline int lt_young(struct lt_flight *f, u64 now)
@@ -653,39 +661,32 @@ static __always_inline int lt_young(struct lt_flight *f, u64 now)
     return now - lt_first(f) < LT_STALE_NS;
 }
 
-static __always_inline struct lt_flight *lt_rx_get(u64 skb)
+/* Which way of a set holds skb: 0 or 1, -1: neither. */
+static __always_inline int lt_way_of(struct lt_tags *k, u64 skb)
 {
-    u32 i = lt_set(skb, LT_RX_BITS);
-    struct lt_flight *f = lt_rx_flight.lookup(&i);
-    if (f && f->skb == skb)
-        return f;
-    i |= 1;
-    f = lt_rx_flight.lookup(&i);
-    if (f && f->skb == skb)
-        return f;
-    return NULL;
-}
-
-static __always_inline struct lt_flight *lt_tx_get(u64 skb)
-{
-    u32 i = lt_set(skb, LT_TX_BITS);
-    struct lt_flight *f = lt_tx_flight.lookup(&i);
-    if (f && f->skb == skb)
-        return f;
-    i |= 1;
-    f = lt_tx_flight.lookup(&i);
-    if (f && f->skb == skb)
-        return f;
-    return NULL;
-}
-
-/* Which of a set's two entries a new packet takes: 0 or 1, counting a collision when it evicts. */
-static __always_inline u32 lt_pick(struct lt_flight *a, struct lt_flight *b, u64 skb, u64 now)
-{
-    if (a->skb == skb || !a->skb)
+    if (k->skb[0] == skb)
         return 0;
-    if (b->skb == skb || !b->skb)
+    if (k->skb[1] == skb)
         return 1;
+    return -1;
+}
+
+/* The way a new packet takes, or -1 when both hold other packets (then the caller evicts). */
+static __always_inline int lt_way_for(struct lt_tags *k, u64 skb)
+{
+    int w = lt_way_of(k, skb);
+    if (w >= 0)
+        return w;
+    if (!k->skb[0])
+        return 0;
+    if (!k->skb[1])
+        return 1;
+    return -1;
+}
+
+/* Of two flights of a full set, the one to evict (0 or 1), counting a collision if it was young. */
+static __always_inline u32 lt_victim(struct lt_flight *a, struct lt_flight *b, u64 now)
+{
     u64 fa = lt_first(a), fb = lt_first(b);
     u32 way = fb < fa;
     if (now - (way ? fb : fa) < LT_STALE_NS)
@@ -693,28 +694,106 @@ static __always_inline u32 lt_pick(struct lt_flight *a, struct lt_flight *b, u64
     return way;
 }
 
+static __always_inline struct lt_flight *lt_rx_get(u64 skb)
+{
+    u32 s = lt_set(skb, LT_RX_BITS);
+    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    if (!k)
+        return NULL;
+    int w = lt_way_of(k, skb);
+    if (w < 0)
+        return NULL;
+    u32 i = 2 * s + w;
+    struct lt_flight *f = lt_rx_flight.lookup(&i);
+    if (f && f->skb == skb)
+        return f;
+    return NULL;
+}
+
+static __always_inline struct lt_flight *lt_tx_get(u64 skb)
+{
+    u32 s = lt_set(skb, LT_TX_BITS);
+    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    if (!k)
+        return NULL;
+    int w = lt_way_of(k, skb);
+    if (w < 0)
+        return NULL;
+    u32 i = 2 * s + w;
+    struct lt_flight *f = lt_tx_flight.lookup(&i);
+    if (f && f->skb == skb)
+        return f;
+    return NULL;
+}
+
+/* The entry a new packet's flight goes to (its tag set; the caller fills it), NULL if none. */
 static __always_inline struct lt_flight *lt_rx_take(u64 skb, u64 now)
 {
-    u32 i = lt_set(skb, LT_RX_BITS), j = i | 1;
-    struct lt_flight *a = lt_rx_flight.lookup(&i);
-    struct lt_flight *b = lt_rx_flight.lookup(&j);
-    if (!a || !b)
+    u32 s = lt_set(skb, LT_RX_BITS);
+    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    if (!k)
         return NULL;
-    if (lt_pick(a, b, skb, now))
-        return b;
-    return a;
+    int w = lt_way_for(k, skb);
+    if (w < 0) {
+        u32 i = 2 * s, j = i + 1;
+        struct lt_flight *a = lt_rx_flight.lookup(&i);
+        struct lt_flight *b = lt_rx_flight.lookup(&j);
+        if (!a || !b)
+            return NULL;
+        w = lt_victim(a, b, now);
+    }
+    k->skb[w & 1] = skb;
+    u32 i = 2 * s + (w & 1);
+    return lt_rx_flight.lookup(&i);
 }
 
 static __always_inline struct lt_flight *lt_tx_take(u64 skb, u64 now)
 {
-    u32 i = lt_set(skb, LT_TX_BITS), j = i | 1;
-    struct lt_flight *a = lt_tx_flight.lookup(&i);
-    struct lt_flight *b = lt_tx_flight.lookup(&j);
-    if (!a || !b)
+    u32 s = lt_set(skb, LT_TX_BITS);
+    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    if (!k)
         return NULL;
-    if (lt_pick(a, b, skb, now))
-        return b;
-    return a;
+    int w = lt_way_for(k, skb);
+    if (w < 0) {
+        u32 i = 2 * s, j = i + 1;
+        struct lt_flight *a = lt_tx_flight.lookup(&i);
+        struct lt_flight *b = lt_tx_flight.lookup(&j);
+        if (!a || !b)
+            return NULL;
+        w = lt_victim(a, b, now);
+    }
+    k->skb[w & 1] = skb;
+    u32 i = 2 * s + (w & 1);
+    return lt_tx_flight.lookup(&i);
+}
+
+/* Free a flight's entry (its journey ended, or it was dropped). */
+static __always_inline void lt_rx_free(struct lt_flight *f)
+{
+    u64 skb = f->skb;
+    f->skb = 0;
+    u32 s = lt_set(skb, LT_RX_BITS);
+    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    if (!k)
+        return;
+    if (k->skb[0] == skb)
+        k->skb[0] = 0;
+    if (k->skb[1] == skb)
+        k->skb[1] = 0;
+}
+
+static __always_inline void lt_tx_free(struct lt_flight *f)
+{
+    u64 skb = f->skb;
+    f->skb = 0;
+    u32 s = lt_set(skb, LT_TX_BITS);
+    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    if (!k)
+        return;
+    if (k->skb[0] == skb)
+        k->skb[0] = 0;
+    if (k->skb[1] == skb)
+        k->skb[1] = 0;
 }
 
 /* A flight found by skb address is this packet's when it is young and (where skb->head is known)
@@ -739,7 +818,7 @@ static __always_inline void lt_record_tx_done(struct lt_flight *f, u64 done, voi
         lt_record(t, f->slot, LT_SEG_TX_TOTAL, first, done);
         lt_emit(t, f, LT_DIR_TX, 0, done - first, skb, 0);
     }
-    f->skb = 0;
+    lt_tx_free(f);
 }
 
 /* record: the skb of a traced pod shows up in netif_receive_skb outside the pod (slot_here: the traced

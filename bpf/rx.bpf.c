@@ -2,8 +2,8 @@
  *
  * netif_receive_skb runs for every packet on every device; it is the one place that tells host side
  * from pod side. Inside a traced namespace a packet is ours by its device (a per-CPU cache answers);
- * outside, when its destination is a traced pod's IP (one read of the IP header, one inlined array
- * lookup). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
+ * in the host's namespace, when its destination is a traced pod's IP (one read of the IP header, one
+ * inlined array lookup); in another pod's, never (only a traced pod's packet arriving there matters). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
  * joins the host and pod sightings. sk_data_ready carries only the socket: the skb is the one this CPU
  * is processing in the pod, or the socket's receive queue tail when TCP processes its backlog later in
  * process context. The read ends the journey: for TCP skb_copy_datagram_iovec names the skb; UDP copies
@@ -85,7 +85,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
             return;
     }
     if (f->flags & LT_F_NODATA) {
-        f->skb = 0; /* an ACK: its journey ends in the pod's stack, with nothing to read */
+        lt_rx_free(f); /* an ACK: its journey ends in the pod's stack, with nothing to read */
         return;
     }
     c->rx_skb = key;
@@ -114,7 +114,18 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         lt_record_pod_rx(c, &v, key, ifindex, slot, now);
         return 0;
     }
-    /* Outside: at netif_receive_skb the link header is pulled, data points at the network header. */
+    if (slot != LT_SLOT_HOST) {
+        /* Another (untraced) pod's device: nothing here is on its way into a traced pod, but a traced
+         * pod's packet may arrive (pod to pod), which one tag lookup tells. */
+        struct lt_flight *tf = lt_tx_get(key);
+        if (tf) {
+            u64 now = bpf_ktime_get_ns();
+            if (lt_same_packet(tf, &v, now))
+                lt_record_tx_arrival(c, tf, skb, ifindex, -1, now);
+        }
+        return 0;
+    }
+    /* The host side: at netif_receive_skb the link header is pulled, data points at the network header. */
     struct lt_addrs addr;
     u8 nodata;
     if (lt_ip_hdr(&v, v.data, &addr, &nodata) < 0)
@@ -246,10 +257,10 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
     if (f->addr.proto == LT_IPPROTO_UDP) {
         lt_record_sockq_push(sk, f, now);
-        f->skb = 0;
+        lt_rx_free(f);
     } else if (key != tail) {
         lt_count(LT_C_COALESCED); /* its data will be read through the tail skb */
-        f->skb = 0;
+        lt_rx_free(f);
     }
     return 0;
 }
@@ -263,7 +274,7 @@ int lt_skb_copy_datagram_iovec(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     if (f->ts[LT_B_RX_SOCK_READY])
         lt_record_read(f, bpf_ktime_get_ns());
-    f->skb = 0;
+    lt_rx_free(f);
     return 0;
 }
 

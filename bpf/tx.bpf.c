@@ -175,6 +175,6 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     if (f->flags & LT_F_XMITTED)
         lt_record_tx_done(f, bpf_ktime_get_ns(), skb);
     else
-        f->skb = 0;
+        lt_tx_free(f);
     return 0;
 }

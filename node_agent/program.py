@@ -7,6 +7,7 @@ BPF maps for run-time tunables and target sets (tracer.py); nothing is rendered 
 from __future__ import annotations
 
 import importlib.resources
+import os
 from dataclasses import dataclass
 
 from . import histogram, lookup, segments
@@ -32,10 +33,15 @@ class Sizes:
                 raise ValueError(f"{name} must be positive")
 
 
+# lt_filter_dev()'s answer for a device in the host's namespace (untraced, but the host side of pods'
+# paths); -1 is any other untraced namespace, another pod's, whose packets' addresses are never read.
+HOST_SLOT = -2
+MAX_IRQ = 4096  # NIC IRQ numbers at or above this get no hardirq boundary (their softirq raise still is one)
+
+
 def table_bits(entries: int) -> int:
-    """log2 of the power of two at or above `entries` (at least 2: the in-flight arrays' sets have two
-    entries)."""
-    return max(1, (entries - 1).bit_length())
+    """log2 of the power of two at or above `entries` (at least 4 entries: two sets of two)."""
+    return max(2, (entries - 1).bit_length())
 
 
 def bpf_dir():
@@ -61,6 +67,7 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
     m.update(events.bpf_macros())
     m.update(
         LT_MAX_TARGETS=sizes.max_targets,
+        LT_MAX_IRQ=MAX_IRQ,
         # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).
         LT_RX_BITS=table_bits(sizes.rx_inflight),
         LT_TX_BITS=table_bits(sizes.tx_inflight),
@@ -73,6 +80,10 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_TBL_BITS=sizes.lookup_bits,
         LT_TBL_SIZE=1 << sizes.lookup_bits,
         LT_TBL_PROBES=lookup.PROBES,
+        LT_SLOT_HOST=HOST_SLOT,
+        # The host's namespace (the agent's own: hostNetwork in a cluster), where a packet's address
+        # decides whether it is on its way into a traced pod.
+        LT_HOST_NETNS=os.stat("/proc/self/ns/net").st_ino,
     )
     for j, t in enumerate(histogram.MANTISSA_THRESHOLDS):
         m[f"LT_M{j}"] = f"{t}ULL"

@@ -41,4 +41,4 @@ def test_histogram_thresholds_reach_the_c_as_generated():
 
 def test_in_flight_tables_are_powers_of_two_at_least_as_large_as_configured():
     m = program.macros(dict.fromkeys(OFFSETS, 0), program.Sizes(rx_inflight=1000, tx_inflight=64, send_inflight=1), None)
-    assert (m["LT_RX_BITS"], m["LT_TX_BITS"], m["LT_SOCK_BITS"], m["LT_SOCKQ_BITS"]) == (10, 6, 1, 10)
+    assert (m["LT_RX_BITS"], m["LT_TX_BITS"], m["LT_SOCK_BITS"], m["LT_SOCKQ_BITS"]) == (10, 6, 2, 10)
