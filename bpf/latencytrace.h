@@ -46,8 +46,9 @@ struct lt_in6 {
     u32 a[4];
 };
 
-#define LT_DEV_CACHE 4 /* a packet crosses about four devices on its way into a pod (veths, bridge) */
-#define LT_NET_CACHE 2 /* sockets and threads of a CPU: mostly one or two namespaces at a time */
+#define LT_DEV_CACHE 8 /* a packet crosses about four devices on its way into a pod (veths, bridge); twice that
+                        * keeps the answers of a busy node's other devices too */
+#define LT_NET_CACHE 4 /* namespaces of the devices above, of sockets and of threads: a pod's, a client's, the host's */
 
 struct lt_dev_ent {
     u64 dev;
@@ -297,6 +298,26 @@ static __always_inline u32 lt_dev_ifindex(void *dev)
     u32 ifindex = 0;
     bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + LT_OFF_DEV_IFINDEX);
     return ifindex;
+}
+
+/* A device's namespace (struct net *) and ifindex: one read of the window of struct net_device that
+ * holds both where they are close (they are 40 bytes apart on 6.x), else two. */
+#define LT_DEV_WIN_START (LT_OFF_DEV_IFINDEX < LT_OFF_DEV_NET ? LT_OFF_DEV_IFINDEX : LT_OFF_DEV_NET)
+#define LT_DEV_WIN_LEN ((LT_OFF_DEV_IFINDEX < LT_OFF_DEV_NET ? LT_OFF_DEV_NET : LT_OFF_DEV_IFINDEX) + 8 - LT_DEV_WIN_START)
+static __always_inline void *lt_dev_read(void *dev, u32 *ifindex)
+{
+#if LT_DEV_WIN_LEN <= 128
+    u8 w[LT_DEV_WIN_LEN];
+    if (bpf_probe_read_kernel(w, sizeof(w), dev + LT_DEV_WIN_START) < 0) {
+        *ifindex = 0;
+        return NULL;
+    }
+    *ifindex = *(u32 *)(w + LT_OFF_DEV_IFINDEX - LT_DEV_WIN_START);
+    return *(void **)(w + LT_OFF_DEV_NET - LT_DEV_WIN_START);
+#else
+    *ifindex = lt_dev_ifindex(dev);
+    return lt_read_ptr(dev, LT_OFF_DEV_NET);
+#endif
 }
 
 /* Callers test `t && lt_wants(t, dir)` instead of getting NULL back for an unwanted direction: a
@@ -597,10 +618,29 @@ static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
     }
 }
 
+/* filter: target slot of a network namespace (struct net *): LT_SLOT_HOST for the host's, -1 for another
+ * untraced one; cached per CPU like devices. */
+static __always_inline s32 lt_filter_net(struct lt_cpu_ctx *c, void *net)
+{
+    lt_cache_check(c);
+#pragma unroll
+    for (int i = 0; i < LT_NET_CACHE; i++) {
+        if (c->nets[i].net == (u64)net)
+            return (s32)c->nets[i].slot;
+    }
+    u32 inum = lt_net_inum(net);
+    s32 slot = inum == LT_HOST_NETNS ? LT_SLOT_HOST : lt_netns_slot(inum);
+    u32 i = c->net_next++ & (LT_NET_CACHE - 1);
+    c->nets[i].net = (u64)net;
+    c->nets[i].slot = slot;
+    return slot;
+}
+
 /* filter: target slot of the namespace a device is in (LT_SLOT_HOST: the host's; -1: another untraced
  * one), and its ifindex. Each CPU
  * remembers the last few devices it saw (a packet into a pod crosses the NIC or a veth, the bridge, the
- * pod's veth) and skips the pointer chase, the reads and the lookup. */
+ * pod's veth) and skips the reads and the lookup; a device not cached costs one read (its namespace's
+ * answer is usually cached). */
 static __always_inline s32 lt_filter_dev(struct lt_cpu_ctx *c, void *dev, u32 *ifindex)
 {
     lt_cache_check(c);
@@ -611,30 +651,13 @@ static __always_inline s32 lt_filter_dev(struct lt_cpu_ctx *c, void *dev, u32 *i
             return c->devs[i].slot;
         }
     }
-    u32 inum = lt_dev_netns(dev);
-    s32 slot = inum == LT_HOST_NETNS ? LT_SLOT_HOST : lt_netns_slot(inum);
-    u32 ifi = lt_dev_ifindex(dev);
+    u32 ifi;
+    s32 slot = lt_filter_net(c, lt_dev_read(dev, &ifi));
     u32 i = c->dev_next++ & (LT_DEV_CACHE - 1);
     c->devs[i].dev = (u64)dev;
     c->devs[i].ifindex = ifi;
     c->devs[i].slot = slot;
     *ifindex = ifi;
-    return slot;
-}
-
-/* filter: target slot of a network namespace (struct net *), -1: untraced; cached per CPU like devices. */
-static __always_inline s32 lt_filter_net(struct lt_cpu_ctx *c, void *net)
-{
-    lt_cache_check(c);
-#pragma unroll
-    for (int i = 0; i < LT_NET_CACHE; i++) {
-        if (c->nets[i].net == (u64)net)
-            return (s32)c->nets[i].slot;
-    }
-    s32 slot = lt_netns_slot(lt_net_inum(net));
-    u32 i = c->net_next++ & (LT_NET_CACHE - 1);
-    c->nets[i].net = (u64)net;
-    c->nets[i].slot = slot;
     return slot;
 }
 

@@ -189,7 +189,8 @@ static __always_inline void lt_record_sockq_push(void *sk, struct lt_flight *f, 
         pos->tail = 0;
         pos->skip = queued + reader > 0 ? queued + reader - 1 : 0;
     }
-    u64 seq = pos->tail++;
+    /* Atomic: packets for one socket may be readied on several CPUs at once. */
+    u64 seq = __sync_fetch_and_add(&pos->tail, 1);
     if (!f)
         return;
     u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
@@ -296,7 +297,7 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
     }
     if (pos->head >= pos->tail)
         return 0;
-    u64 seq = pos->head++;
+    u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
     u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
     struct lt_sockq_ent *e = lt_sockq.lookup(&i);
     if (!e || e->sk != sk_key || e->seq != seq)

@@ -116,8 +116,10 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     u32 ifindex;
     s32 slot = lt_filter_dev(c, v.dev, &ifindex);
+    if (slot == -1)
+        return 0; /* another pod's device: a traced pod's packet that got there has ended (delivered) */
     if (slot < 0) {
-        /* Outside traced pods only a traced pod's packets can be in flight: one array entry says. */
+        /* On the host only a traced pod's packets can be in flight: one tag lookup says. */
         struct lt_flight *f = lt_tx_get(key);
         if (!f || (f->flags & LT_F_XMITTED))
             return 0;

@@ -17,6 +17,9 @@ from .probes import SOURCES, send_syscalls
 @dataclass(frozen=True)
 class Sizes:
     max_targets: int = 32
+    # In-flight arrays, each rounded up to a power of two: received packets (and, as many again, the
+    # UDP packets waiting in their sockets' rings), transmitted packets, and UDP sockets followed
+    # (send starts need no table: they are per-CPU slots).
     rx_inflight: int = 16384
     tx_inflight: int = 16384
     send_inflight: int = 8192
