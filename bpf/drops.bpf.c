@@ -15,6 +15,15 @@ static __always_inline void lt_count_drop(u32 slot, u32 dir, u32 reason)
     }
 }
 
+/* record: a packet in flight dropped: counted for its flight's pod, its journey sent as a drop event. */
+static __always_inline void lt_record_drop(struct lt_flight *f, u32 dir, void *skb, u32 reason)
+{
+    lt_count_drop(f->slot, dir, reason);
+    struct lt_target *t = lt_target(f->slot);
+    if (t && lt_wants(t, dir))
+        lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason);
+}
+
 int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
@@ -24,30 +33,30 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
     u32 reason = 0;
 #endif
     u64 key = (u64)skb;
-    u32 dir = LT_DIR_RX;
-    struct lt_flight *f = lt_rx_flight.lookup(&key);
-    if (!f) {
-        f = lt_tx_flight.lookup(&key);
-        dir = LT_DIR_TX;
+    /* A packet in flight (in both directions when it goes from one traced pod to another). */
+    struct lt_flight *rf = lt_rx_get(key), *tf = lt_tx_get(key);
+    if (rf) {
+        lt_record_drop(rf, LT_DIR_RX, skb, reason);
+        lt_rx_free(rf);
     }
-    if (f) {
-        lt_count_drop(f->slot, dir, reason);
-        struct lt_target *t = lt_target(f->slot);
-        if (t && lt_wants(t, dir))
-            lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason);
-        if (dir == LT_DIR_RX)
-            lt_rx_flight.delete(&key);
-        else
-            lt_tx_flight.delete(&key);
+    if (tf) {
+        lt_record_drop(tf, LT_DIR_TX, skb, reason);
+        lt_tx_free(tf);
+    }
+    if (rf || tf)
         return 0;
-    }
-    s32 slot = lt_netns_slot(lt_dev_netns(lt_read_ptr(skb, LT_OFF_SKB_DEV)));
-    dir = LT_DIR_RX;
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c)
+        return 0;
+    struct lt_skb_view v;
+    lt_skb_read(skb, &v);
+    u32 ifindex;
+    s32 slot = v.dev ? lt_filter_dev(c, v.dev, &ifindex) : -1;
+    u32 dir = LT_DIR_RX;
     if (slot < 0) {
-        void *sk = lt_read_ptr(skb, LT_OFF_SKB_SK);
-        if (!sk)
+        if (!v.sk)
             return 0;
-        slot = lt_netns_slot(lt_sk_netns(sk));
+        slot = lt_filter_sock(c, v.sk);
         dir = LT_DIR_TX;
     }
     if (slot >= 0) {

@@ -3,11 +3,17 @@
  * Compiled by BCC at agent start. Everything that depends on the running kernel's layout comes in as
  * -D macros resolved from its BTF (LT_OFF_*: byte offsets of the struct members we read), never from
  * kernel headers, so no kernel header is included here. Segment and boundary ids (LT_SEG_*, LT_B_*)
- * come from node_agent/segments.py, sizes (LT_MAX_TARGETS, LT_*_INFLIGHT, ...) from the agent's config.
+ * come from node_agent/segments.py, counter and event kind ids (LT_C_*, LT_EV_*) from the tables in
+ * node_agent/collectors.py and node_agent/events.py, sizes (LT_MAX_TARGETS, LT_*_BITS, ...) from the
+ * agent's config.
  *
- * Cost rules followed by every probe: leave at the first instruction that can tell the event is not
- * ours (softirq vector, IRQ number, namespace, map miss); keep per-packet state in LRU maps so that lost
- * completions cannot grow memory; aggregate in per-CPU maps; delete in-flight state on every exit path.
+ * Cost rules followed by every probe: filter first (the softirq vector, IRQ number or syscall number;
+ * then a per-CPU cache of the device's or namespace's verdict; a probe read only once the answer can
+ * matter); no hash map on the per-packet path: in-flight state lives in arrays the verifier inlines
+ * (direct-mapped, two ways per set, checked by skb address, skb->head and age; per-CPU slots for what
+ * stays on one CPU), so that a lookup is a multiply and a load, and losing a completion can neither
+ * grow memory nor produce a wrong number (an entry taken by another packet costs that packet's sample
+ * and is counted); aggregate in per-CPU maps; free in-flight entries on every exit path seen.
  */
 #ifndef LATENCYTRACE_H
 #define LATENCYTRACE_H
@@ -15,27 +21,18 @@
 #define LT_NET_RX_SOFTIRQ 3
 #define LT_ETH_P_IP 0x0008   /* htons(0x0800) on little-endian */
 #define LT_ETH_P_IPV6 0xDD86 /* htons(0x86DD) */
+#define LT_IPPROTO_TCP 6
+#define LT_IPPROTO_UDP 17
+#define LT_LOOPBACK_IFINDEX 1
 #define LT_DIR_RX 0
 #define LT_DIR_TX 1
 /* A flight older than this when its skb address shows up again belongs to a freed skb. */
 #define LT_STALE_NS 1000000000ULL
 
-/* Event kinds (lt_event.kind) */
-#define LT_EV_SLOW 1
-#define LT_EV_SAMPLED 2
-#define LT_EV_DROP 3
-
 /* lt_flight.flags */
 #define LT_F_EGRESS_HOST 1 /* queued on a device outside the pod after reaching the host */
 #define LT_F_XMITTED 2     /* the host egress driver accepted it; ts[done] holds that time */
-
-/* Counters (lt_counters index) */
-#define LT_C_EVENTS_LOST 0   /* ring buffer full */
-#define LT_C_RATE_LIMITED 1  /* slow packets over the per-target event rate */
-#define LT_C_STALE 2         /* flights of freed skbs replaced */
-#define LT_C_CLAMPED 3       /* latencies above the histogram range */
-#define LT_C_NEGATIVE 4      /* end before start (should not happen; counted, not recorded) */
-#define LT_NCOUNTERS 8
+#define LT_F_NODATA 4      /* a TCP segment without payload (an ACK): nothing reads it, its flight ends in the pod */
 
 struct lt_target {
     u64 slow_ns;       /* emit an event when the packet's total is at least this; 0: never */
@@ -49,12 +46,19 @@ struct lt_in6 {
     u32 a[4];
 };
 
-#define LT_DEV_CACHE 4 /* a packet crosses about four devices on its way into a pod (veths, bridge) */
+#define LT_DEV_CACHE 8 /* a packet crosses about four devices on its way into a pod (veths, bridge); twice that
+                        * keeps the answers of a busy node's other devices too */
+#define LT_NET_CACHE 4 /* namespaces of the devices above, of sockets and of threads: a pod's, a client's, the host's */
 
 struct lt_dev_ent {
     u64 dev;
-    u32 inum;
+    u32 ifindex;
     s32 slot; /* target slot of the device's namespace, -1: untraced */
+};
+
+struct lt_net_ent {
+    u64 net;
+    s64 slot; /* target slot of the namespace, -1: untraced */
 };
 
 struct lt_cpu_ctx {
@@ -63,10 +67,18 @@ struct lt_cpu_ctx {
     u64 t_softirq; /* entry of the NET_RX run now executing; 0 outside NET_RX */
     u64 rx_skb;    /* skb in a traced pod's stack on this CPU, awaiting sk_data_ready */
     u64 tx_skb;    /* skb of a traced pod that just reached the host, for local delivery */
-    u32 rx_netns;  /* namespace of rx_skb */
-    struct lt_dev_ent devs[LT_DEV_CACHE]; /* the last devices seen on this CPU and their answers, */
-    u32 dev_gen;   /* while the target set was at this generation */
+    s64 rx_slot;   /* target slot of rx_skb's pod */
+    /* Send starts: a send syscall and the TCP socket it (or an earlier call of it) filled stay on the
+     * CPU until the skb is queued on the pod's device, unless the thread migrates (a lost sample). */
+    u64 send_ts;   /* start of the send syscall of thread send_tid (0: none pending) */
+    u64 sock_ts;   /* start of the pending send on TCP socket send_sk (0: none pending) */
+    u64 send_sk;
+    u32 send_tid;
+    u32 cache_gen; /* the caches below hold answers for this generation of the target set */
+    struct lt_dev_ent devs[LT_DEV_CACHE]; /* the last devices seen on this CPU and their answers */
+    struct lt_net_ent nets[LT_NET_CACHE]; /* the last namespaces (struct net *) and their answers */
     u32 dev_next;  /* the entry to replace next */
+    u32 net_next;
 };
 
 struct lt_addrs {
@@ -79,8 +91,11 @@ struct lt_addrs {
     u16 pad;
 };
 
+/* One packet in flight, in a direct-mapped array entry (see lt_rx_flight). */
 struct lt_flight {
+    u64 skb;           /* key: the skb's address; 0: the entry is free */
     u64 ts[LT_NBOUND]; /* boundary timestamps (bpf_ktime_get_ns), 0: not seen */
+    u32 head;          /* low bits of skb->head when first seen: a recycled skb address has another */
     u32 slot;
     u32 len;
     u32 ifindex[3];    /* RX: host device, pod device; TX: pod device, host device, egress device */
@@ -114,18 +129,17 @@ struct lt_event {
 
 /* A UDP packet waiting in its socket's queue. UDP copies data out without a tracepoint that names the
  * skb, so the read side is matched by order instead: the n-th packet queued on a socket is its n-th
- * datagram read (sock_recv_length). */
-struct lt_sockq_key {
-    u64 sk;
+ * datagram read (sock_recv_length). Each socket's queue is a ring in the shared array lt_sockq starting
+ * at the socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a
+ * read finds its packet or nothing, never another's. */
+struct lt_sockq_ent {
+    u64 sk;  /* 0: free (read, or never written) */
     u64 seq;
-};
-
-struct lt_sockq_val {
     struct lt_flight f;
-    u64 skb;
 };
 
 struct lt_sockq_pos {
+    u64 sk;   /* key; 0: free */
     u64 head; /* next sequence number a read takes */
     u64 tail; /* next sequence number a queued packet gets */
     u64 skip; /* reads still due to packets queued before we saw the socket */
@@ -167,17 +181,20 @@ BPF_ARRAY(lt_targets, struct lt_target, LT_MAX_TARGETS);
 BPF_ARRAY(lt_netns, struct lt_ent1, LT_TBL_SIZE);      /* netns inode -> slot */
 BPF_ARRAY(lt_ip4, struct lt_ent1, LT_TBL_SIZE);        /* pod IPv4 address -> slot */
 BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> slot */
-BPF_HASH(lt_nic_irq, u32, u8, 1024);                   /* IRQ numbers of physical NIC queues */
+BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers of physical NIC queues */
 BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 
-/* In-flight packets and pending sends. */
+/* In-flight packets: arrays of 2^LT_*_BITS entries, two ways per set (lt_set()), and their tags. */
 BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
-BPF_TABLE("lru_hash", u64, struct lt_flight, lt_rx_flight, LT_RX_INFLIGHT);
-BPF_TABLE("lru_hash", u64, struct lt_flight, lt_tx_flight, LT_TX_INFLIGHT);
-BPF_TABLE("lru_hash", u64, u64, lt_tx_sock, LT_SEND_INFLIGHT);   /* sock -> start of the pending send */
-BPF_TABLE("lru_hash", u32, u64, lt_tx_thread, LT_SEND_INFLIGHT); /* thread -> start of its send syscall */
-BPF_TABLE("lru_hash", u64, struct lt_sockq_pos, lt_sockq_pos, LT_SEND_INFLIGHT); /* UDP socket -> its queue */
-BPF_TABLE("lru_hash", struct lt_sockq_key, struct lt_sockq_val, lt_sockq, LT_RX_INFLIGHT);
+struct lt_tags {
+    u64 skb[2]; /* the skb addresses of a set's two entries; 0: free */
+};
+BPF_ARRAY(lt_rx_tags, struct lt_tags, 1 << (LT_RX_BITS - 1));
+BPF_ARRAY(lt_rx_flight, struct lt_flight, 1 << LT_RX_BITS);
+BPF_ARRAY(lt_tx_tags, struct lt_tags, 1 << (LT_TX_BITS - 1));
+BPF_ARRAY(lt_tx_flight, struct lt_flight, 1 << LT_TX_BITS);
+BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* UDP socket -> its queue, direct-mapped */
+BPF_ARRAY(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
 
 /* Results. */
 BPF_PERCPU_ARRAY(lt_hist, u32, LT_MAX_TARGETS * LT_NSEG * LT_NB);
@@ -186,6 +203,13 @@ BPF_PERCPU_HASH(lt_drops, struct lt_drop_key, u64, LT_MAX_TARGETS * 32);
 BPF_PERCPU_ARRAY(lt_counters, u64, LT_NCOUNTERS);
 BPF_PERCPU_ARRAY(lt_rate, struct lt_rate, LT_MAX_TARGETS);
 BPF_RINGBUF_OUTPUT(lt_events, LT_RINGBUF_PAGES);
+
+/* Position of a pointer-sized key in a table of 2^bits entries (Fibonacci hashing: the top bits of
+ * the product, where slab addresses that differ in a few middle bits spread out). */
+static __always_inline u32 lt_hash64(u64 key, u32 bits)
+{
+    return (u32)((key * 0x9E3779B97F4A7C15ULL) >> (64 - bits));
+}
 
 static __always_inline u32 lt_hash32(u32 x)
 {
@@ -276,6 +300,26 @@ static __always_inline u32 lt_dev_ifindex(void *dev)
     return ifindex;
 }
 
+/* A device's namespace (struct net *) and ifindex: one read of the window of struct net_device that
+ * holds both where they are close (they are 40 bytes apart on 6.x), else two. */
+#define LT_DEV_WIN_START (LT_OFF_DEV_IFINDEX < LT_OFF_DEV_NET ? LT_OFF_DEV_IFINDEX : LT_OFF_DEV_NET)
+#define LT_DEV_WIN_LEN ((LT_OFF_DEV_IFINDEX < LT_OFF_DEV_NET ? LT_OFF_DEV_NET : LT_OFF_DEV_IFINDEX) + 8 - LT_DEV_WIN_START)
+static __always_inline void *lt_dev_read(void *dev, u32 *ifindex)
+{
+#if LT_DEV_WIN_LEN <= 128
+    u8 w[LT_DEV_WIN_LEN];
+    if (bpf_probe_read_kernel(w, sizeof(w), dev + LT_DEV_WIN_START) < 0) {
+        *ifindex = 0;
+        return NULL;
+    }
+    *ifindex = *(u32 *)(w + LT_OFF_DEV_IFINDEX - LT_DEV_WIN_START);
+    return *(void **)(w + LT_OFF_DEV_NET - LT_DEV_WIN_START);
+#else
+    *ifindex = lt_dev_ifindex(dev);
+    return lt_read_ptr(dev, LT_OFF_DEV_NET);
+#endif
+}
+
 /* Callers test `t && lt_wants(t, dir)` instead of getting NULL back for an unwanted direction: a
  * pointer chosen by a condition compiles to a branchless select, which the verifier refuses. */
 static __always_inline struct lt_target *lt_target(u32 slot)
@@ -311,23 +355,21 @@ static __always_inline u32 lt_fls64(u64 v)
 }
 
 /* Histogram position of a latency of ns > 0: the OpenTelemetry scale-3 bucket index of ns/1e9 seconds,
- * minus LT_INDEX_MIN. With 1e9 = 2^9 * 5^9 and ns shifted left by s until its top bit is bit 63,
- * z = (ns << s) / 5^9 = seconds * 2^(s+9) exactly up to truncation of a 43-bit quotient, so the index
- * computed on z is the index in seconds plus 8(s+9). Within an octave the 7 thresholds LT_T1..LT_T7 =
- * floor(2^(j/8) * 2^63) split the normalised mantissa logarithmically. Buckets are upper-inclusive: an
- * exact power of two (nothing truncated) goes one bucket down. node_agent/histogram.py mirrors this
- * and the tests check both agree. */
+ * minus LT_INDEX_MIN, without a divide. Every octave [2^o, 2^(o+1)) of ns holds exactly eight bucket
+ * boundaries 1e9 * 2^(i/8) (log2(1e9) is irrational), and normalised to the top bit they are the same
+ * eight numbers LT_M0..LT_M7 in every octave (floor of the exact value, computed in
+ * node_agent/histogram.py). With m = ns shifted so that its top bit is bit 63 (exact), ns is above a
+ * boundary exactly when m is above its normalised floor, so the index is 8*o + LT_OCTAVE_BASE plus the
+ * number of those m exceeds (strictly: buckets are upper-inclusive, and the one boundary of an octave
+ * that is an integer, 1e9 * 2^k ns, is LT_M7 exactly). node_agent/histogram.py mirrors this and the
+ * tests check both agree. */
 static __always_inline u32 lt_bucket(u64 ns)
 {
-    u32 s = 63 - lt_fls64(ns);
-    u64 x = ns << s;
-    u64 z = x / 1953125ULL;
-    u32 k = 42 + (u32)(z >> 43); /* x is in [2^63, 2^64): z in [2^42.1, 2^43.1) */
-    u64 m = z << (63 - k);
-    s32 idx = 8 * k;
-    idx += (m > LT_T1) + (m > LT_T2) + (m > LT_T3) + (m > LT_T4) + (m > LT_T5) + (m > LT_T6) + (m > LT_T7);
-    idx -= (m == (1ULL << 63)) & (z * 1953125ULL == x);
-    idx -= 8 * (s + 9) + LT_INDEX_MIN;
+    u32 o = lt_fls64(ns);
+    u64 m = ns << (63 - o);
+    s32 idx = 8 * (s32)o + LT_OCTAVE_BASE - LT_INDEX_MIN;
+    idx += (m > LT_M0) + (m > LT_M1) + (m > LT_M2) + (m > LT_M3) + (m > LT_M4) + (m > LT_M5) + (m > LT_M6) +
+           (m > LT_M7);
     if (idx < 0)
         idx = 0;
     if (idx > LT_NB - 1) {
@@ -412,27 +454,34 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
 
 /* The packet's addresses from its network header at nh, and its ports from the same read (assuming no
  * IP options or IPv6 extension headers; else they stay 0), so that a packet followed from here carries
- * its addresses without reading them again. 0, or -1 when it is not IP or cannot be read (`a` is then
- * all zero: family 0). */
-static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a)
+ * its addresses without reading them again. The same read says whether a TCP segment carries data
+ * (*nodata: 1 for a bare ACK, which no read will ever end). 0, or -1 when it is not IP or cannot be
+ * read (`a` is then all zero: family 0). */
+static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a, u8 *nodata)
 {
     __builtin_memset(a, 0, sizeof(*a));
+    *nodata = 0;
     if (v->protocol == LT_ETH_P_IP) {
-        u32 h[6]; /* the 20-byte header without options, then the ports */
+        u32 h[9]; /* the 20-byte header without options, then the ports and the TCP header to its offset */
         if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
             return -1;
         a->family = 4;
         a->proto = (h[2] >> 8) & 0xff; /* byte 9 */
         a->saddr[0] = h[3];
         a->daddr[0] = h[4];
-        if ((h[0] & 0xf) == 5 && (a->proto == 6 || a->proto == 17)) {
+        if ((h[0] & 0xf) == 5 && (a->proto == LT_IPPROTO_TCP || a->proto == LT_IPPROTO_UDP)) {
             a->sport = h[5] & 0xffff;
             a->dport = h[5] >> 16;
+            if (a->proto == LT_IPPROTO_TCP) {
+                u32 tot = ((h[0] >> 8) & 0xff00) | (h[0] >> 24); /* bytes 2-3, network order */
+                u32 doff = (h[8] >> 4) & 0xf;                  /* byte 32: TCP data offset */
+                *nodata = tot == 20 + 4 * doff;
+            }
         }
         return 0;
     }
     if (v->protocol == LT_ETH_P_IPV6) {
-        u32 h[11]; /* the 40-byte header, then the ports */
+        u32 h[14]; /* the 40-byte header, then the ports and the TCP header to its offset */
         if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
             return -1;
         a->family = 6;
@@ -442,9 +491,14 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
             a->saddr[i] = h[2 + i];
             a->daddr[i] = h[6 + i];
         }
-        if (a->proto == 6 || a->proto == 17) {
+        if (a->proto == LT_IPPROTO_TCP || a->proto == LT_IPPROTO_UDP) {
             a->sport = h[10] & 0xffff;
             a->dport = h[10] >> 16;
+            if (a->proto == LT_IPPROTO_TCP) {
+                u32 plen = ((h[1] << 8) & 0xff00) | ((h[1] >> 8) & 0xff); /* bytes 4-5 */
+                u32 doff = (h[13] >> 4) & 0xf;                          /* byte 52 */
+                *nodata = plen == 4 * doff;
+            }
         }
         return 0;
     }
@@ -471,7 +525,8 @@ static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
     lt_skb_read(skb, &v);
     if (!v.head || v.network_header == 0xffff)
         return;
-    if (lt_ip_hdr(&v, v.head + v.network_header, e) < 0)
+    u8 nodata;
+    if (lt_ip_hdr(&v, v.head + v.network_header, e, &nodata) < 0)
         return;
     /* The transport header is known here: its ports, not the guess after a fixed-size IP header. */
     e->sport = 0;
@@ -544,36 +599,272 @@ static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
     return lt_cpu.lookup(&zero);
 }
 
-/* Target slot of the namespace a device is in (-1: untraced). Each CPU remembers the answers for the
- * last few devices it saw (a packet into a pod crosses the NIC or a veth, the bridge, the pod's veth)
- * and skips the pointer chase and the lookup while the target set is unchanged. (A device freed and its
- * memory reused for another would inherit the answer until it leaves the cache or the targets change.) */
-static __always_inline s32 lt_dev_slot(struct lt_cpu_ctx *c, void *dev, u32 *inum_out)
+/* The per-CPU caches below hold answers for one generation of the target set: forget them when user
+ * space has changed it. (A device or namespace freed and its memory reused for another would inherit
+ * the answer until it leaves the cache or the targets change.) */
+static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
 {
     u32 zero = 0;
     u32 *genp = lt_gen.lookup(&zero);
     u32 gen = genp ? *genp : 0;
-    if (c->dev_gen != gen) {
+    if (c->cache_gen != gen) {
 #pragma unroll
         for (int i = 0; i < LT_DEV_CACHE; i++)
             c->devs[i].dev = 0;
-        c->dev_gen = gen;
+#pragma unroll
+        for (int i = 0; i < LT_NET_CACHE; i++)
+            c->nets[i].net = 0;
+        c->cache_gen = gen;
     }
+}
+
+/* filter: target slot of a network namespace (struct net *): LT_SLOT_HOST for the host's, -1 for another
+ * untraced one; cached per CPU like devices. */
+static __always_inline s32 lt_filter_net(struct lt_cpu_ctx *c, void *net)
+{
+    lt_cache_check(c);
+#pragma unroll
+    for (int i = 0; i < LT_NET_CACHE; i++) {
+        if (c->nets[i].net == (u64)net)
+            return (s32)c->nets[i].slot;
+    }
+    u32 inum = lt_net_inum(net);
+    s32 slot = inum == LT_HOST_NETNS ? LT_SLOT_HOST : lt_netns_slot(inum);
+    u32 i = c->net_next++ & (LT_NET_CACHE - 1);
+    c->nets[i].net = (u64)net;
+    c->nets[i].slot = slot;
+    return slot;
+}
+
+/* filter: target slot of the namespace a device is in (LT_SLOT_HOST: the host's; -1: another untraced
+ * one), and its ifindex. Each CPU
+ * remembers the last few devices it saw (a packet into a pod crosses the NIC or a veth, the bridge, the
+ * pod's veth) and skips the reads and the lookup; a device not cached costs one read (its namespace's
+ * answer is usually cached). */
+static __always_inline s32 lt_filter_dev(struct lt_cpu_ctx *c, void *dev, u32 *ifindex)
+{
+    lt_cache_check(c);
 #pragma unroll
     for (int i = 0; i < LT_DEV_CACHE; i++) {
         if (c->devs[i].dev == (u64)dev) {
-            *inum_out = c->devs[i].inum;
+            *ifindex = c->devs[i].ifindex;
             return c->devs[i].slot;
         }
     }
-    u32 inum = lt_dev_netns(dev);
-    s32 slot = lt_netns_slot(inum);
+    u32 ifi;
+    s32 slot = lt_filter_net(c, lt_dev_read(dev, &ifi));
     u32 i = c->dev_next++ & (LT_DEV_CACHE - 1);
     c->devs[i].dev = (u64)dev;
-    c->devs[i].inum = inum;
+    c->devs[i].ifindex = ifi;
     c->devs[i].slot = slot;
-    *inum_out = inum;
+    *ifindex = ifi;
     return slot;
+}
+
+/* filter: target slot of a socket's namespace: one read (sk->sk_net), then the cache. */
+static __always_inline s32 lt_filter_sock(struct lt_cpu_ctx *c, void *sk)
+{
+    return lt_filter_net(c, lt_read_ptr(sk, LT_OFF_SK_NET));
+}
+
+/* In-flight tables. Set lt_hash64(skb) of a table has two entries, 2*set and 2*set+1, whose skb
+ * addresses are also kept together in a small tag array (16 bytes a set): a packet that is not in
+ * flight, the common case on a node, costs one load from it, and only a hit touches the entry. A new
+ * packet takes the entry holding the same skb, else a free one, else the older, counting
+ * LT_C_COLLISION when that one was still young (its packet loses the rest of its journey; nothing is
+ * misattributed, since every later boundary checks the skb address). (Spelled out per table: BCC
+ * rewrites map calls only in plain code.) */
+static __always_inline u32 lt_set(u64 key, u32 bits)
+{
+    return lt_hash64(key, bits - 1);
+}
+
+static __always_inline int lt_young(struct lt_flight *f, u64 now)
+{
+    return now - lt_first(f) < LT_STALE_NS;
+}
+
+/* Which way of a set holds skb: 0 or 1, -1: neither. */
+static __always_inline int lt_way_of(struct lt_tags *k, u64 skb)
+{
+    if (k->skb[0] == skb)
+        return 0;
+    if (k->skb[1] == skb)
+        return 1;
+    return -1;
+}
+
+/* The way a new packet takes, or -1 when both hold other packets (then the caller evicts). */
+static __always_inline int lt_way_for(struct lt_tags *k, u64 skb)
+{
+    int w = lt_way_of(k, skb);
+    if (w >= 0)
+        return w;
+    if (!k->skb[0])
+        return 0;
+    if (!k->skb[1])
+        return 1;
+    return -1;
+}
+
+/* Of two flights of a full set, the one to evict (0 or 1), counting a collision if it was young. */
+static __always_inline u32 lt_victim(struct lt_flight *a, struct lt_flight *b, u64 now)
+{
+    u64 fa = lt_first(a), fb = lt_first(b);
+    u32 way = fb < fa;
+    if (now - (way ? fb : fa) < LT_STALE_NS)
+        lt_count(LT_C_COLLISION);
+    return way;
+}
+
+static __always_inline struct lt_flight *lt_rx_get(u64 skb)
+{
+    u32 s = lt_set(skb, LT_RX_BITS);
+    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    if (!k)
+        return NULL;
+    int w = lt_way_of(k, skb);
+    if (w < 0)
+        return NULL;
+    u32 i = 2 * s + w;
+    struct lt_flight *f = lt_rx_flight.lookup(&i);
+    if (f && f->skb == skb)
+        return f;
+    return NULL;
+}
+
+static __always_inline struct lt_flight *lt_tx_get(u64 skb)
+{
+    u32 s = lt_set(skb, LT_TX_BITS);
+    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    if (!k)
+        return NULL;
+    int w = lt_way_of(k, skb);
+    if (w < 0)
+        return NULL;
+    u32 i = 2 * s + w;
+    struct lt_flight *f = lt_tx_flight.lookup(&i);
+    if (f && f->skb == skb)
+        return f;
+    return NULL;
+}
+
+/* The entry a new packet's flight goes to (its tag set; the caller fills it), NULL if none. */
+static __always_inline struct lt_flight *lt_rx_take(u64 skb, u64 now)
+{
+    u32 s = lt_set(skb, LT_RX_BITS);
+    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    if (!k)
+        return NULL;
+    int w = lt_way_for(k, skb);
+    if (w < 0) {
+        u32 i = 2 * s, j = i + 1;
+        struct lt_flight *a = lt_rx_flight.lookup(&i);
+        struct lt_flight *b = lt_rx_flight.lookup(&j);
+        if (!a || !b)
+            return NULL;
+        w = lt_victim(a, b, now);
+    }
+    k->skb[w & 1] = skb;
+    u32 i = 2 * s + (w & 1);
+    return lt_rx_flight.lookup(&i);
+}
+
+static __always_inline struct lt_flight *lt_tx_take(u64 skb, u64 now)
+{
+    u32 s = lt_set(skb, LT_TX_BITS);
+    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    if (!k)
+        return NULL;
+    int w = lt_way_for(k, skb);
+    if (w < 0) {
+        u32 i = 2 * s, j = i + 1;
+        struct lt_flight *a = lt_tx_flight.lookup(&i);
+        struct lt_flight *b = lt_tx_flight.lookup(&j);
+        if (!a || !b)
+            return NULL;
+        w = lt_victim(a, b, now);
+    }
+    k->skb[w & 1] = skb;
+    u32 i = 2 * s + (w & 1);
+    return lt_tx_flight.lookup(&i);
+}
+
+/* Free a flight's entry (its journey ended, or it was dropped). */
+static __always_inline void lt_rx_free(struct lt_flight *f)
+{
+    u64 skb = f->skb;
+    f->skb = 0;
+    u32 s = lt_set(skb, LT_RX_BITS);
+    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    if (!k)
+        return;
+    if (k->skb[0] == skb)
+        k->skb[0] = 0;
+    if (k->skb[1] == skb)
+        k->skb[1] = 0;
+}
+
+static __always_inline void lt_tx_free(struct lt_flight *f)
+{
+    u64 skb = f->skb;
+    f->skb = 0;
+    u32 s = lt_set(skb, LT_TX_BITS);
+    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    if (!k)
+        return;
+    if (k->skb[0] == skb)
+        k->skb[0] = 0;
+    if (k->skb[1] == skb)
+        k->skb[1] = 0;
+}
+
+/* A flight found by skb address is this packet's when it is young and (where skb->head is known)
+ * its skb has the same data buffer: a freed skb's address soon carries another packet. */
+static __always_inline int lt_same_packet(struct lt_flight *f, struct lt_skb_view *v, u64 now)
+{
+    return f->head == (u32)(u64)v->head && lt_young(f, now);
+}
+
+/* record: the end of a transmitted packet's journey (shared by the transmit probes, the receive probe
+ * that sees it arrive in another namespace, and sk_data_ready for delivery to a host socket). */
+static __always_inline void lt_record_tx_done(struct lt_flight *f, u64 done, void *skb)
+{
+    struct lt_target *t = lt_target(f->slot);
+    if (t && lt_wants(t, LT_DIR_TX)) {
+        f->ts[LT_B_TX_DONE] = done;
+        if (f->flags & LT_F_EGRESS_HOST) {
+            lt_record(t, f->slot, LT_SEG_TX_QDISC, f->ts[LT_B_TX_EGRESS_QUEUE], f->ts[LT_B_TX_EGRESS_XMIT]);
+            lt_record(t, f->slot, LT_SEG_TX_DRIVER, f->ts[LT_B_TX_EGRESS_XMIT], done);
+        }
+        u64 first = lt_first(f);
+        lt_record(t, f->slot, LT_SEG_TX_TOTAL, first, done);
+        lt_emit(t, f, LT_DIR_TX, 0, done - first, skb, 0);
+    }
+    lt_tx_free(f);
+}
+
+/* record: the skb of a traced pod shows up in netif_receive_skb outside the pod (slot_here: the traced
+ * namespace it arrived in, or -1 for an untraced one such as the host's). */
+static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt_flight *f, void *skb,
+                                                 u32 ifindex, s32 slot_here, u64 now)
+{
+    if (f->flags & LT_F_XMITTED) {
+        /* Transmitted by a host device into another namespace (veth to another pod): the driver's
+         * return was the completion. */
+        lt_record_tx_done(f, f->ts[LT_B_TX_DONE], skb);
+        return;
+    }
+    if (slot_here == (s32)f->slot)
+        return; /* still inside the sending pod */
+    if (!f->ts[LT_B_TX_HOST_RX]) {
+        f->ts[LT_B_TX_HOST_RX] = now;
+        f->ifindex[1] = ifindex;
+        struct lt_target *t = lt_target(f->slot);
+        if (t && lt_wants(t, LT_DIR_TX))
+            lt_record(t, f->slot, LT_SEG_TX_POD_TO_HOST, f->ts[LT_B_TX_POD_DEV_QUEUE], now);
+    }
+    c->tx_skb = f->skb;
 }
 
 #endif /* LATENCYTRACE_H */

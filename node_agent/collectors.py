@@ -91,7 +91,37 @@ class DropCollector:
         self._prev = {k: v for k, v in self._prev.items() if k[0] != slot}
 
 
-COUNTER_NAMES = ("events_lost", "rate_limited", "stale_flights", "clamped", "negative")
+@dataclass(frozen=True)
+class Counter:
+    index: int  # position in the kernel's lt_counters array (LT_C_<MACRO>)
+    name: str   # as reported (JSON, OTLP)
+    macro: str
+    doc: str
+
+
+# The one table of the kernel's own counters: bpf/*.c counts with the LT_C_* macros generated from it
+# (bpf_macros()), user space reads them by these names; a test keeps both in step.
+COUNTERS: tuple[Counter, ...] = (
+    Counter(0, "events_lost", "EVENTS_LOST", "Events not sent: the ring buffer was full."),
+    Counter(1, "rate_limited", "RATE_LIMITED", "Slow packets over their target's event rate (no event sent)."),
+    Counter(2, "stale_flights", "STALE", "In-flight entries of freed skbs whose address carried a new packet."),
+    Counter(3, "clamped", "CLAMPED", "Latencies above the histogram range (recorded in its top bucket)."),
+    Counter(4, "negative", "NEGATIVE", "Segments that ended before they started (counted, not recorded)."),
+    Counter(5, "collisions", "COLLISION",
+            "Packets in flight whose entry another packet took (in-flight arrays, UDP socket rings): the rest "
+            "of their journey is not measured; never misattributed."),
+    Counter(6, "coalesced", "COALESCED",
+            "TCP packets merged into the socket queue's tail skb: measured to sock_ready; their data is read "
+            "with the tail skb's, so they have no rx_socket_queue or rx_total of their own."),
+)
+N_COUNTER_SLOTS = 8  # size of lt_counters
+COUNTER_NAMES = tuple(c.name for c in COUNTERS)
+
+
+def bpf_macros() -> dict[str, int]:
+    """LT_C_* (counter positions) and LT_NCOUNTERS for bpf/*.c."""
+    assert len(COUNTERS) <= N_COUNTER_SLOTS and [c.index for c in COUNTERS] == list(range(len(COUNTERS)))
+    return {f"LT_C_{c.macro}": c.index for c in COUNTERS} | {"LT_NCOUNTERS": N_COUNTER_SLOTS}
 
 
 class CounterCollector:

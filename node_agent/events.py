@@ -21,7 +21,13 @@ from .tracer import Tracer
 
 log = logging.getLogger(__name__)
 
+# Event kinds (struct lt_event.kind): the one table; bpf/*.c uses the LT_EV_* macros generated from it.
 KINDS = {1: "slow", 2: "sampled", 3: "drop"}
+
+
+def bpf_macros() -> dict[str, int]:
+    """LT_EV_SLOW, LT_EV_SAMPLED, LT_EV_DROP for bpf/*.c."""
+    return {f"LT_EV_{name.upper()}": kind for kind, name in KINDS.items()}
 PROTOCOLS = {6: "tcp", 17: "udp", 1: "icmp", 58: "icmpv6"}
 
 

@@ -19,9 +19,25 @@ N_BUCKETS = 256
 # Lowest bucket: (2**-27, 2**-26.875] s, i.e. ~7.5 ns; the highest ends at 2**5 = 32 s.
 INDEX_MIN = -216
 INDEX_MAX = INDEX_MIN + N_BUCKETS - 1
-# floor(2**(j/8) * 2**63) for j = 1..7: the bucket thresholds within one octave.
-THRESHOLDS = tuple(math.floor(2 ** (j / 8) * 2**63) for j in range(1, 8))
-_FIVE_POW_9 = 1953125  # 1e9 = 2**9 * 5**9
+
+
+def _iroot8(n: int) -> int:
+    """floor(n ** (1/8)) for a non-negative integer, exactly."""
+    r = math.isqrt(math.isqrt(math.isqrt(n)))
+    while r**8 > n:
+        r -= 1
+    while (r + 1) ** 8 <= n:
+        r += 1
+    return r
+
+
+# Bucket boundaries are 1e9 * 2**(i/8) ns. Each octave [2**o, 2**(o+1)) of ns holds exactly eight of
+# them (log2(1e9) is irrational), i = 8*o + OCTAVE_BASE + 1 ... + 8, and scaled by 2**(63-o) they are the
+# same eight numbers in every octave: MANTISSA_THRESHOLDS, floor(1e9 * 2**((265+j)/8)) for j = 0..7 (from
+# the first boundary at or above 1 ns, 1e9 * 2**(-239/8), scaled by 2**63), computed as exact integer
+# eighth roots. An integer m is above a real threshold exactly when it is above its floor.
+OCTAVE_BASE = -240
+MANTISSA_THRESHOLDS = tuple(_iroot8(10**72 * 2 ** (265 + j)) for j in range(8))
 
 
 def bucket_index(ns: int) -> int | None:
@@ -32,15 +48,9 @@ def bucket_index(ns: int) -> int | None:
     if ns <= 0:
         return None
     ns = min(ns, (1 << 64) - 1)
-    s = 63 - (ns.bit_length() - 1)
-    x = ns << s
-    z = x // _FIVE_POW_9
-    k = 43 if z >> 43 else 42
-    m = z << (63 - k)
-    idx = 8 * k + sum(1 for t in THRESHOLDS if m > t)
-    if m == 1 << 63 and z * _FIVE_POW_9 == x:
-        idx -= 1
-    idx -= 8 * (s + 9)
+    o = ns.bit_length() - 1
+    m = ns << (63 - o)
+    idx = 8 * o + OCTAVE_BASE + sum(1 for t in MANTISSA_THRESHOLDS if m > t)
     return min(max(idx, INDEX_MIN), INDEX_MAX)
 
 

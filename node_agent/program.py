@@ -7,6 +7,7 @@ BPF maps for run-time tunables and target sets (tracer.py); nothing is rendered 
 from __future__ import annotations
 
 import importlib.resources
+import os
 from dataclasses import dataclass
 
 from . import histogram, lookup, segments
@@ -16,6 +17,9 @@ from .probes import SOURCES, send_syscalls
 @dataclass(frozen=True)
 class Sizes:
     max_targets: int = 32
+    # In-flight arrays, each rounded up to a power of two: received packets (and, as many again, the
+    # UDP packets waiting in their sockets' rings), transmitted packets, and UDP sockets followed
+    # (send starts need no table: they are per-CPU slots).
     rx_inflight: int = 16384
     tx_inflight: int = 16384
     send_inflight: int = 8192
@@ -30,6 +34,17 @@ class Sizes:
         for name in ("max_targets", "rx_inflight", "tx_inflight", "send_inflight"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive")
+
+
+# lt_filter_dev()'s answer for a device in the host's namespace (untraced, but the host side of pods'
+# paths); -1 is any other untraced namespace, another pod's, whose packets' addresses are never read.
+HOST_SLOT = -2
+MAX_IRQ = 4096  # NIC IRQ numbers at or above this get no hardirq boundary (their softirq raise still is one)
+
+
+def table_bits(entries: int) -> int:
+    """log2 of the power of two at or above `entries` (at least 4 entries: two sets of two)."""
+    return max(2, (entries - 1).bit_length())
 
 
 def bpf_dir():
@@ -47,21 +62,34 @@ def source() -> str:
 def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None) -> dict[str, int | str]:
     m: dict[str, int | str] = {}
     m.update(offsets)
+    # Imported here: both import the tracer, which imports this module.
+    from . import collectors, events
+
     m.update(segments.bpf_macros())
+    m.update(collectors.bpf_macros())
+    m.update(events.bpf_macros())
     m.update(
         LT_MAX_TARGETS=sizes.max_targets,
-        LT_RX_INFLIGHT=sizes.rx_inflight,
-        LT_TX_INFLIGHT=sizes.tx_inflight,
-        LT_SEND_INFLIGHT=sizes.send_inflight,
+        LT_MAX_IRQ=MAX_IRQ,
+        # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).
+        LT_RX_BITS=table_bits(sizes.rx_inflight),
+        LT_TX_BITS=table_bits(sizes.tx_inflight),
+        LT_SOCKQ_BITS=table_bits(sizes.rx_inflight),
+        LT_SOCK_BITS=table_bits(sizes.send_inflight),
         LT_RINGBUF_PAGES=sizes.ringbuf_pages,
         LT_NB=histogram.N_BUCKETS,
         LT_INDEX_MIN=histogram.INDEX_MIN,
+        LT_OCTAVE_BASE=histogram.OCTAVE_BASE,
         LT_TBL_BITS=sizes.lookup_bits,
         LT_TBL_SIZE=1 << sizes.lookup_bits,
         LT_TBL_PROBES=lookup.PROBES,
+        LT_SLOT_HOST=HOST_SLOT,
+        # The host's namespace (the agent's own: hostNetwork in a cluster), where a packet's address
+        # decides whether it is on its way into a traced pod.
+        LT_HOST_NETNS=os.stat("/proc/self/ns/net").st_ino,
     )
-    for j, t in enumerate(histogram.THRESHOLDS, start=1):
-        m[f"LT_T{j}"] = f"{t}ULL"
+    for j, t in enumerate(histogram.MANTISSA_THRESHOLDS):
+        m[f"LT_M{j}"] = f"{t}ULL"
     if kfree_skb_reason_arg is not None:
         m["LT_KFREE_REASON_ARG"] = kfree_skb_reason_arg
     # Unknown architecture: -1 matches no syscall, so the send-start probe stays inert.

@@ -80,6 +80,7 @@ class Tracer:
         self._lookup_written: dict[int, tuple[int, tuple[str, ...]]] = {}  # what the lookup tables hold
         self._usable: list[Probe] = []
         self._wanted = 0  # the segments want() was last asked for
+        self._nic_irqs: set[int] = set()  # what lt_nic_irq holds
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
@@ -159,6 +160,7 @@ class Tracer:
             self.loaded.close()
             self.loaded = None
         self._lookup_written = {}  # the maps went with the programs
+        self._nic_irqs = set()
         self.stats.close()
 
     @property
@@ -211,10 +213,13 @@ class Tracer:
         self._lookup_written = dict(entries)
 
     def set_nic_irqs(self, irqs: list[int]) -> None:
-        t = self.table("lt_nic_irq")
-        t.clear()
-        for irq in irqs:
+        t = self.table("lt_nic_irq")  # an array indexed by IRQ number: 1 for a NIC queue's
+        wanted = {irq for irq in irqs if 0 <= irq < program.MAX_IRQ}
+        for irq in self._nic_irqs - wanted:
+            t[ct.c_uint32(irq)] = ct.c_uint8(0)
+        for irq in wanted - self._nic_irqs:
             t[ct.c_uint32(irq)] = ct.c_uint8(1)
+        self._nic_irqs = wanted
 
     # -- statistics ----------------------------------------------------------------------------
     def probe_stats(self) -> dict[str, bpfsys.ProgStats]:

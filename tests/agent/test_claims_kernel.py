@@ -160,10 +160,11 @@ def test_a_changed_tracepoint_and_a_refused_attach_disable_only_their_probes(lab
 
 
 
-def test_in_flight_state_is_bounded_by_its_lru_maps(lab, tmp_path):
+def test_in_flight_state_is_bounded_by_its_arrays(lab, tmp_path):
     """Packets whose journey does not end (queued on a socket nobody reads yet) cannot grow the agent's
-    in-flight maps past their configured size: the least recently used are evicted, their packets are
-    measured up to where they were followed, and tracing goes on."""
+    in-flight state past its configured size: a socket's ring holds its latest packets, the older ones
+    are measured up to where they were followed (their entries taken, counted as collisions), and
+    tracing goes on."""
     a, client = lab.add_pod("a"), lab.add_pod("client")
     size, n = 64, 1000
     small = Agent(sizes=Sizes(max_targets=2, rx_inflight=size, tx_inflight=size, send_inflight=size))
@@ -177,11 +178,13 @@ def test_in_flight_state_is_bounded_by_its_lru_maps(lab, tmp_path):
                      "--hold-until", str(go)) as rx:
             client.traffic("udp-send", "--to", a.ip, "--port", "9720", "--count", str(n), "--rate", "4000")
             # All n wait in the socket: the kernel holds no more of them than the maps' size.
-            held = {name: len(list(small.tracer.table(name).keys())) for name in ("lt_sockq", "lt_rx_flight")}
+            held = {"lt_sockq": sum(1 for e in small.tracer.table("lt_sockq").values() if e.sk),
+                    "lt_rx_flight": sum(1 for f in small.tracer.table("lt_rx_flight").values() if f.skb)}
             go.touch()
         assert rx.result == {"received": n}
         got = {seg: st - before[seg] for seg, st in kernel.slot_stats(small.tracer, slot, buckets=False).items()}
         assert 0 < held["lt_sockq"] <= size and held["lt_rx_flight"] <= size, held  # UDP: queued, not in flight
+        assert kernel.counters(small.tracer)["collisions"] >= n - size  # the ring's older packets, counted
         # Every packet was followed into the socket; only the reads of those still in the map were
         # matched to their packets (the evicted ones' reads find nothing, and are not misattributed).
         assert got["rx_pod_stack"].count == n

@@ -293,3 +293,41 @@ def test_only_the_probes_the_segments_need_are_attached(agent, lab):
     udp_burst(a, client, 9601, 100)
     assert {p.name: p.run_cnt for p in kernel.programs(ids).values()} == {p.name: p.run_cnt for p in idle.values()}
     assert all(p.run_cnt for pid, p in idle.items() if pid == progs["lt_netif_receive_skb"])
+
+
+def test_tcp_request_response_from_the_host_each_request_is_its_own_packet(agent, lab):
+    """TCP request/response from a client on the host (no host-side sighting: the pod's side starts
+    each journey), right after the pod sent the host a bulk transfer, whose bare ACKs into the pod
+    nothing ever reads and whose skbs are freed without a tracepoint, their addresses reused at once.
+    Every request is read, and none inherits the timestamps of such an earlier packet."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    a = lab.add_pod("a")
+    n = 1000
+    traffic_py = str(Path(__file__).resolve().parents[1] / "traffic.py")
+    sink = [sys.executable, traffic_py, "tcp-sink", "--port", "9211", "--timeout", "20"]
+    client = [sys.executable, traffic_py, "tcp-send", "--to", a.ip, "--port", "9210", "--count", str(n),
+              "--size", "64", "--echo"]
+    started = {}
+
+    def traffic():
+        with subprocess.Popen(sink, stdout=subprocess.PIPE, text=True) as host_sink:
+            assert '"ready"' in host_sink.stdout.readline()
+            a.traffic("tcp-send", "--to", lab.gateway, "--port", "9211", "--count", "2000", "--size", "16384")
+            host_sink.communicate(timeout=30)
+        with a.serve("tcp-sink", "--port", "9210", "--echo", "--timeout", "20") as srv:
+            started["ns"] = time.monotonic_ns()
+            subprocess.run(client, check=True, capture_output=True, timeout=60)
+        assert srv.result == {"received_bytes": 64 * n}, srv.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    stats = m.kernel["a"]
+    read = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5] and e.dport == 9210]
+    assert stats["rx_socket_queue"].count == stats["rx_total"].count == len(read) >= n * 0.99, (
+        stats["rx_socket_queue"].count, len(read))
+    assert all(not e.ts[2] and e.ts[3] for e in read)  # from the host: no host_rx, the pod's side first
+    inherited = [e.ts for e in read if e.first_ns < started["ns"]]
+    assert not inherited, (len(inherited), inherited[:3])
