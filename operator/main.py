@@ -62,7 +62,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     # the operator exits. Its default (54 s in all) is shorter than an API server restart on a busy control
     # plane; these ride out some 4.5 minutes (4xx answers are never retried).
     settings.networking.error_backoffs = (1, 1, 2, 3, 5, 8, 13, 21, 30, 30, 30, 30, 30, 30, 30)
-    settings.networking.error_backoffs = (1, 2, 5, 10, 20)
     settings.execution.max_workers = CONFIG.publish_concurrency
     # The CRDs are installed before the operator (Helm's crds/); not watching CRDs and namespaces
     # saves the permissions to do so.
