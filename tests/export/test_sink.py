@@ -364,8 +364,11 @@ class _NullExporters:
 
 
 def test_exporter_cpu_does_not_grow_with_the_packet_rate():
-    few = _cpu_per_consume(32, packets_per_bucket=1)  # 160 packets per segment and interval
-    many = _cpu_per_consume(32, packets_per_bucket=1_000_000)  # 160 million
+    # Alternating, least of each: a busy machine inflates CPU time in bursts, and both sides should see them.
+    few = many = float("inf")
+    for _ in range(4):
+        few = min(few, _cpu_per_consume(32, packets_per_bucket=1))  # 160 packets per segment and interval
+        many = min(many, _cpu_per_consume(32, packets_per_bucket=1_000_000))  # 160 million
     assert many < few * 1.5 + 0.005, (few, many)
     assert many < 0.5, f"{many:.3f} s of CPU per interval for 32 pods x 11 segments"
 
