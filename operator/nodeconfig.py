@@ -206,11 +206,20 @@ class NodeConfigs:
                 if node_uid is not None and self._node_uids.get(node) == node_uid:
                     self._node_uids.pop(node, None)
             return self._rewrite(node, uid, entry)
-        if entry_of(obj, uid) != entry:  # fields of the entry another manager owns: rewrite it whole
+        if not self._carries(obj, uid, entry):  # fields of the entry another manager owns: rewrite it whole
             return self._rewrite(node, uid, entry)
         if not (obj.get("spec") or {}).get("traces"):
             self._delete_if_unchanged(node, obj["metadata"]["resourceVersion"])
         return entry
+
+    @staticmethod
+    def _carries(obj: Mapping, uid: str, entry: NodeTrace | None) -> bool:
+        """Whether the object as stored carries exactly `entry` for trace `uid`: the stored entry is what
+        was sent (compared as JSON first: parsing it into the model costs more than the request)."""
+        stored = next((t for t in (obj.get("spec") or {}).get("traces") or [] if t.get("uid") == uid), None)
+        if entry is None or stored is None:
+            return stored is None and entry is None
+        return stored == entry.wire() or entry_of(obj, uid) == entry
 
     def _apply(self, node: str, manager: str, config: dict) -> dict:
         resp = self.custom.patch_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node, config, field_manager=manager,
