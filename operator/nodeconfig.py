@@ -18,7 +18,8 @@ returns is the object as stored, which is checked instead of read:
   hand or with an update) is rewritten whole, with a read and a write that carries the resourceVersion
   (and a fresh read on conflict), the way every write was made before;
 - an object left without entries is deleted, with its resourceVersion as precondition, so that a trace
-  that added itself meanwhile keeps it (409: nothing to do).
+  that added itself meanwhile keeps it (409: read again; an agent's status write also changes the
+  resourceVersion, so the delete is retried while the object still carries no entry).
 The agent owns the status (a subresource): an apply to the object never touches it.
 
 Ownership: a cluster-scoped object cannot be owned by a namespaced LatencyTrace, so traces are tracked
@@ -255,11 +256,24 @@ class NodeConfigs:
         raise RuntimeError(f"LatencyTraceNode {node} kept changing under {CONFLICT_RETRIES} attempts to write it")
 
     def _delete_if_unchanged(self, node: str, resource_version: str) -> None:
-        try:
-            self._delete(node, resource_version)
-        except ApiException as e:
-            if e.status not in (404, 409):  # 409: a trace added itself since; 404: already gone
-                raise
+        """Delete the object while it carries no entry. A 409 means it changed since `resource_version`:
+        a trace added itself (it stays), or the agent wrote its status (a status write changes the
+        resourceVersion too): read it again and delete it if it still carries no entry."""
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                self._delete(node, resource_version)
+                return
+            except ApiException as e:
+                if e.status == 404:  # already gone
+                    return
+                if e.status != 409:
+                    raise
+            obj = self.get(node)
+            if obj is None or (obj.get("spec") or {}).get("traces"):
+                return
+            resource_version = obj["metadata"]["resourceVersion"]
+        log.warning("LatencyTraceNode %s kept changing under %d attempts to delete it; the next change of a "
+                    "trace on the node deletes it", node, CONFLICT_RETRIES)
 
     def _delete(self, node: str, resource_version: str) -> None:
         # The precondition makes the delete fail (409) if another trace added itself meanwhile.

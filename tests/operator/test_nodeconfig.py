@@ -160,6 +160,19 @@ def test_a_delete_that_loses_a_race_keeps_the_other_writers_trace(api, writer, n
     assert uids(read(api, n1)) == ["t9"]
 
 
+def test_a_status_write_between_the_last_removal_and_the_delete_does_not_leave_the_object(
+        api, control_plane, writer, nodes):
+    """The agent writes its status (a new resourceVersion) just as the last trace leaves: the delete's
+    precondition fails, and the object, which still carries no entry, is deleted all the same."""
+    n1 = nodes[0]
+    writer.apply(n1, "t1", entry())
+    writer.custom.before["delete_cluster_custom_object"] = [lambda: control_plane.kubectl(
+        "patch", NODE_PLURAL, n1, "--subresource=status", "--type=merge", "-p", '{"status": {"agentVersion": "9.9"}}')]
+    writer.apply(n1, "t1", None)
+    assert writer.custom.calls.count("delete_cluster_custom_object") == 2  # refused once (409), then done
+    assert read(api, n1) is None
+
+
 def test_an_object_deleted_under_the_writer_is_created_again(api, writer, nodes):
     n1 = nodes[0]
     writer.apply(n1, "t1", entry())
