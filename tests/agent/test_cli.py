@@ -41,10 +41,12 @@ def wait_ready(agent: subprocess.Popen) -> str:
 
 def test_json_document(lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
+    started = time.monotonic()
     agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = wait_ready(agent)
+        until_ready = time.monotonic() - started
         assert "tracing 1 target(s)" in ready, ready
         with a.serve("udp-recv", "--port", "9400", "--count", "500", "--timeout", "20") as rx:
             client.traffic("udp-send", "--to", a.ip, "--port", "9400", "--count", "500", "--rate", "2000")
@@ -64,7 +66,9 @@ def test_json_document(lab):
     assert 0 < seg["p50_us"] <= seg["p90_us"] <= seg["p99_us"] <= seg["max_us"]
     assert doc["probes"]["lt_netif_receive_skb"]["run_cnt"] > 0
     assert doc["probe_stats"]["mode"] == "always" and doc["probe_stats"]["seconds_on"] > 0
-    assert doc["attach_seconds"] < 30
+    # Loading and attaching is part of start-up: measured, so within what the whole start-up took (not
+    # bounded by a wall-clock figure, which a loaded machine can exceed).
+    assert 0 < doc["attach_seconds"] < until_ready, (doc["attach_seconds"], until_ready)
 
 
 def test_jsonl_one_document_per_interval(lab):
