@@ -13,34 +13,30 @@ generated with only OTLP gRPC + OTLP HTTP in and the query API out, each on a fr
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import socket
 import time
 import urllib.error
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import versions
-from .procs import Proc, free_port, http_get, wait_until
+from .backend import Backend
+from .procs import free_port, http_get
 
 
-class Jaeger:
+class Jaeger(Backend):
+    name = "jaeger"
+    what = "jaeger query API and OTLP receivers"
+
     def __init__(self, workdir: str | os.PathLike[str], *, max_traces: int = 100_000,
                  startup_timeout: float = 60.0, detach: bool = False, prometheus: bool = False) -> None:
         """`prometheus`: also take OTLP metrics and serve them in Prometheus format (metrics_url), as
         a collector in front of Prometheus would. Its exporter knows explicit-bucket histograms only."""
-        self.workdir = Path(workdir).resolve()
+        super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
         self.max_traces = max_traces
         self.prometheus = prometheus
-        self.startup_timeout = startup_timeout
-        self.detach = detach
         self.ports: dict[str, int] = {}
-        self.proc: Proc | None = None
 
     @property
     def otlp_grpc_endpoint(self) -> str:
@@ -109,38 +105,10 @@ class Jaeger:
             "exporters": {"jaeger_storage_exporter": {"trace_storage": "memory_store"}},
         }
 
-    def start(self) -> Jaeger:
-        if self.proc is not None:
-            return self
-        binary = versions.ensure_tools("jaeger")["jaeger"]
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def argv(self, binary: str) -> list[str]:
         for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc") + (("prometheus",) if self.prometheus else ()):
             self.ports[name] = free_port()
-        config = self.workdir / "jaeger.yaml"
-        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        self.proc = Proc("jaeger", [binary, f"--config={config}"],
-                         self.workdir / "logs" / "jaeger.log", cwd=self.workdir,
-                         die_with_parent=not self.detach)
-        if not self.detach:
-            atexit.register(self.stop)
-        try:
-            wait_until("jaeger query API and OTLP receivers", self._ready,
-                       self.startup_timeout, [self.proc])
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-    def __enter__(self) -> Jaeger:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return [binary, f"--config={self.write_config('jaeger.yaml', self.config())}"]
 
     # ---- query API ------------------------------------------------------------
 
