@@ -14,8 +14,7 @@ from latencytrace.node_agent.agent import Agent
 from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.segments import Direction
 from tests.agent import kernel, probe_injection
-from tests.agent.conftest import desired, measure
-from tests.agent.test_cli import AGENT, wait_ready
+from tests.agent.conftest import AGENT, desired, measure, wait_ready
 from tests.agent.test_segments_kernel import EVERY_PACKET, udp_burst
 
 SLOW_NS = 2_000_000
