@@ -4,20 +4,22 @@ generated config under its work directory, waited for until its readiness probe 
 
 A subclass names its tool (`name`, as versions.ensure_tools knows it, also its log's name), says what
 ready means (`what`, for the timeout message), and provides only `argv` (picks its ports, writes its
-config, returns the command line) and `_ready` (the probe).
+config, returns the command line) and `_ready` (the probe). OtlpBackend adds what the two OTLP
+receivers among them (Jaeger, the collector) share: their OTLP/gRPC and OTLP/HTTP ports.
 """
 
 from __future__ import annotations
 
 import atexit
 import os
+import socket
 from pathlib import Path
 from typing import Any, Self
 
 import yaml
 
 from . import versions
-from .procs import Proc, wait_until
+from .procs import Proc, free_port, wait_until
 
 
 class Backend:
@@ -69,3 +71,40 @@ class Backend:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class OtlpBackend(Backend):
+    """A backend with an OTLP receiver (gRPC and HTTP, plaintext) on free 127.0.0.1 ports."""
+
+    def __init__(self, workdir: str | os.PathLike[str], *, startup_timeout: float, detach: bool) -> None:
+        super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
+        self.ports: dict[str, int] = {}
+
+    @property
+    def otlp_grpc_endpoint(self) -> str:
+        """host:port for an OTLP/gRPC exporter (plaintext)."""
+        return f"127.0.0.1:{self.ports['otlp_grpc']}"
+
+    @property
+    def otlp_http_endpoint(self) -> str:
+        """Base URL of the OTLP/HTTP receiver; an exporter adds /v1/traces or /v1/metrics."""
+        return f"http://127.0.0.1:{self.ports['otlp_http']}"
+
+    def pick_ports(self, *others: str) -> None:
+        """A free port for each OTLP protocol and each of `others` (by name, in self.ports)."""
+        for name in ("otlp_grpc", "otlp_http", *others):
+            self.ports[name] = free_port()
+
+    def otlp_receiver(self) -> dict[str, Any]:
+        """The `receivers` section of its config: the otlp receiver on its two ports."""
+        return {"otlp": {"protocols": {
+            "grpc": {"endpoint": self.otlp_grpc_endpoint},
+            "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
+        }}}
+
+    def otlp_listening(self) -> bool:
+        """Both OTLP ports accept connections (raises until they do)."""
+        for port in (self.ports["otlp_grpc"], self.ports["otlp_http"]):
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                pass
+        return True

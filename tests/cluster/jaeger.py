@@ -15,17 +15,16 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
 from typing import Any
 
-from .backend import Backend
-from .procs import free_port, http_get
+from .backend import OtlpBackend
+from .procs import http_get
 
 
-class Jaeger(Backend):
+class Jaeger(OtlpBackend):
     name = "jaeger"
     what = "jaeger query API and OTLP receivers"
 
@@ -36,17 +35,6 @@ class Jaeger(Backend):
         super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
         self.max_traces = max_traces
         self.prometheus = prometheus
-        self.ports: dict[str, int] = {}
-
-    @property
-    def otlp_grpc_endpoint(self) -> str:
-        """host:port for an OTLP/gRPC exporter (plaintext)."""
-        return f"127.0.0.1:{self.ports['otlp_grpc']}"
-
-    @property
-    def otlp_http_endpoint(self) -> str:
-        """Base URL of the OTLP/HTTP receiver; traces go to <this>/v1/traces."""
-        return f"http://127.0.0.1:{self.ports['otlp_http']}"
 
     @property
     def query_url(self) -> str:
@@ -98,24 +86,18 @@ class Jaeger(Backend):
                     "grpc": {"endpoint": f"127.0.0.1:{self.ports['query_grpc']}"},
                 },
             },
-            "receivers": {"otlp": {"protocols": {
-                "grpc": {"endpoint": self.otlp_grpc_endpoint},
-                "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
-            }}},
+            "receivers": self.otlp_receiver(),
             "exporters": {"jaeger_storage_exporter": {"trace_storage": "memory_store"}},
         }
 
     def argv(self, binary: str) -> list[str]:
-        for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc") + (("prometheus",) if self.prometheus else ()):
-            self.ports[name] = free_port()
+        self.pick_ports("query_http", "query_grpc", *(("prometheus",) if self.prometheus else ()))
         return [binary, f"--config={self.write_config('jaeger.yaml', self.config())}"]
 
     # ---- query API ------------------------------------------------------------
 
     def _ready(self) -> bool:
-        for port in (self.ports["otlp_grpc"], self.ports["otlp_http"]):
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
+        self.otlp_listening()
         self.services()
         return True
 

@@ -13,14 +13,12 @@ The pipeline is the one node_agent/export/README.md recommends: otlp receiver ->
 from __future__ import annotations
 
 import os
-import socket
 from typing import Any
 
-from .backend import Backend
-from .procs import free_port
+from .backend import OtlpBackend
 
 
-class Collector(Backend):
+class Collector(OtlpBackend):
     name = "otelcol"
     what = "collector's OTLP receivers"
 
@@ -33,17 +31,6 @@ class Collector(Backend):
         super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
         self.traces_to = traces_to
         self.metrics_to = metrics_to
-        self.ports: dict[str, int] = {}
-
-    @property
-    def otlp_grpc_endpoint(self) -> str:
-        """host:port of the OTLP/gRPC receiver (plaintext)."""
-        return f"127.0.0.1:{self.ports['otlp_grpc']}"
-
-    @property
-    def otlp_http_endpoint(self) -> str:
-        """Base URL of the OTLP/HTTP receiver."""
-        return f"http://127.0.0.1:{self.ports['otlp_http']}"
 
     def config(self) -> dict[str, Any]:
         processors = ["memory_limiter", "batch"]
@@ -57,10 +44,7 @@ class Collector(Backend):
             pipelines["metrics"] = {"receivers": ["otlp"], "processors": processors,
                                     "exporters": ["otlp_http/prometheus"]}
         return {
-            "receivers": {"otlp": {"protocols": {
-                "grpc": {"endpoint": self.otlp_grpc_endpoint},
-                "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
-            }}},
+            "receivers": self.otlp_receiver(),
             "processors": {
                 # First in the pipeline: refuses data (the agent retries, then counts a dropped batch)
                 # before the collector runs out of memory.
@@ -78,12 +62,8 @@ class Collector(Backend):
         }
 
     def argv(self, binary: str) -> list[str]:
-        for name in ("otlp_grpc", "otlp_http"):
-            self.ports[name] = free_port()
+        self.pick_ports()
         return [binary, f"--config={self.write_config('otelcol.yaml', self.config())}"]
 
     def _ready(self) -> bool:
-        for port in self.ports.values():
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
-        return True
+        return self.otlp_listening()
