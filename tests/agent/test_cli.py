@@ -7,18 +7,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from latencytrace.node_agent.probes import PROBES, Probe
 from latencytrace.node_agent.tracer import Tracer
+from tests.agent.conftest import AGENT, running_agent, wait_ready
 from tests.agent.kernel import prog_ids_of
 
-AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
 
 
 def bpftool(kind: str) -> list[dict]:
@@ -26,17 +24,6 @@ def bpftool(kind: str) -> list[dict]:
     out = subprocess.run([shutil.which("bpftool") or "/usr/sbin/bpftool", kind, "show", "-j"],
                          capture_output=True, text=True, check=True)
     return json.loads(out.stdout or "[]")
-
-
-def wait_ready(agent: subprocess.Popen) -> str:
-    """Read the agent's stderr up to its readiness line (probes attached, targets set); fail if it
-    ends first. Whatever it logged on the way is returned with the line."""
-    seen = []
-    for line in agent.stderr:
-        seen.append(line)
-        if "probes attached" in line:
-            return "".join(seen)
-    raise AssertionError(f"agent exited ({agent.wait()}) before it was ready:\n{''.join(seen)}")
 
 
 def test_json_document(lab):
@@ -157,17 +144,10 @@ def test_not_root_is_one_clear_line():
 
 
 def test_killed_agent_leaves_no_program_attached(lab):
-    a = lab.add_pod("a")
-    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(agent)
+    with running_agent(lab) as agent:  # SIGKILLed at the end of the block
         progs = prog_ids_of(agent.pid)
         links = {link["id"] for link in bpftool("link") if link.get("prog_id") in progs}
         assert len(progs) == len(PROBES) and links  # every program loaded, those it needs attached
-    finally:
-        agent.send_signal(signal.SIGKILL)
-        agent.wait()
 
     def left():
         return ({p["id"] for p in bpftool("prog")} & progs) | ({link["id"] for link in bpftool("link")} & links)
