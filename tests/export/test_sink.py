@@ -18,7 +18,7 @@ from latencytrace.node_agent.export.metrics import LATENCY
 from tests.export import fakes
 from tests.export.fakes import SECOND, seg_id
 from tests.cluster.pki import PKI
-from tests.export.receiver import Receiver, attrs
+from tests.export.receiver import Receiver
 
 POD_STACK = seg_id("rx_pod_stack")
 
