@@ -238,10 +238,14 @@ def test_pod_to_pod_both_traced(agent, lab, protocol):
 
     report = measure(agent, [a, b], traffic)
     ca, cb = segment_counts(report, a), segment_counts(report, b)
-    # TCP may merge small writes into fewer segments; UDP sends each datagram on its own.
-    least = 150 if protocol == "tcp" else 200
-    assert ca.get("tx_total", 0) >= least, ca
-    assert cb.get("rx_host_to_pod", 0) >= least and cb.get("rx_pod_stack", 0) >= least * 0.95, cb
+    sent = ca.get("tx_total", 0)
+    # UDP sends each datagram on its own. TCP merges writes into fewer segments, the more so the slower
+    # the receiver (a busy machine: 139 for 200 writes once), and sends SYN, data and FIN at the least.
+    least = 200 if protocol == "udp" else 3
+    assert sent >= least, ca
+    # What a sent, b received: the same skbs, measured on both sides.
+    assert cb.get("rx_host_to_pod", 0) >= max(least, sent * 0.95), (ca, cb)
+    assert cb.get("rx_pod_stack", 0) >= sent * 0.95, (ca, cb)
 
 
 def test_ipv6_pods_are_traced_from_the_host_side_on(agent):

@@ -103,8 +103,12 @@ def check_backends(prom: Prometheus, jaeger: Jaeger, run: Run) -> None:
     while {s: ours[s]["count"] for s in ours} != {s: int(v) for s, v in counts().items()}:
         assert time.monotonic() < deadline, ({s: ours[s]["count"] for s in ours}, counts())
         time.sleep(0.5)
-    for seg in ("rx_pod_stack", "rx_socket_queue", "rx_total"):  # the datagrams the application read
-        assert ours[seg]["count"] == N, (seg, ours[seg]["count"])
+    # The datagrams the application read: all of them, but for packets whose in-flight entry another took
+    # (a reader held up on a busy machine queues more than the socket's ring holds), which the kernel
+    # counts as collisions: those are not measured past that point, and never misattributed.
+    lost = run.report["counters"].get("collisions", 0)
+    for seg in ("rx_pod_stack", "rx_socket_queue", "rx_total"):
+        assert N - lost <= ours[seg]["count"] <= N, (seg, ours[seg]["count"], lost)
     assert ours["rx_host_to_pod"]["count"] >= N + DROPPED  # and those to a closed port
 
     drops = prom.values(f"latencytrace_network_packet_dropped_total{{{sel}}}", by="error_type")
