@@ -248,22 +248,21 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         return 0; /* a socket outside traced pods */
     if (!tail)
         tail = (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
-    u64 now = bpf_ktime_get_ns();
     u64 key = lt_filter_ready_skb(c, tail, slot);
     struct lt_flight *f = key ? lt_rx_get(key) : NULL;
     if (key == c->rx_skb)
         c->rx_skb = 0;
     if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY]) {
         if (tail)
-            lt_record_sockq_push(sk, NULL, now); /* keeps a followed UDP socket's reads matched */
+            lt_record_sockq_push(sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
         return 0;
     }
-    f->ts[LT_B_RX_SOCK_READY] = now;
     if (!lt_timed(f)) {
-        /* Not timed: a UDP datagram only keeps its socket's reads matched; a TCP skb's flight ends at
-         * its read (or its drop), as a timed one's does. */
+        /* Not timed (no clock read): a UDP datagram only keeps its socket's reads matched; a TCP skb's
+         * flight ends at its read (or its drop), as a timed one's does, marked as readied. */
+        f->ts[LT_B_RX_SOCK_READY] = 1;
         if (f->addr.proto == LT_IPPROTO_UDP) {
-            lt_record_sockq_push(sk, NULL, now);
+            lt_record_sockq_push(sk, NULL, 0);
             lt_rx_free(f);
         } else if (key != tail) {
             lt_count(LT_C_COALESCED);
@@ -271,6 +270,8 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         }
         return 0;
     }
+    u64 now = bpf_ktime_get_ns();
+    f->ts[LT_B_RX_SOCK_READY] = now;
     struct lt_target *t = lt_target(f->slot);
     if (t && lt_wants(t, LT_DIR_RX))
         lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
