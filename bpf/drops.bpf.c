@@ -34,14 +34,14 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 #endif
     u64 key = (u64)skb;
     /* A packet in flight (in both directions when it goes from one traced pod to another). */
-    struct lt_flight *rf = lt_rx_get(key), *tf = lt_tx_get(key);
+    struct lt_flight *rf = lt_get(LT_DIR_RX, key), *tf = lt_get(LT_DIR_TX, key);
     if (rf) {
         lt_record_drop(rf, LT_DIR_RX, skb, reason);
-        lt_rx_free(rf);
+        lt_free(LT_DIR_RX, rf);
     }
     if (tf) {
         lt_record_drop(tf, LT_DIR_TX, skb, reason);
-        lt_tx_free(tf);
+        lt_free(LT_DIR_TX, tf);
     }
     if (rf || tf)
         return 0;

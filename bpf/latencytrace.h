@@ -95,7 +95,7 @@ struct lt_addrs {
     u16 pad;
 };
 
-/* One packet in flight, in a direct-mapped array entry (see lt_rx_flight). */
+/* One packet in flight, in a direct-mapped array entry (see lt_flights). */
 struct lt_flight {
     u64 skb;           /* key: the skb's address; 0: the entry is free */
     u64 ts[LT_NBOUND]; /* boundary timestamps (bpf_ktime_get_ns), 0: not seen */
@@ -188,15 +188,17 @@ BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> sl
 BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers of physical NIC queues */
 BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 
-/* In-flight packets: arrays of 2^LT_*_BITS entries, two ways per set (lt_set()), and their tags. */
+/* In-flight packets: 2^LT_RX_BITS + 2^LT_TX_BITS entries, two ways per set (lt_set()), and their tags. */
 BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
 struct lt_tags {
     u64 skb[2]; /* the skb addresses of a set's two entries; 0: free */
 };
-BPF_ARRAY(lt_rx_tags, struct lt_tags, 1 << (LT_RX_BITS - 1));
-BPF_ARRAY(lt_rx_flight, struct lt_flight, 1 << LT_RX_BITS);
-BPF_ARRAY(lt_tx_tags, struct lt_tags, 1 << (LT_TX_BITS - 1));
-BPF_ARRAY(lt_tx_flight, struct lt_flight, 1 << LT_TX_BITS);
+/* One table for both directions: receive sets are [0, LT_RX_SETS), transmit sets follow them (so
+ * receive entries are [0, 2*LT_RX_SETS), transmit entries the 2*LT_TX_SETS after). */
+#define LT_RX_SETS (1u << (LT_RX_BITS - 1))
+#define LT_TX_SETS (1u << (LT_TX_BITS - 1))
+BPF_ARRAY(lt_tagsets, struct lt_tags, LT_RX_SETS + LT_TX_SETS);
+BPF_ARRAY(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
 BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* UDP socket -> its queue, direct-mapped */
 BPF_ARRAY(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
 
@@ -690,16 +692,19 @@ static __always_inline s32 lt_filter_sock(struct lt_cpu_ctx *c, void *sk)
     return lt_filter_net(c, lt_read_ptr(sk, LT_OFF_SK_NET));
 }
 
-/* In-flight tables. Set lt_hash64(skb) of a table has two entries, 2*set and 2*set+1, whose skb
- * addresses are also kept together in a small tag array (16 bytes a set): a packet that is not in
- * flight, the common case on a node, costs one load from it, and only a hit touches the entry. A new
- * packet takes the entry holding the same skb, else a free one, else the older, counting
- * LT_C_COLLISION when that one was still young (its packet loses the rest of its journey; nothing is
- * misattributed, since every later boundary checks the skb address). (Spelled out per table: BCC
- * rewrites map calls only in plain code.) */
-static __always_inline u32 lt_set(u64 key, u32 bits)
+/* In-flight table, one part per direction (LT_DIR_RX, LT_DIR_TX). Set lt_set(dir, skb) has two
+ * entries, 2*set and 2*set+1, whose skb addresses are also kept together in a small tag array (16
+ * bytes a set): a packet that is not in flight, the common case on a node, costs one load from it,
+ * and only a hit touches the entry. A new packet takes the entry holding the same skb, else a free
+ * one, else the older, counting LT_C_COLLISION when that one was still young (its packet loses the
+ * rest of its journey; nothing is misattributed, since every later boundary checks the skb address).
+ * (The direction is a parameter, not a macro: BCC rewrites map calls only in plain code; callers pass
+ * a constant, so each inlined copy computes its set as the two-table version did.) */
+static __always_inline u32 lt_set(u32 dir, u64 skb)
 {
-    return lt_hash64(key, bits - 1);
+    if (dir == LT_DIR_TX)
+        return LT_RX_SETS + lt_hash64(skb, LT_TX_BITS - 1);
+    return lt_hash64(skb, LT_RX_BITS - 1);
 }
 
 static __always_inline int lt_young(struct lt_flight *f, u64 now)
@@ -740,100 +745,52 @@ static __always_inline u32 lt_victim(struct lt_flight *a, struct lt_flight *b, u
     return way;
 }
 
-static __always_inline struct lt_flight *lt_rx_get(u64 skb)
+/* The flight of skb in direction dir, NULL if it has none. */
+static __always_inline struct lt_flight *lt_get(u32 dir, u64 skb)
 {
-    u32 s = lt_set(skb, LT_RX_BITS);
-    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    u32 s = lt_set(dir, skb);
+    struct lt_tags *k = lt_tagsets.lookup(&s);
     if (!k)
         return NULL;
     int w = lt_way_of(k, skb);
     if (w < 0)
         return NULL;
     u32 i = 2 * s + w;
-    struct lt_flight *f = lt_rx_flight.lookup(&i);
+    struct lt_flight *f = lt_flights.lookup(&i);
     if (f && f->skb == skb)
         return f;
     return NULL;
 }
 
-static __always_inline struct lt_flight *lt_tx_get(u64 skb)
+/* The entry a new packet's flight in direction dir goes to (its tag set; the caller fills it), NULL
+ * if none. */
+static __always_inline struct lt_flight *lt_take(u32 dir, u64 skb, u64 now)
 {
-    u32 s = lt_set(skb, LT_TX_BITS);
-    struct lt_tags *k = lt_tx_tags.lookup(&s);
-    if (!k)
-        return NULL;
-    int w = lt_way_of(k, skb);
-    if (w < 0)
-        return NULL;
-    u32 i = 2 * s + w;
-    struct lt_flight *f = lt_tx_flight.lookup(&i);
-    if (f && f->skb == skb)
-        return f;
-    return NULL;
-}
-
-/* The entry a new packet's flight goes to (its tag set; the caller fills it), NULL if none. */
-static __always_inline struct lt_flight *lt_rx_take(u64 skb, u64 now)
-{
-    u32 s = lt_set(skb, LT_RX_BITS);
-    struct lt_tags *k = lt_rx_tags.lookup(&s);
+    u32 s = lt_set(dir, skb);
+    struct lt_tags *k = lt_tagsets.lookup(&s);
     if (!k)
         return NULL;
     int w = lt_way_for(k, skb);
     if (w < 0) {
         u32 i = 2 * s, j = i + 1;
-        struct lt_flight *a = lt_rx_flight.lookup(&i);
-        struct lt_flight *b = lt_rx_flight.lookup(&j);
+        struct lt_flight *a = lt_flights.lookup(&i);
+        struct lt_flight *b = lt_flights.lookup(&j);
         if (!a || !b)
             return NULL;
         w = lt_victim(a, b, now);
     }
     k->skb[w & 1] = skb;
     u32 i = 2 * s + (w & 1);
-    return lt_rx_flight.lookup(&i);
+    return lt_flights.lookup(&i);
 }
 
-static __always_inline struct lt_flight *lt_tx_take(u64 skb, u64 now)
-{
-    u32 s = lt_set(skb, LT_TX_BITS);
-    struct lt_tags *k = lt_tx_tags.lookup(&s);
-    if (!k)
-        return NULL;
-    int w = lt_way_for(k, skb);
-    if (w < 0) {
-        u32 i = 2 * s, j = i + 1;
-        struct lt_flight *a = lt_tx_flight.lookup(&i);
-        struct lt_flight *b = lt_tx_flight.lookup(&j);
-        if (!a || !b)
-            return NULL;
-        w = lt_victim(a, b, now);
-    }
-    k->skb[w & 1] = skb;
-    u32 i = 2 * s + (w & 1);
-    return lt_tx_flight.lookup(&i);
-}
-
-/* Free a flight's entry (its journey ended, or it was dropped). */
-static __always_inline void lt_rx_free(struct lt_flight *f)
+/* Free a flight's entry of direction dir (its journey ended, or it was dropped). */
+static __always_inline void lt_free(u32 dir, struct lt_flight *f)
 {
     u64 skb = f->skb;
     f->skb = 0;
-    u32 s = lt_set(skb, LT_RX_BITS);
-    struct lt_tags *k = lt_rx_tags.lookup(&s);
-    if (!k)
-        return;
-    if (k->skb[0] == skb)
-        k->skb[0] = 0;
-    if (k->skb[1] == skb)
-        k->skb[1] = 0;
-}
-
-static __always_inline void lt_tx_free(struct lt_flight *f)
-{
-    u64 skb = f->skb;
-    f->skb = 0;
-    u32 s = lt_set(skb, LT_TX_BITS);
-    struct lt_tags *k = lt_tx_tags.lookup(&s);
+    u32 s = lt_set(dir, skb);
+    struct lt_tags *k = lt_tagsets.lookup(&s);
     if (!k)
         return;
     if (k->skb[0] == skb)
@@ -864,7 +821,7 @@ static __always_inline void lt_record_tx_done(struct lt_flight *f, u64 done, voi
         lt_record(t, f->slot, LT_SEG_TX_TOTAL, first, done);
         lt_emit(t, f, LT_DIR_TX, 0, done - first, skb, 0);
     }
-    lt_tx_free(f);
+    lt_free(LT_DIR_TX, f);
 }
 
 /* record: the skb of a traced pod shows up in netif_receive_skb outside the pod (slot_here: the traced

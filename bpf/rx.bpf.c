@@ -21,7 +21,7 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
                                                u64 key, u32 ifindex, u32 boundary, u64 now)
 {
     int timed = lt_count_packet(t, slot, LT_DIR_RX);
-    struct lt_flight *f = lt_rx_take(key, now);
+    struct lt_flight *f = lt_take(LT_DIR_RX, key, now);
     if (!f)
         return;
     __builtin_memset(f, 0, sizeof(*f));
@@ -53,7 +53,7 @@ static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_sk
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
     u64 now = bpf_ktime_get_ns();
-    struct lt_flight *f = lt_rx_get(key);
+    struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (f) {
         if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, now))
             return; /* already seen on an earlier host device (e.g. the NIC before the bridge) */
@@ -69,7 +69,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
-    struct lt_flight *f = lt_rx_get(key);
+    struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] && lt_same_packet(f, v, now)) {
         if (!f->ts[LT_B_RX_POD_RX]) {
             f->ts[LT_B_RX_POD_RX] = now;
@@ -86,12 +86,12 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         u8 nodata;
         lt_ip_hdr(v, v->data, &addr, &nodata);
         lt_record_rx_start(t, slot, c, v, &addr, nodata, key, ifindex, LT_B_RX_POD_RX, now);
-        f = lt_rx_get(key);
+        f = lt_get(LT_DIR_RX, key);
         if (!f)
             return;
     }
     if (f->flags & LT_F_NODATA) {
-        lt_rx_free(f); /* an ACK: its journey ends in the pod's stack, with nothing to read */
+        lt_free(LT_DIR_RX, f); /* an ACK: its journey ends in the pod's stack, with nothing to read */
         return;
     }
     c->rx_skb = key;
@@ -114,7 +114,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     if (slot >= 0) {
         /* Inside a traced pod: received by it, or (pod to pod) the arrival of another pod's packet. */
         u64 now = bpf_ktime_get_ns();
-        struct lt_flight *tf = lt_tx_get(key);
+        struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         if (tf && lt_same_packet(tf, &v, now))
             lt_record_tx_arrival(c, tf, skb, ifindex, slot, now);
         lt_record_pod_rx(c, &v, key, ifindex, slot, now);
@@ -123,7 +123,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     if (slot != LT_SLOT_HOST) {
         /* Another (untraced) pod's device: nothing here is on its way into a traced pod, but a traced
          * pod's packet may arrive (pod to pod), which one tag lookup tells. */
-        struct lt_flight *tf = lt_tx_get(key);
+        struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         if (tf) {
             u64 now = bpf_ktime_get_ns();
             if (lt_same_packet(tf, &v, now))
@@ -137,7 +137,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     if (lt_ip_hdr(&v, v.data, &addr, &nodata) < 0)
         return 0;
     if (lt_addr_slot(&addr, 0) >= 0) { /* only a traced pod's packets can be in transmit flight */
-        struct lt_flight *tf = lt_tx_get(key);
+        struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         u64 now = bpf_ktime_get_ns();
         if (tf && lt_same_packet(tf, &v, now))
             lt_record_tx_arrival(c, tf, skb, ifindex, -1, now);
@@ -215,7 +215,7 @@ static __always_inline u64 lt_filter_ready_skb(struct lt_cpu_ctx *c, u64 tail, s
 {
     if (tail && tail == c->rx_skb)
         return tail;
-    struct lt_flight *tf = tail ? lt_rx_get(tail) : NULL;
+    struct lt_flight *tf = tail ? lt_get(LT_DIR_RX, tail) : NULL;
     if (tf && tf->ts[LT_B_RX_POD_RX] && !tf->ts[LT_B_RX_SOCK_READY])
         return tail; /* TCP processing its backlog in process context */
     if (c->rx_skb && slot == c->rx_slot)
@@ -236,7 +236,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
             c->tx_skb = 0;
             /* A traced pod's packet delivered to a socket on the host. (If its flight is gone, it went
              * on into another pod, which may be traced too: go on with the receive side.) */
-            struct lt_flight *tf = lt_tx_get(tail);
+            struct lt_flight *tf = lt_get(LT_DIR_TX, tail);
             if (tf) {
                 lt_record_tx_done(tf, bpf_ktime_get_ns(), (void *)tail);
                 return 0;
@@ -249,7 +249,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     if (!tail)
         tail = (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
     u64 key = lt_filter_ready_skb(c, tail, slot);
-    struct lt_flight *f = key ? lt_rx_get(key) : NULL;
+    struct lt_flight *f = key ? lt_get(LT_DIR_RX, key) : NULL;
     if (key == c->rx_skb)
         c->rx_skb = 0;
     if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY]) {
@@ -263,10 +263,10 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         f->ts[LT_B_RX_SOCK_READY] = 1;
         if (f->addr.proto == LT_IPPROTO_UDP) {
             lt_record_sockq_push(sk, NULL, 0);
-            lt_rx_free(f);
+            lt_free(LT_DIR_RX, f);
         } else if (key != tail) {
             lt_count(LT_C_COALESCED);
-            lt_rx_free(f);
+            lt_free(LT_DIR_RX, f);
         }
         return 0;
     }
@@ -277,10 +277,10 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
     if (f->addr.proto == LT_IPPROTO_UDP) {
         lt_record_sockq_push(sk, f, now);
-        lt_rx_free(f);
+        lt_free(LT_DIR_RX, f);
     } else if (key != tail) {
         lt_count(LT_C_COALESCED); /* its data will be read through the tail skb */
-        lt_rx_free(f);
+        lt_free(LT_DIR_RX, f);
     }
     return 0;
 }
@@ -289,12 +289,12 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
 int lt_skb_copy_datagram_iovec(struct bpf_raw_tracepoint_args *ctx)
 {
     u64 key = ctx->args[0];
-    struct lt_flight *f = lt_rx_get(key);
+    struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (!f)
         return 0;
     if (f->ts[LT_B_RX_SOCK_READY] && lt_timed(f))
         lt_record_read(f, bpf_ktime_get_ns());
-    lt_rx_free(f);
+    lt_free(LT_DIR_RX, f);
     return 0;
 }
 

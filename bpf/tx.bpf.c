@@ -89,7 +89,7 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
 {
     int timed = lt_count_packet(t, slot, LT_DIR_TX);
     u64 start = lt_send_start(c, v->sk, now); /* taken either way: a pending start belongs to this packet */
-    struct lt_flight *f = lt_tx_take(key, now);
+    struct lt_flight *f = lt_take(LT_DIR_TX, key, now);
     if (!f)
         return;
     __builtin_memset(f, 0, sizeof(*f));
@@ -126,7 +126,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         return 0; /* another pod's device: a traced pod's packet that got there has ended (delivered) */
     if (slot < 0) {
         /* On the host only a traced pod's packets can be in flight: one tag lookup says. */
-        struct lt_flight *f = lt_tx_get(key);
+        struct lt_flight *f = lt_get(LT_DIR_TX, key);
         if (!f || (f->flags & LT_F_XMITTED))
             return 0;
         u64 now = bpf_ktime_get_ns();
@@ -140,7 +140,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     if (!t || !lt_wants(t, LT_DIR_TX))
         return 0;
     u64 now = bpf_ktime_get_ns();
-    struct lt_flight *f = lt_tx_get(key);
+    struct lt_flight *f = lt_get(LT_DIR_TX, key);
     if (f) {
         if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, now)) {
             lt_record_egress_queue(f, ifindex, now); /* a further device inside the pod */
@@ -154,7 +154,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 
 int lt_net_dev_start_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
-    struct lt_flight *f = lt_tx_get(ctx->args[0]);
+    struct lt_flight *f = lt_get(LT_DIR_TX, ctx->args[0]);
     if (f && lt_timed(f))
         f->ts[LT_B_TX_EGRESS_XMIT] = bpf_ktime_get_ns();
     return 0;
@@ -164,7 +164,7 @@ int lt_net_dev_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
     if ((int)ctx->args[1] != 0)
         return 0;
-    struct lt_flight *f = lt_tx_get(ctx->args[0]);
+    struct lt_flight *f = lt_get(LT_DIR_TX, ctx->args[0]);
     if (!f || !(f->flags & LT_F_EGRESS_HOST))
         return 0;
     /* The driver took it. A physical NIC completes it later (consume_skb); a veth hands it to the
@@ -178,12 +178,12 @@ int lt_net_dev_xmit(struct bpf_raw_tracepoint_args *ctx)
 int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
-    struct lt_flight *f = lt_tx_get((u64)skb);
+    struct lt_flight *f = lt_get(LT_DIR_TX, (u64)skb);
     if (!f)
         return 0;
     if ((f->flags & LT_F_XMITTED) && lt_timed(f))
         lt_record_tx_done(f, bpf_ktime_get_ns(), skb);
     else
-        lt_tx_free(f);
+        lt_free(LT_DIR_TX, f);
     return 0;
 }

@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
 import pytest
 
 from latencytrace.node_agent import targets
@@ -13,11 +20,39 @@ from latencytrace.node_agent.tracer import TargetSettings
 from tests.agent import kernel
 from tests.netlab import NetLab, Pod
 
+AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
+
 
 @pytest.fixture
 def lab():
     with NetLab() as lab:
         yield lab
+
+
+def wait_ready(agent: subprocess.Popen) -> str:
+    """Read the agent's stderr up to its readiness line (probes attached, targets set); fail if it
+    ends first. Whatever it logged on the way is returned with the line."""
+    seen = []
+    for line in agent.stderr:
+        seen.append(line)
+        if "probes attached" in line:
+            return "".join(seen)
+    raise AssertionError(f"agent exited ({agent.wait()}) before it was ready:\n{''.join(seen)}")
+
+
+@contextlib.contextmanager
+def running_agent(lab: NetLab) -> Iterator[subprocess.Popen]:
+    """`latencytrace-agent trace` on a new pod of `lab`, ready (its probes attached); killed with
+    SIGKILL (no cleanup of its own) and reaped when the block ends."""
+    pod = lab.add_pod("a")
+    agent = subprocess.Popen([AGENT, "trace", "--netns", pod.path, "--format", "json"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_ready(agent)
+        yield agent
+    finally:
+        agent.send_signal(signal.SIGKILL)
+        agent.wait()
 
 
 class CollectingSink:

@@ -16,7 +16,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from latencytrace.node_agent import histogram, segments
+from latencytrace.node_agent import histogram, program, segments
 from latencytrace.node_agent.collectors import COUNTER_NAMES
 
 __test__ = False
@@ -44,6 +44,13 @@ class SegStat:
                 lo += n * b_lo * 1e9
                 hi += n * b_hi * 1e9
         return lo, hi
+
+
+def rx_flights(tracer, rx_inflight: int) -> list:
+    """The receive part of lt_flights, entries [0, 2**LT_RX_BITS) (transmit entries follow them), read
+    key by key."""
+    t = tracer.table("lt_flights")
+    return [t[t.Key(i)] for i in range(1 << program.table_bits(rx_inflight))]
 
 
 def slot_stats(tracer, slot: int, buckets: bool = True) -> dict[str, SegStat]:

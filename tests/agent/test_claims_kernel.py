@@ -14,8 +14,7 @@ from latencytrace.node_agent.agent import Agent
 from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.segments import Direction
 from tests.agent import kernel, probe_injection
-from tests.agent.conftest import desired, measure
-from tests.agent.test_cli import AGENT, wait_ready
+from tests.agent.conftest import AGENT, desired, measure, wait_ready
 from tests.agent.test_segments_kernel import EVERY_PACKET, udp_burst
 
 SLOW_NS = 2_000_000
@@ -179,11 +178,11 @@ def test_in_flight_state_is_bounded_by_its_arrays(lab, tmp_path):
             client.traffic("udp-send", "--to", a.ip, "--port", "9720", "--count", str(n), "--rate", "4000")
             # All n wait in the socket: the kernel holds no more of them than the maps' size.
             held = {"lt_sockq": sum(1 for e in small.tracer.table("lt_sockq").values() if e.sk),
-                    "lt_rx_flight": sum(1 for f in small.tracer.table("lt_rx_flight").values() if f.skb)}
+                    "rx flights": sum(1 for f in kernel.rx_flights(small.tracer, size) if f.skb)}
             go.touch()
         assert rx.result == {"received": n}
         got = {seg: st - before[seg] for seg, st in kernel.slot_stats(small.tracer, slot, buckets=False).items()}
-        assert 0 < held["lt_sockq"] <= size and held["lt_rx_flight"] <= size, held  # UDP: queued, not in flight
+        assert 0 < held["lt_sockq"] <= size and held["rx flights"] <= size, held  # UDP: queued, not in flight
         assert kernel.counters(small.tracer)["collisions"] >= n - size  # the ring's older packets, counted
         # Every packet was followed into the socket; only the reads of those still in the map were
         # matched to their packets (the evicted ones' reads find nothing, and are not misattributed).

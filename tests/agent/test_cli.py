@@ -7,18 +7,16 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from latencytrace.node_agent.probes import PROBES, Probe
 from latencytrace.node_agent.tracer import Tracer
+from tests.agent.conftest import AGENT, running_agent, wait_ready
 from tests.agent.kernel import prog_ids_of
 
-AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
 
 
 def bpftool(kind: str) -> list[dict]:
@@ -28,23 +26,14 @@ def bpftool(kind: str) -> list[dict]:
     return json.loads(out.stdout or "[]")
 
 
-def wait_ready(agent: subprocess.Popen) -> str:
-    """Read the agent's stderr up to its readiness line (probes attached, targets set); fail if it
-    ends first. Whatever it logged on the way is returned with the line."""
-    seen = []
-    for line in agent.stderr:
-        seen.append(line)
-        if "probes attached" in line:
-            return "".join(seen)
-    raise AssertionError(f"agent exited ({agent.wait()}) before it was ready:\n{''.join(seen)}")
-
-
 def test_json_document(lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
+    started = time.monotonic()
     agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = wait_ready(agent)
+        until_ready = time.monotonic() - started
         assert "tracing 1 target(s)" in ready, ready
         with a.serve("udp-recv", "--port", "9400", "--count", "500", "--timeout", "20") as rx:
             client.traffic("udp-send", "--to", a.ip, "--port", "9400", "--count", "500", "--rate", "2000")
@@ -64,7 +53,9 @@ def test_json_document(lab):
     assert 0 < seg["p50_us"] <= seg["p90_us"] <= seg["p99_us"] <= seg["max_us"]
     assert doc["probes"]["lt_netif_receive_skb"]["run_cnt"] > 0
     assert doc["probe_stats"]["mode"] == "always" and doc["probe_stats"]["seconds_on"] > 0
-    assert doc["attach_seconds"] < 30
+    # Loading and attaching is part of start-up: measured, so within what the whole start-up took (not
+    # bounded by a wall-clock figure, which a loaded machine can exceed).
+    assert 0 < doc["attach_seconds"] < until_ready, (doc["attach_seconds"], until_ready)
 
 
 def test_jsonl_one_document_per_interval(lab):
@@ -153,17 +144,10 @@ def test_not_root_is_one_clear_line():
 
 
 def test_killed_agent_leaves_no_program_attached(lab):
-    a = lab.add_pod("a")
-    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(agent)
+    with running_agent(lab) as agent:  # SIGKILLed at the end of the block
         progs = prog_ids_of(agent.pid)
         links = {link["id"] for link in bpftool("link") if link.get("prog_id") in progs}
         assert len(progs) == len(PROBES) and links  # every program loaded, those it needs attached
-    finally:
-        agent.send_signal(signal.SIGKILL)
-        agent.wait()
 
     def left():
         return ({p["id"] for p in bpftool("prog")} & progs) | ({link["id"] for link in bpftool("link")} & links)

@@ -19,7 +19,7 @@ from latencytrace.node_agent.kernel.btf import KernelBTF
 from latencytrace.node_agent.probes import PROBES
 from latencytrace.node_agent.tracer import Tracer, TracerError
 from tests.agent.kernel import held_ids
-from tests.agent.test_cli import AGENT, wait_ready
+from tests.agent.conftest import AGENT, running_agent
 
 COMPILER_LIBS = ("libLLVM", "libclang", "libbcc.so")  # libbcc links both; libbcc_bpf is not the compiler
 
@@ -153,19 +153,12 @@ def test_an_agent_killed_while_compiling_leaves_no_compiler_behind(lab):
 
 
 def test_the_running_agent_holds_the_programs_and_maps_no_compiler(lab):
-    a = lab.add_pod("a")
-    agent = subprocess.Popen([AGENT, "trace", "--netns", a.path, "--format", "json"],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_ready(agent)
+    with running_agent(lab) as agent:
         mapped = {line.split()[-1] for line in open(f"/proc/{agent.pid}/maps")
                   if any(x in line for x in COMPILER_LIBS)}
         assert mapped == set()
         assert len(held_ids(agent.pid, "prog")) == len(usable_programs()) and held_ids(agent.pid, "map")
         assert _compiler_children(agent.pid) == []
-    finally:
-        agent.send_signal(signal.SIGKILL)
-        agent.wait()
 
 
 def test_a_compiler_that_hangs_is_killed_after_the_timeout():

@@ -13,44 +13,28 @@ generated with only OTLP gRPC + OTLP HTTP in and the query API out, each on a fr
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
-import socket
 import time
 import urllib.error
 import urllib.parse
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import versions
-from .procs import Proc, free_port, http_get, wait_until
+from .backend import OtlpBackend
+from .procs import http_get
 
 
-class Jaeger:
+class Jaeger(OtlpBackend):
+    name = "jaeger"
+    what = "jaeger query API and OTLP receivers"
+
     def __init__(self, workdir: str | os.PathLike[str], *, max_traces: int = 100_000,
                  startup_timeout: float = 60.0, detach: bool = False, prometheus: bool = False) -> None:
         """`prometheus`: also take OTLP metrics and serve them in Prometheus format (metrics_url), as
         a collector in front of Prometheus would. Its exporter knows explicit-bucket histograms only."""
-        self.workdir = Path(workdir).resolve()
+        super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
         self.max_traces = max_traces
         self.prometheus = prometheus
-        self.startup_timeout = startup_timeout
-        self.detach = detach
-        self.ports: dict[str, int] = {}
-        self.proc: Proc | None = None
-
-    @property
-    def otlp_grpc_endpoint(self) -> str:
-        """host:port for an OTLP/gRPC exporter (plaintext)."""
-        return f"127.0.0.1:{self.ports['otlp_grpc']}"
-
-    @property
-    def otlp_http_endpoint(self) -> str:
-        """Base URL of the OTLP/HTTP receiver; traces go to <this>/v1/traces."""
-        return f"http://127.0.0.1:{self.ports['otlp_http']}"
 
     @property
     def query_url(self) -> str:
@@ -102,52 +86,18 @@ class Jaeger:
                     "grpc": {"endpoint": f"127.0.0.1:{self.ports['query_grpc']}"},
                 },
             },
-            "receivers": {"otlp": {"protocols": {
-                "grpc": {"endpoint": self.otlp_grpc_endpoint},
-                "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
-            }}},
+            "receivers": self.otlp_receiver(),
             "exporters": {"jaeger_storage_exporter": {"trace_storage": "memory_store"}},
         }
 
-    def start(self) -> Jaeger:
-        if self.proc is not None:
-            return self
-        binary = versions.ensure_tools("jaeger")["jaeger"]
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("otlp_grpc", "otlp_http", "query_http", "query_grpc") + (("prometheus",) if self.prometheus else ()):
-            self.ports[name] = free_port()
-        config = self.workdir / "jaeger.yaml"
-        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        self.proc = Proc("jaeger", [binary, f"--config={config}"],
-                         self.workdir / "logs" / "jaeger.log", cwd=self.workdir,
-                         die_with_parent=not self.detach)
-        if not self.detach:
-            atexit.register(self.stop)
-        try:
-            wait_until("jaeger query API and OTLP receivers", self._ready,
-                       self.startup_timeout, [self.proc])
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-    def __enter__(self) -> Jaeger:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def argv(self, binary: str) -> list[str]:
+        self.pick_ports("query_http", "query_grpc", *(("prometheus",) if self.prometheus else ()))
+        return [binary, f"--config={self.write_config('jaeger.yaml', self.config())}"]
 
     # ---- query API ------------------------------------------------------------
 
     def _ready(self) -> bool:
-        for port in (self.ports["otlp_grpc"], self.ports["otlp_http"]):
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
+        self.otlp_listening()
         self.services()
         return True
 

@@ -12,42 +12,25 @@ The pipeline is the one node_agent/export/README.md recommends: otlp receiver ->
 
 from __future__ import annotations
 
-import atexit
 import os
-import socket
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import versions
-from .procs import Proc, free_port, wait_until
+from .backend import OtlpBackend
 
 
-class Collector:
+class Collector(OtlpBackend):
+    name = "otelcol"
+    what = "collector's OTLP receivers"
+
     def __init__(self, workdir: str | os.PathLike[str], *, traces_to: str | None = None,
                  metrics_to: str | None = None, startup_timeout: float = 60.0, detach: bool = False) -> None:
         """`traces_to`: host:port of an OTLP/gRPC receiver (Jaeger); `metrics_to`: base URL of an OTLP/HTTP
         receiver (Prometheus' <url>/api/v1/otlp; the exporter adds /v1/metrics)."""
         if not traces_to and not metrics_to:
             raise ValueError("a collector needs somewhere to send: traces_to and/or metrics_to")
-        self.workdir = Path(workdir).resolve()
+        super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
         self.traces_to = traces_to
         self.metrics_to = metrics_to
-        self.startup_timeout = startup_timeout
-        self.detach = detach
-        self.ports: dict[str, int] = {}
-        self.proc: Proc | None = None
-
-    @property
-    def otlp_grpc_endpoint(self) -> str:
-        """host:port of the OTLP/gRPC receiver (plaintext)."""
-        return f"127.0.0.1:{self.ports['otlp_grpc']}"
-
-    @property
-    def otlp_http_endpoint(self) -> str:
-        """Base URL of the OTLP/HTTP receiver."""
-        return f"http://127.0.0.1:{self.ports['otlp_http']}"
 
     def config(self) -> dict[str, Any]:
         processors = ["memory_limiter", "batch"]
@@ -61,10 +44,7 @@ class Collector:
             pipelines["metrics"] = {"receivers": ["otlp"], "processors": processors,
                                     "exporters": ["otlp_http/prometheus"]}
         return {
-            "receivers": {"otlp": {"protocols": {
-                "grpc": {"endpoint": self.otlp_grpc_endpoint},
-                "http": {"endpoint": f"127.0.0.1:{self.ports['otlp_http']}"},
-            }}},
+            "receivers": self.otlp_receiver(),
             "processors": {
                 # First in the pipeline: refuses data (the agent retries, then counts a dropped batch)
                 # before the collector runs out of memory.
@@ -81,39 +61,9 @@ class Collector:
             },
         }
 
-    def start(self) -> Collector:
-        if self.proc is not None:
-            return self
-        binary = versions.ensure_tools("otelcol")["otelcol"]
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        for name in ("otlp_grpc", "otlp_http"):
-            self.ports[name] = free_port()
-        config = self.workdir / "otelcol.yaml"
-        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        self.proc = Proc("otelcol", [binary, f"--config={config}"], self.workdir / "logs" / "otelcol.log",
-                         cwd=self.workdir, die_with_parent=not self.detach)
-        if not self.detach:
-            atexit.register(self.stop)
-        try:
-            wait_until("collector's OTLP receivers", self._ready, self.startup_timeout, [self.proc])
-        except BaseException:
-            self.stop()
-            raise
-        return self
+    def argv(self, binary: str) -> list[str]:
+        self.pick_ports()
+        return [binary, f"--config={self.write_config('otelcol.yaml', self.config())}"]
 
     def _ready(self) -> bool:
-        for port in self.ports.values():
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                pass
-        return True
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-    def __enter__(self) -> Collector:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+        return self.otlp_listening()

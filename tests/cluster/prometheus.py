@@ -16,20 +16,16 @@ Prometheus is started on a free 127.0.0.1 port with:
 
 from __future__ import annotations
 
-import atexit
 import json
 import os
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
 from typing import Any
 
-import yaml
-
-from . import versions
-from .procs import Proc, free_port, wait_until
+from .backend import Backend
+from .procs import free_port
 
 # Resource attributes of latencytrace's resources (a traced pod, and the agent's node) that become
 # labels of every series of that resource. The chart's values and node_agent/export/README.md say the same.
@@ -37,14 +33,14 @@ PROMOTED = ("k8s.pod.name", "k8s.pod.uid", "k8s.namespace.name", "k8s.node.name"
             "latencytrace.target", "latencytrace.netns.inode")
 
 
-class Prometheus:
+class Prometheus(Backend):
+    name = "prometheus"
+    what = "prometheus ready"
+
     def __init__(self, workdir: str | os.PathLike[str], *, startup_timeout: float = 90.0,
                  detach: bool = False) -> None:
-        self.workdir = Path(workdir).resolve()
-        self.startup_timeout = startup_timeout
-        self.detach = detach
+        super().__init__(workdir, startup_timeout=startup_timeout, detach=detach)
         self.port = 0
-        self.proc: Proc | None = None
 
     @property
     def url(self) -> str:
@@ -63,38 +59,12 @@ class Prometheus:
             "storage": {"exemplars": {"max_exemplars": 100_000}},
         }
 
-    def start(self) -> Prometheus:
-        if self.proc is not None:
-            return self
-        binary = versions.ensure_tools("prometheus")["prometheus"]
-        self.workdir.mkdir(parents=True, exist_ok=True)
+    def argv(self, binary: str) -> list[str]:
         self.port = free_port()
-        config = self.workdir / "prometheus.yml"
-        config.write_text(yaml.safe_dump(self.config(), sort_keys=False))
-        argv = [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
+        config = self.write_config("prometheus.yml", self.config())
+        return [binary, f"--config.file={config}", f"--storage.tsdb.path={self.workdir / 'data'}",
                 f"--web.listen-address=127.0.0.1:{self.port}", "--web.enable-otlp-receiver",
                 "--enable-feature=exemplar-storage", "--log.level=warn"]
-        self.proc = Proc("prometheus", argv, self.workdir / "logs" / "prometheus.log", cwd=self.workdir,
-                         die_with_parent=not self.detach)
-        if not self.detach:
-            atexit.register(self.stop)
-        try:
-            wait_until("prometheus ready", self._ready, self.startup_timeout, [self.proc])
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.stop()
-            self.proc = None
-
-    def __enter__(self) -> Prometheus:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     # ---- HTTP API ---------------------------------------------------------------
 

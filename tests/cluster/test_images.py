@@ -119,12 +119,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def catches_sigterm(pid: int, timeout: float = 60) -> None:
+    """Wait until process `pid` has a handler for SIGTERM (the SigCgt mask in its /proc status)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("SigCgt:") and int(line.split()[1], 16) & (1 << (signal.SIGTERM - 1)):
+                return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never installed a SIGTERM handler")
+
+
 def test_pause_holds_until_sigterm_with_nothing_but_itself(images_built):
     with images.mounted(PAUSE_IMAGE) as root:
         assert sorted(p.name for p in root.iterdir() if p.name not in ("dev", "proc", "sys", "etc", "run")) == ["pause"]
         p = subprocess.Popen(["chroot", str(root), "/pause"])  # no libc in there: it must be static
         try:
-            time.sleep(0.5)
+            catches_sigterm(p.pid)  # then SIGTERM is its own to answer, however slowly it started
             assert p.poll() is None
             p.send_signal(signal.SIGTERM)
             assert p.wait(timeout=5) == 0

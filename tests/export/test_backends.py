@@ -166,8 +166,10 @@ def run(lab: NetLab, name: str, sink_for: Callable[[], object]) -> Run:
     started = time.time()
     sink = sink_for()
     with running_agent(sink, desired) as report:
-        steady_traffic(pod, client)
+        # Drops first: the counter then has a sample in every interval of the traffic that follows, and
+        # rate() needs two (sent last, a slow machine once exported only one before the agent stopped).
         client.traffic("udp-send", "--to", pod.ip, "--port", "9999", "--count", str(DROPPED))  # nobody listens
+        steady_traffic(pod, client)
         with client.serve("udp-recv", "--port", "9001", "--count", "200", "--timeout", "20"):  # and it sends
             pod.traffic("udp-send", "--to", client.ip, "--port", "9001", "--count", "200", "--rate", "1000")
     assert sink.report().healthy, sink.report()

@@ -18,7 +18,7 @@ from latencytrace.node_agent.export.metrics import LATENCY
 from tests.export import fakes
 from tests.export.fakes import SECOND, seg_id
 from tests.cluster.pki import PKI
-from tests.export.receiver import Receiver, attrs
+from tests.export.receiver import Receiver
 
 POD_STACK = seg_id("rx_pod_stack")
 
@@ -369,7 +369,10 @@ def test_exporter_cpu_does_not_grow_with_the_packet_rate():
     for _ in range(4):
         few = min(few, _cpu_per_consume(32, packets_per_bucket=1))  # 160 packets per segment and interval
         many = min(many, _cpu_per_consume(32, packets_per_bucket=1_000_000))  # 160 million
-    assert many < few * 1.5 + 0.005, (few, many)
+    # A million times the packets: any cost per packet (or per count) would multiply the CPU time by orders
+    # of magnitude. Measured here the two differ by 1.0x to 2.0x with load on the machine (larger integers,
+    # cache, the scheduler), which is why the bound is 4x and not tighter.
+    assert many < few * 4 + 0.01, (few, many)
     assert many < 0.5, f"{many:.3f} s of CPU per interval for 32 pods x 11 segments"
 
 

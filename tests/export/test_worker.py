@@ -48,7 +48,7 @@ def worker(max_batches: int = 2):
     return ExportWorker(Exporters("test", exporter, exporter), max_batches), exporter, log, gate
 
 
-def wait(cond, timeout=5.0):
+def wait(cond, timeout=60.0):
     deadline = time.monotonic() + timeout
     while not cond():
         assert time.monotonic() < deadline, "timed out"

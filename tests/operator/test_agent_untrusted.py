@@ -54,7 +54,8 @@ def test_bad_trace_entries_fail_alone_and_the_agent_keeps_running(control_plane,
         "apiVersion": contract.API_VERSION, "kind": contract.NODE_KIND, "metadata": {"name": node}, "spec": spec}))
     cfg = agent_config.AgentConfig.model_validate({
         "LATENCYTRACE_NODE_NAME": node, "KUBECONFIG": str(control_plane.kubeconfig), "interval_seconds": 1,
-        "status_min_gap_seconds": 0.2, "retry_seconds": 1, "max_targets": 8})
+        "status_min_gap_seconds": 0.2, "retry_seconds": 1, "max_targets": 8,
+        "health_port": 0})  # any free port: a real node's agent (or another test) may hold the default
     agent = cluster.NodeAgent(cfg, api_client(cfg.kubeconfig))
     stop, died = threading.Event(), []
 
