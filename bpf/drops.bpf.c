@@ -20,8 +20,8 @@ static __always_inline void lt_record_drop(struct lt_flight *f, u32 dir, void *s
 {
     lt_count_drop(f->slot, dir, reason);
     struct lt_target *t = lt_target(f->slot);
-    if (t && lt_wants(t, dir))
-        lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason);
+    if (t && lt_wants(t, dir) && lt_timed(f))
+        lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason); /* an untimed packet is counted, with no journey to send */
 }
 
 int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)

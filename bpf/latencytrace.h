@@ -33,6 +33,8 @@
 #define LT_F_EGRESS_HOST 1 /* queued on a device outside the pod after reaching the host */
 #define LT_F_XMITTED 2     /* the host egress driver accepted it; ts[done] holds that time */
 #define LT_F_NODATA 4      /* a TCP segment without payload (an ACK): nothing reads it, its flight ends in the pod */
+#define LT_F_UNTIMED 8     /* not chosen for timing (lt_count_packet): the flight only follows the packet to its end,
+                            * so that it is counted once and its drop attributed; no clock read, segment or event */
 
 struct lt_target {
     u64 slow_ns;       /* emit an event when the packet's total is at least this; 0: never */
@@ -40,6 +42,8 @@ struct lt_target {
     u32 seg_mask;      /* bit per segment id to record */
     u32 dir_mask;      /* bit 0: receive, bit 1: transmit; 0: slot unused */
     u32 events_per_sec; /* per CPU cap on events of this target */
+    u32 time_one_in;    /* time 1 packet in N, chosen at its first boundary; 0 or 1: every packet */
+    u32 time_below;     /* a packet is timed when a random u32 is below this (2^32 / time_one_in, from user space) */
 };
 
 struct lt_in6 {
@@ -203,6 +207,7 @@ BPF_PERCPU_ARRAY(lt_hist, u32, LT_MAX_TARGETS * LT_NSEG * LT_NB);
 BPF_PERCPU_ARRAY(lt_stat, struct lt_seg_stat, LT_MAX_TARGETS * LT_NSEG);
 BPF_PERCPU_HASH(lt_drops, struct lt_drop_key, u64, LT_MAX_TARGETS * 32);
 BPF_PERCPU_ARRAY(lt_counters, u64, LT_NCOUNTERS);
+BPF_PERCPU_ARRAY(lt_packets, u64, LT_MAX_TARGETS * 2); /* packets per target and direction at their first boundary */
 BPF_PERCPU_ARRAY(lt_rate, struct lt_rate, LT_MAX_TARGETS);
 BPF_RINGBUF_OUTPUT(lt_events, LT_RINGBUF_PAGES);
 
@@ -269,6 +274,24 @@ static __always_inline void lt_count(u32 which)
     u64 *c = lt_counters.lookup(&which);
     if (c)
         (*c)++;
+}
+
+/* record: a packet of target `slot` at its first boundary (exact, timed or not); 1 if it is to be timed.
+ * The choice is random (one bpf_get_prandom_u32, compared with a threshold: no divide), not every N-th
+ * packet of a CPU: a per-CPU counter is cheaper by a helper call but locks onto periodic traffic (a
+ * request/response protocol alternating data and ACKs on one CPU would time only one of the two). */
+static __always_inline int lt_count_packet(struct lt_target *t, u32 slot, u32 dir)
+{
+    u32 i = slot * 2 + dir;
+    u64 *n = lt_packets.lookup(&i);
+    if (n)
+        (*n)++;
+    return t->time_one_in <= 1 || bpf_get_prandom_u32() < t->time_below;
+}
+
+static __always_inline int lt_timed(struct lt_flight *f)
+{
+    return !(f->flags & LT_F_UNTIMED);
 }
 
 static __always_inline void *lt_read_ptr(void *base, u32 off)
@@ -788,7 +811,7 @@ static __always_inline int lt_same_packet(struct lt_flight *f, struct lt_skb_vie
 static __always_inline void lt_record_tx_done(struct lt_flight *f, u64 done, void *skb)
 {
     struct lt_target *t = lt_target(f->slot);
-    if (t && lt_wants(t, LT_DIR_TX)) {
+    if (t && lt_wants(t, LT_DIR_TX) && lt_timed(f)) {
         f->ts[LT_B_TX_DONE] = done;
         if (f->flags & LT_F_EGRESS_HOST) {
             lt_record(t, f->slot, LT_SEG_TX_QDISC, f->ts[LT_B_TX_EGRESS_QUEUE], f->ts[LT_B_TX_EGRESS_XMIT]);
@@ -818,7 +841,7 @@ static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt
         f->ts[LT_B_TX_HOST_RX] = now;
         f->ifindex[1] = ifindex;
         struct lt_target *t = lt_target(f->slot);
-        if (t && lt_wants(t, LT_DIR_TX))
+        if (t && lt_wants(t, LT_DIR_TX) && lt_timed(f))
             lt_record(t, f->slot, LT_SEG_TX_POD_TO_HOST, f->ts[LT_B_TX_POD_DEV_QUEUE], now);
     }
     c->tx_skb = f->skb;

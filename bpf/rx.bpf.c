@@ -14,27 +14,32 @@
 
 #define LT_MSG_PEEK 2
 
-/* record: a new receive flight at its first sighting (boundary host_rx or pod_rx). */
+/* record: a new receive flight at its first sighting (boundary host_rx or pod_rx): the packet is
+ * counted, and timed or not (lt_count_packet); an untimed one keeps only what follows it to its end. */
 static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, struct lt_cpu_ctx *c,
                                                struct lt_skb_view *v, struct lt_addrs *addr, u8 nodata,
                                                u64 key, u32 ifindex, u32 boundary, u64 now)
 {
+    int timed = lt_count_packet(t, slot, LT_DIR_RX);
     struct lt_flight *f = lt_take(LT_DIR_RX, key, now);
     if (!f)
         return;
     __builtin_memset(f, 0, sizeof(*f));
     f->skb = key;
     f->head = (u32)(u64)v->head;
-    f->addr = *addr;
     f->slot = slot;
+    f->addr.proto = addr->proto; /* the UDP read side follows by protocol */
+    f->flags = (nodata ? LT_F_NODATA : 0) | (timed ? 0 : LT_F_UNTIMED);
+    f->ts[boundary] = now;
+    if (!timed)
+        return;
+    f->addr = *addr;
     f->cpu = bpf_get_smp_processor_id();
     f->len = v->len;
-    f->flags = nodata ? LT_F_NODATA : 0;
     if (c->t_softirq) {
         f->ts[LT_B_RX_IRQ] = c->t_irq;
         f->ts[LT_B_RX_SOFTIRQ] = c->t_softirq;
     }
-    f->ts[boundary] = now;
     f->ifindex[boundary == LT_B_RX_HOST_RX ? 0 : 1] = ifindex;
     lt_record(t, slot, LT_SEG_RX_IRQ, f->ts[LT_B_RX_IRQ], f->ts[LT_B_RX_SOFTIRQ]);
     lt_record(t, slot, LT_SEG_RX_DRIVER, f->ts[LT_B_RX_SOFTIRQ], now);
@@ -69,7 +74,8 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         if (!f->ts[LT_B_RX_POD_RX]) {
             f->ts[LT_B_RX_POD_RX] = now;
             f->ifindex[1] = ifindex;
-            lt_record(t, slot, LT_SEG_RX_HOST_TO_POD, f->ts[LT_B_RX_HOST_RX], now);
+            if (lt_timed(f))
+                lt_record(t, slot, LT_SEG_RX_HOST_TO_POD, f->ts[LT_B_RX_HOST_RX], now);
         }
         /* else: a further device inside the pod; the first sighting stands */
     } else {
@@ -242,16 +248,29 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         return 0; /* a socket outside traced pods */
     if (!tail)
         tail = (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
-    u64 now = bpf_ktime_get_ns();
     u64 key = lt_filter_ready_skb(c, tail, slot);
     struct lt_flight *f = key ? lt_get(LT_DIR_RX, key) : NULL;
     if (key == c->rx_skb)
         c->rx_skb = 0;
     if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY]) {
         if (tail)
-            lt_record_sockq_push(sk, NULL, now); /* keeps a followed UDP socket's reads matched */
+            lt_record_sockq_push(sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
         return 0;
     }
+    if (!lt_timed(f)) {
+        /* Not timed (no clock read): a UDP datagram only keeps its socket's reads matched; a TCP skb's
+         * flight ends at its read (or its drop), as a timed one's does, marked as readied. */
+        f->ts[LT_B_RX_SOCK_READY] = 1;
+        if (f->addr.proto == LT_IPPROTO_UDP) {
+            lt_record_sockq_push(sk, NULL, 0);
+            lt_free(LT_DIR_RX, f);
+        } else if (key != tail) {
+            lt_count(LT_C_COALESCED);
+            lt_free(LT_DIR_RX, f);
+        }
+        return 0;
+    }
+    u64 now = bpf_ktime_get_ns();
     f->ts[LT_B_RX_SOCK_READY] = now;
     struct lt_target *t = lt_target(f->slot);
     if (t && lt_wants(t, LT_DIR_RX))
@@ -273,7 +292,7 @@ int lt_skb_copy_datagram_iovec(struct bpf_raw_tracepoint_args *ctx)
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (!f)
         return 0;
-    if (f->ts[LT_B_RX_SOCK_READY])
+    if (f->ts[LT_B_RX_SOCK_READY] && lt_timed(f))
         lt_record_read(f, bpf_ktime_get_ns());
     lt_free(LT_DIR_RX, f);
     return 0;

@@ -87,6 +87,8 @@ static __always_inline void lt_record_egress_queue(struct lt_flight *f, u32 ifin
 static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct lt_target *t, u32 slot,
                                                     struct lt_skb_view *v, u64 key, u32 ifindex, u64 now)
 {
+    int timed = lt_count_packet(t, slot, LT_DIR_TX);
+    u64 start = lt_send_start(c, v->sk, now); /* taken either way: a pending start belongs to this packet */
     struct lt_flight *f = lt_take(LT_DIR_TX, key, now);
     if (!f)
         return;
@@ -94,12 +96,16 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
     f->skb = key;
     f->head = (u32)(u64)v->head;
     f->slot = slot;
+    f->ts[LT_B_TX_POD_DEV_QUEUE] = now;
+    f->ts[LT_B_TX_EGRESS_QUEUE] = now;
+    if (!timed) {
+        f->flags = LT_F_UNTIMED;
+        return;
+    }
     f->cpu = bpf_get_smp_processor_id();
     f->len = v->len;
     f->ifindex[0] = ifindex;
-    f->ts[LT_B_TX_APP_SEND] = lt_send_start(c, v->sk, now);
-    f->ts[LT_B_TX_POD_DEV_QUEUE] = now;
-    f->ts[LT_B_TX_EGRESS_QUEUE] = now;
+    f->ts[LT_B_TX_APP_SEND] = start;
     lt_record(t, slot, LT_SEG_TX_APP_TO_DEV, f->ts[LT_B_TX_APP_SEND], now);
 }
 
@@ -149,7 +155,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 int lt_net_dev_start_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
     struct lt_flight *f = lt_get(LT_DIR_TX, ctx->args[0]);
-    if (f)
+    if (f && lt_timed(f))
         f->ts[LT_B_TX_EGRESS_XMIT] = bpf_ktime_get_ns();
     return 0;
 }
@@ -163,7 +169,8 @@ int lt_net_dev_xmit(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     /* The driver took it. A physical NIC completes it later (consume_skb); a veth hands it to the
      * peer namespace, where netif_receive_skb finishes the flight with this time. */
-    f->ts[LT_B_TX_DONE] = bpf_ktime_get_ns();
+    if (lt_timed(f))
+        f->ts[LT_B_TX_DONE] = bpf_ktime_get_ns();
     f->flags |= LT_F_XMITTED;
     return 0;
 }
@@ -174,7 +181,7 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     struct lt_flight *f = lt_get(LT_DIR_TX, (u64)skb);
     if (!f)
         return 0;
-    if (f->flags & LT_F_XMITTED)
+    if ((f->flags & LT_F_XMITTED) && lt_timed(f))
         lt_record_tx_done(f, bpf_ktime_get_ns(), skb);
     else
         lt_free(LT_DIR_TX, f);

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from . import histogram
-from .collectors import CounterCollector, DropCollector, HistogramCollector, SlotEpoch
+from .collectors import CounterCollector, DropCollector, HistogramCollector, PacketCollector, SlotEpoch
 from .events import EventReader, PacketEvent
 from .kernel import bpfsys, nics
 from .probestats import StatsPolicy
@@ -60,6 +60,8 @@ class Interval:
     counters: dict[str, int]  # cumulative kernel and reader counters
     probes: dict[str, bpfsys.ProgStats]  # cumulative, per program
     overflow_targets: int = 0
+    # slot -> (receive, transmit) packets counted at their first boundary: exact, whether timed or not
+    packets: dict[int, tuple[int, int]] = field(default_factory=dict)
 
 
 class Sink(Protocol):
@@ -88,6 +90,7 @@ class Agent:
         self.tracer.set_nic_irqs(nics.nic_irqs())
         self.registry = Registry(self.tracer, self.sizes.max_targets)
         self.hists = HistogramCollector(self.tracer)
+        self.packets = PacketCollector(self.tracer)
         self.drops = DropCollector(self.tracer)
         self.counters = CounterCollector(self.tracer)
         self.events = EventReader(self.tracer, self.event_queue).start()
@@ -129,6 +132,7 @@ class Agent:
                 target = self.registry.add(ns, d.label, d.settings, d.pod, d.traces)
                 if fresh:
                     self.hists.baseline(SlotEpoch(target.slot, target.added_ns))
+                    self.packets.baseline(SlotEpoch(target.slot, target.added_ns))
                 self._keys[key] = ns.inode
                 self.states[key] = TargetState(key, "Tracing", "", target)
             except TargetError as e:
@@ -193,13 +197,14 @@ class Agent:
         targets = self.registry.by_slot()
         keys = [SlotEpoch(slot, t.added_ns) for slot, t in targets.items()]
         hists = {k.slot: v for k, v in self.hists.deltas(keys).items()}
+        packets = {k.slot: v for k, v in self.packets.deltas(keys).items()}
         counters = self.counters.read()
         counters["events_dropped_userspace"] = self.events.dropped
         interval = Interval(
             start_ns=self._last_wall, end_ns=now, targets=targets, histograms=hists,
             drops=self.drops.deltas(), drop_reasons=self.tracer.btf.drop_reasons,
             events=self.events.drain(), counters=counters, probes=self.tracer.probe_stats(),
-            overflow_targets=self.registry.overflow)
+            overflow_targets=self.registry.overflow, packets=packets)
         self._last_wall = now
         return interval
 

@@ -56,7 +56,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--direction", choices=("both", "receive", "transmit"), default="both")
     t.add_argument("--slow-threshold-us", type=_positive(int), default=1000,
                    help="packets slower than this (total, µs) become spans (default 1000)")
-    t.add_argument("--sample-one-in", type=int, default=0, help="also make a span of 1 in N other packets (0: none)")
+    t.add_argument("--sample-one-in", type=int, default=0,
+                   help="also make a span of 1 in N other timed packets (0: none)")
+    t.add_argument("--time-one-in", type=int, default=1,
+                   help="time 1 packet in N, chosen at random when it enters or leaves the pod (default 1: every "
+                        "packet); every packet is still counted")
     t.add_argument("--spans-per-second", type=_positive(int), default=10, help="span cap per target (default 10)")
     t.add_argument("--otlp-endpoint", default=None,
                    help="export to this OTLP endpoint (default: $OTEL_EXPORTER_OTLP_ENDPOINT if set)")
@@ -76,14 +80,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _settings(args):
-    from .tracer import TargetSettings
+    from .tracer import MAX_TIME_ONE_IN, TargetSettings
 
     try:
         seg_mask = segments.mask([s.strip() for s in args.segments.split(",") if s.strip()])
     except ValueError as e:
         raise UsageError(str(e)) from None
     dir_mask = segments.direction_mask(("receive", "transmit") if args.direction == "both" else (args.direction,))
+    if not 1 <= args.time_one_in <= MAX_TIME_ONE_IN:
+        raise UsageError(f"--time-one-in must be 1 to {MAX_TIME_ONE_IN}")
     return TargetSettings(slow_ns=args.slow_threshold_us * 1000, sample_one_in=max(args.sample_one_in, 0),
+                          time_one_in=args.time_one_in,
                           seg_mask=seg_mask, dir_mask=dir_mask, events_per_sec=args.spans_per_second)
 
 

@@ -36,7 +36,7 @@ from .contract import (CONTRACT_VERSION, GROUP, KIND_BY_NAME, NODE_PLURAL, TRACE
                        NodeStatus, NodeTrace, PodReport, ProbeReport, TraceReport, TraceSettings, UnavailableProbe)
 from .export import OtlpSink, config as export_config, sink_from_settings
 from .kube import ListWatch, Trouble, api_client, describe
-from .tracer import ProbeStatus, TargetSettings
+from .tracer import MAX_TIME_ONE_IN, ProbeStatus, TargetSettings
 from .version import version
 
 log = logging.getLogger("latencytrace.agent")
@@ -49,14 +49,17 @@ def segment_mask(t: TraceSettings) -> int:
 
 def merge_settings(traces: Iterable[TraceSettings]) -> TargetSettings:
     """One pod, several traces: trace what any of them asks for (union of directions and segments,
-    lowest slow threshold, most frequent sampling, highest span rate). Never one tenant's cost raised by
-    another's: the traces of one pod are its own namespace's LatencyTraces and administrators'
-    ClusterLatencyTraces only, each accepted within the administrator's limits, so the merge is within them."""
+    lowest slow threshold, most frequent span sampling, most frequent timing (lowest timeOneIn), highest
+    span rate). Never one tenant's cost raised by another's: the traces of one pod are its own namespace's
+    LatencyTraces and administrators' ClusterLatencyTraces only, each accepted within the administrator's
+    limits (limits.minTimeOneIn among them), so the merge is within them. A trace that asked for sparser
+    timing gets the pod's finer timing; what a pod got is in its exported data (latencytrace.time_one_in)."""
     traces = list(traces)
     sampling = [t.sample_one_in for t in traces if t.sample_one_in > 0]
     return TargetSettings(
         slow_ns=min(t.slow_threshold_microseconds for t in traces) * 1000,
         sample_one_in=min(sampling) if sampling else 0,
+        time_one_in=min(t.time_one_in for t in traces),
         seg_mask=functools.reduce(lambda m, t: m | segment_mask(t), traces, 0),
         dir_mask=segments.direction_mask(d for t in traces for d in t.directions),
         events_per_sec=max(t.spans_per_second for t in traces),
@@ -97,6 +100,8 @@ def trace_problem(t: NodeTrace, endpoint_allowed: Callable[[str], bool] | None =
         return f"unknown segments {endpoints.shown(', '.join(unknown))}"
     if t.slow_threshold_microseconds < 1 or t.spans_per_second < 0 or t.sample_one_in < 0:
         return "slowThresholdMicroseconds must be >= 1, spansPerSecond and sampleOneIn >= 0"
+    if not 1 <= t.time_one_in <= MAX_TIME_ONE_IN:
+        return f"timeOneIn must be 1 to {MAX_TIME_ONE_IN}"
     for p in t.pods:
         for ip in p.ips:
             try:

@@ -63,6 +63,37 @@ class HistogramCollector:
         return out
 
 
+class PacketCollector:
+    """Packets per slot and direction counted at their first boundary (lt_packets), since the last call:
+    every packet of a traced pod, timed or not (with timing 1 in N, the histograms hold the timed ones)."""
+
+    def __init__(self, tracer: Tracer):
+        self.tracer = tracer
+        self.ncpu = bpfsys.possible_cpus()
+        self._lib = libbpf.BATCH
+        self._prev: dict[SlotEpoch, tuple[int, int]] = {}
+
+    def _read_slot(self, slot: int) -> tuple[int, int]:
+        fd = self.tracer.table("lt_packets").map_fd
+        v = bpfsys.read_percpu_array(self._lib, fd, slot * 2, 2, 8, self.ncpu)
+        return int(v[0, :, 0].sum()), int(v[1, :, 0].sum())
+
+    def baseline(self, key: SlotEpoch) -> None:
+        self._prev[key] = self._read_slot(key.slot)
+
+    def deltas(self, keys: list[SlotEpoch]) -> dict[SlotEpoch, tuple[int, int]]:
+        """(receive, transmit) packets per slot occupant since the last call."""
+        out = {}
+        for key in keys:
+            current = self._read_slot(key.slot)
+            prev = self._prev.get(key, (0, 0))
+            out[key] = (current[0] - prev[0], current[1] - prev[1])
+            self._prev[key] = current
+        for stale in set(self._prev) - set(keys):
+            del self._prev[stale]
+        return out
+
+
 class DropCollector:
     """Drop counts per (slot, direction, reason) since the last call."""
 

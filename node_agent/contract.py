@@ -82,7 +82,8 @@ class TraceSettings(_Model):
     segments: list[str] = Field(default_factory=list)  # empty: all segments
     slow_threshold_microseconds: int = 1000
     spans_per_second: int = 10  # per pod
-    sample_one_in: int = 0  # also report 1 in N packets that are not slow; 0: none
+    sample_one_in: int = 0  # also report 1 in N timed packets that are not slow; 0: none
+    time_one_in: int = 1  # time 1 packet in N, chosen at its first boundary (1: all); every packet is counted
     export: ExportOverrides = Field(default_factory=ExportOverrides)
 
 

@@ -22,6 +22,8 @@ class _TargetTotals:
     netns_inode: int
     segments: dict[int, SegmentHistogram] = field(default_factory=dict)
     drops: dict[str, int] = field(default_factory=dict)
+    packets: list[int] = field(default_factory=lambda: [0, 0])  # receive, transmit: every packet counted
+    time_one_in: int = 1  # the segments' counts are of 1 in this many packets (timed at random)
 
 
 class Report:
@@ -38,6 +40,10 @@ class Report:
         for slot, target in interval.targets.items():
             tot = self.targets.setdefault(target.ns.inode, _TargetTotals(target.label, target.ns.inode))
             tot.label = target.label
+            tot.time_one_in = target.settings.time_one_in
+            rx, tx = interval.packets.get(slot, (0, 0))
+            tot.packets[0] += rx
+            tot.packets[1] += tx
             for seg, h in interval.histograms.get(slot, {}).items():
                 tot.segments.setdefault(seg, SegmentHistogram()).merge(h)
         for (slot, direction, reason), n in interval.drops.items():
@@ -65,7 +71,9 @@ class Report:
                 h = tot.segments.get(seg.id)
                 if h is not None and h.count:
                     segs[seg.name] = h.summary_us()
-            targets.append({"netns_inode": tot.netns_inode, "label": tot.label, "segments": segs,
+            targets.append({"netns_inode": tot.netns_inode, "label": tot.label,
+                            "packets": {"receive": tot.packets[0], "transmit": tot.packets[1]},
+                            "time_one_in": tot.time_one_in, "segments": segs,
                             "drops": dict(sorted(tot.drops.items()))})
         return {"targets": targets, "probes": self.probes, "counters": self.counters,
                 "events": self.events, "overflow_targets": self.overflow_targets}

@@ -37,7 +37,8 @@ class TargetSettings:
 
 
     slow_ns: int = 1_000_000
-    sample_one_in: int = 0
+    sample_one_in: int = 0  # spans: also 1 in N of the timed packets that are not slow; 0: none
+    time_one_in: int = 1  # time 1 packet in N (chosen at its first boundary); every packet is counted
     seg_mask: int = ALL_SEGMENTS
     dir_mask: int = 0b11
     events_per_sec: int = 10
@@ -54,6 +55,17 @@ class ProbeStatus:
 
     def disabled_segments(self) -> set[str]:
         return {s for p, _ in self.unavailable for s in p.feeds}
+
+
+MAX_TIME_ONE_IN = 1_000_000
+
+
+def time_threshold(one_in: int) -> tuple[int, int]:
+    """struct lt_target's (time_one_in, time_below): the probes time a packet when a random u32 is below
+    time_below, so with probability floor(2^32 / N) / 2^32 (1/N within 2^-32), without a divide."""
+    if not 1 <= one_in <= MAX_TIME_ONE_IN:
+        raise ValueError(f"time 1 packet in N: N must be 1 to {MAX_TIME_ONE_IN}, not {one_in}")
+    return one_in, (1 << 32) // one_in if one_in > 1 else 0xFFFFFFFF
 
 
 def check_privileges() -> None:
@@ -191,6 +203,7 @@ class Tracer:
         t = self.table("lt_targets")
         v = t.Leaf()
         v.slow_ns, v.sample_one_in = settings.slow_ns, settings.sample_one_in
+        v.time_one_in, v.time_below = time_threshold(settings.time_one_in)
         v.seg_mask, v.dir_mask, v.events_per_sec = settings.seg_mask, settings.dir_mask, settings.events_per_sec
         t[ct.c_int(slot)] = v
 

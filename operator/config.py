@@ -48,6 +48,7 @@ class OperatorConfig(BaseSettings):
     min_slow_threshold_microseconds: int = Field(default=1, ge=1, le=60_000_000)
     max_spans_per_second: int = Field(default=1000, ge=0, le=1000)
     min_sample_one_in: int = Field(default=0, ge=0, le=1_000_000)
+    min_time_one_in: int = Field(default=1, ge=1, le=1_000_000)
     traces_per_namespace: int = Field(default=0, ge=0)  # LatencyTraces per namespace; 0: no limit
     pods_per_trace: int = Field(default=0, ge=0)  # pods one trace traces; 0: no limit
     # Endpoints traces may name in spec.export.otlpEndpoint, as a JSON list (the chart: otlp.endpoint and
@@ -69,6 +70,7 @@ class OperatorConfig(BaseSettings):
                       default_duration_seconds=self.default_duration_seconds or None,
                       min_slow_threshold_microseconds=self.min_slow_threshold_microseconds,
                       max_spans_per_second=self.max_spans_per_second, min_sample_one_in=self.min_sample_one_in,
+                      min_time_one_in=self.min_time_one_in,
                       allowed_endpoints=None if self.allowed_endpoints is None else frozenset(self.allowed_endpoints),
                       traces_per_namespace=self.traces_per_namespace, pods_per_trace=self.pods_per_trace)
 

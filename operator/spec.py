@@ -40,6 +40,7 @@ class Limits:
     min_slow_threshold_microseconds: int = 1
     max_spans_per_second: int = 1000
     min_sample_one_in: int = 0  # 0 (no sampling) is always allowed; 1..N-1 are refused
+    min_time_one_in: int = 1  # timing 1 packet in fewer than this many is refused (1: every packet allowed)
     # Endpoints a trace may name in spec.export.otlpEndpoint (the default endpoint among them); None: any.
     allowed_endpoints: frozenset[str] | None = None
     traces_per_namespace: int = 0  # LatencyTraces that run per namespace (the oldest); 0: no limit
@@ -99,6 +100,7 @@ class TraceSpec(_Model):
     slow_threshold_microseconds: _int(1, 60_000_000) = 1000
     spans_per_second: _int(0, 1000) = 10
     sample_one_in: _int(0, 1_000_000) = 0
+    time_one_in: _int(1, 1_000_000) = 1
     duration: _str(32) | None = None
     export: Export = Field(default_factory=Export)
 
@@ -107,6 +109,7 @@ class TraceSpec(_Model):
         return TraceSettings(directions=list(self.directions), segments=sorted(self.segments, key=_segment_order),
                              slow_threshold_microseconds=self.slow_threshold_microseconds,
                              spans_per_second=self.spans_per_second, sample_one_in=self.sample_one_in,
+                             time_one_in=self.time_one_in,
                              export=ExportOverrides(otlp_endpoint=self.export.otlp_endpoint,
                                                     resource_attributes=dict(self.export.resource_attributes)))
 
@@ -255,6 +258,9 @@ def limit_problems(spec: TraceSpec, limits: Limits) -> list[str]:
     if 0 < spec.sample_one_in < limits.min_sample_one_in:
         problems.append(f"spec.sampleOneIn: 1 in {spec.sample_one_in} is more often than this cluster allows "
                         f"(0, or at least {limits.min_sample_one_in})")
+    if spec.time_one_in < limits.min_time_one_in:
+        problems.append(f"spec.timeOneIn: timing 1 packet in {spec.time_one_in} is more often than this cluster "
+                        f"allows (at least 1 in {limits.min_time_one_in})")
     url = spec.export.otlp_endpoint
     if url is not None and limits.allowed_endpoints is not None and endpoints.problem(url) is None \
             and not any(same_endpoint(url, a) for a in limits.allowed_endpoints):

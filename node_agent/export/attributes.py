@@ -44,6 +44,9 @@ PACKET_LENGTH = "latencytrace.packet.length"
 CPU_FIRST = "latencytrace.cpu.first"
 CPU_LAST = "latencytrace.cpu.last"
 COUNTER = "latencytrace.counter"
+# On latency histogram points of a pod timed 1 packet in N (N > 1; absent: every packet timed): the
+# histogram counts are of the timed packets, latencytrace.network.packet.count has every packet.
+TIME_ONE_IN = "latencytrace.time_one_in"
 # The attribute set the SDKs give to measurements beyond a cardinality limit (metrics SDK spec).
 OVERFLOW = {"otel.metric.overflow": True}
 

@@ -48,6 +48,9 @@ class Instrument:
 
 LATENCY = Instrument("latencytrace.network.stack.duration", "histogram", "s",
                      "Time packets spent in one segment of the Linux network stack, per pod and segment.")
+PACKETS = Instrument("latencytrace.network.packet.count", "counter", "{packet}",
+                     "Packets of the pod counted where they enter or leave it, every one whether timed or not "
+                     "(with latencytrace.time_one_in N > 1 the latency histograms hold about 1 in N of them).")
 DROPS = Instrument("latencytrace.network.packet.dropped", "counter", "{packet}",
                    "Packets of the pod freed by the kernel as dropped, by drop reason (error.type).")
 PROBE_TIME = Instrument("latencytrace.probe.cpu.time", "counter", "s",
@@ -173,6 +176,13 @@ class MetricsBuilder:
             target = interval.targets[slot]
             owner = target_key(target)
             base = a.target_point_attributes(target)
+            rx_tx = interval.packets.get(slot)
+            for direction, n in enumerate(rx_tx or ()):
+                if n:
+                    self._table(PACKETS).add({**base, a.NETWORK_IO_DIRECTION: segments.Direction(direction).otel},
+                                             owner, n, start)
+            if target.settings.time_one_in > 1:
+                base = {**base, a.TIME_ONE_IN: target.settings.time_one_in}
             for seg_id, h in sorted(interval.histograms.get(slot, {}).items()):
                 ex = exemplars.get((owner, seg_id), [])
                 if not h.count and not ex:

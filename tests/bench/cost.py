@@ -26,6 +26,8 @@ from .workloads import Traffic
 
 PER_HOOK_TARGET_NS = 100
 PER_PACKET_TARGET_NS = 500
+TIME8_PER_PACKET_TARGET_NS = 250  # the agent timing 1 packet in 8 (issue 13)
+TOOLS = ("agent", "agent_time8", "bpftrace")
 
 
 def _workloads(pods: Pods, steady_pps: int, seconds: float, steady_seconds: float):
@@ -103,16 +105,19 @@ def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_se
     stats_fd = bpfsys.enable_stats()
     try:
         with FloorProgram() as floor:
-            for name in ("agent", "bpftrace"):
+            for name in TOOLS:
                 out.setdefault("strangers", {})[name] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
                 tool: TracerProcess = (AgentProcess([pods.traced.path], log_dir) if name == "agent"
-                                       else BpftraceProcess(bt_params, log_dir))
-                if name == "agent":
+                                       else AgentProcess([pods.traced.path], log_dir, ("--time-one-in", "8"))
+                                       if name == "agent_time8" else BpftraceProcess(bt_params, log_dir))
+                if name.startswith("agent"):
                     tool.start(expected_programs)
                 else:
                     tool.start()
                 try:
-                    out[name] = _session(tool, floor, traffic, workloads, progress)
+                    out[name] = _session(tool, floor, traffic,
+                                         [w for w in workloads if name != "agent_time8" or w[0].endswith("/traced")],
+                                         progress)
                 finally:
                     try:
                         tool.stop()
@@ -125,7 +130,7 @@ def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_se
     finally:
         os.close(stats_fd)
     traced = [k for k, *_ in workloads if k.endswith("/traced")]
-    for name in ("agent", "bpftrace"):
+    for name in TOOLS:
         out[name]["per_packet"] = {k: per_packet(w) for k, w in out[name]["workloads"].items()}
         out[name]["per_program"] = per_program(out[name], traced)
     return out
@@ -147,6 +152,14 @@ def rows(data: dict) -> list[Row]:
                        f"{fmt(pp['floor_ns'], 0, 'ns')} (floor × {pp['runs_per_packet']:.1f} runs)",
                        fmt(pp["raw_ns"], 0, "ns"), f"{fmt(pp['net_ns'], 0, 'ns')} above floor",
                        f"≤ {PER_PACKET_TARGET_NS} ns", pp["net_ns"] <= PER_PACKET_TARGET_NS))
+    for key, pp in data.get("agent_time8", {}).get("per_packet", {}).items():
+        label = data["agent_time8"]["workloads"][key]["label"]
+        full = agent["per_packet"][key]["net_ns"]
+        out.append(Row("probe_cost", f"all agent programs per packet, timing 1 packet in 8, {label}",
+                       f"{fmt(pp['floor_ns'], 0, 'ns')} (floor × {pp['runs_per_packet']:.1f} runs)",
+                       fmt(pp["raw_ns"], 0, "ns"), f"{fmt(pp['net_ns'], 0, 'ns')} above floor",
+                       f"≤ {TIME8_PER_PACKET_TARGET_NS} ns", pp["net_ns"] <= TIME8_PER_PACKET_TARGET_NS,
+                       note=f"every packet timed: {fmt(full, 0, 'ns')} in the same run"))
     for key, pp in agent["per_packet"].items():
         b = bt["per_packet"][key]
         label = agent["workloads"][key]["label"]

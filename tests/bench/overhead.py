@@ -5,7 +5,8 @@ process tracing one pod ("traced") with probe statistics sampled as the cluster 
 every 300 s: never within a round), so every "on" run has an "off" run of the same workload a minute
 before it. A third phase runs the traced pod's workloads again with probe statistics always on (the
 standalone command's default, and the cluster agent during its sampling windows): what the kernel's
-timing of every BPF program adds. Each workload goes once into the traced pod and once into another
+timing of every BPF program adds. A fourth runs them with the agent timing 1 packet in 8 (`--time-one-in
+8`, every packet still counted): what in-kernel sampling saves. Each workload goes once into the traced pod and once into another
 pod the agent does not trace ("untraced": what filtering alone costs). The machine is shared: other people's tracing
 programs are waited for before each phase, and a round during which some were present is repeated
 (up to a limit) and reported.
@@ -72,15 +73,18 @@ def _run_workload(traffic: Traffic, name: str, pods: Pods, dst: Pod, s: Settings
     return traffic.pingpong(pods.client, dst, name.removeprefix("pp_"), s.pingpong_seconds)
 
 
-# Phases of a round: {arm: (the agent's --probe-stats, or None for no agent; title)}. The "stats" arm runs
-# into the traced pod only.
+# Phases of a round: {arm: (the agent's --probe-stats, or None for no agent; title)}; the agent's further
+# arguments in ARM_ARGS. The "stats" and "time8" arms run into the traced pod only.
 ARMS = {"off": (None, "agent off"), "on": ("sampled", "agent on"),
-        "stats": ("always", "agent on, probe statistics always on")}
+        "stats": ("always", "agent on, probe statistics always on"),
+        "time8": ("sampled", "agent on, timing 1 packet in 8")}
+ARM_ARGS = {"time8": ("--time-one-in", "8")}
+TIME8_P50_TARGET_US = 0.5
 
 
 def _destinations(arm: str) -> tuple[str, ...]:
     """The pods (fields of Pods) an arm's workloads go into."""
-    return ("traced",) if arm == "stats" else ("traced", "untraced")
+    return ("traced",) if arm in ("stats", "time8") else ("traced", "untraced")
 
 
 def _phase(traffic: Traffic, pods: Pods, s: Settings, arm: str, progress) -> dict:
@@ -90,7 +94,8 @@ def _phase(traffic: Traffic, pods: Pods, s: Settings, arm: str, progress) -> dic
                    "results": {}, "strangers": strangers_before}
     agent = None
     if probe_stats:
-        agent = AgentProcess([pods.traced.path], s.log_dir, ("--probe-stats", probe_stats)).start(s.expected_programs)
+        agent = AgentProcess([pods.traced.path], s.log_dir,
+                             ("--probe-stats", probe_stats, *ARM_ARGS.get(arm, ()))).start(s.expected_programs)
         phase["attach_wall_s"] = agent.attach_wall_s
         phase["compiler_peak_rss_mib"] = max(agent.compiler_peak_rss.values(), default=0) / 2**20
         phase["start_anon_mib"] = agent.start_anon_peak / 2**20
@@ -171,7 +176,7 @@ FIGURES = {"tcp_bulk": {"gbit_s": "gbit_s", **_CPU},
 
 def summarise(rounds: list[dict]) -> dict:
     out = {}
-    for arm, suffix in (("on", ""), ("stats", "/stats_always")):
+    for arm, suffix in (("on", ""), ("stats", "/stats_always"), ("time8", "/time_one_in_8")):
         for name in WORKLOADS:
             for which in _destinations(arm):
                 key = f"{name}/{which}"
@@ -231,6 +236,29 @@ def rows(data: dict, steady_pps: int) -> list[Row]:
                            fmt(p99["median_on"], 2, "µs"), f"{pct(p99['ratio'])} ({_spread(p99)})",
                            "≤ +5%", p99["ratio"] is not None and p99["ratio"] <= 1.05, note="round trip"))
     out += stats_rows(sm, steady_pps)
+    out += time8_rows(sm, steady_pps)
+    return out
+
+
+def time8_rows(sm: dict, steady_pps: int) -> list[Row]:
+    """The agent timing 1 packet in 8 (every packet counted), against no agent (traced pod only)."""
+    tag = "into the traced pod, timing 1 packet in 8"
+    out = []
+    if "tcp_bulk/traced/time_one_in_8" not in sm:  # a results file from before the arm existed
+        return out
+    p = sm["tcp_bulk/traced/time_one_in_8"]["gbit_s"]
+    out.append(Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
+                   fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None))
+    p = sm["udp_rate/traced/time_one_in_8"]["cpu_ns_per_packet"]
+    out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
+                   fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})",
+                   "—", None, note="all CPUs, whole machine"))
+    for proto in ("tcp", "udp"):
+        p50 = sm[f"pp_{proto}/traced/time_one_in_8"]["p50_us"]
+        out.append(Row("overhead", f"{TITLES['pp_' + proto]} p50 {tag}", fmt(p50["median_off"], 2, "µs"),
+                       fmt(p50["median_on"], 2, "µs"), f"{p50['delta']:+.2f} µs ({_spread(p50, False)})",
+                       f"≤ +{TIME8_P50_TARGET_US} µs", p50["delta"] is not None and p50["delta"] <= TIME8_P50_TARGET_US,
+                       note="round trip"))
     return out
 
 

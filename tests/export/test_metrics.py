@@ -251,3 +251,25 @@ def test_metric_names_units_and_kinds_follow_the_conventions():
         assert inst.unit in ("s", "1") or (inst.unit.startswith("{") and inst.unit.endswith("}")), inst
         assert not inst.name.endswith((".total", "_total", ".seconds"))
     assert metrics.LATENCY.name.endswith(".duration") and metrics.LATENCY.unit == "s"
+
+
+def test_packet_counts_are_exported_and_sampled_histograms_say_one_in_n():
+    """Timing 1 packet in N: the packet counter has every packet, the histogram points carry N."""
+    import dataclasses
+
+    full, sampled = fakes.pod_target(0, "full"), fakes.pod_target(1, "sampled")
+    sampled = dataclasses.replace(sampled, settings=dataclasses.replace(sampled.settings, time_one_in=8))
+    i = fakes.interval([full, sampled], histograms={0: {POD_STACK: fakes.hist(5_000)}, 1: {POD_STACK: fakes.hist(6_000)}})
+    i.packets = {0: (1, 0), 1: (8, 3)}
+    built = MetricsBuilder().build(i)
+    _, points = latency_points(built)
+    by_n = sorted(p.attributes.get("latencytrace.time_one_in", 1) for p in points)
+    assert by_n == [1, 8]
+    counts = {}
+    for owner, ms in built.by_owner({o for pts in built.points.values() for o, _ in pts}).items():
+        for m in ms:
+            if m.name == "latencytrace.network.packet.count":
+                assert m.unit == "{packet}" and m.data.is_monotonic
+                for p in m.data.data_points:
+                    counts[(owner, p.attributes["network.io.direction"])] = p.value
+    assert sorted(counts.values()) == [1, 3, 8] and len(counts) == 3, counts  # no point for a zero count

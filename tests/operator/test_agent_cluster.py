@@ -16,7 +16,7 @@ def trace(uid, pods, **settings):
 def test_a_pod_in_two_traces_is_one_target_with_merged_settings():
     spec = NodeSpec(node_name="n1", traces=[
         trace("1", ["a", "b"], directions=["receive"], segments=["rx_total"], slow_threshold_microseconds=500,
-              spans_per_second=5, sample_one_in=100),
+              spans_per_second=5, sample_one_in=100, time_one_in=8),
         trace("2", ["a"], directions=["transmit"], segments=[], slow_threshold_microseconds=2000,
               spans_per_second=20, sample_one_in=0)])
     targets = {d.key: d for d in cluster.desired_targets(spec, PodLocator())}
@@ -24,11 +24,23 @@ def test_a_pod_in_two_traces_is_one_target_with_merged_settings():
     a = targets["pod:u-a"]
     assert a.traces == ("app/t-1", "app/t-2") and a.label == "app/a"
     assert a.settings.slow_ns == 500_000 and a.settings.events_per_sec == 20 and a.settings.sample_one_in == 100
+    assert a.settings.time_one_in == 1 and b_time_one_in(targets) == 8  # a: trace 2 times every packet
     assert a.settings.dir_mask == 0b11
     tx = segments.mask([s.name for s in segments.segments_of(segments.Direction.TX)])
     assert a.settings.seg_mask == segments.mask(["rx_total"]) | tx  # receive: rx_total only; transmit: all tx
     b = targets["pod:u-b"]
     assert b.settings.dir_mask == 0b01 and b.settings.seg_mask == segments.mask(["rx_total"])
+
+
+def b_time_one_in(targets) -> int:
+    return targets["pod:u-b"].settings.time_one_in
+
+
+def test_a_node_entry_with_a_bad_time_one_in_fails_that_trace_only():
+    for bad in (0, 1_000_001):
+        why = cluster.trace_problem(trace("1", ["a"], time_one_in=bad))
+        assert why == "timeOneIn must be 1 to 1000000", why
+    assert cluster.trace_problem(trace("1", ["a"], time_one_in=8)) is None
 
 
 def test_segments_outside_the_directions_are_not_recorded():
@@ -59,15 +71,17 @@ def test_merged_settings_stay_within_the_administrators_limits():
     most demanding of their settings; each was accepted within the limits, so the merge is within them too."""
     from latencytrace.operator import spec as specs
 
-    limits = specs.Limits(min_slow_threshold_microseconds=100, max_spans_per_second=20, min_sample_one_in=1000)
-    asked = [{"slowThresholdMicroseconds": 100, "spansPerSecond": 20, "sampleOneIn": 0},
-             {"slowThresholdMicroseconds": 5000, "spansPerSecond": 1, "sampleOneIn": 1000},
-             {"slowThresholdMicroseconds": 150, "spansPerSecond": 5, "sampleOneIn": 50_000}]
+    limits = specs.Limits(min_slow_threshold_microseconds=100, max_spans_per_second=20, min_sample_one_in=1000,
+                          min_time_one_in=4)
+    asked = [{"slowThresholdMicroseconds": 100, "spansPerSecond": 20, "sampleOneIn": 0, "timeOneIn": 64},
+             {"slowThresholdMicroseconds": 5000, "spansPerSecond": 1, "sampleOneIn": 1000, "timeOneIn": 4},
+             {"slowThresholdMicroseconds": 150, "spansPerSecond": 5, "sampleOneIn": 50_000, "timeOneIn": 8}]
     settings = [specs.parse({"podNames": ["a"], **a}, limits).settings() for a in asked]
     merged = cluster.merge_settings(settings)
     assert merged.slow_ns >= limits.min_slow_threshold_microseconds * 1000
     assert merged.events_per_sec <= limits.max_spans_per_second
     assert merged.sample_one_in == 0 or merged.sample_one_in >= limits.min_sample_one_in
-    for over in ({"slowThresholdMicroseconds": 99}, {"spansPerSecond": 21}, {"sampleOneIn": 999}):
+    assert merged.time_one_in == 4 >= limits.min_time_one_in  # the finest timing asked, never finer than allowed
+    for over in ({"slowThresholdMicroseconds": 99}, {"spansPerSecond": 21}, {"sampleOneIn": 999}, {"timeOneIn": 3}):
         with pytest.raises(specs.SpecError):
             specs.parse({"podNames": ["a"], **over}, limits)

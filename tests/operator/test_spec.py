@@ -15,6 +15,20 @@ def test_defaults_fill_what_the_user_left_out():
     assert s.slow_threshold_microseconds == 1000 and s.spans_per_second == 10 and s.sample_one_in == 0
     settings = s.settings()
     assert settings.segments == [] and settings.directions == ["receive", "transmit"]
+    assert s.time_one_in == 1 and settings.time_one_in == 1  # full fidelity unless asked
+
+
+def test_time_one_in_is_carried_and_bounded_by_the_schema_and_the_administrator():
+    assert specs.parse({"podNames": ["a"], "timeOneIn": 8}, WEEK).settings().time_one_in == 8
+    for bad in (0, -1, 1_000_001, "8", 8.5, True):
+        with pytest.raises(specs.SpecError, match="spec.timeOneIn"):
+            specs.parse({"podNames": ["a"], "timeOneIn": bad}, WEEK)
+    limits = specs.Limits(min_time_one_in=8)
+    assert specs.parse({"podNames": ["a"], "timeOneIn": 16}, limits).time_one_in == 16
+    with pytest.raises(specs.SpecError, match=r"spec.timeOneIn: timing 1 packet in 1 is more often than this "
+                                              r"cluster allows \(at least 1 in 8\)") as e:
+        specs.parse({"podNames": ["a"]}, limits)  # the default (every packet) is over such a limit too
+    assert e.value.reason == "NotAllowed"
 
 
 def test_segments_come_out_in_table_order():

@@ -65,6 +65,7 @@ trace_specs = st.fixed_dictionaries({}, optional={
     "slowThresholdMicroseconds": ranged(1, 60_000_000),
     "spansPerSecond": ranged(0, 1000),
     "sampleOneIn": ranged(0, 1_000_000),
+    "timeOneIn": ranged(1, 1_000_000),
     "duration": duration,
     "export": st.fixed_dictionaries({}, optional={
         "otlpEndpoint": endpoint,
@@ -84,6 +85,7 @@ near_valid = st.tuples(
         "slowThresholdMicroseconds": near(1, 60_000_000),
         "spansPerSecond": near(0, 1000),
         "sampleOneIn": near(0, 1_000_000),
+        "timeOneIn": near(1, 1_000_000),
         "duration": duration,
         "export": st.fixed_dictionaries({}, optional={
             "otlpEndpoint": endpoint,

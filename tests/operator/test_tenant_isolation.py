@@ -304,12 +304,12 @@ def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
     name = f"limits-{t.tag}"
     docs = render("--show-only", "templates/trace-limits-policy.yaml", "--set", "limits.maxDurationSeconds=3600",
                   "--set", "limits.minSlowThresholdMicroseconds=100", "--set", "limits.maxSpansPerSecond=20",
-                  "--set", "limits.minSampleOneIn=1000")
+                  "--set", "limits.minSampleOneIn=1000", "--set", "limits.minTimeOneIn=8")
     for d in docs:
         d["metadata"]["name"] = name
         if d["kind"] == "ValidatingAdmissionPolicyBinding":
             d["spec"]["policyName"] = name
-    old = {"podNames": ["web-1"], "duration": "2h"}  # written before the policy: over its maximum
+    old = {"podNames": ["web-1"], "duration": "2h"}  # written before the policy: over its maxima (and timing every packet)
     labels = {"tenant-test": t.tag}
 
     def apply(kind, trace: str, spec: dict, ns: str | None = None, *flags: str):
@@ -327,6 +327,10 @@ def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
             "spec.slowThresholdMicroseconds: 5 is below this cluster's minimum (100)": {"slowThresholdMicroseconds": 5},
             "spec.spansPerSecond: 50 is above this cluster's maximum (20)": {"spansPerSecond": 50},
             "spec.sampleOneIn: 1 in 10 is more often than this cluster allows (0, or at least 1000)": {"sampleOneIn": 10},
+            "spec.timeOneIn: timing 1 packet in 4 is more often than this cluster allows (at least 1 in 8)":
+                {"timeOneIn": 4},
+            # the schema's default (every packet timed) is checked as if written
+            "spec.timeOneIn: timing 1 packet in 1 is more often": {},
         }
         for why, extra in refused.items():
             out = apply(contract.NAMESPACED, "over", {"podNames": ["web-1"], **extra}, t.a)
@@ -334,7 +338,7 @@ def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
         out = apply(contract.CLUSTER, "over", {"namespaceSelector": {}, "spansPerSecond": 50})
         assert out.returncode != 0 and "spec.spansPerSecond: 50 is above" in out.stderr, out.stderr
         within = {"podNames": ["web-1"], "duration": "1h", "slowThresholdMicroseconds": 100, "spansPerSecond": 20,
-                  "sampleOneIn": 1000}
+                  "sampleOneIn": 1000, "timeOneIn": 8}
         assert apply(contract.NAMESPACED, "within", within, t.a).returncode == 0
         # The trace from before the policy: its metadata can be written (as the operator writes its finalizer
         # and annotations), its spec only back within the limits.
@@ -342,7 +346,7 @@ def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
         cp.kubectl("label", "-n", t.a, "lt", "before-policy", "more=labels")
         out = apply(contract.NAMESPACED, "before-policy", {**old, "spansPerSecond": 5}, t.a)
         assert out.returncode != 0 and "spec.duration: 2h is longer" in out.stderr, out.stderr
-        assert apply(contract.NAMESPACED, "before-policy", {**old, "duration": "30m"}, t.a).returncode == 0
+        assert apply(contract.NAMESPACED, "before-policy", {**old, "duration": "30m", "timeOneIn": 8}, t.a).returncode == 0
     finally:
         cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
         for trace in ("before-policy", "within"):

@@ -1,0 +1,119 @@
+"""Timing 1 packet in N (TargetSettings.time_one_in) on the real kernel: every packet counted, about 1 in N
+timed, each timed one end to end, drops counted exactly.
+
+The timed share is random (bpf_get_prandom_u32 at the packet's first boundary), so its checks are
+binomial bounds: with K packets and p = 1/N, the timed count is within 6 standard deviations of K*p
+but for a chance below 1e-8. Everything else is exact.
+"""
+
+from __future__ import annotations
+
+import math
+
+from latencytrace.node_agent.segments import Direction
+from tests.agent.conftest import measure
+
+K = 4000
+N = 8
+EVERY_TIMED = dict(slow_ns=0, sample_one_in=1, events_per_sec=1_000_000)  # each timed packet an event
+
+
+def binomial_bounds(k: int, n: int) -> tuple[float, float]:
+    p = 1 / n
+    sd = math.sqrt(k * p * (1 - p))
+    return k * p - 6 * sd, k * p + 6 * sd
+
+
+def target_doc(m, pod) -> dict:
+    (t,) = [t for t in m.as_json()["targets"] if t["netns_inode"] == pod.inode]
+    return t
+
+
+def other_drops(doc, ours: str = "") -> int:
+    """Drops in the pod besides the test's own: what else enters a pod's namespace on the lab's bridge
+    (the other pods' multicast reports, flooded to every port) is dropped there, and counted as a packet."""
+    return sum(n for name, n in doc["drops"].items() if name != ours)
+
+
+def test_received_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9000", "--count", str(K), "--timeout", "30") as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9000", "--count", str(K), "--rate", "4000")
+        assert rx.result == {"received": K}, rx.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, time_one_in=N, **EVERY_TIMED)
+    doc = target_doc(m, a)
+    # Every packet counted once, at its first boundary, timed or not.
+    assert doc["time_one_in"] == N
+    assert doc["packets"] == {"receive": K + other_drops(doc), "transmit": 0}, (doc["packets"], doc["drops"])
+    stats = m.kernel["a"]
+    timed = stats["rx_total"].count
+    lo, hi = binomial_bounds(K, N)
+    assert lo <= timed <= hi, (timed, lo, hi)
+    # Each timed datagram has its whole journey: every segment once, nothing partial.
+    for seg in ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
+        assert stats[seg].count == timed, (seg, stats[seg].count, timed)
+    ours = [e for e in m.event_list if e.kind == "sampled" and e.daddr == a.ip and e.dport == 9000]
+    assert len(ours) == timed, (len(ours), timed)
+    assert all(all(e.ts[b] for b in (2, 3, 4, 5)) for e in ours), [e.ts for e in ours if not all(e.ts[2:])][:5]
+    assert m.kernel_counters["collisions"] == 0 and m.kernel_counters["stale_flights"] == 0, m.kernel_counters
+
+
+def test_sent_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
+    a, server = lab.add_pod("a"), lab.add_pod("server")
+
+    def traffic():
+        with server.serve("udp-recv", "--port", "9001", "--count", str(K), "--timeout", "30") as rx:
+            a.traffic("udp-send", "--to", server.ip, "--port", "9001", "--count", str(K), "--rate", "4000")
+        assert rx.result == {"received": K}, rx.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, time_one_in=N, **EVERY_TIMED)
+    doc = target_doc(m, a)
+    assert doc["packets"] == {"receive": 0, "transmit": K}, doc["packets"]
+    stats = m.kernel["a"]
+    timed = stats["tx_total"].count
+    lo, hi = binomial_bounds(K, N)
+    assert lo <= timed <= hi, (timed, lo, hi)
+    for seg in ("tx_app_to_dev", "tx_pod_to_host", "tx_total"):
+        assert stats[seg].count == timed, (seg, stats[seg].count, timed)
+    ours = [e for e in m.event_list if e.direction is Direction.TX and e.kind == "sampled" and e.dport == 9001]
+    assert len(ours) == timed and all(e.ts[0] and e.ts[1] and e.ts[2] and e.ts[5] for e in ours), len(ours)
+
+
+def test_drops_of_untimed_packets_are_counted_exactly(agent, lab):
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+
+    def traffic():  # nobody listens on the port: every datagram is freed as NO_SOCKET in a's stack
+        client.traffic("udp-send", "--to", a.ip, "--port", "9999", "--count", str(K), "--rate", "4000")
+
+    m = measure(agent, [a], traffic, dir_mask=0b01, time_one_in=N, events_per_sec=1_000_000)
+    doc = target_doc(m, a)
+    assert doc["drops"].get("receive/NO_SOCKET") == K, doc["drops"]
+    assert doc["packets"]["receive"] == K + other_drops(doc, "receive/NO_SOCKET"), (doc["packets"], doc["drops"])
+    # A drop event carries a journey: only the timed packets' are sent.
+    ours = [e for e in m.event_list if e.kind == "drop" and e.dport == 9999]
+    lo, hi = binomial_bounds(K, N)
+    assert lo <= len(ours) <= hi, (len(ours), lo, hi)
+
+
+def test_every_packet_timed_by_default_and_counts_agree(agent, lab):
+    """time_one_in 1 (the default): the packet count is each total segment's count, as before."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9000", "--count", str(K // 4), "--timeout", "30") as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9000", "--count", str(K // 4), "--rate", "4000")
+        assert rx.result == {"received": K // 4}, rx.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01)
+    doc = target_doc(m, a)
+    assert doc["time_one_in"] == 1
+    assert "latencytrace.time_one_in" not in str(doc)
+    stats = m.kernel["a"]
+    assert doc["packets"]["receive"] == K // 4 + other_drops(doc), (doc["packets"], doc["drops"])
+    for seg in ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
+        assert stats[seg].count == K // 4, (seg, stats[seg].count)
+    # rx_driver ends where a packet is counted, for those that came in a NET_RX run (not all need to).
+    assert stats["rx_driver"].count <= doc["packets"]["receive"], (stats["rx_driver"].count, doc["packets"])
