@@ -35,15 +35,19 @@ def other_drops(doc, ours: str = "") -> int:
     return sum(n for name, n in doc["drops"].items() if name != ours)
 
 
-def test_received_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
-    a, client = lab.add_pod("a"), lab.add_pod("client")
-
+def timed_udp(agent, traced, sender, receiver, port: int, dir_mask: int):
+    """K datagrams from `sender` to `receiver`, all read, with `traced` timing 1 in N in `dir_mask`."""
     def traffic():
-        with a.serve("udp-recv", "--port", "9000", "--count", str(K), "--timeout", "30") as rx:
-            client.traffic("udp-send", "--to", a.ip, "--port", "9000", "--count", str(K), "--rate", "4000")
+        with receiver.serve("udp-recv", "--port", str(port), "--count", str(K), "--timeout", "30") as rx:
+            sender.traffic("udp-send", "--to", receiver.ip, "--port", str(port), "--count", str(K), "--rate", "4000")
         assert rx.result == {"received": K}, rx.result
 
-    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, time_one_in=N, **EVERY_TIMED)
+    return measure(agent, [traced], traffic, read_kernel=True, dir_mask=dir_mask, time_one_in=N, **EVERY_TIMED)
+
+
+def test_received_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    m = timed_udp(agent, a, client, a, 9000, dir_mask=0b01)
     doc = target_doc(m, a)
     # Every packet counted once, at its first boundary, timed or not.
     assert doc["time_one_in"] == N
@@ -63,13 +67,7 @@ def test_received_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
 
 def test_sent_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
     a, server = lab.add_pod("a"), lab.add_pod("server")
-
-    def traffic():
-        with server.serve("udp-recv", "--port", "9001", "--count", str(K), "--timeout", "30") as rx:
-            a.traffic("udp-send", "--to", server.ip, "--port", "9001", "--count", str(K), "--rate", "4000")
-        assert rx.result == {"received": K}, rx.result
-
-    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, time_one_in=N, **EVERY_TIMED)
+    m = timed_udp(agent, a, a, server, 9001, dir_mask=0b10)
     doc = target_doc(m, a)
     assert doc["packets"] == {"receive": 0, "transmit": K}, doc["packets"]
     stats = m.kernel["a"]

@@ -242,43 +242,36 @@ def rows(data: dict, steady_pps: int) -> list[Row]:
 
 def time8_rows(sm: dict, steady_pps: int) -> list[Row]:
     """The agent timing 1 packet in 8 (every packet counted), against no agent (traced pod only)."""
-    tag = "into the traced pod, timing 1 packet in 8"
-    out = []
     if "tcp_bulk/traced/time_one_in_8" not in sm:  # a results file from before the arm existed
-        return out
-    p = sm["tcp_bulk/traced/time_one_in_8"]["gbit_s"]
-    out.append(Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
-                   fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None))
-    p = sm["udp_rate/traced/time_one_in_8"]["cpu_ns_per_packet"]
-    out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
-                   fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})",
-                   "—", None, note="all CPUs, whole machine"))
-    for proto in ("tcp", "udp"):
-        p50 = sm[f"pp_{proto}/traced/time_one_in_8"]["p50_us"]
-        out.append(Row("overhead", f"{TITLES['pp_' + proto]} p50 {tag}", fmt(p50["median_off"], 2, "µs"),
-                       fmt(p50["median_on"], 2, "µs"), f"{p50['delta']:+.2f} µs ({_spread(p50, False)})",
-                       f"≤ +{TIME8_P50_TARGET_US} µs", p50["delta"] is not None and p50["delta"] <= TIME8_P50_TARGET_US,
-                       note="round trip"))
-    return out
+        return []
+    return variant_rows(sm, steady_pps, "time_one_in_8", "into the traced pod, timing 1 packet in 8",
+                        p50_target_us=TIME8_P50_TARGET_US)
 
 
 def stats_rows(sm: dict, steady_pps: int) -> list[Row]:
     """The agent with BPF run-time statistics always on, against no agent (traced pod only)."""
-    tag = "into the traced pod, probe statistics always on"
-    out = []
-    p = sm["tcp_bulk/traced/stats_always"]["gbit_s"]
-    out.append(Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
-                   fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
-                   note="the standalone command's default; the cluster agent only while it samples"))
-    p = sm["udp_rate/traced/stats_always"]["cpu_ns_per_packet"]
+    return variant_rows(sm, steady_pps, "stats_always", "into the traced pod, probe statistics always on",
+                        bulk_note="the standalone command's default; the cluster agent only while it samples")
+
+
+def variant_rows(sm: dict, steady_pps: int, arm: str, tag: str, *, p50_target_us: float | None = None,
+                 bulk_note: str = "") -> list[Row]:
+    """Bulk throughput, CPU per packet and ping-pong p50 of one variant of the traced arm (`arm`)."""
+    p = sm[f"tcp_bulk/traced/{arm}"]["gbit_s"]
+    out = [Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
+               fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None, note=bulk_note)]
+    p = sm[f"udp_rate/traced/{arm}"]["cpu_ns_per_packet"]
     out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
                    fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})",
                    "—", None, note="all CPUs, whole machine"))
     for proto in ("tcp", "udp"):
-        p50 = sm[f"pp_{proto}/traced/stats_always"]["p50_us"]
+        p50 = sm[f"pp_{proto}/traced/{arm}"]["p50_us"]
+        target, met = "—", None
+        if p50_target_us is not None:
+            target, met = f"≤ +{p50_target_us} µs", p50["delta"] is not None and p50["delta"] <= p50_target_us
         out.append(Row("overhead", f"{TITLES['pp_' + proto]} p50 {tag}", fmt(p50["median_off"], 2, "µs"),
-                       fmt(p50["median_on"], 2, "µs"), f"{p50['delta']:+.2f} µs ({_spread(p50, False)})", "—", None,
-                       note="round trip"))
+                       fmt(p50["median_on"], 2, "µs"), f"{p50['delta']:+.2f} µs ({_spread(p50, False)})",
+                       target, met, note="round trip"))
     return out
 
 
