@@ -199,6 +199,12 @@ static __always_inline void lt_record_sockq_push(void *sk, struct lt_flight *f, 
     u64 seq = __sync_fetch_and_add(&pos->tail, 1);
     if (!f)
         return;
+    if (seq < pos->head) {
+        /* Read already: its reader ran ahead of this program (see lt_sock_recv_length). The read was
+         * between the queueing and now: it ends here, the socket queue's time 0. */
+        lt_record_read(f, now);
+        return;
+    }
     u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
     struct lt_sockq_ent *e = lt_sockq.lookup(&i);
     if (!e)
@@ -314,8 +320,18 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         pos->skip--;
         return 0;
     }
-    if (pos->head >= pos->tail)
+    if (pos->head >= pos->tail) {
+        /* The reader ran ahead of sk_data_ready's program on another CPU: the datagram was queued and
+         * read before the program put it in the ring. Take its number, so that the reads after it stay
+         * matched (without it, each later read would take the previous datagram's entry); the program,
+         * when it runs, ends the datagram's journey there (lt_record_sockq_push). Counted. Only one
+         * ahead: a read with no datagram of ours to match must not move the reads further. */
+        if (pos->head == pos->tail) {
+            __sync_fetch_and_add(&pos->head, 1);
+            lt_count(LT_C_EARLY_READ);
+        }
         return 0;
+    }
     u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
     u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
     struct lt_sockq_ent *e = lt_sockq.lookup(&i);

@@ -144,6 +144,9 @@ COUNTERS: tuple[Counter, ...] = (
     Counter(6, "coalesced", "COALESCED",
             "TCP packets merged into the socket queue's tail skb: measured to sock_ready; their data is read "
             "with the tail skb's, so they have no rx_socket_queue or rx_total of their own."),
+    Counter(7, "early_reads", "EARLY_READ",
+            "UDP datagrams read before the probe on their socket's sk_data_ready ran (the reader ran ahead on "
+            "another CPU): their read is taken as that moment, a socket-queue time of 0."),
 )
 N_COUNTER_SLOTS = 8  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)
