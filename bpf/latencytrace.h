@@ -450,6 +450,7 @@ struct lt_skb_view {
     void *data;
     void *head;
     u32 len;
+    s32 iif;          /* skb_iif: the device it was received on; 0 for a packet this host's stack made */
     u16 protocol;
     u16 network_header;
     u16 transport_header;
@@ -467,6 +468,7 @@ static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
     v->data = *(void **)(w + LT_OFF_SKB_DATA - LT_SKB_WIN_START);
     v->head = *(void **)(w + LT_OFF_SKB_HEAD - LT_SKB_WIN_START);
     v->len = *(u32 *)(w + LT_OFF_SKB_LEN - LT_SKB_WIN_START);
+    v->iif = *(s32 *)(w + LT_OFF_SKB_IIF - LT_SKB_WIN_START);
     v->protocol = *(u16 *)(w + LT_OFF_SKB_PROTOCOL - LT_SKB_WIN_START);
     v->network_header = *(u16 *)(w + LT_OFF_SKB_NETWORK_HEADER - LT_SKB_WIN_START);
     v->transport_header = *(u16 *)(w + LT_OFF_SKB_TRANSPORT_HEADER - LT_SKB_WIN_START);
@@ -845,6 +847,57 @@ static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt
             lt_record(t, f->slot, LT_SEG_TX_POD_TO_HOST, f->ts[LT_B_TX_POD_DEV_QUEUE], now);
     }
     c->tx_skb = f->skb;
+}
+
+/* record: a new receive flight at its first sighting (boundary host_rx or pod_rx): the packet is
+ * counted, and timed or not (lt_count_packet); an untimed one keeps only what follows it to its end.
+ * With `irq`, the packet came in through this CPU's NET_RX run, whose times are its irq and softirq
+ * boundaries; a packet the host sends has none (the NET_RX run it may be sent from is another packet's). */
+static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, struct lt_cpu_ctx *c,
+                                               struct lt_skb_view *v, struct lt_addrs *addr, u8 nodata,
+                                               u64 key, u32 ifindex, u32 boundary, u8 irq, u64 now)
+{
+    int timed = lt_count_packet(t, slot, LT_DIR_RX);
+    struct lt_flight *f = lt_take(LT_DIR_RX, key, now);
+    if (!f)
+        return;
+    __builtin_memset(f, 0, sizeof(*f));
+    f->skb = key;
+    f->head = (u32)(u64)v->head;
+    f->slot = slot;
+    f->addr.proto = addr->proto; /* the UDP read side follows by protocol */
+    f->flags = (nodata ? LT_F_NODATA : 0) | (timed ? 0 : LT_F_UNTIMED);
+    f->ts[boundary] = now;
+    if (!timed)
+        return;
+    f->addr = *addr;
+    f->cpu = bpf_get_smp_processor_id();
+    f->len = v->len;
+    if (irq && c->t_softirq) {
+        f->ts[LT_B_RX_IRQ] = c->t_irq;
+        f->ts[LT_B_RX_SOFTIRQ] = c->t_softirq;
+    }
+    f->ifindex[boundary == LT_B_RX_HOST_RX ? 0 : 1] = ifindex;
+    lt_record(t, slot, LT_SEG_RX_IRQ, f->ts[LT_B_RX_IRQ], f->ts[LT_B_RX_SOFTIRQ]);
+    lt_record(t, slot, LT_SEG_RX_DRIVER, f->ts[LT_B_RX_SOFTIRQ], now);
+}
+
+/* record: host side, a packet addressed to traced pod `slot`: received by the host (netif_receive_skb,
+ * irq 1), or sent by the host itself (its first net_dev_queue, irq 0). */
+static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, struct lt_addrs *addr,
+                                              u8 nodata, u64 key, u32 ifindex, u32 slot, u8 irq)
+{
+    struct lt_target *t = lt_target(slot);
+    if (!t || !lt_wants(t, LT_DIR_RX))
+        return;
+    u64 now = bpf_ktime_get_ns();
+    struct lt_flight *f = lt_get(LT_DIR_RX, key);
+    if (f) {
+        if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, now))
+            return; /* already seen on an earlier host device (the NIC before the bridge, the bridge before its port) */
+        lt_count(LT_C_STALE);
+    }
+    lt_record_rx_start(t, slot, c, v, addr, nodata, key, ifindex, LT_B_RX_HOST_RX, irq, now);
 }
 
 #endif /* LATENCYTRACE_H */

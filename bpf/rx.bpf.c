@@ -8,59 +8,12 @@
  * is processing in the pod, or the socket's receive queue tail when TCP processes its backlog later in
  * process context. The read ends the journey: for TCP skb_copy_datagram_iovec names the skb; UDP copies
  * without it, so its packets move to a per-socket ring at sk_data_ready and the n-th datagram read
- * (sock_recv_length) is the n-th queued. Helpers shared with the transmit side are in latencytrace.h.
+ * (sock_recv_length) is the n-th queued. Helpers shared with the transmit side (which starts the flights
+ * of packets the host itself sends into a pod) are in latencytrace.h.
  */
 #include "latencytrace.h"
 
 #define LT_MSG_PEEK 2
-
-/* record: a new receive flight at its first sighting (boundary host_rx or pod_rx): the packet is
- * counted, and timed or not (lt_count_packet); an untimed one keeps only what follows it to its end. */
-static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, struct lt_cpu_ctx *c,
-                                               struct lt_skb_view *v, struct lt_addrs *addr, u8 nodata,
-                                               u64 key, u32 ifindex, u32 boundary, u64 now)
-{
-    int timed = lt_count_packet(t, slot, LT_DIR_RX);
-    struct lt_flight *f = lt_take(LT_DIR_RX, key, now);
-    if (!f)
-        return;
-    __builtin_memset(f, 0, sizeof(*f));
-    f->skb = key;
-    f->head = (u32)(u64)v->head;
-    f->slot = slot;
-    f->addr.proto = addr->proto; /* the UDP read side follows by protocol */
-    f->flags = (nodata ? LT_F_NODATA : 0) | (timed ? 0 : LT_F_UNTIMED);
-    f->ts[boundary] = now;
-    if (!timed)
-        return;
-    f->addr = *addr;
-    f->cpu = bpf_get_smp_processor_id();
-    f->len = v->len;
-    if (c->t_softirq) {
-        f->ts[LT_B_RX_IRQ] = c->t_irq;
-        f->ts[LT_B_RX_SOFTIRQ] = c->t_softirq;
-    }
-    f->ifindex[boundary == LT_B_RX_HOST_RX ? 0 : 1] = ifindex;
-    lt_record(t, slot, LT_SEG_RX_IRQ, f->ts[LT_B_RX_IRQ], f->ts[LT_B_RX_SOFTIRQ]);
-    lt_record(t, slot, LT_SEG_RX_DRIVER, f->ts[LT_B_RX_SOFTIRQ], now);
-}
-
-/* record: host side, a packet addressed to traced pod `slot`. */
-static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, struct lt_addrs *addr,
-                                              u8 nodata, u64 key, u32 ifindex, u32 slot)
-{
-    struct lt_target *t = lt_target(slot);
-    if (!t || !lt_wants(t, LT_DIR_RX))
-        return;
-    u64 now = bpf_ktime_get_ns();
-    struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    if (f) {
-        if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, now))
-            return; /* already seen on an earlier host device (e.g. the NIC before the bridge) */
-        lt_count(LT_C_STALE);
-    }
-    lt_record_rx_start(t, slot, c, v, addr, nodata, key, ifindex, LT_B_RX_HOST_RX, now);
-}
 
 /* record: pod side, the packet reached a device inside traced pod `slot`. */
 static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex,
@@ -85,7 +38,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         struct lt_addrs addr;
         u8 nodata;
         lt_ip_hdr(v, v->data, &addr, &nodata);
-        lt_record_rx_start(t, slot, c, v, &addr, nodata, key, ifindex, LT_B_RX_POD_RX, now);
+        lt_record_rx_start(t, slot, c, v, &addr, nodata, key, ifindex, LT_B_RX_POD_RX, 1, now);
         f = lt_get(LT_DIR_RX, key);
         if (!f)
             return;
@@ -144,7 +97,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     }
     s32 dst = lt_addr_slot(&addr, 1); /* host side: is it addressed to a traced pod? */
     if (dst >= 0)
-        lt_record_host_rx(c, &v, &addr, nodata, key, ifindex, dst);
+        lt_record_host_rx(c, &v, &addr, nodata, key, ifindex, dst, 1);
     return 0;
 }
 

@@ -5,7 +5,8 @@
  * syscalls, for UDP and raw sockets), and joined to the skb at its first net_dev_queue inside the pod,
  * which runs on the same CPU in the same syscall; from there on the skb address is the key. The host
  * side arrival is handled in rx.bpf.c's netif_receive_skb program and local delivery in its
- * sk_data_ready program, with the helpers in latencytrace.h.
+ * sk_data_ready program, with the helpers in latencytrace.h. The host side of net_dev_queue also starts
+ * the receive flight of a packet the host itself sends into a traced pod.
  */
 #include "latencytrace.h"
 
@@ -109,6 +110,23 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
     lt_record(t, slot, LT_SEG_TX_APP_TO_DEV, f->ts[LT_B_TX_APP_SEND], now);
 }
 
+/* record: a packet the host's own stack sends (hostNetwork pods, the kubelet's probes, node-local DNS),
+ * queued on a host device (iif 0: received on none). If it is addressed to a traced pod, this first
+ * net_dev_queue outside the pod is its host-side boundary: it never passes netif_receive_skb on the
+ * host. (Packets received or forwarded by the host have an iif, and were seen at netif_receive_skb.) */
+static __always_inline void lt_record_host_send(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex)
+{
+    if (v->network_header == 0xffff)
+        return;
+    struct lt_addrs addr;
+    u8 nodata;
+    if (lt_ip_hdr(v, v->head + v->network_header, &addr, &nodata) < 0)
+        return;
+    s32 dst = lt_addr_slot(&addr, 1);
+    if (dst >= 0)
+        lt_record_host_rx(c, v, &addr, nodata, key, ifindex, dst, 0);
+}
+
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
@@ -125,13 +143,15 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     if (slot == -1)
         return 0; /* another pod's device: a traced pod's packet that got there has ended (delivered) */
     if (slot < 0) {
-        /* On the host only a traced pod's packets can be in flight: one tag lookup says. */
+        /* On the host only a traced pod's packets can be in transmit flight: one tag lookup says. */
         struct lt_flight *f = lt_get(LT_DIR_TX, key);
-        if (!f || (f->flags & LT_F_XMITTED))
-            return 0;
-        u64 now = bpf_ktime_get_ns();
-        if (lt_same_packet(f, &v, now))
-            lt_record_egress_queue(f, ifindex, now);
+        if (f) {
+            u64 now = bpf_ktime_get_ns();
+            if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, now))
+                lt_record_egress_queue(f, ifindex, now);
+        } else if (!v.iif) {
+            lt_record_host_send(c, &v, key, ifindex);
+        }
         return 0;
     }
     if (ifindex == LT_LOOPBACK_IFINDEX)

@@ -52,9 +52,11 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
              "the moment NET_RX softirq became pending on that CPU (veth and other software devices)."),
     Boundary(1, "softirq", Direction.RX, ("irq:softirq_entry",),
              "NET_RX softirq entry on the CPU that then processes the packet."),
-    Boundary(2, "host_rx", Direction.RX, ("net:netif_receive_skb",),
+    Boundary(2, "host_rx", Direction.RX, ("net:netif_receive_skb", "net:net_dev_queue"),
              "First netif_receive_skb of the skb outside the pod's network namespace "
-             "(host side: NIC, bridge port or veth peer), recognised by the pod IP as destination."),
+             "(host side: NIC, bridge port or veth peer), recognised by the pod IP as destination; for a "
+             "packet the host itself sends (hostNetwork clients, kubelet probes, node-local DNS), its first "
+             "net_dev_queue outside the pod (the host queues it toward the pod)."),
     Boundary(3, "pod_rx", Direction.RX, ("net:netif_receive_skb",),
              "netif_receive_skb of the skb on a device inside the pod's network namespace."),
     Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),
@@ -91,7 +93,8 @@ SEGMENTS: tuple[Segment, ...] = (
             "Driver and GRO work in the softirq until the stack first sees the skb on the host side "
             "(ends at pod_rx when there is no host-side sighting)."),
     Segment(2, "rx_host_to_pod", Direction.RX, "host_rx", "pod_rx",
-            "Host bridge/routing and the veth crossing into the pod, including backlog queueing."),
+            "Host bridge/routing and the veth crossing into the pod, including backlog queueing (for a "
+            "packet the host sends: from its queueing on the host's device)."),
     Segment(3, "rx_pod_stack", Direction.RX, "pod_rx", "sock_ready",
             "The pod's IP and TCP/UDP processing until the socket is woken."),
     Segment(4, "rx_socket_queue", Direction.RX, "sock_ready", "app_read",

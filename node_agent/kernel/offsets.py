@@ -12,6 +12,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SKB_DATA": ("sk_buff", "data"),
     "LT_OFF_SKB_HEAD": ("sk_buff", "head"),
     "LT_OFF_SKB_PROTOCOL": ("sk_buff", "protocol"),
+    "LT_OFF_SKB_IIF": ("sk_buff", "skb_iif"),
     "LT_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
     "LT_OFF_SKB_TRANSPORT_HEADER": ("sk_buff", "transport_header"),
     "LT_OFF_DEV_NET": ("net_device", "nd_net.net"),
@@ -29,7 +30,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
 
 # Fields of struct sk_buff read together in one probe read (lt_skb_read): the window spans them all.
 SKB_WINDOW = ("LT_OFF_SKB_DEV", "LT_OFF_SKB_SK", "LT_OFF_SKB_DATA", "LT_OFF_SKB_HEAD", "LT_OFF_SKB_LEN",
-              "LT_OFF_SKB_PROTOCOL", "LT_OFF_SKB_NETWORK_HEADER", "LT_OFF_SKB_TRANSPORT_HEADER")
+              "LT_OFF_SKB_PROTOCOL", "LT_OFF_SKB_IIF", "LT_OFF_SKB_NETWORK_HEADER", "LT_OFF_SKB_TRANSPORT_HEADER")
 SKB_WINDOW_MAX = 256  # bytes of BPF stack we allow it
 
 

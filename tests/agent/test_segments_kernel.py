@@ -302,8 +302,8 @@ def test_only_the_probes_the_segments_need_are_attached(agent, lab):
 
 
 def test_tcp_request_response_from_the_host_each_request_is_its_own_packet(agent, lab):
-    """TCP request/response from a client on the host (no host-side sighting: the pod's side starts
-    each journey), right after the pod sent the host a bulk transfer, whose bare ACKs into the pod
+    """TCP request/response from a client on the host (its journey starts where the host queues it),
+    right after the pod sent the host a bulk transfer, whose bare ACKs into the pod
     nothing ever reads and whose skbs are freed without a tracepoint, their addresses reused at once.
     Every request is read, and none inherits the timestamps of such an earlier packet."""
     import subprocess
@@ -334,6 +334,42 @@ def test_tcp_request_response_from_the_host_each_request_is_its_own_packet(agent
     read = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5] and e.dport == 9210]
     assert stats["rx_socket_queue"].count == stats["rx_total"].count == len(read) >= n * 0.99, (
         stats["rx_socket_queue"].count, len(read))
-    assert all(not e.ts[2] and e.ts[3] for e in read)  # from the host: no host_rx, the pod's side first
+    assert all(e.ts[2] and e.ts[3] and not e.ts[1] for e in read)  # sent by the host: its queueing, then the pod
     inherited = [e.ts for e in read if e.first_ns < started["ns"]]
     assert not inherited, (len(inherited), inherited[:3])
+
+
+def test_packets_the_host_sends_start_where_the_host_queues_them(agent, lab):
+    """UDP from a socket of the host (as a hostNetwork client, a kubelet probe or node-local DNS would
+    send) into a traced pod and, at the same time, into an untraced one. The traced pod's packets get a
+    host-side boundary at their first queueing on a host device (the bridge), so rx_host_to_pod and a
+    whole rx_total; no interrupt or driver time, which belongs to other packets; the untraced pod's
+    packets are in no slot."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    a, b = lab.add_pod("a"), lab.add_pod("b")
+    n = 1000
+    traffic_py = str(Path(__file__).resolve().parents[1] / "traffic.py")
+    bridge_ifindex = socket.if_nametoindex(lab.bridge)
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9220", "--count", str(n), "--timeout", "20") as ra, \
+             b.serve("udp-recv", "--port", "9220", "--count", str(n), "--timeout", "20") as rb:
+            for pod in (a, b):
+                subprocess.run([sys.executable, traffic_py, "udp-send", "--to", pod.ip, "--port", "9220",
+                                "--count", str(n), "--rate", "4000"], check=True, capture_output=True, timeout=60)
+        assert ra.result == rb.result == {"received": n}, (ra.result, rb.result)
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    stats = check_kernel_against_events(m, a, Direction.RX, rx_expected)
+    read = [e for e in m.event_list if e.direction is Direction.RX and e.dport == 9220 and e.ts[5]]
+    assert len(read) == stats["rx_total"].count == n, (len(read), stats["rx_total"].count)
+    assert stats["rx_host_to_pod"].count == stats["rx_pod_stack"].count == n, stats
+    assert all(e.ts[2] < e.ts[3] and e.ifindex[0] == bridge_ifindex for e in read), \
+        [(e.ts, e.ifindex) for e in read if not (e.ts[2] < e.ts[3] and e.ifindex[0] == bridge_ifindex)][:3]
+    assert all(e.first_ns == e.ts[2] for e in read)  # rx_total starts at the host's queueing
+    assert stats["rx_irq"].count == stats["rx_driver"].count == 0
+    assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot

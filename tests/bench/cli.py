@@ -189,7 +189,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 def run_fidelity() -> None:
                     data = fidelity.run(traffic, pods.client, pods.traced, pods.untraced, pps,
                                         plan.fidelity_accounting_seconds, plan.fidelity_pingpong_seconds,
-                                        log_dir, plan.quiet_wait_s, progress)
+                                        log_dir, plan.quiet_wait_s, progress, lab.bridge)
                     doc["sections"]["fidelity"] = data
                     doc["sections"]["accounting"] = {}
                     doc["rows"] += [asdict(r) for r in fidelity.rows(data)]

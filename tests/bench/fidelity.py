@@ -9,7 +9,9 @@ report cut at phase boundaries), which lets one agent's figures be split by phas
 - Medians: sockperf ping-pong (TCP into one pod, UDP into another) while the bpftrace script
   segments.bt, which shares no code and not its method with bpf/, measures the same segments of the
   same packets; agent p50 / bpftrace p50 per segment, averaged over both attachment orders. Each tool
-  alone on the next packets shows how much of its own work each one counts into its segments.
+  alone on the next packets shows how much of its own work each one counts into its segments. Once
+  with the client in a pod of its own, once with the client on the host itself (as a hostNetwork pod
+  or the kubelet), whose packets start on the host at their queueing, not at a receive.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ COMPARED = {
     "tcp": ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "tx_app_to_dev", "tx_pod_to_host"),
     "udp": ("rx_host_to_pod", "rx_pod_stack", "tx_app_to_dev", "tx_pod_to_host"),
 }
+CLIENTS = ("pod", "host")  # where the ping-pong client runs: a pod of its own, or the host's namespace
 RX_ACCOUNTED = ("rx_irq", "rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total")
 TX_ACCOUNTED = ("tx_app_to_dev", "tx_pod_to_host", "tx_total")
 RATIO_TOLERANCE = 0.10
@@ -105,6 +108,17 @@ class LiveAgent:
         self.close()
 
 
+class _HostClient(Pod):
+    """The host's own network namespace as a client (a hostNetwork pod, the kubelet): commands run in
+    this process's namespace."""
+
+    def exec(self, *cmd: str) -> list[str]:
+        return list(cmd)
+
+
+HOST = _HostClient("host", "", "", "")
+
+
 def _segments_of(doc: dict, pod: Pod) -> dict:
     for t in doc["targets"]:
         if t["netns_inode"] == pod.inode:
@@ -141,7 +155,7 @@ MODES = ("bpftrace_first", "agent_first", "agent_alone", "bpftrace_alone")
 
 
 def _pingpong_session(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, seconds: float,
-                      log_dir: Path, mode: str) -> dict:
+                      log_dir: Path, mode: str, bridge: str) -> dict:
     """One session of ping-pong traffic measured by the agent, bpftrace or both (see MODES).
 
     With both, programs on one tracepoint run in the order they were attached, and each tool's segment
@@ -149,7 +163,10 @@ def _pingpong_session(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod,
     orders and averaging cancels which one runs first. Alone, each tool's figure contains only its own
     work, which shows how much of it each tool counts into its segments."""
     host_ns = os.stat("/proc/self/ns/net").st_ino
-    ifindex = int((Path("/sys/class/net") / client.host_veth / "ifindex").read_text())
+    # Where segments.bt sees the client's packets first on the host: a client pod's host-side veth
+    # (received), or for the host's own client the bridge the host queues them on.
+    first_dev = client.host_veth if client is not HOST else bridge
+    ifindex = int((Path("/sys/class/net") / first_dev / "ifindex").read_text())
     params = [host_ns, tcp_pod.inode, udp_pod.inode, ifindex, ip_u32(tcp_pod.ip), ip_u32(udp_pod.ip)]
     bt = BpftraceProcess(params, log_dir) if mode != "agent_alone" else None
     live = LiveAgent() if mode != "bpftrace_alone" else None
@@ -196,13 +213,23 @@ def _float(x) -> float | None:
 
 
 def medians(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, seconds: float, log_dir: Path,
-            quiet_wait_s: float, progress) -> dict:
-    sessions = {}
-    strangers = {}
-    for mode in MODES:
-        strangers[mode] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
-        progress(f"fidelity: {mode.replace('_', ' ')}, TCP then UDP ping-pong, {seconds:.0f} s each")
-        sessions[mode] = _pingpong_session(traffic, client, tcp_pod, udp_pod, seconds, log_dir, mode)
+            quiet_wait_s: float, progress, bridge: str) -> dict:
+    """Per client (CLIENTS), each mode's session and the segments combined over the modes."""
+    out: dict = {"sessions": {}, "combined": {}, "strangers": {}}
+    for where, who in (("pod", client), ("host", HOST)):
+        sessions, strangers = {}, {}
+        for mode in MODES:
+            strangers[mode] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
+            progress(f"fidelity: {mode.replace('_', ' ')}, TCP then UDP ping-pong from the {where}, "
+                     f"{seconds:.0f} s each")
+            sessions[mode] = _pingpong_session(traffic, who, tcp_pod, udp_pod, seconds, log_dir, mode, bridge)
+        out["sessions"][where], out["strangers"][where] = sessions, strangers
+        out["combined"][where] = _combine(sessions)
+    return out
+
+
+def _combine(sessions: dict) -> dict:
+    """Each compared segment's p50 by both tools, averaged over both attachment orders, and alone."""
     combined = {}
     for proto, segs in COMPARED.items():
         combined[proto] = {}
@@ -224,37 +251,43 @@ def medians(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, seconds: 
                 "agent_alone_p50_us": a_alone, "bpftrace_alone_p50_us": b_alone,
                 "ratio_alone": a_alone / b_alone if a_alone is not None and b_alone else None,
             }
-    return {"sessions": sessions, "combined": combined, "strangers": strangers}
+    return combined
 
 
 def run(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, pps: int, accounting_s: float,
-        pingpong_s: float, log_dir: Path, quiet_wait_s: float, progress) -> dict:
+        pingpong_s: float, log_dir: Path, quiet_wait_s: float, progress, bridge: str) -> dict:
     strangers = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
     progress(f"fidelity: packet accounting, UDP {pps:,} packets/s for {accounting_s:.0f} s "
              f"(client and server traced)")
     with LiveAgent() as live:
         acc = accounting(live, traffic, client, tcp_pod, pps, accounting_s)
     acc["strangers"] = strangers
-    med = medians(traffic, client, tcp_pod, udp_pod, pingpong_s, log_dir, quiet_wait_s, progress)
+    med = medians(traffic, client, tcp_pod, udp_pod, pingpong_s, log_dir, quiet_wait_s, progress, bridge)
     return {"accounting": acc, "medians": med}
+
+
+def compared(data: dict):
+    """(client, protocol, segment, combined figures) of every segment both tools measured."""
+    for where in CLIENTS:
+        for proto, segs in data["medians"]["combined"][where].items():
+            for seg, s in segs.items():
+                yield where, proto, seg, s
 
 
 def rows(data: dict) -> list[Row]:
     out: list[Row] = []
-    med = data["medians"]["combined"]
-    for proto in ("tcp", "udp"):
-        for seg, s in med[proto].items():
-            a, b = s["agent_p50_us"], s["bpftrace_p50_us"]
-            ratio = a / b if a is not None and b else None
-            by_order = ", ".join(f"{o.replace('_', ' ')} ×{r:.3f}" for o, r in s["ratio_by_order"].items() if r)
-            if s["ratio_alone"]:
-                by_order += (f"; each alone: {fmt(s['agent_alone_p50_us'], 2)} vs {fmt(s['bpftrace_alone_p50_us'], 2)} µs"
-                             f" ×{s['ratio_alone']:.3f}")
-            out.append(Row("fidelity", f"{seg} p50, {proto.upper()} ping-pong",
-                           f"{fmt(b, 2, 'µs')} (bpftrace, n={s['bpftrace_count']:,})",
-                           f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
-                           f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
-                           bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=by_order))
+    for where, proto, seg, s in compared(data):
+        a, b = s["agent_p50_us"], s["bpftrace_p50_us"]
+        ratio = a / b if a is not None and b else None
+        by_order = ", ".join(f"{o.replace('_', ' ')} ×{r:.3f}" for o, r in s["ratio_by_order"].items() if r)
+        if s["ratio_alone"]:
+            by_order += (f"; each alone: {fmt(s['agent_alone_p50_us'], 2)} vs {fmt(s['bpftrace_alone_p50_us'], 2)} µs"
+                         f" ×{s['ratio_alone']:.3f}")
+        out.append(Row("fidelity", f"{seg} p50, {proto.upper()} ping-pong from the {where}",
+                       f"{fmt(b, 2, 'µs')} (bpftrace, n={s['bpftrace_count']:,})",
+                       f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
+                       f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
+                       bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=by_order))
     acc = data["accounting"]
     run = acc["iperf"]
     srv, cli = acc["server_segments"], acc["client_segments"]

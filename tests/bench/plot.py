@@ -9,6 +9,8 @@ import matplotlib
 matplotlib.use("Agg")  # no display on CI machines
 import matplotlib.pyplot as plt  # noqa: E402
 
+from . import fidelity  # noqa: E402
+
 
 def _overhead(ax, sm: dict) -> None:
     metrics = [("tcp_bulk", "gbit_s", "TCP bulk\nthroughput"), ("udp_rate", "delivered_pps", "UDP 64 B\ndelivered"),
@@ -76,15 +78,13 @@ def _per_packet(ax, cost: dict) -> None:
 
 
 def _fidelity(ax, fid: dict) -> None:
-    comb = fid["medians"]["combined"]
     labels, ratios, orders = [], [], []
-    for proto in ("tcp", "udp"):
-        for seg, s in comb[proto].items():
-            if s["agent_p50_us"] is None or not s["bpftrace_p50_us"]:
-                continue
-            labels.append(f"{seg}\n{proto.upper()}")
-            ratios.append(s["agent_p50_us"] / s["bpftrace_p50_us"])
-            orders.append([r for r in s["ratio_by_order"].values() if r])
+    for where, proto, seg, s in fidelity.compared(fid):
+        if s["agent_p50_us"] is None or not s["bpftrace_p50_us"]:
+            continue
+        labels.append(f"{seg}\n{proto.upper()} from {where}")
+        ratios.append(s["agent_p50_us"] / s["bpftrace_p50_us"])
+        orders.append([r for r in s["ratio_by_order"].values() if r])
     xs = range(len(labels))
     ax.axhspan(0.9, 1.1, color="green", alpha=0.12, label="target ±10%")
     ax.scatter(xs, ratios, color="black", zorder=3, label="both orders averaged")

@@ -38,6 +38,9 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     assert doc["sections"]["probe_cost"]["agent_time8"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     assert doc["sections"]["overhead"]["summary"]["pp_tcp/traced/time_one_in_8"]["p50_us"]["median_on"] > 0
     assert doc["sections"]["fidelity"]["accounting"]["server_segments"]["rx_pod_stack"]["count"] > 0
+    # Both tools saw the host's own client's packets cross into the pod (they start at its queueing).
+    from_host = doc["sections"]["fidelity"]["medians"]["combined"]["host"]["tcp"]["rx_host_to_pod"]
+    assert from_host["agent_count"] > 0 and from_host["bpftrace_count"] > 0, from_host
     scale = next(iter(doc["sections"]["controlplane"]["scales"].values()))
     assert scale["published_nodes"] == scale["nodes"]
 
