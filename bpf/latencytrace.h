@@ -42,8 +42,8 @@ struct lt_target {
     u32 seg_mask;      /* bit per segment id to record */
     u32 dir_mask;      /* bit 0: receive, bit 1: transmit; 0: slot unused */
     u32 events_per_sec; /* per CPU cap on events of this target */
-    u32 time_one_in;    /* time 1 packet in N, chosen at its first boundary; 0 or 1: every packet */
-    u32 time_below;     /* a packet is timed when a random u32 is below this (2^32 / time_one_in, from user space) */
+    u64 time_below;     /* time 1 packet in N, chosen at its first boundary: when a random u32 is below this
+                         * (2^32 / N, from user space); 2^32, every packet, draws no random number */
 };
 
 struct lt_in6 {
@@ -286,7 +286,7 @@ static __always_inline int lt_count_packet(struct lt_target *t, u32 slot, u32 di
     u64 *n = lt_packets.lookup(&i);
     if (n)
         (*n)++;
-    return t->time_one_in <= 1 || bpf_get_prandom_u32() < t->time_below;
+    return t->time_below > 0xffffffffULL || bpf_get_prandom_u32() < t->time_below;
 }
 
 static __always_inline int lt_timed(struct lt_flight *f)

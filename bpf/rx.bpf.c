@@ -216,26 +216,19 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
             lt_record_sockq_push(sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
         return 0;
     }
-    if (!lt_timed(f)) {
-        /* Not timed (no clock read): a UDP datagram only keeps its socket's reads matched; a TCP skb's
-         * flight ends at its read (or its drop), as a timed one's does, marked as readied. */
-        f->ts[LT_B_RX_SOCK_READY] = 1;
-        if (f->addr.proto == LT_IPPROTO_UDP) {
-            lt_record_sockq_push(sk, NULL, 0);
-            lt_free(LT_DIR_RX, f);
-        } else if (key != tail) {
-            lt_count(LT_C_COALESCED);
-            lt_free(LT_DIR_RX, f);
-        }
-        return 0;
+    /* A timed packet's wakeup is its sock_ready boundary; an untimed one (no clock read) is only marked
+     * as readied: a UDP datagram keeps its socket's reads matched, a TCP skb's flight ends at its read
+     * (or its drop) as a timed one's does. */
+    struct lt_flight *timed = lt_timed(f) ? f : NULL;
+    u64 now = timed ? bpf_ktime_get_ns() : 0;
+    f->ts[LT_B_RX_SOCK_READY] = timed ? now : 1;
+    if (timed) {
+        struct lt_target *t = lt_target(f->slot);
+        if (t && lt_wants(t, LT_DIR_RX))
+            lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
     }
-    u64 now = bpf_ktime_get_ns();
-    f->ts[LT_B_RX_SOCK_READY] = now;
-    struct lt_target *t = lt_target(f->slot);
-    if (t && lt_wants(t, LT_DIR_RX))
-        lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
     if (f->addr.proto == LT_IPPROTO_UDP) {
-        lt_record_sockq_push(sk, f, now);
+        lt_record_sockq_push(sk, timed, now);
         lt_free(LT_DIR_RX, f);
     } else if (key != tail) {
         lt_count(LT_C_COALESCED); /* its data will be read through the tail skb */

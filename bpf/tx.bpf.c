@@ -201,8 +201,8 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     struct lt_flight *f = lt_get(LT_DIR_TX, (u64)skb);
     if (!f)
         return 0;
-    if ((f->flags & LT_F_XMITTED) && lt_timed(f))
-        lt_record_tx_done(f, bpf_ktime_get_ns(), skb);
+    if (f->flags & LT_F_XMITTED)
+        lt_record_tx_done(f, lt_timed(f) ? bpf_ktime_get_ns() : 0, skb); /* it frees either way */
     else
         lt_free(LT_DIR_TX, f);
     return 0;

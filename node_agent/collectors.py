@@ -24,12 +24,41 @@ class SlotEpoch:
     epoch: int  # Target.added_ns: identifies one occupant of the slot
 
 
-class HistogramCollector:
+class SlotCollector:
+    """What one slot map holds for each slot occupant, as the change since the last call: the occupant's
+    first reading is its baseline, and occupants no longer asked for are forgotten. Subclasses say how
+    a slot is read and how two readings are subtracted."""
+
     def __init__(self, tracer: Tracer):
         self.tracer = tracer
         self.ncpu = bpfsys.possible_cpus()
         self._lib = libbpf.BATCH
-        self._prev: dict[SlotEpoch, dict[int, histogram.SegmentHistogram]] = {}
+        self._prev: dict[SlotEpoch, object] = {}
+
+    def _read_slot(self, slot: int):
+        raise NotImplementedError
+
+    def _subtract(self, current, prev):
+        """current - prev; prev is None for an occupant without a baseline."""
+        raise NotImplementedError
+
+    def baseline(self, key: SlotEpoch) -> None:
+        """Start counting this slot's occupant from now (what an earlier occupant left is not its)."""
+        self._prev[key] = self._read_slot(key.slot)
+
+    def deltas(self, keys: list[SlotEpoch]) -> dict:
+        out = {}
+        for key in keys:
+            current = self._read_slot(key.slot)
+            out[key] = self._subtract(current, self._prev.get(key))
+            self._prev[key] = current
+        for stale in set(self._prev) - set(keys):
+            del self._prev[stale]
+        return out
+
+
+class HistogramCollector(SlotCollector):
+    """Per segment: count, sum, maximum and histogram buckets (lt_stat, lt_hist)."""
 
     def _read_slot(self, slot: int) -> dict[int, histogram.SegmentHistogram]:
         nseg, nb = segments.N_SEGMENTS, histogram.N_BUCKETS
@@ -47,51 +76,23 @@ class HistogramCollector:
                 zero_count=int(s[:, 3].sum()), buckets=buckets[seg].astype(np.uint64))
         return out
 
-    def baseline(self, key: SlotEpoch) -> None:
-        """Start counting this slot's occupant from now (what an earlier occupant left is not its)."""
-        self._prev[key] = self._read_slot(key.slot)
-
-    def deltas(self, keys: list[SlotEpoch]) -> dict[SlotEpoch, dict[int, histogram.SegmentHistogram]]:
-        out = {}
-        for key in keys:
-            current = self._read_slot(key.slot)
-            prev = self._prev.get(key)
-            out[key] = {seg: histogram.delta(h, prev.get(seg) if prev else None) for seg, h in current.items()}
-            self._prev[key] = current
-        for stale in set(self._prev) - set(keys):
-            del self._prev[stale]
-        return out
+    def _subtract(self, current, prev):
+        return {seg: histogram.delta(h, prev.get(seg) if prev else None) for seg, h in current.items()}
 
 
-class PacketCollector:
-    """Packets per slot and direction counted at their first boundary (lt_packets), since the last call:
-    every packet of a traced pod, timed or not (with timing 1 in N, the histograms hold the timed ones)."""
-
-    def __init__(self, tracer: Tracer):
-        self.tracer = tracer
-        self.ncpu = bpfsys.possible_cpus()
-        self._lib = libbpf.BATCH
-        self._prev: dict[SlotEpoch, tuple[int, int]] = {}
+class PacketCollector(SlotCollector):
+    """Packets per slot and direction counted at their first boundary (lt_packets), as (receive,
+    transmit): every packet of a traced pod, timed or not (with timing 1 in N, the histograms hold the
+    timed ones)."""
 
     def _read_slot(self, slot: int) -> tuple[int, int]:
         fd = self.tracer.table("lt_packets").map_fd
         v = bpfsys.read_percpu_array(self._lib, fd, slot * 2, 2, 8, self.ncpu)
         return int(v[0, :, 0].sum()), int(v[1, :, 0].sum())
 
-    def baseline(self, key: SlotEpoch) -> None:
-        self._prev[key] = self._read_slot(key.slot)
-
-    def deltas(self, keys: list[SlotEpoch]) -> dict[SlotEpoch, tuple[int, int]]:
-        """(receive, transmit) packets per slot occupant since the last call."""
-        out = {}
-        for key in keys:
-            current = self._read_slot(key.slot)
-            prev = self._prev.get(key, (0, 0))
-            out[key] = (current[0] - prev[0], current[1] - prev[1])
-            self._prev[key] = current
-        for stale in set(self._prev) - set(keys):
-            del self._prev[stale]
-        return out
+    def _subtract(self, current, prev):
+        prev = prev or (0, 0)
+        return (current[0] - prev[0], current[1] - prev[1])
 
 
 class DropCollector:

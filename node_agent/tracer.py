@@ -60,12 +60,13 @@ class ProbeStatus:
 MAX_TIME_ONE_IN = 1_000_000
 
 
-def time_threshold(one_in: int) -> tuple[int, int]:
-    """struct lt_target's (time_one_in, time_below): the probes time a packet when a random u32 is below
-    time_below, so with probability floor(2^32 / N) / 2^32 (1/N within 2^-32), without a divide."""
+def time_threshold(one_in: int) -> int:
+    """struct lt_target's time_below: the probes time a packet when a random u32 is below it, so with
+    probability floor(2^32 / N) / 2^32 (1/N within 2^-32), without a divide; 2^32 (N = 1) times every
+    packet without drawing a random number."""
     if not 1 <= one_in <= MAX_TIME_ONE_IN:
         raise ValueError(f"time 1 packet in N: N must be 1 to {MAX_TIME_ONE_IN}, not {one_in}")
-    return one_in, (1 << 32) // one_in if one_in > 1 else 0xFFFFFFFF
+    return (1 << 32) // one_in
 
 
 def check_privileges() -> None:
@@ -203,7 +204,7 @@ class Tracer:
         t = self.table("lt_targets")
         v = t.Leaf()
         v.slow_ns, v.sample_one_in = settings.slow_ns, settings.sample_one_in
-        v.time_one_in, v.time_below = time_threshold(settings.time_one_in)
+        v.time_below = time_threshold(settings.time_one_in)
         v.seg_mask, v.dir_mask, v.events_per_sec = settings.seg_mask, settings.dir_mask, settings.events_per_sec
         t[ct.c_int(slot)] = v
 

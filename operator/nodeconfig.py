@@ -210,7 +210,7 @@ class NodeConfigs:
         if not self._carries(obj, uid, entry):  # fields of the entry another manager owns: rewrite it whole
             return self._rewrite(node, uid, entry)
         if not (obj.get("spec") or {}).get("traces"):
-            self._delete_if_unchanged(node, obj["metadata"]["resourceVersion"])
+            self._rewrite(node, uid, entry, obj)  # the last entry left: delete it while it stays empty
         return entry
 
     @staticmethod
@@ -228,10 +228,13 @@ class NodeConfigs:
                                                        _request_timeout=self.timeout)
         return json.loads(resp.data)
 
-    def _rewrite(self, node: str, uid: str, entry: NodeTrace | None) -> NodeTrace | None:
-        """The whole spec with trace `uid`'s entry replaced: read, write with the resourceVersion read,
-        read again on conflict. Only for entries another field manager holds a part of."""
-        obj = self.get(node)
+    def _rewrite(self, node: str, uid: str, entry: NodeTrace | None, obj: dict | None = None) -> NodeTrace | None:
+        """The whole spec with trace `uid`'s entry replaced: read (unless `obj` was just read), write
+        with the resourceVersion read, read again on conflict. For entries another field manager holds a
+        part of, and for an object left without entries, which is deleted while it stays so: a conflict
+        is then either a trace that added itself (it stays) or the agent's status write (a status write
+        changes the resourceVersion too)."""
+        obj = obj if obj is not None else self.get(node)
         for _ in range(CONFLICT_RETRIES):
             try:
                 if obj is None:  # gone since: an apply makes it afresh, owned by the trace alone
@@ -240,11 +243,11 @@ class NodeConfigs:
                     return entry
                 current = NodeSpec.model_validate(obj["spec"])
                 wanted = with_trace(current, uid, entry)
-                if wanted == current:
-                    return entry
                 if not wanted.traces:
                     self._delete(node, obj["metadata"]["resourceVersion"])
                     return None
+                if wanted == current:
+                    return entry
                 obj = {**obj, "spec": wanted.wire()}
                 self.custom.replace_cluster_custom_object(GROUP, VERSION, NODE_PLURAL, node, obj,
                                                           _request_timeout=self.timeout)
@@ -254,26 +257,6 @@ class NodeConfigs:
                     raise
                 obj = self.get(node)
         raise RuntimeError(f"LatencyTraceNode {node} kept changing under {CONFLICT_RETRIES} attempts to write it")
-
-    def _delete_if_unchanged(self, node: str, resource_version: str) -> None:
-        """Delete the object while it carries no entry. A 409 means it changed since `resource_version`:
-        a trace added itself (it stays), or the agent wrote its status (a status write changes the
-        resourceVersion too): read it again and delete it if it still carries no entry."""
-        for _ in range(CONFLICT_RETRIES):
-            try:
-                self._delete(node, resource_version)
-                return
-            except ApiException as e:
-                if e.status == 404:  # already gone
-                    return
-                if e.status != 409:
-                    raise
-            obj = self.get(node)
-            if obj is None or (obj.get("spec") or {}).get("traces"):
-                return
-            resource_version = obj["metadata"]["resourceVersion"]
-        log.warning("LatencyTraceNode %s kept changing under %d attempts to delete it; the next change of a "
-                    "trace on the node deletes it", node, CONFLICT_RETRIES)
 
     def _delete(self, node: str, resource_version: str) -> None:
         # The precondition makes the delete fail (409) if another trace added itself meanwhile.
