@@ -6,7 +6,8 @@
  * which runs on the same CPU in the same syscall; from there on the skb address is the key. The host
  * side arrival is handled in rx.bpf.c's netif_receive_skb program and local delivery in its
  * sk_data_ready program, with the helpers in latencytrace.h. The host side of net_dev_queue also starts
- * the receive flight of a packet the host itself sends into a traced pod.
+ * the receive flight of a packet the host itself sends into a traced pod, and of one it forwards from an
+ * uplink into a traced pod after de-NATing it (lt_record_host_queue).
  */
 #include "latencytrace.h"
 
@@ -110,11 +111,18 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
     lt_record(t, slot, LT_SEG_TX_APP_TO_DEV, f->ts[LT_B_TX_APP_SEND], now);
 }
 
-/* record: a packet the host's own stack sends (hostNetwork pods, the kubelet's probes, node-local DNS),
- * queued on a host device (iif 0: received on none). If it is addressed to a traced pod, this first
- * net_dev_queue outside the pod is its host-side boundary: it never passes netif_receive_skb on the
- * host. (Packets received or forwarded by the host have an iif, and were seen at netif_receive_skb.) */
-static __always_inline void lt_record_host_send(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex)
+/* record: the host queues a packet on one of its devices toward a traced pod, and this is the first
+ * place the host sees it addressed to that pod (its host-side boundary), either because
+ * - the host's own stack sent it (iif 0: hostNetwork pods, the kubelet's probes, node-local DNS): it
+ *   never passes netif_receive_skb on the host (irq 0: the NET_RX run it may be sent from is another
+ *   packet's); or
+ * - it came in on an uplink addressed to the node and conntrack rewrote its destination to the pod's
+ *   (the reply to a pod's connection masqueraded behind the node's address, a NodePort or Service
+ *   DNAT) in PREROUTING, after netif_receive_skb: this is the forward from that same NET_RX run, whose
+ *   times are its irq and softirq boundaries (irq 1).
+ * A packet that was already addressed to the pod at netif_receive_skb has its flight and keeps it. */
+static __always_inline void lt_record_host_queue(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key,
+                                                 u32 ifindex, u8 irq)
 {
     if (v->network_header == 0xffff)
         return;
@@ -124,7 +132,7 @@ static __always_inline void lt_record_host_send(struct lt_cpu_ctx *c, struct lt_
         return;
     s32 dst = lt_addr_slot(&addr, 1);
     if (dst >= 0)
-        lt_record_host_rx(c, v, &addr, nodata, key, ifindex, dst, 0);
+        lt_record_host_rx(c, v, &addr, nodata, key, ifindex, dst, irq);
 }
 
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
@@ -150,7 +158,9 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
             if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, now))
                 lt_record_egress_queue(f, ifindex, now);
         } else if (!v.iif) {
-            lt_record_host_send(c, &v, key, ifindex);
+            lt_record_host_queue(c, &v, key, ifindex, 0); /* sent by the host itself */
+        } else if (lt_filter_uplink(v.iif)) {
+            lt_record_host_queue(c, &v, key, ifindex, 1); /* forwarded from an uplink: maybe de-NATed */
         }
         return 0;
     }

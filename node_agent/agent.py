@@ -88,6 +88,7 @@ class Agent:
     def start(self) -> ProbeStatus:
         status = self.tracer.start()
         self.tracer.set_nic_irqs(nics.nic_irqs())
+        self.tracer.set_uplinks(nics.uplink_ifindexes())
         self.registry = Registry(self.tracer, self.sizes.max_targets)
         self.hists = HistogramCollector(self.tracer)
         self.packets = PacketCollector(self.tracer)

@@ -65,8 +65,10 @@ PROBES: tuple[Probe, ...] = (
           feeds=("rx_socket_queue", "rx_total")),
     Probe("lt_sock_recv_length", "sock:sock_recv_length", "rx", ("sock *", "int", "int"),
           feeds=("rx_socket_queue", "rx_total")),
-    # Also the host-side boundary of packets the host itself sends into a pod.
-    Probe("lt_net_dev_queue", "net:net_dev_queue", "tx", ("sk_buff *",), feeds=_TX_ALL + ("rx_host_to_pod", "rx_total")),
+    # Also the host-side boundary of packets the host itself sends into a pod, and of packets it forwards
+    # from an uplink into a pod after de-NATing them (where rx_driver ends for them).
+    Probe("lt_net_dev_queue", "net:net_dev_queue", "tx", ("sk_buff *",),
+          feeds=_TX_ALL + ("rx_driver", "rx_host_to_pod", "rx_total")),
     Probe("lt_net_dev_start_xmit", "net:net_dev_start_xmit", "tx", ("sk_buff *",),
           feeds=("tx_qdisc", "tx_driver", "tx_total")),
     Probe("lt_net_dev_xmit", "net:net_dev_xmit", "tx", ("sk_buff *", "int"), feeds=("tx_driver", "tx_total")),

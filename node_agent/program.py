@@ -40,6 +40,8 @@ class Sizes:
 # paths); -1 is any other untraced namespace, another pod's, whose packets' addresses are never read.
 HOST_SLOT = -2
 MAX_IRQ = 4096  # NIC IRQ numbers at or above this get no hardirq boundary (their softirq raise still is one)
+# Uplinks are a bitmap of ifindexes below this (8 KiB); one at or above it is not followed past NAT.
+MAX_UPLINK_IFINDEX = 1 << 16
 
 
 def table_bits(entries: int) -> int:
@@ -71,6 +73,7 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
     m.update(
         LT_MAX_TARGETS=sizes.max_targets,
         LT_MAX_IRQ=MAX_IRQ,
+        LT_UPLINK_WORDS=MAX_UPLINK_IFINDEX // 64,
         # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).
         LT_RX_BITS=table_bits(sizes.rx_inflight),
         LT_TX_BITS=table_bits(sizes.tx_inflight),

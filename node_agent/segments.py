@@ -56,7 +56,11 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
              "First netif_receive_skb of the skb outside the pod's network namespace "
              "(host side: NIC, bridge port or veth peer), recognised by the pod IP as destination; for a "
              "packet the host itself sends (hostNetwork clients, kubelet probes, node-local DNS), its first "
-             "net_dev_queue outside the pod (the host queues it toward the pod)."),
+             "net_dev_queue outside the pod (the host queues it toward the pod); for a packet received on "
+             "an uplink (a physical NIC, or a bond, VLAN or bridge on one) addressed to the node and "
+             "de-NATed to the pod (replies to a pod's masqueraded connections, NodePort or Service DNAT: "
+             "conntrack rewrites the destination after netif_receive_skb), the first net_dev_queue of its "
+             "forward toward the pod, in the same NET_RX run (which gives it its irq and softirq times)."),
     Boundary(3, "pod_rx", Direction.RX, ("net:netif_receive_skb",),
              "netif_receive_skb of the skb on a device inside the pod's network namespace."),
     Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),

@@ -94,6 +94,7 @@ class Tracer:
         self._usable: list[Probe] = []
         self._wanted = 0  # the segments want() was last asked for
         self._nic_irqs: set[int] = set()  # what lt_nic_irq holds
+        self._uplinks: set[int] = set()  # what lt_uplink holds
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
@@ -174,6 +175,7 @@ class Tracer:
             self.loaded = None
         self._lookup_written = {}  # the maps went with the programs
         self._nic_irqs = set()
+        self._uplinks = set()
         self.stats.close()
 
     @property
@@ -234,6 +236,18 @@ class Tracer:
         for irq in wanted - self._nic_irqs:
             t[ct.c_uint32(irq)] = ct.c_uint8(1)
         self._nic_irqs = wanted
+
+    def set_uplinks(self, ifindexes: list[int]) -> None:
+        """Mark the host's uplinks (ifindexes in the host's namespace): a packet forwarded from one into a
+        traced pod gets its host-side boundary where the host queues it toward the pod (bpf/tx.bpf.c)."""
+        wanted = {i for i in ifindexes if 0 < i < program.MAX_UPLINK_IFINDEX}
+        if wanted == self._uplinks:
+            return
+        t = self.table("lt_uplink")  # a bitmap: bit i % 64 of word i // 64
+        for w in {i // 64 for i in wanted | self._uplinks}:
+            bits = sum(1 << (i % 64) for i in wanted if i // 64 == w)
+            t[ct.c_uint32(w)] = ct.c_uint64(bits)
+        self._uplinks = wanted
 
     # -- statistics ----------------------------------------------------------------------------
     def probe_stats(self) -> dict[str, bpfsys.ProgStats]:

@@ -167,3 +167,75 @@ class NetLab:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class Uplink:
+    """The world outside the node, as far as NAT goes: a namespace ("outside") behind a veth that the
+    host routes through as it would through its NIC, and the NAT a node does on it, as rules the host's
+    iptables gets for this lab only (added here, each removed by `close()`): MASQUERADE of the lab's pods
+    behind the host's address on the uplink (their outbound connections), and DNAT of a port of that
+    address to a pod (a NodePort). Nothing leaves the machine: the outside is a namespace of its own."""
+
+    lab: NetLab
+    subnet: str = field(default_factory=free_subnet)
+
+    def __post_init__(self) -> None:
+        net = ipaddress.ip_network(self.subnet)
+        hosts = net.hosts()
+        self.node_ip, outside_ip = str(next(hosts)), str(next(hosts))
+        self.dev = f"ltu{self.lab.tag}"
+        netns = f"lt{self.lab.tag}-outside"
+        self._rules: list[tuple[str, ...]] = []
+        self.outside = Pod("outside", netns, outside_ip, self.dev)
+        try:
+            self._make(net.prefixlen)
+        except BaseException:
+            self.close()
+            raise
+
+    def _make(self, prefix: int) -> None:
+        netns, outside_ip = self.outside.netns, self.outside.ip
+        sh("ip", "netns", "add", netns)
+        sh("ip", "netns", "exec", netns, "sysctl", "-qw", "net.ipv6.conf.all.disable_ipv6=1",
+           "net.ipv6.conf.default.disable_ipv6=1")
+        sh("ip", "link", "add", self.dev, "type", "veth", "peer", "name", "eth0", "netns", netns)
+        NetLab._no_ipv6(self.dev)
+        sh("ip", "addr", "add", f"{self.node_ip}/{prefix}", "dev", self.dev)
+        sh("ip", "link", "set", self.dev, "up")
+        sh("ip", "-n", netns, "addr", "add", f"{outside_ip}/{prefix}", "dev", "eth0")
+        sh("ip", "-n", netns, "link", "set", "eth0", "up")
+        sh("ip", "-n", netns, "link", "set", "lo", "up")
+        # The host forwards between the lab's bridge and the uplink (per device: nothing else changes).
+        for dev in (self.dev, self.lab.bridge):
+            sh("sysctl", "-qw", f"net.ipv4.conf.{dev}.forwarding=1")
+
+    @property
+    def ifindex(self) -> int:
+        return int((Path("/sys/class/net") / self.dev / "ifindex").read_text())
+
+    def _rule(self, *spec: str) -> None:
+        sh("iptables", "-t", "nat", "-I", *spec)
+        self._rules.append(spec)
+
+    def masquerade(self) -> None:
+        """The lab's pods reach the outside behind the host's address on the uplink."""
+        self._rule("POSTROUTING", "-s", self.lab.subnet, "-o", self.dev, "-j", "MASQUERADE")
+
+    def dnat(self, proto: str, port: int, pod: Pod, pod_port: int) -> None:
+        """Packets to the host's address on the uplink at `port` go to `pod` at `pod_port`."""
+        self._rule("PREROUTING", "-i", self.dev, "-d", self.node_ip, "-p", proto, "--dport", str(port),
+                   "-j", "DNAT", "--to-destination", f"{pod.ip}:{pod_port}")
+
+    def close(self) -> None:
+        for chain, *rest in reversed(self._rules):
+            sh("iptables", "-t", "nat", "-D", chain, *rest, check=False)
+        self._rules = []
+        sh("ip", "netns", "del", self.outside.netns, check=False)
+        sh("ip", "link", "del", self.dev, check=False)
+
+    def __enter__(self) -> Uplink:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

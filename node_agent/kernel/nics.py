@@ -1,4 +1,7 @@
-"""IRQ numbers of the physical NICs' queues, so that the hardirq probe ignores every other interrupt."""
+"""The host's physical NICs as the probes need them: the IRQ numbers of their queues, so that the hardirq
+probe ignores every other interrupt, and the ifindexes of the uplinks, the devices traffic from outside
+the node is received on, so that a packet forwarded from one into a pod after NAT can be recognised
+before anything reads it."""
 
 from __future__ import annotations
 
@@ -31,3 +34,25 @@ def nic_irqs(sys_net: Path = SYS_NET) -> list[int]:
                     irqs.add(n)
                 break
     return sorted(irqs)
+
+
+def uplink_ifindexes(sys_net: Path = SYS_NET) -> list[int]:
+    """Ifindexes of the devices backed by hardware and of the devices stacked on them (bond, team, VLAN,
+    macvlan, a bridge holding the NIC): `upper_*` links, followed to the top. A packet from outside the
+    node is received (its skb_iif set) on the topmost of them. Tunnels and veths are not uplinks: what
+    arrives through them is addressed to a pod already (seen at netif_receive_skb), or is pod to pod."""
+    found: set[str] = set()
+    todo = [d.name for d in sys_net.iterdir() if (d / "device").exists()]
+    while todo:
+        name = todo.pop()
+        if name in found:
+            continue
+        found.add(name)
+        todo += [u.name.removeprefix("upper_") for u in (sys_net / name).glob("upper_*")]
+    out = []
+    for name in found:
+        try:
+            out.append(int((sys_net / name / "ifindex").read_text()))
+        except (OSError, ValueError):
+            continue  # gone meanwhile
+    return sorted(out)

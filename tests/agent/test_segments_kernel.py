@@ -373,3 +373,66 @@ def test_packets_the_host_sends_start_where_the_host_queues_them(agent, lab):
     assert all(e.first_ns == e.ts[2] for e in read)  # rx_total starts at the host's queueing
     assert stats["rx_irq"].count == stats["rx_driver"].count == 0
     assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
+
+
+@pytest.mark.parametrize("nat", ["dnat", "masquerade"])
+def test_packets_de_nated_into_a_pod_start_where_the_host_forwards_them(agent, lab, nat):
+    """Packets that reach a pod through the host's NAT on its uplink, into a traced pod and, at the same
+    time, into an untraced one: UDP to a NodePort-like DNAT of the host's address (`dnat`), or the
+    replies to the pod's own TCP connection to the outside, masqueraded behind the host's address
+    (`masquerade`). At the uplink's netif_receive_skb they are addressed to the host, not to the pod
+    (conntrack rewrites that later). The traced pod's packets get their host-side boundary where the
+    host forwards them (the first net_dev_queue, on the bridge), in the NET_RX run that received them:
+    irq, softirq, host_rx, pod_rx in this order, so rx_driver ends on the host and rx_host_to_pod
+    exists; the untraced pod's packets are in no slot."""
+    import socket
+
+    from latencytrace.node_agent.kernel import nics
+    from tests.netlab import Uplink
+
+    a, b = lab.add_pod("a"), lab.add_pod("b")
+    n = 1000 if nat == "dnat" else 500
+    bridge_ifindex = socket.if_nametoindex(lab.bridge)
+    with Uplink(lab) as up:
+        out = up.outside
+
+        def udp_in():
+            up.dnat("udp", 9230, a, 9230)
+            up.dnat("udp", 9231, b, 9230)
+            with a.serve("udp-recv", "--port", "9230", "--count", str(n), "--timeout", "20") as ra, \
+                 b.serve("udp-recv", "--port", "9230", "--count", str(n), "--timeout", "20") as rb:
+                for port in (9230, 9231):
+                    out.traffic("udp-send", "--to", up.node_ip, "--port", str(port), "--count", str(n),
+                                "--rate", "4000")
+            assert ra.result == rb.result == {"received": n}, (ra.result, rb.result)
+
+        def tcp_out():
+            up.masquerade()
+            for pod, port in ((a, 9240), (b, 9241)):
+                with out.serve("tcp-sink", "--port", str(port), "--echo", "--timeout", "20") as srv:
+                    pod.traffic("tcp-send", "--to", out.ip, "--port", str(port), "--count", str(n), "--size", "64",
+                                "--echo")
+                assert srv.result == {"received_bytes": 64 * n}, srv.result
+
+        agent.tracer.set_uplinks(nics.uplink_ifindexes() + [up.ifindex])
+        try:
+            m = measure(agent, [a], udp_in if nat == "dnat" else tcp_out, read_kernel=True, dir_mask=0b01,
+                        **EVERY_PACKET)
+        finally:
+            agent.tracer.set_uplinks(nics.uplink_ifindexes())
+    if nat == "dnat":
+        stats = check_kernel_against_events(m, a, Direction.RX, rx_expected)
+        read = [e for e in m.event_list if e.direction is Direction.RX and e.dport == 9230 and e.ts[5]]
+        assert len(read) == stats["rx_total"].count == n, (len(read), stats["rx_total"].count)
+    else:
+        stats = m.kernel["a"]
+        read = [e for e in m.event_list if e.direction is Direction.RX and e.sport == 9240 and e.ts[5]]
+        assert stats["rx_socket_queue"].count == len(read) >= n * 0.99, (stats["rx_socket_queue"].count, len(read))
+    # Every packet into the pod (the TCP handshake's and bare ACKs included) was seen on the host first,
+    # in a NET_RX run: none started in the pod.
+    assert stats["rx_driver"].count == stats["rx_host_to_pod"].count >= len(read), stats
+    bad = [(e.ts, e.ifindex) for e in read
+           if not (e.ts[1] and e.ts[1] <= e.ts[2] < e.ts[3] and e.ifindex[0] == bridge_ifindex)]
+    assert not bad, (len(bad), bad[:3])
+    assert all(e.first_ns == (e.ts[0] or e.ts[1]) for e in read)  # rx_total starts in the interrupt context
+    assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
