@@ -45,6 +45,7 @@ class Plan:
     rate_candidates: tuple[int, ...] = (100_000, 80_000, 60_000, 50_000, 40_000, 30_000, 20_000)
     fidelity_accounting_seconds: float = 10
     fidelity_pingpong_seconds: float = 8
+    fidelity_nic: bool = True  # the NIC path arm: a download from a package registry (fidelity.nic_path)
     quiet_wait_s: float = 45
     overhead_budget_s: float = 12 * 60
     cp_scales: tuple[int, ...] = (10, 100, 1000)
@@ -55,7 +56,7 @@ class Plan:
 
 
 QUICK = Plan(rounds=1, extra_rounds=0, seconds=1, pingpong_seconds=1, steady_seconds=1, calibrate_seconds=1,
-             rate_candidates=(20_000,), fidelity_accounting_seconds=1, fidelity_pingpong_seconds=1,
+             rate_candidates=(20_000,), fidelity_accounting_seconds=1, fidelity_pingpong_seconds=1, fidelity_nic=False,
              quiet_wait_s=0, overhead_budget_s=0, cp_scales=(3,), cp_pods_per_node=5, cp_agents=1,
              soak_seconds=6, soak_max_spans_seconds=6)
 
@@ -189,7 +190,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 def run_fidelity() -> None:
                     data = fidelity.run(traffic, pods.client, pods.traced, pods.untraced, pps,
                                         plan.fidelity_accounting_seconds, plan.fidelity_pingpong_seconds,
-                                        log_dir, plan.quiet_wait_s, progress, lab.bridge)
+                                        log_dir, plan.quiet_wait_s, progress, lab.bridge, nic=plan.fidelity_nic)
                     doc["sections"]["fidelity"] = data
                     doc["sections"]["accounting"] = {}
                     doc["rows"] += [asdict(r) for r in fidelity.rows(data)]

@@ -12,18 +12,28 @@ report cut at phase boundaries), which lets one agent's figures be split by phas
   alone on the next packets shows how much of its own work each one counts into its segments. Once
   with the client in a pod of its own, once with the client on the host itself (as a hostNetwork pod
   or the kubelet), whose packets start on the host at their queueing, not at a receive.
+- The NIC path (`nic_path`, not in --quick): a traced pod downloads a pinned wheel from the package
+  registry the machine already uses, through the host's MASQUERADE on its NIC (as a pod's outbound
+  connection on a node), while nicpath.bt measures rx_irq (the NIC's real hardirq until NET_RX runs)
+  and rx_driver (NET_RX entry until the host forwards the de-NATed packet toward the pod) of the same
+  packets; both attachment orders, as above. Not in --quick: it depends on a service outside the
+  machine, which CI's smoke run must not.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
+import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
 
 from latencytrace.node_agent import targets
+from latencytrace.node_agent.kernel import nics
 from latencytrace.node_agent.agent import Agent, Desired
 from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.report import Report
@@ -33,7 +43,7 @@ from tests.netlab import Pod
 from . import bpfprogs, stats
 from .results import Row, fmt
 from .system import link_counts
-from .tracers import BpftraceProcess
+from .tracers import BpftraceProcess, clean_env
 from .workloads import Traffic
 
 # Segments both measure (bpftrace's UDP reads cannot be matched to their skb: no UDP socket queue).
@@ -254,8 +264,153 @@ def _combine(sessions: dict) -> dict:
     return combined
 
 
+NIC_SCRIPT = Path(__file__).resolve().with_name("nicpath.bt")
+NIC_SEGMENTS = ("rx_irq", "rx_driver")
+# A pinned wheel (pure Python, about 11 MB) from the registry pip is configured for, cached nowhere.
+NIC_DOWNLOAD = "Babel==2.14.0"
+NIC_DOWNLOAD_TIMEOUT_S = 60
+
+
+def _uplink() -> str:
+    """The device of the default route: where the registry's packets come in."""
+    out = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True, check=True)
+    words = out.stdout.split()
+    if "dev" not in words:
+        raise RuntimeError(f"no IPv4 default route: {out.stdout!r}")
+    return words[words.index("dev") + 1]
+
+
+def _irq_mask(irqs: list[int]) -> tuple[int, int]:
+    """(lowest IRQ, bit mask of the IRQs from it on) for nicpath.bt."""
+    if not irqs:
+        raise RuntimeError("no NIC interrupts found (no device with MSI vectors or an IRQ)")
+    lo = min(irqs)
+    if max(irqs) - lo >= 64:
+        raise RuntimeError(f"NIC IRQs {irqs} span more than 64 numbers")
+    return lo, sum(1 << (i - lo) for i in irqs)
+
+
+def _download(pod: Pod) -> dict:
+    """`pip download` of NIC_DOWNLOAD inside the pod, into a directory removed afterwards."""
+    python = shutil.which("python3")
+    with tempfile.TemporaryDirectory(prefix="lt-nicpath-") as d:
+        t0 = time.monotonic()
+        out = subprocess.run(pod.exec(python, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
+                                      "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", d,
+                                      NIC_DOWNLOAD),
+                             capture_output=True, text=True, timeout=NIC_DOWNLOAD_TIMEOUT_S, env=clean_env())
+        seconds = time.monotonic() - t0
+        if out.returncode != 0:
+            raise RuntimeError(f"pip download {NIC_DOWNLOAD} in {pod.name} failed: {out.stderr.strip()[-500:]}")
+        size = sum(f.stat().st_size for f in Path(d).iterdir())
+    return {"bytes": size, "seconds": round(seconds, 3)}
+
+
+def nic_path(pod: Pod, bridge: str, log_dir: Path, quiet_wait_s: float, progress) -> dict:
+    """rx_irq and rx_driver of a download from the package registry into a traced pod through the
+    host's NIC and NAT, by the agent and by nicpath.bt, in both attachment orders."""
+    uplink = _uplink()
+    lo, mask = _irq_mask(nics.nic_irqs())
+    sys_net = Path("/sys/class/net")
+    params = [lo, mask, int((sys_net / bridge / "ifindex").read_text()), int((sys_net / uplink / "ifindex").read_text()),
+              ip_u32(pod.ip), os.stat("/proc/self/ns/net").st_ino]
+    rule = ["POSTROUTING", "-s", f"{pod.ip}/32", "-o", uplink, "-j", "MASQUERADE"]
+    subprocess.run(["iptables", "-t", "nat", "-I", *rule], check=True, capture_output=True)
+    out: dict = {"uplink": uplink, "irqs": sorted(nics.nic_irqs()), "download": NIC_DOWNLOAD, "sessions": {}}
+    try:
+        for mode in ("bpftrace_first", "agent_first"):
+            out["strangers_" + mode] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
+            progress(f"fidelity: NIC path, {mode.replace('_', ' ')}, pip download {NIC_DOWNLOAD} in a traced pod "
+                     f"through NAT on {uplink}")
+            out["sessions"][mode] = _nic_session(pod, params, log_dir, mode)
+    finally:
+        subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False, capture_output=True)
+    out["combined"] = {}
+    for seg in NIC_SEGMENTS:
+        both = [out["sessions"][m][seg] for m in ("bpftrace_first", "agent_first")]
+        a = [p["agent_p50_us"] for p in both]
+        b = [p["bpftrace_p50_us"] for p in both]
+        ok = all(x is not None for x in a + b)
+        out["combined"][seg] = {
+            "agent_p50_us": sum(a) / 2 if ok else None, "bpftrace_p50_us": sum(b) / 2 if ok else None,
+            "agent_count": sum(p["agent_count"] for p in both), "bpftrace_count": sum(p["bpftrace_count"] for p in both),
+            "ratio_by_order": {m: (p["agent_p50_us"] / p["bpftrace_p50_us"]
+                                   if p["agent_p50_us"] is not None and p["bpftrace_p50_us"] else None)
+                               for m, p in zip(("bpftrace_first", "agent_first"), both)},
+        }
+    after_nic = [out["sessions"][m]["rx_irq"]["bpftrace_after_nic_irq"] for m in ("bpftrace_first", "agent_first")]
+    out["combined"]["rx_irq"]["bpftrace_after_nic_irq"] = {
+        "count": sum(x["count"] for x in after_nic),
+        "p50_us": (sum(x["p50_us"] for x in after_nic) / 2 if all(x["p50_us"] is not None for x in after_nic)
+                   else None)}
+    return out
+
+
+def _nic_session(pod: Pod, params: list[int], log_dir: Path, mode: str) -> dict:
+    bt = BpftraceProcess(params, log_dir, NIC_SCRIPT)
+    live = LiveAgent()
+    maps: dict = {}
+    doc: dict = {"targets": []}
+    out: dict = {}
+    try:
+        for tool in ((bt, live) if mode == "bpftrace_first" else (live, bt)):
+            tool.start()
+        live.trace([pod])
+        live.cut()
+        out["download_run"] = _download(pod)
+        time.sleep(0.5)
+        doc, out["counters"] = live.cut()
+    finally:
+        try:
+            if bt.proc is not None:
+                maps = bt.stop()
+        finally:
+            live.close()
+    agent_segs = _segments_of(doc, pod)["segments"]
+    nic_only = stats.bucket_map(maps.get("@rx_irq", {})).get(0, {})
+    for seg in NIC_SEGMENTS:
+        buckets = dict(stats.bucket_map(maps.get(f"@{seg}", {})).get(0, {}))
+        if seg == "rx_irq":  # the segment as the table defines it: after a NIC hardirq, else a raise
+            for b, n in stats.bucket_map(maps.get("@rx_irq_raise", {})).get(0, {}).items():
+                buckets[b] = buckets.get(b, 0) + n
+        p50_bt = stats.bucket_quantile_ns(buckets, 0.5)
+        a = agent_segs.get(seg, {})
+        out[seg] = {"agent_p50_us": _float(a.get("p50_us")), "agent_count": a.get("count", 0),
+                    "bpftrace_p50_us": p50_bt / 1000 if p50_bt is not None else None,
+                    "bpftrace_count": sum(buckets.values())}
+    p50_nic = stats.bucket_quantile_ns(nic_only, 0.5)
+    out["rx_irq"]["bpftrace_after_nic_irq"] = {"count": sum(nic_only.values()),
+                                               "p50_us": p50_nic / 1000 if p50_nic is not None else None}
+    out["agent_all_segments"] = agent_segs
+    return out
+
+
+def nic_rows(data: dict) -> list[Row]:
+    if "error" in data:
+        return [Row("fidelity", "rx_irq, rx_driver p50, NIC path (download from a package registry into a pod)",
+                    "n/a", "n/a", "n/a", "×0.90–1.10", False, note=f"failed: {data['error']}")]
+    out: list[Row] = []
+    dl = data["sessions"]["agent_first"]["download_run"]
+    for seg, s in data["combined"].items():
+        a, b = s["agent_p50_us"], s["bpftrace_p50_us"]
+        ratio = a / b if a is not None and b else None
+        note = ", ".join(f"{o.replace('_', ' ')} ×{r:.3f}" for o, r in s["ratio_by_order"].items() if r)
+        if "bpftrace_after_nic_irq" in s:
+            nic = s["bpftrace_after_nic_irq"]
+            note += (f"; bpftrace: {nic['count']:,} after a NIC hardirq (p50 {fmt(nic['p50_us'], 2, 'µs')}), "
+                     f"{s['bpftrace_count'] - nic['count']:,} after a softirq raise")
+        note += (f"; {data['download']} ({dl['bytes'] / 1e6:.1f} MB in {dl['seconds']:.1f} s) through NAT on "
+                 f"{data['uplink']}, IRQs {data['irqs']}")
+        out.append(Row("fidelity", f"{seg} p50, NIC path (download from a package registry into a pod)",
+                       f"{fmt(b, 2, 'µs')} (bpftrace, n={s['bpftrace_count']:,})",
+                       f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
+                       f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
+                       bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=note))
+    return out
+
+
 def run(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, pps: int, accounting_s: float,
-        pingpong_s: float, log_dir: Path, quiet_wait_s: float, progress, bridge: str) -> dict:
+        pingpong_s: float, log_dir: Path, quiet_wait_s: float, progress, bridge: str, nic: bool = True) -> dict:
     strangers = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
     progress(f"fidelity: packet accounting, UDP {pps:,} packets/s for {accounting_s:.0f} s "
              f"(client and server traced)")
@@ -263,7 +418,14 @@ def run(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, pps: int, acc
         acc = accounting(live, traffic, client, tcp_pod, pps, accounting_s)
     acc["strangers"] = strangers
     med = medians(traffic, client, tcp_pod, udp_pod, pingpong_s, log_dir, quiet_wait_s, progress, bridge)
-    return {"accounting": acc, "medians": med}
+    out = {"accounting": acc, "medians": med}
+    if nic:
+        try:
+            out["nic"] = nic_path(tcp_pod, bridge, log_dir, quiet_wait_s, progress)
+        except Exception as e:  # a registry out of reach must not lose the figures above
+            progress(f"fidelity: NIC path FAILED: {e}")
+            out["nic"] = {"error": f"{type(e).__name__}: {e}"}
+    return out
 
 
 def compared(data: dict):
@@ -288,6 +450,8 @@ def rows(data: dict) -> list[Row]:
                        f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
                        f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
                        bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=by_order))
+    if "nic" in data:
+        out += nic_rows(data["nic"])
     acc = data["accounting"]
     run = acc["iperf"]
     srv, cli = acc["server_segments"], acc["client_segments"]
