@@ -3,7 +3,8 @@
  * netif_receive_skb runs for every packet on every device; it is the one place that tells host side
  * from pod side. Inside a traced namespace a packet is ours by its device (a per-CPU cache answers);
  * in the host's namespace, when its destination is a traced pod's IP (one read of the IP header, one
- * inlined array lookup); in another pod's, never (only a traced pod's packet arriving there matters). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
+ * inlined array lookup; a packet de-NATed to a pod is addressed to the node here, and starts where the
+ * host forwards it, in tx.bpf.c); in another pod's, never (only a traced pod's packet arriving there matters). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
  * joins the host and pod sightings. sk_data_ready carries only the socket: the skb is the one this CPU
  * is processing in the pod, or the socket's receive queue tail when TCP processes its backlog later in
  * process context. The read ends the journey: for TCP skb_copy_datagram_iovec names the skb; UDP copies
