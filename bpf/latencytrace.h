@@ -35,6 +35,7 @@
 #define LT_F_NODATA 4      /* a TCP segment without payload (an ACK): nothing reads it, its flight ends in the pod */
 #define LT_F_UNTIMED 8     /* not chosen for timing (lt_count_packet): the flight only follows the packet to its end,
                             * so that it is counted once and its drop attributed; no clock read, segment or event */
+#define LT_F_FIN 16        /* a TCP segment with FIN (its sequence numbers end one past its data) */
 
 struct lt_target {
     u64 slow_ns;       /* emit an event when the packet's total is at least this; 0: never */
@@ -131,14 +132,18 @@ struct lt_event {
     u16 pad2;
 };
 
-/* A UDP packet waiting in its socket's queue. UDP copies data out without a tracepoint that names the
- * skb, so the read side is matched by order instead: the n-th packet queued on a socket is its n-th
- * datagram read (sock_recv_length). Each socket's queue is a ring in the shared array lt_sockq starting
- * at the socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a
- * read finds its packet or nothing, never another's. */
+/* A packet waiting in its socket's receive queue. No read path names the skb it copies from in every
+ * case (UDP never does; TCP's splice and zero-copy reads do not), so reads are matched otherwise: for
+ * UDP by order, the n-th packet queued on a socket is its n-th datagram read (sock_recv_length); for
+ * TCP by byte sequence number, a packet is read once the socket's read position (copied_seq) reaches
+ * the end of its data. Each socket's queue is a ring in the shared array lt_sockq starting at the
+ * socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a read
+ * finds its packet or nothing, never another's. */
 struct lt_sockq_ent {
     u64 sk;  /* 0: free (read, or never written) */
     u64 seq;
+    u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt once it was queued) */
+    u32 pad;
     struct lt_flight f;
 };
 
@@ -146,7 +151,8 @@ struct lt_sockq_pos {
     u64 sk;   /* key; 0: free */
     u64 head; /* next sequence number a read takes */
     u64 tail; /* next sequence number a queued packet gets */
-    u64 skip; /* reads still due to packets queued before we saw the socket */
+    u32 skip; /* UDP: reads still due to packets queued before we saw the socket */
+    u32 tcp;  /* a TCP socket (its reads are matched by byte sequence number, not by order) */
 };
 
 struct lt_seg_stat {
@@ -200,8 +206,12 @@ struct lt_tags {
 #define LT_TX_SETS (1u << (LT_TX_BITS - 1))
 BPF_ARRAY(lt_tagsets, struct lt_tags, LT_RX_SETS + LT_TX_SETS);
 BPF_ARRAY(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
-BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* UDP socket -> its queue, direct-mapped */
+BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* socket -> its queue, direct-mapped */
 BPF_ARRAY(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
+/* Programs that go on in a fresh run of themselves (a tail call) when one run's bounded loop has more
+ * to do; filled by the loader (kernel/loader.py TAIL_CALLS). */
+#define LT_TAIL_TCP_READS 0
+BPF_PROG_ARRAY(lt_tail, 1);
 
 /* Results. */
 BPF_PERCPU_ARRAY(lt_hist, u32, LT_MAX_TARGETS * LT_NSEG * LT_NB);
@@ -494,12 +504,13 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
 /* The packet's addresses from its network header at nh, and its ports from the same read (assuming no
  * IP options or IPv6 extension headers; else they stay 0), so that a packet followed from here carries
  * its addresses without reading them again. The same read says whether a TCP segment carries data
- * (*nodata: 1 for a bare ACK, which no read will ever end). 0, or -1 when it is not IP or cannot be
+ * (*tcpf: LT_F_NODATA for a bare ACK, which no read will ever end; LT_F_FIN for a segment that ends
+ * the stream, whose FIN takes a sequence number no read passes). 0, or -1 when it is not IP or cannot be
  * read (`a` is then all zero: family 0). */
-static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a, u8 *nodata)
+static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a, u8 *tcpf)
 {
     __builtin_memset(a, 0, sizeof(*a));
-    *nodata = 0;
+    *tcpf = 0;
     if (v->protocol == LT_ETH_P_IP) {
         u32 h[9]; /* the 20-byte header without options, then the ports and the TCP header to its offset */
         if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
@@ -514,7 +525,7 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
             if (a->proto == LT_IPPROTO_TCP) {
                 u32 tot = ((h[0] >> 8) & 0xff00) | (h[0] >> 24); /* bytes 2-3, network order */
                 u32 doff = (h[8] >> 4) & 0xf;                  /* byte 32: TCP data offset */
-                *nodata = tot == 20 + 4 * doff;
+                *tcpf = (tot == 20 + 4 * doff ? LT_F_NODATA : 0) | ((h[8] >> 8) & 1 ? LT_F_FIN : 0); /* byte 33: flags */
             }
         }
         return 0;
@@ -536,7 +547,7 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
             if (a->proto == LT_IPPROTO_TCP) {
                 u32 plen = ((h[1] << 8) & 0xff00) | ((h[1] >> 8) & 0xff); /* bytes 4-5 */
                 u32 doff = (h[13] >> 4) & 0xf;                          /* byte 52 */
-                *nodata = plen == 4 * doff;
+                *tcpf = (plen == 4 * doff ? LT_F_NODATA : 0) | ((h[13] >> 8) & 1 ? LT_F_FIN : 0); /* byte 53: flags */
             }
         }
         return 0;
@@ -564,8 +575,8 @@ static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
     lt_skb_read(skb, &v);
     if (!v.head || v.network_header == 0xffff)
         return;
-    u8 nodata;
-    if (lt_ip_hdr(&v, v.head + v.network_header, e, &nodata) < 0)
+    u8 tcpf;
+    if (lt_ip_hdr(&v, v.head + v.network_header, e, &tcpf) < 0)
         return;
     /* The transport header is known here: its ports, not the guess after a fixed-size IP header. */
     e->sport = 0;
@@ -866,7 +877,7 @@ static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt
  * With `irq`, the packet came in through this CPU's NET_RX run, whose times are its irq and softirq
  * boundaries; a packet the host sends has none (the NET_RX run it may be sent from is another packet's). */
 static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, struct lt_cpu_ctx *c,
-                                               struct lt_skb_view *v, struct lt_addrs *addr, u8 nodata,
+                                               struct lt_skb_view *v, struct lt_addrs *addr, u8 tcpf,
                                                u64 key, u32 ifindex, u32 boundary, u8 irq, u64 now)
 {
     int timed = lt_count_packet(t, slot, LT_DIR_RX);
@@ -878,7 +889,7 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
     f->head = (u32)(u64)v->head;
     f->slot = slot;
     f->addr.proto = addr->proto; /* the UDP read side follows by protocol */
-    f->flags = (nodata ? LT_F_NODATA : 0) | (timed ? 0 : LT_F_UNTIMED);
+    f->flags = tcpf | (timed ? 0 : LT_F_UNTIMED);
     f->ts[boundary] = now;
     if (!timed)
         return;
@@ -897,7 +908,7 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
 /* record: host side, a packet addressed to traced pod `slot`: received by the host (netif_receive_skb,
  * irq 1), or sent by the host itself (its first net_dev_queue, irq 0). */
 static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, struct lt_addrs *addr,
-                                              u8 nodata, u64 key, u32 ifindex, u32 slot, u8 irq)
+                                              u8 tcpf, u64 key, u32 ifindex, u32 slot, u8 irq)
 {
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
@@ -909,7 +920,7 @@ static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_sk
             return; /* already seen on an earlier host device (the NIC before the bridge, the bridge before its port) */
         lt_count(LT_C_STALE);
     }
-    lt_record_rx_start(t, slot, c, v, addr, nodata, key, ifindex, LT_B_RX_HOST_RX, irq, now);
+    lt_record_rx_start(t, slot, c, v, addr, tcpf, key, ifindex, LT_B_RX_HOST_RX, irq, now);
 }
 
 #endif /* LATENCYTRACE_H */

@@ -4,13 +4,16 @@
  * from pod side. Inside a traced namespace a packet is ours by its device (a per-CPU cache answers);
  * in the host's namespace, when its destination is a traced pod's IP (one read of the IP header, one
  * inlined array lookup; a packet de-NATed to a pod is addressed to the node here, and starts where the
- * host forwards it, in tx.bpf.c); in another pod's, never (only a traced pod's packet arriving there matters). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
+ * host forwards it, in tx.bpf.c); in another pod's, never (only a traced pod's packet arriving there
+ * matters). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
  * joins the host and pod sightings. sk_data_ready carries only the socket: the skb is the one this CPU
  * is processing in the pod, or the socket's receive queue tail when TCP processes its backlog later in
- * process context. The read ends the journey: for TCP skb_copy_datagram_iovec names the skb; UDP copies
- * without it, so its packets move to a per-socket ring at sk_data_ready and the n-th datagram read
- * (sock_recv_length) is the n-th queued. Helpers shared with the transmit side (which starts the flights
- * of packets the host itself sends into a pod) are in latencytrace.h.
+ * process context. There a packet moves to a per-socket ring (lt_sockq_ent) to wait for its read, which
+ * ends the journey: the n-th datagram a UDP socket returns (sock_recv_length) is its n-th queued; a TCP
+ * packet is read when the socket's read position passes its data (tcp_rcv_space_adjust, run by every
+ * TCP read path: recvmsg, splice, zero-copy receive). Helpers shared with the transmit side (which
+ * starts the flights of packets the host itself sends, or forwards de-NATed, into a pod) are in
+ * latencytrace.h.
  */
 #include "latencytrace.h"
 
@@ -37,9 +40,9 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
             lt_count(LT_C_STALE);
         /* No host-side sighting: sent from the host itself, or from an address we do not know. */
         struct lt_addrs addr;
-        u8 nodata;
-        lt_ip_hdr(v, v->data, &addr, &nodata);
-        lt_record_rx_start(t, slot, c, v, &addr, nodata, key, ifindex, LT_B_RX_POD_RX, 1, now);
+        u8 tcpf;
+        lt_ip_hdr(v, v->data, &addr, &tcpf);
+        lt_record_rx_start(t, slot, c, v, &addr, tcpf, key, ifindex, LT_B_RX_POD_RX, 1, now);
         f = lt_get(LT_DIR_RX, key);
         if (!f)
             return;
@@ -87,8 +90,8 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     }
     /* The host side: at netif_receive_skb the link header is pulled, data points at the network header. */
     struct lt_addrs addr;
-    u8 nodata;
-    if (lt_ip_hdr(&v, v.data, &addr, &nodata) < 0)
+    u8 tcpf;
+    if (lt_ip_hdr(&v, v.data, &addr, &tcpf) < 0)
         return 0;
     if (lt_addr_slot(&addr, 0) >= 0) { /* only a traced pod's packets can be in transmit flight */
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
@@ -98,7 +101,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     }
     s32 dst = lt_addr_slot(&addr, 1); /* host side: is it addressed to a traced pod? */
     if (dst >= 0)
-        lt_record_host_rx(c, &v, &addr, nodata, key, ifindex, dst, 1);
+        lt_record_host_rx(c, &v, &addr, tcpf, key, ifindex, dst, 1);
     return 0;
 }
 
@@ -125,9 +128,42 @@ static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
     return NULL;
 }
 
-/* record: UDP, move a readied packet to its socket's ring (see lt_sockq_ent). f is NULL for a packet
- * we did not follow: it still takes a sequence number, so that the reads that follow stay matched. */
-static __always_inline void lt_record_sockq_push(void *sk, struct lt_flight *f, u64 now)
+/* The position entry of a socket seen for the first time (it replaces whichever socket held the
+ * entry), NULL if none. */
+static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 skip, u32 tcp)
+{
+    u32 i = lt_hash64(sk_key, LT_SOCK_BITS);
+    struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&i);
+    if (!pos)
+        return NULL;
+    if (pos->sk && pos->head < pos->tail)
+        lt_count(LT_C_COLLISION); /* another socket's queued packets lose their reads */
+    pos->sk = sk_key;
+    pos->head = 0;
+    pos->tail = 0;
+    pos->skip = skip;
+    pos->tcp = tcp;
+    return pos;
+}
+
+/* record: a readied packet f (timed) at position seq of its socket's ring. */
+static __always_inline void lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq, u64 now)
+{
+    u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
+    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
+    if (!e)
+        return;
+    if (e->sk && now - lt_first(&e->f) < LT_STALE_NS)
+        lt_count(LT_C_COLLISION); /* an unread packet (this socket's, a ring's length ago, or another's) */
+    e->sk = sk_key;
+    e->seq = seq;
+    e->end_seq = end_seq;
+    e->f = *f;
+}
+
+/* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
+ * time: it still takes a sequence number, so that the reads that follow stay matched. */
+static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u64 now)
 {
     u64 sk_key = (u64)sk;
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
@@ -135,19 +171,12 @@ static __always_inline void lt_record_sockq_push(void *sk, struct lt_flight *f, 
         if (!f)
             return;
         /* First packet of ours on this socket: reads first drain what was queued before it. */
-        u32 i = lt_hash64(sk_key, LT_SOCK_BITS);
-        pos = lt_sockq_pos.lookup(&i);
-        if (!pos)
-            return;
-        if (pos->sk && pos->head < pos->tail)
-            lt_count(LT_C_COLLISION); /* another socket's queued packets lose their reads */
         u32 queued = 0, reader = 0;
         bpf_probe_read_kernel(&queued, sizeof(queued), sk + LT_OFF_SK_RXQ_QLEN);
         bpf_probe_read_kernel(&reader, sizeof(reader), sk + LT_OFF_UDP_READER_QLEN);
-        pos->sk = sk_key;
-        pos->head = 0;
-        pos->tail = 0;
-        pos->skip = queued + reader > 0 ? queued + reader - 1 : 0;
+        pos = lt_sockq_open(sk_key, queued + reader > 0 ? queued + reader - 1 : 0, 0);
+        if (!pos)
+            return;
     }
     /* Atomic: packets for one socket may be readied on several CPUs at once. */
     u64 seq = __sync_fetch_and_add(&pos->tail, 1);
@@ -159,15 +188,29 @@ static __always_inline void lt_record_sockq_push(void *sk, struct lt_flight *f, 
         lt_record_read(f, now);
         return;
     }
-    u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
-    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
-    if (!e)
+    lt_sockq_put(sk_key, seq, f, 0, now);
+}
+
+/* record: TCP, move a readied, timed packet to its socket's ring with the sequence number that ends
+ * its data (rcv_nxt now: the socket's in-order data ends there, this packet's included, also when it
+ * was merged into the queue's tail skb). Its read is when the socket's read position reaches that,
+ * whichever read path moves it (lt_tcp_rcv_space_adjust). The socket's lock serialises its
+ * sk_data_ready and its reads. */
+static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u64 now)
+{
+    u64 sk_key = (u64)sk;
+    u32 end_seq = 0;
+    if (bpf_probe_read_kernel(&end_seq, sizeof(end_seq), sk + LT_OFF_TCP_RCV_NXT) < 0)
         return;
-    if (e->sk && now - lt_first(&e->f) < LT_STALE_NS)
-        lt_count(LT_C_COLLISION); /* an unread packet (this socket's, a ring's length ago, or another's) */
-    e->sk = sk_key;
-    e->seq = seq;
-    e->f = *f;
+    if (f->flags & LT_F_FIN)
+        end_seq--; /* the FIN's sequence number is never read */
+    struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
+    if (!pos || !pos->tcp)
+        pos = lt_sockq_open(sk_key, 0, 1);
+    if (!pos)
+        return;
+    u64 seq = pos->tail++;
+    lt_sockq_put(sk_key, seq, f, end_seq, now);
 }
 
 /* filter: which packet a socket was told about; 0 for none of ours. */
@@ -214,40 +257,74 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         c->rx_skb = 0;
     if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY]) {
         if (tail)
-            lt_record_sockq_push(sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
+            lt_record_udp_push(sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
         return 0;
     }
-    /* A timed packet's wakeup is its sock_ready boundary; an untimed one (no clock read) is only marked
-     * as readied: a UDP datagram keeps its socket's reads matched, a TCP skb's flight ends at its read
-     * (or its drop) as a timed one's does. */
+    /* A timed packet's wakeup is its sock_ready boundary, and it moves to its socket's ring to wait for
+     * its read; an untimed one (no clock read) only keeps a UDP socket's reads matched. Either way its
+     * in-flight entry ends here. */
     struct lt_flight *timed = lt_timed(f) ? f : NULL;
-    u64 now = timed ? bpf_ktime_get_ns() : 0;
-    f->ts[LT_B_RX_SOCK_READY] = timed ? now : 1;
+    u64 now = 0;
     if (timed) {
+        now = bpf_ktime_get_ns();
+        f->ts[LT_B_RX_SOCK_READY] = now;
         struct lt_target *t = lt_target(f->slot);
         if (t && lt_wants(t, LT_DIR_RX))
             lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
     }
     if (f->addr.proto == LT_IPPROTO_UDP) {
-        lt_record_sockq_push(sk, timed, now);
-        lt_free(LT_DIR_RX, f);
-    } else if (key != tail) {
-        lt_count(LT_C_COALESCED); /* its data will be read through the tail skb */
-        lt_free(LT_DIR_RX, f);
+        lt_record_udp_push(sk, timed, now);
+    } else {
+        if (key != tail)
+            lt_count(LT_C_COALESCED); /* merged into the queue's tail skb: read with its data */
+        if (timed)
+            lt_record_tcp_push(sk, timed, now);
     }
+    lt_free(LT_DIR_RX, f);
     return 0;
 }
 
-/* TCP reads name the skb they copy from. */
-int lt_skb_copy_datagram_iovec(struct bpf_raw_tracepoint_args *ctx)
+/* TCP reads: every read path (recvmsg, splice, zero-copy receive) moves the socket's read position
+ * (copied_seq) and then runs tcp_rcv_space_adjust. The packets whose data ends at or before that
+ * position have been read: in sequence order, so the first one still unread stops the walk. One run
+ * records at most LT_TCP_READS_PER_RUN (what the verifier takes); a read of more (one skb into which
+ * TCP merged many small packets, a splice of many skbs) goes on in a fresh run of this program, a tail
+ * call (up to the kernel's 33: over 500 packets per read; the rest at the socket's next read). */
+#define LT_TCP_READS_PER_RUN 16
+int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 key = ctx->args[0];
-    struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    if (!f)
+    void *sk = (void *)ctx->args[0];
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c || lt_filter_sock(c, sk) < 0)
+        return 0; /* a socket outside traced pods */
+    u64 sk_key = (u64)sk;
+    struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
+    if (!pos || !pos->tcp || pos->head >= pos->tail)
         return 0;
-    if (f->ts[LT_B_RX_SOCK_READY] && lt_timed(f))
-        lt_record_read(f, bpf_ktime_get_ns());
-    lt_free(LT_DIR_RX, f);
+    u32 copied = 0;
+    if (bpf_probe_read_kernel(&copied, sizeof(copied), sk + LT_OFF_TCP_COPIED_SEQ) < 0)
+        return 0;
+    u64 now = bpf_ktime_get_ns();
+    u32 base = lt_hash64(sk_key, LT_SOCKQ_BITS);
+    for (int k = 0; k < LT_TCP_READS_PER_RUN; k++) {
+        u64 seq = pos->head;
+        if (seq >= pos->tail)
+            break;
+        u32 i = (base + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
+        struct lt_sockq_ent *e = lt_sockq.lookup(&i);
+        if (!e)
+            break;
+        if (e->sk == sk_key && e->seq == seq) {
+            if ((s32)(e->end_seq - copied) > 0)
+                break; /* not read yet, nor anything queued after it */
+            lt_record_read(&e->f, now);
+            e->sk = 0;
+        }
+        /* else: its entry was taken by a later packet (counted then): its read is lost, not misattributed */
+        pos->head = seq + 1;
+    }
+    if (pos->head < pos->tail)
+        lt_tail.call(ctx, LT_TAIL_TCP_READS); /* returns only if there is no program to go on in */
     return 0;
 }
 
@@ -261,8 +338,8 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
     if (!c || lt_filter_sock(c, (void *)sk_key) < 0)
         return 0; /* a socket outside traced pods */
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
-    if (!pos)
-        return 0;
+    if (!pos || pos->tcp)
+        return 0; /* not followed, or TCP (sock_recv_length runs for every socket's recvmsg) */
     if (pos->skip) {
         pos->skip--;
         return 0;
@@ -271,7 +348,7 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         /* The reader ran ahead of sk_data_ready's program on another CPU: the datagram was queued and
          * read before the program put it in the ring. Take its number, so that the reads after it stay
          * matched (without it, each later read would take the previous datagram's entry); the program,
-         * when it runs, ends the datagram's journey there (lt_record_sockq_push). Counted. Only one
+         * when it runs, ends the datagram's journey there (lt_record_udp_push). Counted. Only one
          * ahead: a read with no datagram of ours to match must not move the reads further. */
         if (pos->head == pos->tail) {
             __sync_fetch_and_add(&pos->head, 1);

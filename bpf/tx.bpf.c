@@ -127,12 +127,12 @@ static __always_inline void lt_record_host_queue(struct lt_cpu_ctx *c, struct lt
     if (v->network_header == 0xffff)
         return;
     struct lt_addrs addr;
-    u8 nodata;
-    if (lt_ip_hdr(v, v->head + v->network_header, &addr, &nodata) < 0)
+    u8 tcpf;
+    if (lt_ip_hdr(v, v->head + v->network_header, &addr, &tcpf) < 0)
         return;
     s32 dst = lt_addr_slot(&addr, 1);
     if (dst >= 0)
-        lt_record_host_rx(c, v, &addr, nodata, key, ifindex, dst, irq);
+        lt_record_host_rx(c, v, &addr, tcpf, key, ifindex, dst, irq);
 }
 
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)

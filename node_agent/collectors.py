@@ -143,8 +143,8 @@ COUNTERS: tuple[Counter, ...] = (
             "Packets in flight whose entry another packet took (in-flight arrays, UDP socket rings): the rest "
             "of their journey is not measured; never misattributed."),
     Counter(6, "coalesced", "COALESCED",
-            "TCP packets merged into the socket queue's tail skb: measured to sock_ready; their data is read "
-            "with the tail skb's, so they have no rx_socket_queue or rx_total of their own."),
+            "TCP packets merged into the socket queue's tail skb (not a loss: each is measured to the read "
+            "of its data, like any other)."),
     Counter(7, "early_reads", "EARLY_READ",
             "UDP datagrams read before the probe on their socket's sk_data_ready ran (the reader ran ahead on "
             "another CPU): their read is taken as that moment, a socket-queue time of 0."),

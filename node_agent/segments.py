@@ -65,8 +65,10 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
              "netif_receive_skb of the skb on a device inside the pod's network namespace."),
     Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),
              "sk_data_ready for the socket the skb was queued on (the socket was told data is there)."),
-    Boundary(5, "app_read", Direction.RX, ("skb:skb_copy_datagram_iovec", "sock:sock_recv_length"),
-             "The application reads it: for TCP the copy out of that skb (skb_copy_datagram_iovec); UDP copies "
+    Boundary(5, "app_read", Direction.RX, ("tcp:tcp_rcv_space_adjust", "sock:sock_recv_length"),
+             "The application reads it: for TCP when the socket's read position (copied_seq) passes the end "
+             "of the packet's data, which every TCP read path (recvmsg, splice, zero-copy receive) reports "
+             "with tcp_rcv_space_adjust, also for a packet merged into another skb of the queue; UDP copies "
              "without naming the skb, so the n-th datagram a socket returns from recvmsg (sock_recv_length) is "
              "the n-th packet queued on it."),
 )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import socket
 import sys
 import time
@@ -30,10 +31,7 @@ def udp_recv(a) -> dict:
     s.bind((a.bind, a.port))
     s.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
-    if a.hold_until:  # a reader that does not read until told (the file appears): everything waits
-        deadline = time.monotonic() + a.timeout
-        while not os.path.exists(a.hold_until) and time.monotonic() < deadline:
-            time.sleep(0.01)
+    hold(a)
     got = 0
     try:
         while got < a.count:
@@ -70,22 +68,37 @@ def udp_send(a) -> dict:
     return {"sent": sent, "seconds": round(time.monotonic() - start, 3)}
 
 
+def hold(a) -> None:
+    """A reader that does not read until told (the file --hold-until names appears): everything waits."""
+    deadline = time.monotonic() + a.timeout
+    while a.hold_until and not os.path.exists(a.hold_until) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def tcp_sink(a) -> dict:
     srv = socket.create_server((a.bind, a.port), family=family(a.bind))
     srv.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
     conn, _ = srv.accept()
     conn.settimeout(a.timeout)
+    hold(a)
     total = 0
+    pipe = os.pipe() if a.splice else None
     try:
         while True:
-            data = conn.recv(1 << 16)
+            if pipe:  # splice(2) into a pipe, as proxies (and Go's io.Copy between sockets) read
+                if not select.select([conn], [], [], a.timeout)[0]:
+                    break
+                n = os.splice(conn.fileno(), pipe[1], 1 << 16, flags=os.SPLICE_F_NONBLOCK)
+                data = os.read(pipe[0], n) if n else b""
+            else:
+                data = conn.recv(1 << 16)
             if not data:
                 break
             total += len(data)
             if a.echo:
                 conn.sendall(data)
-    except socket.timeout:
+    except (socket.timeout, TimeoutError):
         pass
     return {"received_bytes": total}
 
@@ -121,7 +134,8 @@ def main(argv=None) -> int:
         sp.add_argument("--write", action="store_true", help="udp-send: connect, then write(2)")
         sp.add_argument("--pause-every", type=int, default=0, help="udp-recv: pause after every N datagrams")
         sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
-        sp.add_argument("--hold-until", default="", help="udp-recv: read nothing until this file exists")
+        sp.add_argument("--hold-until", default="", help="udp-recv, tcp-sink: read nothing until this file exists")
+        sp.add_argument("--splice", action="store_true", help="tcp-sink: read with splice(2) into a pipe")
     a = p.parse_args(argv)
     print(json.dumps(a.fn(a)), flush=True)
     return 0

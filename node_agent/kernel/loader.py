@@ -126,6 +126,11 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
     map; return their file descriptors. Raises LoadError."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err = tempfile.TemporaryFile()
+    # The request goes in a file, not a pipe: the source is larger than a pipe holds, and writing it to
+    # a child that hangs before reading it would block here, past any timeout.
+    request = tempfile.TemporaryFile()
+    request.write(json.dumps({"source": source, "cflags": cflags, "programs": programs}).encode())
+    request.seek(0)
     fds: list[int] = []
     proc = None
     finished = False  # the child said its last word (or died): it is exiting by itself
@@ -133,14 +138,10 @@ def load(source: str, cflags: list[str], programs: list[str], timeout: float = 3
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "latencytrace.node_agent.kernel.loader", str(child.fileno()), str(os.getpid())],
-                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(child.fileno(),))
+                stdin=request, stdout=subprocess.DEVNULL, stderr=err, pass_fds=(child.fileno(),))
         finally:
             child.close()  # ours: the child's death must reach us as end-of-file
-        try:
-            proc.stdin.write(json.dumps({"source": source, "cflags": cflags, "programs": programs}).encode())
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass  # it died already: reported below
+            request.close()  # the child has its own descriptor of it
         deadline = time.monotonic() + timeout
         names: list[str] = []
         poller = select.poll()  # not select(): the agent may hold more than 1024 descriptors
@@ -248,6 +249,11 @@ def _child(sock_fd: int, parent_pid: int) -> int:
     return 0
 
 
+# Programs that go on in a fresh run of themselves (a tail call): (program array, index, program).
+# The array holds the program once loaded; it lives as long as the agent holds the array's descriptor.
+TAIL_CALLS = (("lt_tail", 0, "lt_tcp_rcv_space_adjust"),)
+
+
 def _hand_over(bpf, programs: list[str], send) -> None:
     from bcc import BPF, libbcc, table
 
@@ -257,6 +263,9 @@ def _hand_over(bpf, programs: list[str], send) -> None:
             progs[name] = bpf.load_func(name.encode(), RAW_TRACEPOINT).fd
         except Exception as e:  # the verifier's refusal (its log is on stderr): that program alone fails
             failed[name] = str(e)
+    for array, index, name in TAIL_CALLS:
+        if name in progs:
+            bpf.get_table(array)[ct.c_int(index)] = ct.c_int(progs[name])
     lib = libbcc.lib
     lib.bpf_num_tables.restype, lib.bpf_num_tables.argtypes = ct.c_ulonglong, [ct.c_void_p]
     lib.bpf_table_name.restype, lib.bpf_table_name.argtypes = ct.c_char_p, [ct.c_void_p, ct.c_ulonglong]

@@ -23,6 +23,8 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SK_RXQ_PREV": ("sock", "sk_receive_queue.prev"),
     "LT_OFF_SK_RXQ_QLEN": ("sock", "sk_receive_queue.qlen"),
     "LT_OFF_UDP_READER_QLEN": ("udp_sock", "reader_queue.qlen"),
+    "LT_OFF_TCP_RCV_NXT": ("tcp_sock", "rcv_nxt"),
+    "LT_OFF_TCP_COPIED_SEQ": ("tcp_sock", "copied_seq"),
     "LT_OFF_TASK_NSPROXY": ("task_struct", "nsproxy"),
     "LT_OFF_NSPROXY_NET": ("nsproxy", "net_ns"),
 }

@@ -15,7 +15,7 @@ from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.segments import Direction
 from tests.agent import kernel, probe_injection
 from tests.agent.conftest import AGENT, desired, measure, wait_ready
-from tests.agent.test_segments_kernel import EVERY_PACKET, udp_burst
+from tests.agent.test_segments_kernel import udp_burst
 
 SLOW_NS = 2_000_000
 
@@ -104,27 +104,6 @@ def test_a_full_target_table_is_one_clear_line_from_the_command(lab):
                           "--format", "json"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
     assert "all 1 target slots of this agent are in use" in out.stderr and "Traceback" not in out.stderr
-
-
-def test_tcp_reads_end_at_the_copy_out_of_the_skb(agent, lab):
-    """TCP names the skb it copies to the application (skb_copy_datagram_iovec): each read ends a
-    packet's journey, and the kernel recorded exactly the socket-queue times the events show."""
-    a, client = lab.add_pod("a"), lab.add_pod("client")
-    prog = kernel.our_programs(agent.tracer)["lt_skb_copy_datagram_iovec"]
-    runs0 = kernel.programs({prog})[prog].run_cnt
-
-    def traffic():
-        with a.serve("tcp-sink", "--port", "9705", "--timeout", "20") as rx:
-            client.traffic("tcp-send", "--to", a.ip, "--port", "9705", "--count", "200", "--size", "1000")
-        assert rx.result == {"received_bytes": 200_000}
-
-    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
-    reads = [e for e in m.event_list if e.ts[5]]
-    assert reads and {(e.protocol, e.daddr, e.dport) for e in reads} == {("tcp", a.ip, 9705)}
-    assert all(e.ts[3] <= e.ts[4] <= e.ts[5] for e in reads)  # pod_rx, sock_ready, app_read
-    queue = m.kernel["a"]["rx_socket_queue"]
-    assert (queue.count, queue.sum_ns) == (len(reads), sum(e.ts[5] - e.ts[4] for e in reads))
-    assert kernel.programs({prog})[prog].run_cnt >= runs0 + len(reads)
 
 
 def test_a_changed_tracepoint_and_a_refused_attach_disable_only_their_probes(lab):

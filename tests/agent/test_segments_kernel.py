@@ -72,8 +72,9 @@ def tx_expected(ts: tuple[int, ...]) -> dict[str, int]:
 def check_kernel_against_events(m, pod, direction: Direction, expected) -> dict[str, kernel.SegStat]:
     """Each segment's count and sum in the kernel equal what its packets' raw timestamps say; every
     count is in the histogram; nothing negative, nothing clamped, no event lost or held back. (A UDP
-    read that ran ahead of the sk_data_ready probe, `early_reads`, is measured and in its event too.)"""
-    troubles = {k: v for k, v in m.kernel_counters.items() if k != "early_reads"}
+    read that ran ahead of the sk_data_ready probe, `early_reads`, and a TCP packet merged into the
+    queue's tail skb, `coalesced`, are measured and in their events too.)"""
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in ("early_reads", "coalesced")}
     assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
     stats = m.kernel[pod.name]
     evs = [e for e in m.event_list if e.direction is direction]
@@ -268,7 +269,7 @@ def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
 
 
 # What the receive side's socket queue needs (probes.py says why): the kernel's links must show these.
-SOCKET_QUEUE_TRACEPOINTS = {"netif_receive_skb", "sk_data_ready", "skb_copy_datagram_iovec", "sock_recv_length",
+SOCKET_QUEUE_TRACEPOINTS = {"netif_receive_skb", "sk_data_ready", "tcp_rcv_space_adjust", "sock_recv_length",
                             "kfree_skb"}
 
 
@@ -436,3 +437,73 @@ def test_packets_de_nated_into_a_pod_start_where_the_host_forwards_them(agent, l
     assert not bad, (len(bad), bad[:3])
     assert all(e.first_ns == (e.ts[0] or e.ts[1]) for e in read)  # rx_total starts in the interrupt context
     assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
+
+
+def check_tcp_reads(m, pod) -> list:
+    """The packets read into `pod` over TCP: each read after its wakeup, the kernel's socket-queue and
+    total times exactly those of the events, and every data packet that woke the socket read (its
+    SYN, bare ACKs and FIN end in the pod's stack: no wakeup, no read, no event)."""
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in ("early_reads", "coalesced")}
+    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    stats = m.kernel[pod.name]
+    reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5]]
+    assert reads and {(e.protocol, e.daddr) for e in reads} == {("tcp", pod.ip)}
+    assert all(e.ts[3] <= e.ts[4] <= e.ts[5] for e in reads)  # pod_rx, sock_ready, app_read
+    for seg, ns in (("rx_socket_queue", [e.ts[5] - e.ts[4] for e in reads]),
+                    ("rx_total", [e.ts[5] - e.first_ns for e in reads])):
+        assert (stats[seg].count, stats[seg].sum_ns) == (len(ns), sum(ns)), (seg, stats[seg], len(ns), sum(ns))
+    assert stats["rx_pod_stack"].count == len(reads), (stats["rx_pod_stack"].count, len(reads))
+    return reads
+
+
+@pytest.mark.parametrize("reader", ["recv", "splice"])
+def test_tcp_reads_end_when_the_read_position_passes_the_data(agent, lab, reader):
+    """Every TCP read path moves the socket's read position and reports it (tcp_rcv_space_adjust):
+    recv(2), and splice(2) into a pipe, as proxies and Go's io.Copy between sockets read, which no copy
+    out of an skb names. Every data packet that woke the socket is read, after its wakeup, and the
+    kernel recorded exactly the times the packets' own boundaries give."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    prog = kernel.our_programs(agent.tracer)["lt_tcp_rcv_space_adjust"]
+    runs0 = kernel.programs({prog})[prog].run_cnt
+    splice = ["--splice"] if reader == "splice" else []
+
+    def traffic():
+        with a.serve("tcp-sink", "--port", "9705", "--timeout", "20", *splice) as rx:
+            client.traffic("tcp-send", "--to", a.ip, "--port", "9705", "--count", "200", "--size", "1000")
+        assert rx.result == {"received_bytes": 200_000}
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    check_tcp_reads(m, a)
+    assert kernel.programs({prog})[prog].run_cnt > runs0
+
+
+@pytest.mark.parametrize("reader", ["recv", "splice"])
+def test_tcp_packets_merged_into_the_queue_tail_are_read_with_its_data(agent, lab, reader):
+    """A reader that holds off while 300 small segments arrive: TCP merges most of them into the skb at
+    the tail of the socket's queue (the kernel counts them as coalesced). Each is still measured to the
+    read of its own data, none is lost: as many reads as wakeups, and every read after the reader
+    started. A splice reads them all at once, one report of the read position for them all (more than
+    one run of the probe records)."""
+    import time
+    from pathlib import Path
+
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    go = Path(f"/tmp/lt-test-hold-{a.netns}")
+    go.unlink(missing_ok=True)
+    started = {}
+
+    def traffic():
+        with a.serve("tcp-sink", "--port", "9706", "--timeout", "20", "--hold-until", str(go),
+                     *(["--splice"] if reader == "splice" else [])) as rx:
+            client.traffic("tcp-send", "--to", a.ip, "--port", "9706", "--count", "300", "--size", "100")
+            started["ns"] = time.monotonic_ns()
+            go.touch()
+        assert rx.result == {"received_bytes": 30_000}
+
+    try:
+        m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    finally:
+        go.unlink(missing_ok=True)
+    assert m.kernel_counters["coalesced"] > 0, m.kernel_counters  # the case under test happened
+    reads = check_tcp_reads(m, a)
+    assert all(e.ts[5] >= started["ns"] for e in reads), [e.ts for e in reads if e.ts[5] < started["ns"]][:3]
