@@ -73,6 +73,8 @@ struct lt_cpu_ctx {
     u64 rx_skb;    /* skb in a traced pod's stack on this CPU, awaiting sk_data_ready */
     u64 tx_skb;    /* skb of a traced pod that just reached the host, for local delivery */
     s64 rx_slot;   /* target slot of rx_skb's pod */
+    u64 tcp_sk;    /* the socket whose established receive processing (tcp_rcv_established) ran last on this */
+    u64 tcp_skb;   /* CPU, and the skb it processed: what its sk_data_ready announces (softirq or backlog) */
     /* Send starts: a send syscall and the TCP socket it (or an earlier call of it) filled stay on the
      * CPU until the skb is queued on the pod's device, unless the thread migrates (a lost sample). */
     u64 send_ts;   /* start of the send syscall of thread send_tid (0: none pending) */

@@ -251,8 +251,22 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         return 0; /* a socket outside traced pods */
     if (!tail)
         tail = (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
-    u64 key = lt_filter_ready_skb(c, tail, slot);
-    struct lt_flight *f = key ? lt_get(LT_DIR_RX, key) : NULL;
+    u64 key = 0;
+    struct lt_flight *f = NULL;
+    if (c->tcp_sk == (u64)sk) {
+        /* TCP named the segment it processed for this socket (lt_tcp_probe), also from the backlog a
+         * reader left; a bare ACK has no flight, and what follows finds the packet otherwise. */
+        c->tcp_sk = 0;
+        f = lt_get(LT_DIR_RX, c->tcp_skb);
+        if (f && f->ts[LT_B_RX_POD_RX] && !f->ts[LT_B_RX_SOCK_READY])
+            key = c->tcp_skb;
+        else
+            f = NULL;
+    }
+    if (!f) {
+        key = lt_filter_ready_skb(c, tail, slot);
+        f = key ? lt_get(LT_DIR_RX, key) : NULL;
+    }
     if (key == c->rx_skb)
         c->rx_skb = 0;
     if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY]) {
@@ -281,6 +295,20 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
             lt_record_tcp_push(sk, timed, now);
     }
     lt_free(LT_DIR_RX, f);
+    return 0;
+}
+
+/* TCP's processing of a segment for an established socket starts here (tcp_rcv_established), in a
+ * NET_RX run or, when the application held the socket, later in process context from its backlog,
+ * where nothing else says which skb the socket's sk_data_ready is about: remember it, cheaply (two
+ * stores; sk_data_ready checks the socket). */
+int lt_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
+{
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c)
+        return 0;
+    c->tcp_sk = ctx->args[0];
+    c->tcp_skb = ctx->args[1];
     return 0;
 }
 

@@ -61,6 +61,9 @@ PROBES: tuple[Probe, ...] = (
           feeds=_RX_ALL + ("tx_pod_to_host", "tx_qdisc", "tx_driver", "tx_total")),
     Probe("lt_sk_data_ready", "sock:sk_data_ready", "rx", ("sock *",),
           feeds=("rx_pod_stack", "rx_socket_queue", "rx_total", "tx_total")),
+    # Which skb a TCP socket's sk_data_ready is about, also when TCP processes it from the backlog.
+    Probe("lt_tcp_probe", "tcp:tcp_probe", "rx", ("sock *", "sk_buff *"),
+          feeds=("rx_pod_stack", "rx_socket_queue", "rx_total")),
     Probe("lt_tcp_rcv_space_adjust", "tcp:tcp_rcv_space_adjust", "rx", ("sock *",),
           feeds=("rx_socket_queue", "rx_total")),
     Probe("lt_sock_recv_length", "sock:sock_recv_length", "rx", ("sock *", "int", "int"),

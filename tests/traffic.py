@@ -77,6 +77,8 @@ def hold(a) -> None:
 
 def tcp_sink(a) -> dict:
     srv = socket.create_server((a.bind, a.port), family=family(a.bind))
+    if a.hold_until:  # room for all that is sent while it holds off: nothing waits in the sender or backlog
+        srv.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
     srv.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
     conn, _ = srv.accept()

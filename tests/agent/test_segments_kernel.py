@@ -269,7 +269,8 @@ def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
 
 
 # What the receive side's socket queue needs (probes.py says why): the kernel's links must show these.
-SOCKET_QUEUE_TRACEPOINTS = {"netif_receive_skb", "sk_data_ready", "tcp_rcv_space_adjust", "sock_recv_length",
+SOCKET_QUEUE_TRACEPOINTS = {"netif_receive_skb", "sk_data_ready", "tcp_probe", "tcp_rcv_space_adjust",
+                            "sock_recv_length",
                             "kfree_skb"}
 
 
