@@ -811,6 +811,20 @@ static __always_inline struct lt_flight *lt_take(u32 dir, u64 skb, u64 now)
     return lt_flights.lookup(&i);
 }
 
+/* A new flight of skb `key` in direction dir for target `slot`: its entry, cleared, with the packet's
+ * identity (address, data buffer) set; NULL if none. */
+static __always_inline struct lt_flight *lt_flight_new(u32 dir, u64 key, struct lt_skb_view *v, u32 slot, u64 now)
+{
+    struct lt_flight *f = lt_take(dir, key, now);
+    if (!f)
+        return NULL;
+    __builtin_memset(f, 0, sizeof(*f));
+    f->skb = key;
+    f->head = (u32)(u64)v->head;
+    f->slot = slot;
+    return f;
+}
+
 /* Free a flight's entry of direction dir (its journey ended, or it was dropped). */
 static __always_inline void lt_free(u32 dir, struct lt_flight *f)
 {
@@ -883,13 +897,9 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
                                                u64 key, u32 ifindex, u32 boundary, u8 irq, u64 now)
 {
     int timed = lt_count_packet(t, slot, LT_DIR_RX);
-    struct lt_flight *f = lt_take(LT_DIR_RX, key, now);
+    struct lt_flight *f = lt_flight_new(LT_DIR_RX, key, v, slot, now);
     if (!f)
         return;
-    __builtin_memset(f, 0, sizeof(*f));
-    f->skb = key;
-    f->head = (u32)(u64)v->head;
-    f->slot = slot;
     f->addr.proto = addr->proto; /* the UDP read side follows by protocol */
     f->flags = tcpf | (timed ? 0 : LT_F_UNTIMED);
     f->ts[boundary] = now;

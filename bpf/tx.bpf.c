@@ -91,13 +91,9 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
 {
     int timed = lt_count_packet(t, slot, LT_DIR_TX);
     u64 start = lt_send_start(c, v->sk, now); /* taken either way: a pending start belongs to this packet */
-    struct lt_flight *f = lt_take(LT_DIR_TX, key, now);
+    struct lt_flight *f = lt_flight_new(LT_DIR_TX, key, v, slot, now);
     if (!f)
         return;
-    __builtin_memset(f, 0, sizeof(*f));
-    f->skb = key;
-    f->head = (u32)(u64)v->head;
-    f->slot = slot;
     f->ts[LT_B_TX_POD_DEV_QUEUE] = now;
     f->ts[LT_B_TX_EGRESS_QUEUE] = now;
     if (!timed) {

@@ -392,21 +392,29 @@ def nic_rows(data: dict) -> list[Row]:
     out: list[Row] = []
     dl = data["sessions"]["agent_first"]["download_run"]
     for seg, s in data["combined"].items():
-        a, b = s["agent_p50_us"], s["bpftrace_p50_us"]
-        ratio = a / b if a is not None and b else None
-        note = ", ".join(f"{o.replace('_', ' ')} ×{r:.3f}" for o, r in s["ratio_by_order"].items() if r)
+        note = _by_order(s)
         if "bpftrace_after_nic_irq" in s:
             nic = s["bpftrace_after_nic_irq"]
             note += (f"; bpftrace: {nic['count']:,} after a NIC hardirq (p50 {fmt(nic['p50_us'], 2, 'µs')}), "
                      f"{s['bpftrace_count'] - nic['count']:,} after a softirq raise")
         note += (f"; {data['download']} ({dl['bytes'] / 1e6:.1f} MB in {dl['seconds']:.1f} s) through NAT on "
                  f"{data['uplink']}, IRQs {data['irqs']}")
-        out.append(Row("fidelity", f"{seg} p50, NIC path (download from a package registry into a pod)",
-                       f"{fmt(b, 2, 'µs')} (bpftrace, n={s['bpftrace_count']:,})",
-                       f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
-                       f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
-                       bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=note))
+        out.append(_p50_row(f"{seg} p50, NIC path (download from a package registry into a pod)", s, note))
     return out
+
+
+def _by_order(s: dict) -> str:
+    return ", ".join(f"{o.replace('_', ' ')} ×{r:.3f}" for o, r in s["ratio_by_order"].items() if r)
+
+
+def _p50_row(what: str, s: dict, note: str) -> Row:
+    """One segment's agent p50 against bpftrace's, both attachment orders averaged."""
+    a, b = s["agent_p50_us"], s["bpftrace_p50_us"]
+    ratio = a / b if a is not None and b else None
+    return Row("fidelity", what, f"{fmt(b, 2, 'µs')} (bpftrace, n={s['bpftrace_count']:,})",
+               f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
+               f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
+               bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=note)
 
 
 def run(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, pps: int, accounting_s: float,
@@ -439,17 +447,11 @@ def compared(data: dict):
 def rows(data: dict) -> list[Row]:
     out: list[Row] = []
     for where, proto, seg, s in compared(data):
-        a, b = s["agent_p50_us"], s["bpftrace_p50_us"]
-        ratio = a / b if a is not None and b else None
-        by_order = ", ".join(f"{o.replace('_', ' ')} ×{r:.3f}" for o, r in s["ratio_by_order"].items() if r)
+        by_order = _by_order(s)
         if s["ratio_alone"]:
             by_order += (f"; each alone: {fmt(s['agent_alone_p50_us'], 2)} vs {fmt(s['bpftrace_alone_p50_us'], 2)} µs"
                          f" ×{s['ratio_alone']:.3f}")
-        out.append(Row("fidelity", f"{seg} p50, {proto.upper()} ping-pong from the {where}",
-                       f"{fmt(b, 2, 'µs')} (bpftrace, n={s['bpftrace_count']:,})",
-                       f"{fmt(a, 2, 'µs')} (n={s['agent_count']:,})",
-                       f"×{ratio:.3f} ({(a - b) * 1000:+.0f} ns)" if ratio else "n/a", "×0.90–1.10",
-                       bool(ratio is not None and abs(ratio - 1) <= RATIO_TOLERANCE), note=by_order))
+        out.append(_p50_row(f"{seg} p50, {proto.upper()} ping-pong from the {where}", s, by_order))
     if "nic" in data:
         out += nic_rows(data["nic"])
     acc = data["accounting"]
