@@ -28,9 +28,9 @@ def _fdinfo_progs(pid: int | str) -> dict[int, ProgStats]:
             text = info.read_text()
         except OSError:  # the fd closed meanwhile
             continue
-        if "prog_type:" not in text:
-            continue  # links, maps and ordinary files also show up here
         fields = dict(re.findall(r"^(\w+):\s+(\S+)", text, re.M))
+        if "prog_id" not in fields or "prog_type" not in fields:
+            continue  # links, maps (a program array names its owner_prog_type) and ordinary files show up here too
         out[int(fields["prog_id"])] = ProgStats(int(fields.get("run_cnt", 0)), int(fields.get("run_time_ns", 0)))
     return out
 
