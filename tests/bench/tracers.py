@@ -63,6 +63,13 @@ class TracerProcess:
         return RuntimeError(f"{self.name} {what}: {err.strip()}")
 
     def _wait_programs(self, ready: Callable[[int], bool], timeout: float) -> None:
+        try:
+            self._wait_programs_loop(ready, timeout)
+        except BaseException:
+            self.kill()  # whatever went wrong here, the tracer must not outlive its start
+            raise
+
+    def _wait_programs_loop(self, ready: Callable[[int], bool], timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
