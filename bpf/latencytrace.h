@@ -155,6 +155,8 @@ struct lt_sockq_pos {
     u64 tail; /* next sequence number a queued packet gets */
     u32 skip; /* UDP: reads still due to packets queued before we saw the socket */
     u32 tcp;  /* a TCP socket (its reads are matched by byte sequence number, not by order) */
+    u32 peer; /* TCP: its peer (lt_tcp_peer): another one at this address is a new connection */
+    u32 pad;
 };
 
 struct lt_seg_stat {
@@ -211,9 +213,8 @@ BPF_ARRAY(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
 BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* socket -> its queue, direct-mapped */
 BPF_ARRAY(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
 /* Programs that go on in a fresh run of themselves (a tail call) when one run's bounded loop has more
- * to do; filled by the loader (kernel/loader.py TAIL_CALLS). */
-#define LT_TAIL_TCP_READS 0
-BPF_PROG_ARRAY(lt_tail, 1);
+ * to do; filled by the loader (the table: program.py TAIL_CALLS). */
+BPF_PROG_ARRAY(lt_tail, LT_TAIL_SLOTS);
 
 /* Results. */
 BPF_PERCPU_ARRAY(lt_hist, u32, LT_MAX_TARGETS * LT_NSEG * LT_NB);
@@ -282,11 +283,16 @@ static __always_inline s32 lt_ip6_slot(struct lt_in6 *a)
     return -1;
 }
 
-static __always_inline void lt_count(u32 which)
+static __always_inline void lt_count_add(u32 which, u64 n)
 {
     u64 *c = lt_counters.lookup(&which);
     if (c)
-        (*c)++;
+        *c += n;
+}
+
+static __always_inline void lt_count(u32 which)
+{
+    lt_count_add(which, 1);
 }
 
 /* record: a packet of target `slot` at its first boundary (exact, timed or not); 1 if it is to be timed.

@@ -118,7 +118,7 @@ static __always_inline void lt_record_read(struct lt_flight *f, u64 now)
     lt_emit(t, f, LT_DIR_RX, 0, now - first, (void *)f->skb, 0);
 }
 
-/* The UDP socket's queue position, if we follow the socket. */
+/* The socket's ring position, if we follow the socket. */
 static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
 {
     u32 i = lt_hash64(sk, LT_SOCK_BITS);
@@ -128,37 +128,66 @@ static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
     return NULL;
 }
 
-/* The position entry of a socket seen for the first time (it replaces whichever socket held the
- * entry), NULL if none. */
-static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 skip, u32 tcp)
+/* The position entry of a socket seen for the first time, or of a new socket at a freed one's address
+ * (it replaces whichever socket held the entry), NULL if none. The packets the entry's socket left
+ * unread lose their reads, counted; a new socket at the same address numbers on from there, so that
+ * they are behind its head (lt_sockq_live). Reads start `ahead` numbers on. */
+static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead, u32 skip, u32 tcp, u32 peer)
 {
     u32 i = lt_hash64(sk_key, LT_SOCK_BITS);
     struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&i);
     if (!pos)
         return NULL;
     if (pos->sk && pos->head < pos->tail)
-        lt_count(LT_C_COLLISION); /* another socket's queued packets lose their reads */
+        lt_count_add(LT_C_COLLISION, pos->tail - pos->head);
+    u64 base = pos->sk == sk_key ? pos->tail : 0;
     pos->sk = sk_key;
-    pos->head = 0;
-    pos->tail = 0;
+    pos->head = base + ahead;
+    pos->tail = base;
     pos->skip = skip;
     pos->tcp = tcp;
+    pos->peer = peer;
     return pos;
 }
 
-/* record: a readied packet f (timed) at position seq of its socket's ring. */
-static __always_inline void lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq, u64 now)
+/* Is the packet at seq of socket sk still waiting for its read (not read, not given up)? */
+static __always_inline int lt_sockq_live(u64 sk, u64 seq)
+{
+    struct lt_sockq_pos *pos = lt_sockq_find(sk);
+    return pos && seq >= pos->head;
+}
+
+/* The ring entry of sequence number seq of a socket. */
+static __always_inline struct lt_sockq_ent *lt_sockq_at(u64 sk_key, u64 seq)
 {
     u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
-    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
+    return lt_sockq.lookup(&i);
+}
+
+/* record: a readied packet f (timed) at position seq of its socket's ring; the entry, NULL if none.
+ * The socket is written last, atomically (a full barrier): a reader that finds it finds the rest. */
+static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq,
+                                                         u64 now)
+{
+    struct lt_sockq_ent *e = lt_sockq_at(sk_key, seq);
     if (!e)
-        return;
-    if (e->sk && now - lt_first(&e->f) < LT_STALE_NS)
+        return NULL;
+    u64 was = e->sk;
+    if (was && now - lt_first(&e->f) < LT_STALE_NS && lt_sockq_live(was, e->seq))
         lt_count(LT_C_COLLISION); /* an unread packet (this socket's, a ring's length ago, or another's) */
-    e->sk = sk_key;
+    e->sk = 0;
     e->seq = seq;
     e->end_seq = end_seq;
     e->f = *f;
+    __sync_lock_test_and_set(&e->sk, sk_key);
+    return e;
+}
+
+/* UDP: the read of entry e, taken by whichever of the reader and sk_data_ready's program claims it first
+ * (they may run at once on two CPUs); 1 for the one that did. */
+static __always_inline int lt_sockq_claim(struct lt_sockq_ent *e, u64 sk_key)
+{
+    return __sync_val_compare_and_swap(&e->sk, sk_key, 0) == sk_key;
 }
 
 /* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
@@ -167,14 +196,16 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
 {
     u64 sk_key = (u64)sk;
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
-    if (!pos) {
+    if (!pos || pos->tcp) {
         if (!f)
             return;
-        /* First packet of ours on this socket: reads first drain what was queued before it. */
-        u32 queued = 0, reader = 0;
-        bpf_probe_read_kernel(&queued, sizeof(queued), sk + LT_OFF_SK_RXQ_QLEN);
-        bpf_probe_read_kernel(&reader, sizeof(reader), sk + LT_OFF_UDP_READER_QLEN);
-        pos = lt_sockq_open(sk_key, queued + reader > 0 ? queued + reader - 1 : 0, 0);
+        /* First packet of ours on this socket: reads first drain what was queued before it. None queued
+         * at all: its reader ran ahead of this program, the packet was read already (see below). */
+        u32 queued_n = 0, reader_n = 0;
+        bpf_probe_read_kernel(&queued_n, sizeof(queued_n), sk + LT_OFF_SK_RXQ_QLEN);
+        bpf_probe_read_kernel(&reader_n, sizeof(reader_n), sk + LT_OFF_UDP_READER_QLEN);
+        u32 before = queued_n + reader_n;
+        pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0);
         if (!pos)
             return;
     }
@@ -182,13 +213,31 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
     u64 seq = __sync_fetch_and_add(&pos->tail, 1);
     if (!f)
         return;
-    if (seq < pos->head) {
-        /* Read already: its reader ran ahead of this program (see lt_sock_recv_length). The read was
-         * between the queueing and now: it ends here, the socket queue's time 0. */
-        lt_record_read(f, now);
-        return;
+    u64 head = pos->head;
+    if (seq < head) {
+        /* Its number was read: its reader ran ahead of this program on another CPU (lt_sock_recv_length),
+         * and the read was between the queueing and now: it ends here, the socket queue's time 0. Unless
+         * the packet is still the queue's tail (one read, only here): then that read was another's, one
+         * too many was counted (a datagram read that no sk_data_ready announced), and it is taken back. */
+        if (head != seq + 1 || (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV) != f->skb ||
+            __sync_val_compare_and_swap(&pos->head, head, seq) != head) {
+            lt_count(LT_C_EARLY_READ);
+            lt_record_read(f, now);
+            return;
+        }
     }
-    lt_sockq_put(sk_key, seq, f, 0, now);
+    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now);
+    /* A reader that took this number while the entry was being written found nothing: it is ours. */
+    if (e && seq < pos->head && lt_sockq_claim(e, sk_key)) {
+        lt_count(LT_C_EARLY_READ);
+        lt_record_read(f, now);
+    }
+}
+
+/* The peer a TCP packet came from: a connection at a freed socket's address has another. */
+static __always_inline u32 lt_tcp_peer(struct lt_addrs *a)
+{
+    return (a->saddr[0] ^ a->saddr[1] ^ a->saddr[2] ^ a->saddr[3]) * 2654435761u + a->sport;
 }
 
 /* record: TCP, move a readied, timed packet to its socket's ring with the sequence number that ends
@@ -204,9 +253,10 @@ static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u6
         return;
     if (f->flags & LT_F_FIN)
         end_seq--; /* the FIN's sequence number is never read */
+    u32 peer = lt_tcp_peer(&f->addr);
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
-    if (!pos || !pos->tcp)
-        pos = lt_sockq_open(sk_key, 0, 1);
+    if (!pos || !pos->tcp || pos->peer != peer)
+        pos = lt_sockq_open(sk_key, 0, 0, 1, peer); /* also a new connection at a closed one's address */
     if (!pos)
         return;
     u64 seq = pos->tail++;
@@ -356,6 +406,23 @@ int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
+/* UDP: packets in the ring that the socket no longer holds (a closed socket's unread datagrams, at an
+ * address a new socket took; a datagram the kernel dropped at its read, a bad checksum): each would
+ * shift every later read by one. Checked only when more than this read's datagram waits in the ring
+ * (two reads of the socket's queue lengths); the oldest surplus entries are given up, counted. */
+static __always_inline void lt_udp_resync(void *sk, struct lt_sockq_pos *pos)
+{
+    u64 head = pos->head, tail = pos->tail;
+    if (head > tail || tail - head < 2)
+        return;
+    u32 queued_n = 0, reader_n = 0;
+    bpf_probe_read_kernel(&queued_n, sizeof(queued_n), sk + LT_OFF_SK_RXQ_QLEN);
+    bpf_probe_read_kernel(&reader_n, sizeof(reader_n), sk + LT_OFF_UDP_READER_QLEN);
+    u64 due = (u64)queued_n + reader_n + 1; /* still queued, and the one this read returned */
+    if (tail - head > due && __sync_val_compare_and_swap(&pos->head, head, tail - due) == head)
+        lt_count_add(LT_C_COLLISION, tail - due - head);
+}
+
 /* UDP reads: one datagram per successful, non-peeking recvmsg. */
 int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -372,25 +439,24 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         pos->skip--;
         return 0;
     }
+    lt_udp_resync((void *)sk_key, pos);
     if (pos->head >= pos->tail) {
         /* The reader ran ahead of sk_data_ready's program on another CPU: the datagram was queued and
          * read before the program put it in the ring. Take its number, so that the reads after it stay
          * matched (without it, each later read would take the previous datagram's entry); the program,
-         * when it runs, ends the datagram's journey there (lt_record_udp_push). Counted. Only one
-         * ahead: a read with no datagram of ours to match must not move the reads further. */
-        if (pos->head == pos->tail) {
+         * when it runs, ends the datagram's journey there (lt_record_udp_push). Only one ahead: a read
+         * with no datagram of ours to match must not move the reads further. */
+        if (pos->head == pos->tail)
             __sync_fetch_and_add(&pos->head, 1);
-            lt_count(LT_C_EARLY_READ);
-        }
         return 0;
     }
     u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
-    u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
-    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
-    if (!e || e->sk != sk_key || e->seq != seq)
-        return 0; /* taken by a later packet: this one's read is lost, not misattributed */
+    struct lt_sockq_ent *e = lt_sockq_at(sk_key, seq);
+    /* Not there yet: sk_data_ready's program is writing it, and takes the read itself (it sees the head
+     * past its number). Another socket's or a later packet's: that one counted the collision. */
+    if (!e || e->seq != seq || !lt_sockq_claim(e, sk_key))
+        return 0;
     if (e->f.ts[LT_B_RX_SOCK_READY])
         lt_record_read(&e->f, bpf_ktime_get_ns());
-    e->sk = 0;
     return 0;
 }

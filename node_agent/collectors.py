@@ -140,14 +140,15 @@ COUNTERS: tuple[Counter, ...] = (
     Counter(3, "clamped", "CLAMPED", "Latencies above the histogram range (recorded in its top bucket)."),
     Counter(4, "negative", "NEGATIVE", "Segments that ended before they started (counted, not recorded)."),
     Counter(5, "collisions", "COLLISION",
-            "Packets in flight whose entry another packet took (in-flight arrays, UDP socket rings): the rest "
-            "of their journey is not measured; never misattributed."),
+            "Packets in flight whose entry another packet took (in-flight arrays, socket rings), or left unread "
+            "in a closed socket's ring: the rest of their journey is not measured; never misattributed."),
     Counter(6, "coalesced", "COALESCED",
             "TCP packets merged into the socket queue's tail skb (not a loss: each is measured to the read "
             "of its data, like any other)."),
     Counter(7, "early_reads", "EARLY_READ",
-            "UDP datagrams read before the probe on their socket's sk_data_ready ran (the reader ran ahead on "
-            "another CPU): their read is taken as that moment, a socket-queue time of 0."),
+            "UDP datagrams read before the probe on their socket's sk_data_ready had put them in the socket's "
+            "ring (the reader ran ahead on another CPU): their read is taken as the probe's moment, a "
+            "socket-queue time of 0."),
 )
 N_COUNTER_SLOTS = 8  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)

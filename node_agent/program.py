@@ -61,6 +61,25 @@ def source() -> str:
     return "\n".join(parts)
 
 
+@dataclass(frozen=True)
+class TailCall:
+    """A program that goes on in a fresh run of itself (bpf_tail_call): the C calls slot `index` of the
+    program array `array` as LT_TAIL_<macro>; the loader fills the slot with `program` once loaded."""
+
+    macro: str
+    array: str
+    index: int
+    program: str
+
+
+TAIL_CALLS = (TailCall("TCP_READS", "lt_tail", 0, "lt_tcp_rcv_space_adjust"),)
+
+
+def tail_calls(programs: list[str]) -> list[tuple[str, int, str]]:
+    """(array, index, program) of the tail calls among the programs to load."""
+    return [(t.array, t.index, t.program) for t in TAIL_CALLS if t.program in programs]
+
+
 def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None) -> dict[str, int | str]:
     m: dict[str, int | str] = {}
     m.update(offsets)
@@ -87,10 +106,12 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_TBL_SIZE=1 << sizes.lookup_bits,
         LT_TBL_PROBES=lookup.PROBES,
         LT_SLOT_HOST=HOST_SLOT,
+        LT_TAIL_SLOTS=len(TAIL_CALLS),
         # The host's namespace (the agent's own: hostNetwork in a cluster), where a packet's address
         # decides whether it is on its way into a traced pod.
         LT_HOST_NETNS=os.stat("/proc/self/ns/net").st_ino,
     )
+    m.update({f"LT_TAIL_{t.macro}": t.index for t in TAIL_CALLS})
     for j, t in enumerate(histogram.MANTISSA_THRESHOLDS):
         m[f"LT_M{j}"] = f"{t}ULL"
     if kfree_skb_reason_arg is not None:

@@ -111,7 +111,8 @@ class Tracer:
         headers.ensure()
         src, cflags, feats = self.build_source()
         try:
-            self.loaded = loader.load(src, cflags, sorted({p.program for p in feats.usable}))
+            names = sorted({p.program for p in feats.usable})
+            self.loaded = loader.load(src, cflags, names, program.tail_calls(names))
         except loader.LoadError as e:
             raise TracerError(f"{e} (run with --dump-bpf to see the source)") from e
         log.debug("probes compiled by process %d (peak %d MiB)", self.loaded.compiler_pid,

@@ -21,7 +21,19 @@ def family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-def udp_recv(a) -> dict:
+def kernel_address(proto: str, port: int, peer_port: int = 0) -> str:
+    """The kernel's address of this namespace's socket on `port` (and `peer_port`), hashed as
+    /proc/net/<proto> shows it: two sockets show the same only if the later one took the earlier's memory."""
+    with open(f"/proc/self/net/{proto}") as f:
+        for line in f.readlines()[1:]:
+            col = line.split()
+            ports = int(col[1].rsplit(":", 1)[1], 16), int(col[2].rsplit(":", 1)[1], 16)
+            if ports[0] == port and (not peer_port or ports[1] == peer_port):
+                return col[11]
+    raise SystemExit(f"no {proto} socket on port {port} in /proc/self/net/{proto}")
+
+
+def udp_bound(a) -> socket.socket:
     s = socket.socket(family(a.bind), socket.SOCK_DGRAM)
     # SO_RCVBUF is capped by net.core.rmem_max (about 200 KiB: a few thousand small datagrams, less than
     # a second at the tests' rates while the reader is not scheduled); root may force a size past it.
@@ -29,23 +41,74 @@ def udp_recv(a) -> dict:
     if s.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF) < RCVBUF:
         raise SystemExit(f"udp-recv: receive buffer not raised to {RCVBUF} bytes")
     s.bind((a.bind, a.port))
+    return s
+
+
+def udp_discard(a, s: socket.socket) -> tuple[socket.socket, str]:
+    """--discard: a socket closed with the sender's datagrams unread (the kernel throws them away), and a
+    new one bound in its place; then the sender is told to go on. The closed socket's kernel address."""
     s.settimeout(a.timeout)
+    _, sender = s.recvfrom(1, socket.MSG_PEEK)
+    time.sleep(0.1)  # the rest of the round's datagrams, sent back to back, are queued by now
+    address = kernel_address("udp", a.port)
+    s.close()
+    time.sleep(0.05)  # a UDP socket's memory is freed after an RCU grace period: then the next may take it
+    s = udp_bound(a)
+    with socket.socket(family(a.bind), socket.SOCK_DGRAM) as ack:
+        ack.sendto(b"next", sender)
+    return s, address
+
+
+def udp_recv(a) -> dict:
+    s = udp_bound(a)
     print(json.dumps({"ready": True}), flush=True)
+    discarded = []
+    for _ in range(a.discard):
+        s, address = udp_discard(a, s)
+        discarded.append(address)
+    s.settimeout(0.0 if a.spin else a.timeout)
     hold(a)
     got = 0
+    deadline = time.monotonic() + a.timeout
     try:
         while got < a.count:
-            s.recv(65535)
+            if a.spin:  # never sleeps: it takes each datagram as soon as the kernel has queued it
+                try:
+                    s.recv(65535)
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        break
+                    continue
+            else:
+                s.recv(65535)
             got += 1
             if a.pause_every and got % a.pause_every == 0:
                 time.sleep(a.pause_ms / 1000)  # a reader that falls behind: packets wait in the socket
     except socket.timeout:
         pass
+    if a.discard:
+        return {"received": got, "reused": kernel_address("udp", a.port) in discarded}
     return {"received": got}
 
 
 def udp_send(a) -> dict:
-    s = socket.socket(family(a.to), socket.SOCK_DGRAM)
+    """--rounds R: R sockets one after another, each sending --count datagrams; before the next, the
+    receiver's word that it has taken them (udp-recv --discard)."""
+    out = {}
+    for i in range(a.rounds):
+        s = socket.socket(family(a.to), socket.SOCK_DGRAM)
+        out = udp_send_from(a, s)
+        if i < a.rounds - 1:
+            s.settimeout(a.timeout)
+            s.recv(16)
+        out["sport"] = s.getsockname()[1]
+        s.close()
+    if a.rounds == 1:
+        del out["sport"]
+    return out
+
+
+def udp_send_from(a, s: socket.socket) -> dict:
     if a.write:  # a connected socket written to with write(2), as iperf3 and many clients do
         s.connect((a.to, a.port))
     payload = b"x" * a.size
@@ -81,7 +144,15 @@ def tcp_sink(a) -> dict:
         srv.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, RCVBUF)
     srv.settimeout(a.timeout)
     print(json.dumps({"ready": True}), flush=True)
-    conn, _ = srv.accept()
+    discarded = []
+    for _ in range(a.discard):  # connections closed once --count x --size bytes arrived, all unread
+        conn, peer = srv.accept()
+        conn.settimeout(a.timeout)
+        discarded.append(kernel_address("tcp", a.port, peer[1]))
+        conn.recv(a.count * a.size, socket.MSG_PEEK | socket.MSG_WAITALL)
+        conn.close()
+    conn, peer = srv.accept()
+    reused = kernel_address("tcp", a.port, peer[1]) in discarded
     conn.settimeout(a.timeout)
     hold(a)
     total = 0
@@ -102,20 +173,33 @@ def tcp_sink(a) -> dict:
                 conn.sendall(data)
     except (socket.timeout, TimeoutError):
         pass
+    if a.discard:
+        return {"received_bytes": total, "reused": reused}
     return {"received_bytes": total}
 
 
 def tcp_send(a) -> dict:
-    c = socket.create_connection((a.to, a.port), timeout=a.timeout)
-    c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    chunk = b"y" * a.size
-    for _ in range(a.count):
-        c.sendall(chunk)
-        if a.echo:
-            need = a.size
-            while need:
-                need -= len(c.recv(need))
-    c.close()
+    """--rounds R: R connections one after another; each but the last waits for the server's close
+    (tcp-sink --discard)."""
+    for i in range(a.rounds):
+        c = socket.create_connection((a.to, a.port), timeout=a.timeout)
+        c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        chunk = b"y" * a.size
+        for _ in range(a.count):
+            c.sendall(chunk)
+            if a.echo:
+                need = a.size
+                while need:
+                    need -= len(c.recv(need))
+        if i < a.rounds - 1:
+            try:
+                c.recv(1)
+            except ConnectionResetError:  # its data unread, the server's close is a reset
+                pass
+        sport = c.getsockname()[1]
+        c.close()
+    if a.rounds > 1:
+        return {"sent_bytes": a.size * a.count, "sport": sport}
     return {"sent_bytes": a.size * a.count}
 
 
@@ -138,7 +222,14 @@ def main(argv=None) -> int:
         sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
         sp.add_argument("--hold-until", default="", help="udp-recv, tcp-sink: read nothing until this file exists")
         sp.add_argument("--splice", action="store_true", help="tcp-sink: read with splice(2) into a pipe")
+        sp.add_argument("--spin", action="store_true", help="udp-recv: poll the socket without blocking")
+        sp.add_argument("--cpu", type=int, default=-1, help="run on this CPU only")
+        sp.add_argument("--discard", type=int, default=0,
+                        help="udp-recv, tcp-sink: first close this many sockets with what was sent to them unread")
+        sp.add_argument("--rounds", type=int, default=1, help="udp-send, tcp-send: this many sockets in turn")
     a = p.parse_args(argv)
+    if a.cpu >= 0:
+        os.sched_setaffinity(0, {a.cpu})
     print(json.dumps(a.fn(a)), flush=True)
     return 0
 

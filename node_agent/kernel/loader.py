@@ -121,15 +121,19 @@ class Loaded:
         self.programs, self.maps = {}, {}
 
 
-def load(source: str, cflags: list[str], programs: list[str], timeout: float = 300.0) -> Loaded:
+def load(source: str, cflags: list[str], programs: list[str], tail_calls: list[tuple[str, int, str]] = (),
+         timeout: float = 300.0) -> Loaded:
     """Compile `source` in a child process, load `programs` (raw tracepoint programs) and create every
-    map; return their file descriptors. Raises LoadError."""
+    map; return their file descriptors. `tail_calls`: (program array, index, program) to fill, for the
+    programs that go on in a fresh run of themselves (the array holds the program once loaded; it lives
+    as long as the agent holds the array's descriptor). Raises LoadError."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err = tempfile.TemporaryFile()
     # The request goes in a file, not a pipe: the source is larger than a pipe holds, and writing it to
     # a child that hangs before reading it would block here, past any timeout.
     request = tempfile.TemporaryFile()
-    request.write(json.dumps({"source": source, "cflags": cflags, "programs": programs}).encode())
+    request.write(json.dumps({"source": source, "cflags": cflags, "programs": programs,
+                              "tail_calls": [list(t) for t in tail_calls]}).encode())
     request.seek(0)
     fds: list[int] = []
     proc = None
@@ -242,19 +246,14 @@ def _child(sock_fd: int, parent_pid: int) -> int:
         send({"kind": "error", "message": f"BPF program failed to compile: {e}"})
         return 1
     try:
-        _hand_over(bpf, req["programs"], send)
+        _hand_over(bpf, req["programs"], req.get("tail_calls", []), send)
     except Exception as e:  # anything else: one message, not a traceback the agent has to guess from
         send({"kind": "error", "message": f"the BPF compiler process failed: {e!r}"})
         return 1
     return 0
 
 
-# Programs that go on in a fresh run of themselves (a tail call): (program array, index, program).
-# The array holds the program once loaded; it lives as long as the agent holds the array's descriptor.
-TAIL_CALLS = (("lt_tail", 0, "lt_tcp_rcv_space_adjust"),)
-
-
-def _hand_over(bpf, programs: list[str], send) -> None:
+def _hand_over(bpf, programs: list[str], tail_calls: list, send) -> None:
     from bcc import BPF, libbcc, table
 
     progs, failed = {}, {}
@@ -263,7 +262,7 @@ def _hand_over(bpf, programs: list[str], send) -> None:
             progs[name] = bpf.load_func(name.encode(), RAW_TRACEPOINT).fd
         except Exception as e:  # the verifier's refusal (its log is on stderr): that program alone fails
             failed[name] = str(e)
-    for array, index, name in TAIL_CALLS:
+    for array, index, name in tail_calls:
         if name in progs:
             bpf.get_table(array)[ct.c_int(index)] = ct.c_int(progs[name])
     lib = libbcc.lib

@@ -20,7 +20,7 @@ def _macros() -> dict:
 
 def test_every_generated_constant_the_c_uses_is_generated_and_none_is_defined_by_hand():
     src = program.source()
-    used = set(re.findall(r"\b(LT_(?:C|EV)_[A-Z_]+)\b", src))
+    used = set(re.findall(r"\b(LT_(?:C|EV|TAIL)_[A-Z_]+)\b", src))
     macros = _macros()
     assert used and used <= set(macros), sorted(used - set(macros))
     defined = set(re.findall(r"#define\s+(LT_[A-Z0-9_]+)", src))
@@ -31,6 +31,11 @@ def test_every_generated_constant_the_c_uses_is_generated_and_none_is_defined_by
     assert collectors.COUNTER_NAMES[:5] == ("events_lost", "rate_limited", "stale_flights", "clamped", "negative")
     # Event kinds: what the kernel writes is what events.decode() names.
     assert {macros[f"LT_EV_{n.upper()}"]: n for n in events.KINDS.values()} == events.KINDS
+    # Tail calls: each slot the C calls is the one the loader fills with that program, inside the array.
+    for t in program.TAIL_CALLS:
+        assert macros[f"LT_TAIL_{t.macro}"] == t.index < macros["LT_TAIL_SLOTS"]
+        assert re.search(rf"BPF_PROG_ARRAY\({t.array}, LT_TAIL_SLOTS\)", src), t.array
+        assert re.search(rf"int {t.program}\(", src) and f"LT_TAIL_{t.macro}" in src, t
 
 
 def test_histogram_thresholds_reach_the_c_as_generated():

@@ -182,6 +182,35 @@ def test_receive_segments_add_up_to_the_total_in_the_kernel(agent, lab):
     assert sum(all(e.ts[1:]) for e in read) == 300
 
 
+def test_udp_reads_that_run_ahead_of_the_wakeup_are_matched(agent, lab):
+    """A reader that never sleeps, on the other CPU than the sender's (whose CPU delivers the datagram):
+    it often takes a datagram after the kernel queued it and before the sk_data_ready probe has put it in
+    the socket's ring, or while the probe is writing it. Each read still ends its own datagram's journey,
+    once (counted as `early_reads` when the probe took the read itself): every count and nanosecond sum
+    in the kernel is what the packets' timestamps give, nothing lost, nothing shifted onto the next."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    count = 3000
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9003", "--count", str(count), "--timeout", "20", "--spin",
+                     "--cpu", "1") as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9003", "--count", str(count), "--rate", "20000",
+                           "--cpu", "0")
+        assert rx.result == {"received": count}, rx.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    troubles = {k: v for k, v in m.kernel_counters.items() if k != "early_reads"}
+    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5]]
+    assert len(reads) == count and all(e.ts[3] <= e.ts[4] <= e.ts[5] for e in reads), len(reads)
+    stats = m.kernel[a.name]
+    for seg, ns in (("rx_pod_stack", [e.ts[4] - e.ts[3] for e in reads]),
+                    ("rx_socket_queue", [e.ts[5] - e.ts[4] for e in reads]),
+                    ("rx_total", [e.ts[5] - e.first_ns for e in reads])):
+        assert (stats[seg].count, stats[seg].sum_ns) == (count, sum(ns)), (seg, stats[seg].count, stats[seg].sum_ns, sum(ns))
+    print("early reads:", m.kernel_counters["early_reads"])
+
+
 def test_targets_are_added_and_removed_without_reloading(agent, lab):
     """A removed target's slot stays flat in the kernel while its pod carries traffic and another
     target keeps the probes attached and counting."""
@@ -508,3 +537,57 @@ def test_tcp_packets_merged_into_the_queue_tail_are_read_with_its_data(agent, la
     assert m.kernel_counters["coalesced"] > 0, m.kernel_counters  # the case under test happened
     reads = check_tcp_reads(m, a)
     assert all(e.ts[5] >= started["ns"] for e in reads), [e.ts for e in reads if e.ts[5] < started["ns"]][:3]
+
+
+def socket_reads(m, pod, sport: int) -> list:
+    """The packets read in `pod`: all from the client's port `sport`, each read after its wakeup, the
+    kernel's socket-queue and total times exactly the events'."""
+    reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5]]
+    assert reads and {e.sport for e in reads} == {sport}, sorted({e.sport for e in reads})
+    assert all(e.ts[3] <= e.ts[4] <= e.ts[5] for e in reads)
+    stats = m.kernel[pod.name]
+    for seg, ns in (("rx_socket_queue", [e.ts[5] - e.ts[4] for e in reads]),
+                    ("rx_total", [e.ts[5] - e.first_ns for e in reads])):
+        assert (stats[seg].count, stats[seg].sum_ns) == (len(ns), sum(ns)), (seg, stats[seg], len(ns), sum(ns))
+    return reads
+
+
+def test_a_tcp_connection_at_a_closed_ones_address_starts_afresh(agent, lab):
+    """Connections the server closes with their data unread leave packets in the socket's ring that no
+    read will end; a later connection's socket, at the same address (the kernel reuses the memory), must
+    not inherit them: its reads are its own packets', each read, no earlier connection's taken as read."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    rounds, sent = 30, {}
+
+    def traffic():
+        with a.serve("tcp-sink", "--port", "9707", "--timeout", "20", "--discard", str(rounds - 1),
+                     "--count", "20", "--size", "100") as rx:
+            sent.update(client.traffic("tcp-send", "--to", a.ip, "--port", "9707", "--count", "20", "--size", "100",
+                                       "--rounds", str(rounds)))
+        assert rx.result == {"received_bytes": 2000, "reused": True}, rx.result  # the case under test happened
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    reads = socket_reads(m, a, sent["sport"])
+    assert sum(e.length - 20 - 32 for e in reads) == 2000, [e.length for e in reads]  # IPv4, TCP with timestamps
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in ("early_reads", "coalesced", "collisions")}
+    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+
+
+def test_a_udp_socket_at_a_closed_ones_address_starts_afresh(agent, lab):
+    """The same for UDP, whose reads are matched by order: datagrams a closed socket never read must not
+    shift a later socket's reads at its address (each would take an earlier datagram's entry)."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    rounds, sent = 30, {}
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9004", "--count", "20", "--timeout", "20",
+                     "--discard", str(rounds - 1), "--cpu", "0") as rx:  # one CPU's free sockets
+            sent.update(client.traffic("udp-send", "--to", a.ip, "--port", "9004", "--count", "20",
+                                       "--rounds", str(rounds)))
+        assert rx.result == {"received": 20, "reused": True}, rx.result  # the case under test happened
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    reads = socket_reads(m, a, sent["sport"])
+    assert len(reads) == 20, len(reads)
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in ("early_reads", "collisions")}
+    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
