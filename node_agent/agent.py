@@ -87,8 +87,7 @@ class Agent:
 
     def start(self) -> ProbeStatus:
         status = self.tracer.start()
-        self.tracer.set_nic_irqs(nics.nic_irqs())
-        self.tracer.set_uplinks(nics.uplink_ifindexes())
+        self.refresh_host_devices()
         self.registry = Registry(self.tracer, self.sizes.max_targets)
         self.hists = HistogramCollector(self.tracer)
         self.packets = PacketCollector(self.tracer)
@@ -157,6 +156,16 @@ class Agent:
             return False
         self._sync()
         return True
+
+    def refresh_host_devices(self) -> None:
+        """At start and every interval: the host's NIC queue IRQs and uplinks, which change when a NIC,
+        a bond or a VLAN is added, removed or renumbered while the agent runs (the maps are written only
+        when the answer changed)."""
+        try:
+            self.tracer.set_nic_irqs(nics.nic_irqs())
+            self.tracer.set_uplinks(nics.uplink_ifindexes())
+        except OSError as e:  # a device vanishing while /sys is walked: the next interval sees the rest
+            log.debug("host devices not re-read: %s", e)
 
     def _still_there(self, key: str) -> Namespace | None:
         """The namespace of a target already traced, if it still exists (saves finding it again; its

@@ -171,6 +171,7 @@ def trace(args) -> int:
                     break
                 stop.wait(min(args.interval, left))
                 agent.refresh_addresses()
+                agent.refresh_host_devices()
                 agent.publish(agent.collect())
                 if live:
                     live.update(report.table(), refresh=True)
