@@ -196,7 +196,7 @@ BPF_ARRAY(lt_netns, struct lt_ent1, LT_TBL_SIZE);      /* netns inode -> slot */
 BPF_ARRAY(lt_ip4, struct lt_ent1, LT_TBL_SIZE);        /* pod IPv4 address -> slot */
 BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> slot */
 BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers of physical NIC queues */
-BPF_ARRAY(lt_uplink, u64, LT_UPLINK_WORDS);            /* bit per ifindex of the host's uplinks (NICs, their bonds) */
+BPF_ARRAY(lt_hostdev, u64, LT_HOSTDEV_KINDS * LT_HOSTDEV_WORDS); /* per kind, a bit per host ifindex (lt_filter_hostdev) */
 BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 
 /* In-flight packets: 2^LT_RX_BITS + 2^LT_TX_BITS entries, two ways per set (lt_set()), and their tags. */
@@ -364,15 +364,17 @@ static __always_inline void *lt_dev_read(void *dev, u32 *ifindex)
 #endif
 }
 
-/* filter: the host received the skb on an uplink (ifindex iif; bitmap lt_uplink, filled by user space):
- * one inlined array load, before anything reads the packet. */
-static __always_inline int lt_filter_uplink(s32 iif)
+/* filter: host device `ifindex` is of this kind (bitmaps in lt_hostdev, filled by user space): an uplink
+ * (LT_HOSTDEV_UPLINK: a NIC, or what is stacked on one), or the host side of a traced pod's veth
+ * (LT_HOSTDEV_POD). One inlined array load, before anything reads the packet. */
+static __always_inline int lt_filter_hostdev(u32 kind, s32 ifindex)
 {
-    u32 w = (u32)iif >> 6;
-    if (w >= LT_UPLINK_WORDS)
+    u32 w = (u32)ifindex >> 6;
+    if (w >= LT_HOSTDEV_WORDS)
         return 0;
-    u64 *bits = lt_uplink.lookup(&w);
-    return bits && (*bits >> (iif & 63) & 1);
+    w += kind * LT_HOSTDEV_WORDS;
+    u64 *bits = lt_hostdev.lookup(&w);
+    return bits && (*bits >> (ifindex & 63) & 1);
 }
 
 /* Callers test `t && lt_wants(t, dir)` instead of getting NULL back for an unwanted direction: a

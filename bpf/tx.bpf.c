@@ -6,8 +6,8 @@
  * which runs on the same CPU in the same syscall; from there on the skb address is the key. The host
  * side arrival is handled in rx.bpf.c's netif_receive_skb program and local delivery in its
  * sk_data_ready program, with the helpers in latencytrace.h. The host side of net_dev_queue also starts
- * the receive flight of a packet the host itself sends into a traced pod, and of one it forwards from an
- * uplink into a traced pod after de-NATing it (lt_record_host_queue).
+ * the receive flight of a packet the host itself sends into a traced pod, and of one it forwards into a
+ * traced pod after de-NATing it, from an uplink or from another pod to a Service (lt_record_host_queue).
  */
 #include "latencytrace.h"
 
@@ -115,7 +115,9 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
  * - it came in on an uplink addressed to the node and conntrack rewrote its destination to the pod's
  *   (the reply to a pod's connection masqueraded behind the node's address, a NodePort or Service
  *   DNAT) in PREROUTING, after netif_receive_skb: this is the forward from that same NET_RX run, whose
- *   times are its irq and softirq boundaries (irq 1).
+ *   times are its irq and softirq boundaries (irq 1); or
+ * - it came from another pod on this node to a Service's virtual IP, which the node's DNAT (kube-proxy)
+ *   rewrote to the pod's: it has no flight when the host queues it on the pod's own veth (irq 1).
  * A packet that was already addressed to the pod at netif_receive_skb has its flight and keeps it. */
 static __always_inline void lt_record_host_queue(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key,
                                                  u32 ifindex, u8 irq)
@@ -155,8 +157,10 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
                 lt_record_egress_queue(f, ifindex, now);
         } else if (!v.iif) {
             lt_record_host_queue(c, &v, key, ifindex, 0); /* sent by the host itself */
-        } else if (lt_filter_uplink(v.iif)) {
+        } else if (lt_filter_hostdev(LT_HOSTDEV_UPLINK, v.iif)) {
             lt_record_host_queue(c, &v, key, ifindex, 1); /* forwarded from an uplink: maybe de-NATed */
+        } else if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && !lt_get(LT_DIR_RX, key)) {
+            lt_record_host_queue(c, &v, key, ifindex, 1); /* onto a traced pod's veth, not seen on its way to it */
         }
         return 0;
     }

@@ -1,4 +1,4 @@
-"""Reading a network namespace's addresses without leaving this process.
+"""Reading a network namespace's addresses (and where its veths lead) without leaving this process.
 
 pyroute2's NetNS enters a namespace by forking a helper. A forked copy of a Python process that is
 signalled before it exits runs the parent's signal handlers and unwinds the parent's stack in the copy:
@@ -23,6 +23,13 @@ _libc = ctypes.CDLL(None, use_errno=True)
 def addresses(path: str) -> list[str]:
     """The IFA_ADDRESS of every address in the namespace that `path` opens (raises OSError and the
     like when it cannot be entered)."""
+    return interfaces(path)[0]
+
+
+def interfaces(path: str) -> tuple[list[str], list[int]]:
+    """The IFA_ADDRESS of every address in the namespace that `path` opens, and the ifindexes of its
+    veths' peers in the namespaces across (a pod's: the host sides of its veths), from one netlink
+    socket (raises OSError and the like when the namespace cannot be entered)."""
     result: dict = {}
 
     def run() -> None:
@@ -36,6 +43,7 @@ def addresses(path: str) -> list[str]:
                 os.close(fd)
             with IPRoute() as ipr:  # its netlink socket is opened by this thread, in the namespace
                 result["addrs"] = [a.get_attr("IFA_ADDRESS") for a in ipr.get_addr()]
+                result["peers"] = [link.get_attr("IFLA_LINK") for link in ipr.get_links() if _veth_across(link)]
         except Exception as e:  # handed to the caller's thread
             result["error"] = e
 
@@ -44,4 +52,11 @@ def addresses(path: str) -> list[str]:
     t.join()
     if "error" in result:
         raise result["error"]
-    return result["addrs"]
+    return result["addrs"], result["peers"]
+
+
+def _veth_across(link) -> bool:
+    """A veth whose peer is in another namespace (IFLA_LINK is then that peer's ifindex there)."""
+    info = link.get_attr("IFLA_LINKINFO")
+    return (info is not None and info.get_attr("IFLA_INFO_KIND") == "veth"
+            and link.get_attr("IFLA_LINK_NETNSID") is not None and bool(link.get_attr("IFLA_LINK")))

@@ -40,8 +40,11 @@ class Sizes:
 # paths); -1 is any other untraced namespace, another pod's, whose packets' addresses are never read.
 HOST_SLOT = -2
 MAX_IRQ = 4096  # NIC IRQ numbers at or above this get no hardirq boundary (their softirq raise still is one)
-# Uplinks are a bitmap of ifindexes below this (8 KiB); one at or above it is not followed past NAT.
-MAX_UPLINK_IFINDEX = 1 << 16
+# Host devices the probes treat apart, each kind a bitmap of ifindexes below MAX_HOSTDEV_IFINDEX (8 KiB
+# each) in lt_hostdev: the uplinks (NICs and what is stacked on them), and the host sides of traced pods'
+# veths. A device at or above it is not followed past NAT.
+MAX_HOSTDEV_IFINDEX = 1 << 16
+HOSTDEV_KINDS = ("UPLINK", "POD")
 
 
 def table_bits(entries: int) -> int:
@@ -92,7 +95,7 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
     m.update(
         LT_MAX_TARGETS=sizes.max_targets,
         LT_MAX_IRQ=MAX_IRQ,
-        LT_UPLINK_WORDS=MAX_UPLINK_IFINDEX // 64,
+        LT_HOSTDEV_WORDS=MAX_HOSTDEV_IFINDEX // 64,
         # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).
         LT_RX_BITS=table_bits(sizes.rx_inflight),
         LT_TX_BITS=table_bits(sizes.tx_inflight),
@@ -112,6 +115,8 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_HOST_NETNS=os.stat("/proc/self/ns/net").st_ino,
     )
     m.update({f"LT_TAIL_{t.macro}": t.index for t in TAIL_CALLS})
+    m.update({f"LT_HOSTDEV_{k}": i for i, k in enumerate(HOSTDEV_KINDS)})
+    m["LT_HOSTDEV_KINDS"] = len(HOSTDEV_KINDS)
     for j, t in enumerate(histogram.MANTISSA_THRESHOLDS):
         m[f"LT_M{j}"] = f"{t}ULL"
     if kfree_skb_reason_arg is not None:

@@ -60,7 +60,9 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
              "an uplink (a physical NIC, or a bond, VLAN or bridge on one) addressed to the node and "
              "de-NATed to the pod (replies to a pod's masqueraded connections, NodePort or Service DNAT: "
              "conntrack rewrites the destination after netif_receive_skb), the first net_dev_queue of its "
-             "forward toward the pod, in the same NET_RX run (which gives it its irq and softirq times)."),
+             "forward toward the pod, in the same NET_RX run (which gives it its irq and softirq times); "
+             "for a packet from another pod on the node to a Service's virtual IP, DNATed to the pod by the "
+             "node, its net_dev_queue on the pod's own veth (host side)."),
     Boundary(3, "pod_rx", Direction.RX, ("net:netif_receive_skb",),
              "netif_receive_skb of the skb on a device inside the pod's network namespace."),
     Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),

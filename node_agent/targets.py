@@ -39,6 +39,8 @@ class Namespace:
     inode: int
     path: str  # a path that opens it (/run/netns/x or /proc/<pid>/ns/net)
     ips: tuple[str, ...]
+    # The host sides of its veths (ifindexes in the host's namespace): where the host queues its packets.
+    host_links: tuple[int, ...] = ()
 
 
 def _no_permission(path: str | os.PathLike) -> TargetError:
@@ -68,8 +70,14 @@ def netns_inode(path: str | os.PathLike) -> int:
 
 def namespace_ips(path: str) -> tuple[str, ...]:
     """Global addresses of the namespace's interfaces (loopback excluded)."""
+    return namespace_interfaces(path)[0]
+
+
+def namespace_interfaces(path: str) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """Global addresses of the namespace's interfaces (loopback excluded), and the host sides of its
+    veths (their ifindexes across)."""
     try:
-        addrs = netns.addresses(path)
+        addrs, peers = netns.interfaces(path)
     except OSError as e:
         if e.errno == errno.EINVAL:  # setns() refused it: a file or directory, but not a namespace
             raise TargetError(f"{path} is not a network namespace: give /run/netns/NAME, /proc/PID/ns/net "
@@ -84,7 +92,7 @@ def namespace_ips(path: str) -> tuple[str, ...]:
         ip = ipaddress.ip_address(a)
         if not (ip.is_loopback or ip.is_link_local):
             out.append(str(ip))
-    return tuple(out)
+    return tuple(out), tuple(sorted(set(peers)))
 
 
 def from_path(path: str) -> Namespace:
@@ -268,13 +276,14 @@ class Registry:
         changed = False
         for t in self.by_inode.values():
             try:
-                ips = namespace_ips(t.ns.path)
+                ips, links = namespace_interfaces(t.ns.path)
             except TargetError:
                 continue  # gone: the next reconcile finds out and removes it
             if ips != t.ns.ips:
                 log.info("addresses of %s (netns %d): %s -> %s", t.label, t.ns.inode, ", ".join(t.ns.ips) or "none",
                          ", ".join(ips) or "none")
-                t.ns = replace(t.ns, ips=ips)
+            if (ips, links) != (t.ns.ips, t.ns.host_links):
+                t.ns = replace(t.ns, ips=ips, host_links=links)
                 changed = True
         return changed
 
@@ -295,6 +304,7 @@ class Registry:
                                   "to the targets already traced on this node; trace fewer pods here")
             log.warning("%s", out[inode][1])
         self.tracer.write_lookup(kept)
+        self.tracer.set_pod_links(sorted({i for t in self.by_inode.values() for i in t.ns.host_links}))
         wanted = 0
         for t in self.by_inode.values():
             wanted |= t.settings.wanted_segments()

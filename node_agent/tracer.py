@@ -94,7 +94,7 @@ class Tracer:
         self._usable: list[Probe] = []
         self._wanted = 0  # the segments want() was last asked for
         self._nic_irqs: set[int] = set()  # what lt_nic_irq holds
-        self._uplinks: set[int] = set()  # what lt_uplink holds
+        self._hostdevs: dict[str, set[int]] = {}  # kind -> the ifindexes lt_hostdev marks
 
     # -- lifecycle ---------------------------------------------------------------------------
     def build_source(self) -> tuple[str, list[str], kfeatures.Features]:
@@ -176,7 +176,7 @@ class Tracer:
             self.loaded = None
         self._lookup_written = {}  # the maps went with the programs
         self._nic_irqs = set()
-        self._uplinks = set()
+        self._hostdevs = {}
         self.stats.close()
 
     @property
@@ -241,14 +241,25 @@ class Tracer:
     def set_uplinks(self, ifindexes: list[int]) -> None:
         """Mark the host's uplinks (ifindexes in the host's namespace): a packet forwarded from one into a
         traced pod gets its host-side boundary where the host queues it toward the pod (bpf/tx.bpf.c)."""
-        wanted = {i for i in ifindexes if 0 < i < program.MAX_UPLINK_IFINDEX}
-        if wanted == self._uplinks:
+        self._set_hostdevs("UPLINK", ifindexes)
+
+    def set_pod_links(self, ifindexes: list[int]) -> None:
+        """Mark the host sides of the traced pods' veths: a packet forwarded onto one that was not addressed
+        to the pod when the host received it (a Service's virtual IP, DNATed on this node) gets its
+        host-side boundary there (bpf/tx.bpf.c)."""
+        self._set_hostdevs("POD", ifindexes)
+
+    def _set_hostdevs(self, kind: str, ifindexes: list[int]) -> None:
+        wanted = {i for i in ifindexes if 0 < i < program.MAX_HOSTDEV_IFINDEX}
+        held = self._hostdevs.get(kind, set())
+        if wanted == held:
             return
-        t = self.table("lt_uplink")  # a bitmap: bit i % 64 of word i // 64
-        for w in {i // 64 for i in wanted | self._uplinks}:
+        t = self.table("lt_hostdev")  # one bitmap per kind: bit i % 64 of word i // 64 of the kind's words
+        base = program.HOSTDEV_KINDS.index(kind) * (program.MAX_HOSTDEV_IFINDEX // 64)
+        for w in {i // 64 for i in wanted | held}:
             bits = sum(1 << (i % 64) for i in wanted if i // 64 == w)
-            t[ct.c_uint32(w)] = ct.c_uint64(bits)
-        self._uplinks = wanted
+            t[ct.c_uint32(base + w)] = ct.c_uint64(bits)
+        self._hostdevs[kind] = wanted
 
     # -- statistics ----------------------------------------------------------------------------
     def probe_stats(self) -> dict[str, bpfsys.ProgStats]:

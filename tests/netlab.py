@@ -239,3 +239,36 @@ class Uplink:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@dataclass
+class ClusterIP:
+    """A Service's virtual IP on this node, as kube-proxy makes it: an address nothing routes (the pods'
+    default route takes it to the host), and DNAT in the host's PREROUTING of what the lab's pods send to
+    it, to a pod of the same lab. The host routes such a packet back out of the bridge it came in on. The
+    rules are for this lab only, each removed by `close()`."""
+
+    lab: NetLab
+    ip: str = field(default_factory=lambda: str(next(ipaddress.ip_network(free_subnet()).hosts())))
+
+    def __post_init__(self) -> None:
+        self._rules: list[tuple[str, ...]] = []
+        sh("sysctl", "-qw", f"net.ipv4.conf.{self.lab.bridge}.forwarding=1")
+
+    def to(self, proto: str, port: int, pod: Pod, pod_port: int) -> None:
+        """Packets from the lab's pods to this IP at `port` go to `pod` at `pod_port`."""
+        spec = ("PREROUTING", "-i", self.lab.bridge, "-s", self.lab.subnet, "-d", self.ip, "-p", proto,
+                "--dport", str(port), "-j", "DNAT", "--to-destination", f"{pod.ip}:{pod_port}")
+        sh("iptables", "-t", "nat", "-I", *spec)
+        self._rules.append(spec)
+
+    def close(self) -> None:
+        for chain, *rest in reversed(self._rules):
+            sh("iptables", "-t", "nat", "-D", chain, *rest, check=False)
+        self._rules = []
+
+    def __enter__(self) -> ClusterIP:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -48,7 +48,7 @@ def test_a_device_stacked_on_the_nic_while_the_agent_runs_becomes_an_uplink(agen
     name = f"ltup{os.getpid() % 100000}"
 
     def marked(ifindex: int) -> bool:
-        word = agent.tracer.table("lt_uplink")[ct.c_uint32(ifindex // 64)].value
+        word = agent.tracer.table("lt_hostdev")[ct.c_uint32(ifindex // 64)].value  # the uplinks: words 0..
         return bool(word >> (ifindex % 64) & 1)
 
     subprocess.run(["ip", "link", "add", "link", nic, "name", name, "type", "macvlan"], check=True)

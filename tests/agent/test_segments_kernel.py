@@ -7,6 +7,8 @@ the traffic did, not the agent's bookkeeping with itself.
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 from latencytrace.node_agent import segments
@@ -406,6 +408,17 @@ def test_packets_the_host_sends_start_where_the_host_queues_them(agent, lab):
     assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
 
 
+def udp_through_nat(sender, to: str, ports: tuple[int, ...], pods: list, n: int) -> None:
+    """n datagrams from `sender` to `to` at each of `ports`, which the node's NAT sends on to the pods
+    (in order, each at its port): every pod reads all of its own."""
+    with contextlib.ExitStack() as stack:
+        rx = [stack.enter_context(pod.serve("udp-recv", "--port", str(port), "--count", str(n), "--timeout", "20"))
+              for pod, port in pods]
+        for port in ports:
+            sender.traffic("udp-send", "--to", to, "--port", str(port), "--count", str(n), "--rate", "4000")
+    assert [r.result for r in rx] == [{"received": n}] * len(rx), [r.result for r in rx]
+
+
 @pytest.mark.parametrize("nat", ["dnat", "masquerade"])
 def test_packets_de_nated_into_a_pod_start_where_the_host_forwards_them(agent, lab, nat):
     """Packets that reach a pod through the host's NAT on its uplink, into a traced pod and, at the same
@@ -430,12 +443,7 @@ def test_packets_de_nated_into_a_pod_start_where_the_host_forwards_them(agent, l
         def udp_in():
             up.dnat("udp", 9230, a, 9230)
             up.dnat("udp", 9231, b, 9230)
-            with a.serve("udp-recv", "--port", "9230", "--count", str(n), "--timeout", "20") as ra, \
-                 b.serve("udp-recv", "--port", "9230", "--count", str(n), "--timeout", "20") as rb:
-                for port in (9230, 9231):
-                    out.traffic("udp-send", "--to", up.node_ip, "--port", str(port), "--count", str(n),
-                                "--rate", "4000")
-            assert ra.result == rb.result == {"received": n}, (ra.result, rb.result)
+            udp_through_nat(out, up.node_ip, (9230, 9231), [(a, 9230), (b, 9230)], n)
 
         def tcp_out():
             up.masquerade()
@@ -466,6 +474,34 @@ def test_packets_de_nated_into_a_pod_start_where_the_host_forwards_them(agent, l
            if not (e.ts[1] and e.ts[1] <= e.ts[2] < e.ts[3] and e.ifindex[0] == bridge_ifindex)]
     assert not bad, (len(bad), bad[:3])
     assert all(e.first_ns == (e.ts[0] or e.ts[1]) for e in read)  # rx_total starts in the interrupt context
+    assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
+
+
+def test_packets_through_a_service_ip_on_the_node_start_where_the_host_queues_them(agent, lab):
+    """A pod sends to a Service's virtual IP, which the node DNATs (as kube-proxy does) to a traced pod and
+    to an untraced one on the same node. At the host's netif_receive_skb the packets are addressed to the
+    Service; the traced pod's start where the host queues them on that pod's own veth, in the NET_RX run
+    that received them (irq, softirq, host_rx, pod_rx in this order: rx_host_to_pod exists and rx_total
+    starts on the host); the untraced pod's are in no slot."""
+    import socket
+
+    from tests.netlab import ClusterIP
+
+    a, b, client = lab.add_pod("a"), lab.add_pod("b"), lab.add_pod("client")
+    n = 1000
+    with ClusterIP(lab) as svc:
+        svc.to("udp", 9250, a, 9250)
+        svc.to("udp", 9251, b, 9250)
+
+        m = measure(agent, [a], lambda: udp_through_nat(client, svc.ip, (9250, 9251), [(a, 9250), (b, 9250)], n),
+                    read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    stats = check_kernel_against_events(m, a, Direction.RX, rx_expected)
+    read = [e for e in m.event_list if e.direction is Direction.RX and e.dport == 9250 and e.ts[5]]
+    assert len(read) == stats["rx_total"].count == stats["rx_host_to_pod"].count == n, stats
+    veth = socket.if_nametoindex(a.host_veth)
+    bad = [(e.ts, e.ifindex) for e in read
+           if not (e.ts[1] and e.ts[1] <= e.ts[2] < e.ts[3] and e.ifindex[0] == veth and e.saddr == client.ip)]
+    assert not bad, (len(bad), bad[:3])
     assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
 
 
