@@ -165,9 +165,10 @@ static __always_inline struct lt_sockq_ent *lt_sockq_at(u64 sk_key, u64 seq)
 }
 
 /* record: a readied packet f (timed) at position seq of its socket's ring; the entry, NULL if none.
- * The socket is written last, atomically (a full barrier): a reader that finds it finds the rest. */
+ * The socket is written last; `shared` (UDP, whose reads run on other CPUs at the same time) atomically,
+ * a full barrier: a reader that finds it finds the rest. TCP's socket lock orders its writes and reads. */
 static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq,
-                                                         u64 now)
+                                                         u64 now, int shared)
 {
     struct lt_sockq_ent *e = lt_sockq_at(sk_key, seq);
     if (!e)
@@ -179,7 +180,10 @@ static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, st
     e->seq = seq;
     e->end_seq = end_seq;
     e->f = *f;
-    __sync_lock_test_and_set(&e->sk, sk_key);
+    if (shared)
+        __sync_lock_test_and_set(&e->sk, sk_key);
+    else
+        e->sk = sk_key;
     return e;
 }
 
@@ -188,6 +192,15 @@ static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, st
 static __always_inline int lt_sockq_claim(struct lt_sockq_ent *e, u64 sk_key)
 {
     return __sync_val_compare_and_swap(&e->sk, sk_key, 0) == sk_key;
+}
+
+/* UDP: the datagrams the socket holds, unread (its receive queue and the reader's queue it splices into). */
+static __always_inline u32 lt_udp_queued(void *sk)
+{
+    u32 queued = 0, reader = 0;
+    bpf_probe_read_kernel(&queued, sizeof(queued), sk + LT_OFF_SK_RXQ_QLEN);
+    bpf_probe_read_kernel(&reader, sizeof(reader), sk + LT_OFF_UDP_READER_QLEN);
+    return queued + reader;
 }
 
 /* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
@@ -201,10 +214,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
             return;
         /* First packet of ours on this socket: reads first drain what was queued before it. None queued
          * at all: its reader ran ahead of this program, the packet was read already (see below). */
-        u32 queued_n = 0, reader_n = 0;
-        bpf_probe_read_kernel(&queued_n, sizeof(queued_n), sk + LT_OFF_SK_RXQ_QLEN);
-        bpf_probe_read_kernel(&reader_n, sizeof(reader_n), sk + LT_OFF_UDP_READER_QLEN);
-        u32 before = queued_n + reader_n;
+        u32 before = lt_udp_queued(sk);
         pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0);
         if (!pos)
             return;
@@ -226,7 +236,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
             return;
         }
     }
-    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now);
+    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
     /* A reader that took this number while the entry was being written found nothing: it is ours. */
     if (e && seq < pos->head && lt_sockq_claim(e, sk_key)) {
         lt_count(LT_C_EARLY_READ);
@@ -260,7 +270,7 @@ static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u6
     if (!pos)
         return;
     u64 seq = pos->tail++;
-    lt_sockq_put(sk_key, seq, f, end_seq, now);
+    lt_sockq_put(sk_key, seq, f, end_seq, now, 0);
 }
 
 /* filter: which packet a socket was told about; 0 for none of ours. */
@@ -415,10 +425,7 @@ static __always_inline void lt_udp_resync(void *sk, struct lt_sockq_pos *pos)
     u64 head = pos->head, tail = pos->tail;
     if (head > tail || tail - head < 2)
         return;
-    u32 queued_n = 0, reader_n = 0;
-    bpf_probe_read_kernel(&queued_n, sizeof(queued_n), sk + LT_OFF_SK_RXQ_QLEN);
-    bpf_probe_read_kernel(&reader_n, sizeof(reader_n), sk + LT_OFF_UDP_READER_QLEN);
-    u64 due = (u64)queued_n + reader_n + 1; /* still queued, and the one this read returned */
+    u64 due = (u64)lt_udp_queued(sk) + 1; /* still queued, and the one this read returned */
     if (tail - head > due && __sync_val_compare_and_swap(&pos->head, head, tail - due) == head)
         lt_count_add(LT_C_COLLISION, tail - due - head);
 }

@@ -20,12 +20,6 @@ CLONE_NEWNET = 0x40000000
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
-def addresses(path: str) -> list[str]:
-    """The IFA_ADDRESS of every address in the namespace that `path` opens (raises OSError and the
-    like when it cannot be entered)."""
-    return interfaces(path)[0]
-
-
 def interfaces(path: str) -> tuple[list[str], list[int]]:
     """The IFA_ADDRESS of every address in the namespace that `path` opens, and the ifindexes of its
     veths' peers in the namespaces across (a pod's: the host sides of its veths), from one netlink
@@ -47,7 +41,7 @@ def interfaces(path: str) -> tuple[list[str], list[int]]:
         except Exception as e:  # handed to the caller's thread
             result["error"] = e
 
-    t = threading.Thread(target=run, name="netns-addresses", daemon=True)
+    t = threading.Thread(target=run, name="netns-interfaces", daemon=True)
     t.start()
     t.join()
     if "error" in result:
