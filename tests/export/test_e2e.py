@@ -162,11 +162,16 @@ def test_tcp_sender_exports_over_http_with_the_standard_variables(jaeger, lab, t
             tracing(receiver, proc, tmp_path)
             with server.serve("tcp-sink", "--port", "9100", "--timeout", "10"):
                 a.traffic("tcp-send", "--to", server.ip, "--port", "9100", "--count", "100", "--size", "1000")
-            finish(proc, tmp_path)
+            report = finish(proc, tmp_path)
 
         latest = last_points(receiver, LATENCY.name, **{"latencytrace.netns.inode": a.inode})
+        [target_report] = report["targets"]
+        # TCP sends 100 writes as fewer skbs the slower the receiver (a busy machine: under 100 once); a GSO skb
+        # holds 64 KiB at most, so at least 2 carry the 100 kB. Every transmit segment measured each of
+        # them, and the exported totals are the agent's own.
         for seg in ("tx_app_to_dev", "tx_pod_to_host", "tx_qdisc", "tx_driver", "tx_total"):
-            assert latest.get(seg) is not None and latest[seg].count >= 100, (seg, latest.get(seg))
+            assert latest.get(seg) is not None and latest[seg].count >= 2, (seg, latest.get(seg))
+            assert latest[seg].count == target_report["segments"][seg]["count"], (seg, latest[seg].count)
         resource = receiver.data_points(LATENCY.name)[0][0]
         assert resource["service.name"] == "latencytrace-agent"
         assert resource["deployment.environment.name"] == "e2e"
