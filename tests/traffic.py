@@ -152,7 +152,7 @@ def tcp_sink(a) -> dict:
         conn.recv(a.count * a.size, socket.MSG_PEEK | socket.MSG_WAITALL)
         conn.close()
     conn, peer = srv.accept()
-    reused = kernel_address("tcp", a.port, peer[1]) in discarded
+    reused = bool(a.discard) and kernel_address("tcp", a.port, peer[1]) in discarded
     conn.settimeout(a.timeout)
     hold(a)
     total = 0
