@@ -32,18 +32,21 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 #else
     u32 reason = 0;
 #endif
-    u64 key = (u64)skb;
+    u64 key = LT_KEY(skb);
     /* A packet in flight (in both directions when it goes from one traced pod to another). */
     struct lt_flight *rf = lt_get(LT_DIR_RX, key), *tf = lt_get(LT_DIR_TX, key);
+    int in_flight = 0; /* (not `rf || tf`: clang may OR the two pointers, which the verifier refuses) */
     if (rf) {
         lt_record_drop(rf, LT_DIR_RX, skb, reason);
         lt_free(LT_DIR_RX, rf);
+        in_flight = 1;
     }
     if (tf) {
         lt_record_drop(tf, LT_DIR_TX, skb, reason);
         lt_free(LT_DIR_TX, tf);
+        in_flight = 1;
     }
-    if (rf || tf)
+    if (in_flight)
         return 0;
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)

@@ -313,18 +313,119 @@ static __always_inline int lt_timed(struct lt_flight *f)
     return !(f->flags & LT_F_UNTIMED);
 }
 
+/* Reading kernel memory. Typed tracepoints (LT_TYPED, node_agent/kernel/progload.py) see their
+ * arguments as typed kernel pointers: a read through one is a plain load that the JIT guards against
+ * faults (a fault reads 0), checked against BTF by the verifier, a few ns. Raw tracepoints read with the
+ * bpf_probe_read_kernel() helper, about 30 ns a call whatever its size, so there one read of a window
+ * of a struct (below) serves several fields. */
+#if LT_TYPED
+/* In assembly: BCC's rewriter turns some plain loads from kernel pointers into helper calls (it did so
+ * for every 16-bit one here, costing 70 ns a packet in two hooks) and leaves assembly alone. */
+static __always_inline void *lt_ld_ptr(const void *base, u32 off)
+{
+    void *v;
+    asm volatile("%0 = *(u64 *)(%1 + 0)" : "=r"(v) : "r"((const char *)base + off));
+    return v;
+}
+static __always_inline u32 lt_ld32(const void *base, u32 off)
+{
+    u32 v;
+    asm volatile("%0 = *(u32 *)(%1 + 0)" : "=r"(v) : "r"((const char *)base + off));
+    return v;
+}
+static __always_inline u16 lt_ld16(const void *base, u32 off)
+{
+    u16 v;
+    asm volatile("%0 = *(u16 *)(%1 + 0)" : "=r"(v) : "r"((const char *)base + off));
+    return v;
+}
+/* A member of struct tcp_sock, past struct sock (which is all the verifier knows a socket argument to
+ * be): through the socket as a TCP socket (a helper that only checks its type); 0 if it is not one. */
+static __always_inline u32 lt_tcp_ld32(void *sk, u32 off)
+{
+    void *tp = bpf_skc_to_tcp_sock(sk);
+    return tp ? *(u32 *)((const char *)tp + off) : 0;
+}
+/* Any other member past struct sock (rarely read): with the helper, as raw tracepoints do. */
+static __always_inline u32 lt_sk_ld32(void *sk, u32 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)sk + off);
+    return v;
+}
+#else
+static __always_inline void *lt_ld_ptr(const void *base, u32 off)
+{
+    void *v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+static __always_inline u32 lt_ld32(const void *base, u32 off)
+{
+    u32 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+static __always_inline u16 lt_ld16(const void *base, u32 off)
+{
+    u16 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+#define lt_tcp_ld32 lt_ld32
+#define lt_sk_ld32 lt_ld32
+#endif
+
+/* n 32-bit words of packet data at src (skb->head and an offset) into h; 0, or -1 if unreadable (raw). */
+static __always_inline int lt_pkt_read(u32 *h, u32 n, const void *src)
+{
+#if LT_TYPED
+#pragma unroll
+    for (u32 i = 0; i < n; i++)
+        h[i] = lt_ld32(src, 4 * i);
+    return 0;
+#else
+    return bpf_probe_read_kernel(h, 4 * n, src) < 0 ? -1 : 0;
+#endif
+}
+
+/* A kernel pointer as a number: a key, or a hash's input. Raw tracepoints read pointers as numbers.
+ * Typed tracepoints' pointers may be loaded through, stored and compared, but the verifier refuses
+ * arithmetic on them beyond adding an offset; the difference of two pointers is a number, though, so
+ * the pointer's distance from a map value plus that value's own address (which the value holds, as a
+ * number, from the first run on) gives the address itself, the same number a raw read gives. */
+#if LT_TYPED
+BPF_ARRAY(lt_anchor, u64, 1);
+static __always_inline u64 lt_key(const void *p)
+{
+    u32 zero = 0;
+    u64 *a = lt_anchor.lookup(&zero);
+    if (!a)
+        return 0;
+    if (!*(volatile u64 *)a)
+        *a = (u64)a;
+    return (u64)((const char *)p - (const char *)a) + *(volatile u64 *)a;
+}
+#define LT_KEY(p) lt_key((const void *)(p))
+#else
+#define LT_KEY(p) ((u64)(p))
+#endif
+
+/* The current task, as a pointer the probes can read through (typed) or as a number (raw). */
+#if LT_TYPED
+#define LT_CURRENT_TASK() ((void *)bpf_get_current_task_btf())
+#else
+#define LT_CURRENT_TASK() ((void *)bpf_get_current_task())
+#endif
+
 static __always_inline void *lt_read_ptr(void *base, u32 off)
 {
-    void *p = NULL;
-    bpf_probe_read_kernel(&p, sizeof(p), base + off);
-    return p;
+    return lt_ld_ptr(base, off);
 }
 
 static __always_inline u32 lt_net_inum(void *net)
 {
-    u32 inum = 0;
-    bpf_probe_read_kernel(&inum, sizeof(inum), net + LT_OFF_NET_INUM);
-    return inum;
+    return lt_ld32(net, LT_OFF_NET_INUM);
 }
 
 static __always_inline u32 lt_dev_netns(void *dev)
@@ -339,9 +440,7 @@ static __always_inline u32 lt_sk_netns(void *sk)
 
 static __always_inline u32 lt_dev_ifindex(void *dev)
 {
-    u32 ifindex = 0;
-    bpf_probe_read_kernel(&ifindex, sizeof(ifindex), dev + LT_OFF_DEV_IFINDEX);
-    return ifindex;
+    return lt_ld32(dev, LT_OFF_DEV_IFINDEX);
 }
 
 /* A device's namespace (struct net *) and ifindex: one read of the window of struct net_device that
@@ -350,7 +449,7 @@ static __always_inline u32 lt_dev_ifindex(void *dev)
 #define LT_DEV_WIN_LEN ((LT_OFF_DEV_IFINDEX < LT_OFF_DEV_NET ? LT_OFF_DEV_NET : LT_OFF_DEV_IFINDEX) + 8 - LT_DEV_WIN_START)
 static __always_inline void *lt_dev_read(void *dev, u32 *ifindex)
 {
-#if LT_DEV_WIN_LEN <= 128
+#if LT_DEV_WIN_LEN <= 128 && !LT_TYPED
     u8 w[LT_DEV_WIN_LEN];
     if (bpf_probe_read_kernel(w, sizeof(w), dev + LT_DEV_WIN_START) < 0) {
         *ifindex = 0;
@@ -391,21 +490,31 @@ static __always_inline int lt_wants(struct lt_target *t, u32 dir)
 
 /* Index of the highest set bit, without branches: every branch here would multiply the verifier's
  * states at each of the several places a latency is recorded. */
+/* 1 if a > b, without a branch, for a, b < 2^63 or both >= 2^63 (their difference then fits in 63
+ * bits). BPF has no set-on-compare: a C comparison is a jump, and the verifier follows each side with
+ * its own constant; six of them in lt_fls64 and eight in lt_bucket made every recorded latency 2^6 * 9
+ * paths, which bounded loops that record several (lt_tcp_rcv_space_adjust) multiplied past the
+ * verifier's limit. Arithmetic keeps one path. */
+static __always_inline u64 lt_gt(u64 a, u64 b)
+{
+    return (b - a) >> 63;
+}
+
 static __always_inline u32 lt_fls64(u64 v)
 {
     u32 k, b;
-    k = (v > 0xFFFFFFFFULL) << 5;
+    k = (u32)(((v >> 32) + 0xFFFFFFFFULL) >> 32) << 5; /* v >> 32 is nonzero */
     v >>= k;
-    b = (v > 0xFFFF) << 4;
+    b = (u32)lt_gt(v, 0xFFFF) << 4;
     v >>= b;
     k |= b;
-    b = (v > 0xFF) << 3;
+    b = (u32)lt_gt(v, 0xFF) << 3;
     v >>= b;
     k |= b;
-    b = (v > 0xF) << 2;
+    b = (u32)lt_gt(v, 0xF) << 2;
     v >>= b;
     k |= b;
-    b = (v > 0x3) << 1;
+    b = (u32)lt_gt(v, 0x3) << 1;
     v >>= b;
     k |= b;
     return k | (u32)(v >> 1);
@@ -425,8 +534,8 @@ static __always_inline u32 lt_bucket(u64 ns)
     u32 o = lt_fls64(ns);
     u64 m = ns << (63 - o);
     s32 idx = 8 * (s32)o + LT_OCTAVE_BASE - LT_INDEX_MIN;
-    idx += (m > LT_M0) + (m > LT_M1) + (m > LT_M2) + (m > LT_M3) + (m > LT_M4) + (m > LT_M5) + (m > LT_M6) +
-           (m > LT_M7);
+    idx += lt_gt(m, LT_M0) + lt_gt(m, LT_M1) + lt_gt(m, LT_M2) + lt_gt(m, LT_M3) + lt_gt(m, LT_M4) +
+           lt_gt(m, LT_M5) + lt_gt(m, LT_M6) + lt_gt(m, LT_M7); /* m and LT_M* are all >= 2^63 */
     if (idx < 0)
         idx = 0;
     if (idx > LT_NB - 1) {
@@ -490,6 +599,17 @@ struct lt_skb_view {
 
 static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
 {
+#if LT_TYPED
+    v->dev = lt_ld_ptr(skb, LT_OFF_SKB_DEV);
+    v->sk = lt_ld_ptr(skb, LT_OFF_SKB_SK);
+    v->data = lt_ld_ptr(skb, LT_OFF_SKB_DATA);
+    v->head = lt_ld_ptr(skb, LT_OFF_SKB_HEAD);
+    v->len = lt_ld32(skb, LT_OFF_SKB_LEN);
+    v->iif = (s32)lt_ld32(skb, LT_OFF_SKB_IIF);
+    v->protocol = lt_ld16(skb, LT_OFF_SKB_PROTOCOL);
+    v->network_header = lt_ld16(skb, LT_OFF_SKB_NETWORK_HEADER);
+    v->transport_header = lt_ld16(skb, LT_OFF_SKB_TRANSPORT_HEADER);
+#else
     u8 w[LT_SKB_WIN_LEN];
     if (bpf_probe_read_kernel(w, sizeof(w), skb + LT_SKB_WIN_START) < 0) {
         __builtin_memset(v, 0, sizeof(*v));
@@ -504,6 +624,7 @@ static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
     v->protocol = *(u16 *)(w + LT_OFF_SKB_PROTOCOL - LT_SKB_WIN_START);
     v->network_header = *(u16 *)(w + LT_OFF_SKB_NETWORK_HEADER - LT_SKB_WIN_START);
     v->transport_header = *(u16 *)(w + LT_OFF_SKB_TRANSPORT_HEADER - LT_SKB_WIN_START);
+#endif
 }
 
 static __always_inline int lt_is_ip(struct lt_skb_view *v)
@@ -523,7 +644,7 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
     *tcpf = 0;
     if (v->protocol == LT_ETH_P_IP) {
         u32 h[9]; /* the 20-byte header without options, then the ports and the TCP header to its offset */
-        if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
+        if (lt_pkt_read(h, sizeof(h) / 4, nh) < 0)
             return -1;
         a->family = 4;
         a->proto = (h[2] >> 8) & 0xff; /* byte 9 */
@@ -542,7 +663,7 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
     }
     if (v->protocol == LT_ETH_P_IPV6) {
         u32 h[14]; /* the 40-byte header, then the ports and the TCP header to its offset */
-        if (bpf_probe_read_kernel(h, sizeof(h), nh) < 0)
+        if (lt_pkt_read(h, sizeof(h) / 4, nh) < 0)
             return -1;
         a->family = 6;
         a->proto = (h[1] >> 16) & 0xff; /* byte 6: next header */
@@ -592,15 +713,16 @@ static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
     e->sport = 0;
     e->dport = 0;
     if (v.transport_header != 0xffff && v.transport_header != v.network_header && (e->proto == 6 || e->proto == 17)) {
-        u16 ports[2];
-        if (bpf_probe_read_kernel(ports, sizeof(ports), v.head + v.transport_header) == 0) {
-            e->sport = ports[0];
-            e->dport = ports[1];
+        u32 ports;
+        if (lt_pkt_read(&ports, 1, v.head + v.transport_header) == 0) {
+            e->sport = ports & 0xffff;
+            e->dport = ports >> 16;
         }
     }
 }
 
-/* Send the packet's journey to user space if it is slow, sampled or dropped, within the rate cap. */
+/* Send the packet's journey to user space if it is slow, sampled or dropped, within the rate cap. skb:
+ * the packet, read for its addresses if its flight has none (NULL when it may be gone). */
 static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u32 dir, u8 kind, u64 total,
                                     void *skb, u32 drop_reason)
 {
@@ -635,7 +757,7 @@ static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u3
 #pragma unroll
     for (int i = 0; i < LT_NBOUND; i++)
         e->ts[i] = f->ts[i];
-    e->skb = (u64)skb;
+    e->skb = f->skb;
     e->slot = slot;
     e->len = f->len;
     e->ifindex[0] = f->ifindex[0];
@@ -648,7 +770,7 @@ static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u3
     e->kind = kind;
     if (f->addr.family)
         __builtin_memcpy(&e->saddr, &f->addr, sizeof(f->addr));
-    else
+    else if (skb)
         lt_fill_addrs((struct lt_addrs *)&e->saddr, skb); /* transmitted packets: read only when emitted */
     lt_events.ringbuf_submit(e, 0);
 }

@@ -58,7 +58,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
 int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
-    u64 key = (u64)skb;
+    u64 key = LT_KEY(skb);
     struct lt_skb_view v;
     lt_skb_read(skb, &v);
     if (!lt_is_ip(&v))
@@ -115,7 +115,7 @@ static __always_inline void lt_record_read(struct lt_flight *f, u64 now)
     u64 first = lt_first(f);
     lt_record(t, f->slot, LT_SEG_RX_SOCKET_QUEUE, f->ts[LT_B_RX_SOCK_READY], now);
     lt_record(t, f->slot, LT_SEG_RX_TOTAL, first, now);
-    lt_emit(t, f, LT_DIR_RX, 0, now - first, (void *)f->skb, 0);
+    lt_emit(t, f, LT_DIR_RX, 0, now - first, NULL, 0); /* read: the skb may be gone */
 }
 
 /* The socket's ring position, if we follow the socket. */
@@ -197,17 +197,14 @@ static __always_inline int lt_sockq_claim(struct lt_sockq_ent *e, u64 sk_key)
 /* UDP: the datagrams the socket holds, unread (its receive queue and the reader's queue it splices into). */
 static __always_inline u32 lt_udp_queued(void *sk)
 {
-    u32 queued = 0, reader = 0;
-    bpf_probe_read_kernel(&queued, sizeof(queued), sk + LT_OFF_SK_RXQ_QLEN);
-    bpf_probe_read_kernel(&reader, sizeof(reader), sk + LT_OFF_UDP_READER_QLEN);
-    return queued + reader;
+    return lt_ld32(sk, LT_OFF_SK_RXQ_QLEN) + lt_sk_ld32(sk, LT_OFF_UDP_READER_QLEN);
 }
 
 /* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
  * time: it still takes a sequence number, so that the reads that follow stay matched. */
 static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u64 now)
 {
-    u64 sk_key = (u64)sk;
+    u64 sk_key = LT_KEY(sk);
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || pos->tcp) {
         if (!f)
@@ -229,7 +226,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
          * and the read was between the queueing and now: it ends here, the socket queue's time 0. Unless
          * the packet is still the queue's tail (one read, only here): then that read was another's, one
          * too many was counted (a datagram read that no sk_data_ready announced), and it is taken back. */
-        if (head != seq + 1 || (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV) != f->skb ||
+        if (head != seq + 1 || LT_KEY(lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV)) != f->skb ||
             __sync_val_compare_and_swap(&pos->head, head, seq) != head) {
             lt_count(LT_C_EARLY_READ);
             lt_record_read(f, now);
@@ -257,10 +254,8 @@ static __always_inline u32 lt_tcp_peer(struct lt_addrs *a)
  * sk_data_ready and its reads. */
 static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u64 now)
 {
-    u64 sk_key = (u64)sk;
-    u32 end_seq = 0;
-    if (bpf_probe_read_kernel(&end_seq, sizeof(end_seq), sk + LT_OFF_TCP_RCV_NXT) < 0)
-        return;
+    u64 sk_key = LT_KEY(sk);
+    u32 end_seq = lt_tcp_ld32(sk, LT_OFF_TCP_RCV_NXT);
     if (f->flags & LT_F_FIN)
         end_seq--; /* the FIN's sequence number is never read */
     u32 peer = lt_tcp_peer(&f->addr);
@@ -292,16 +287,18 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
+    void *tail_skb = NULL;
     u64 tail = 0;
     if (c->tx_skb) {
-        tail = (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
+        tail_skb = lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
+        tail = LT_KEY(tail_skb);
         if (tail == c->tx_skb) {
             c->tx_skb = 0;
             /* A traced pod's packet delivered to a socket on the host. (If its flight is gone, it went
              * on into another pod, which may be traced too: go on with the receive side.) */
             struct lt_flight *tf = lt_get(LT_DIR_TX, tail);
             if (tf) {
-                lt_record_tx_done(tf, bpf_ktime_get_ns(), (void *)tail);
+                lt_record_tx_done(tf, bpf_ktime_get_ns(), tail_skb);
                 return 0;
             }
         }
@@ -310,10 +307,11 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     if (slot < 0)
         return 0; /* a socket outside traced pods */
     if (!tail)
-        tail = (u64)lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
+        tail = LT_KEY(lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV));
     u64 key = 0;
     struct lt_flight *f = NULL;
-    if (c->tcp_sk == (u64)sk) {
+    u64 sk_key = LT_KEY(sk);
+    if (c->tcp_sk == sk_key) {
         /* TCP named the segment it processed for this socket (lt_tcp_probe), also from the backlog a
          * reader left; a bare ACK has no flight, and what follows finds the packet otherwise. */
         c->tcp_sk = 0;
@@ -367,8 +365,8 @@ int lt_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
-    c->tcp_sk = ctx->args[0];
-    c->tcp_skb = ctx->args[1];
+    c->tcp_sk = LT_KEY(ctx->args[0]);
+    c->tcp_skb = LT_KEY(ctx->args[1]);
     return 0;
 }
 
@@ -385,13 +383,11 @@ int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c || lt_filter_sock(c, sk) < 0)
         return 0; /* a socket outside traced pods */
-    u64 sk_key = (u64)sk;
+    u64 sk_key = LT_KEY(sk);
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || !pos->tcp || pos->head >= pos->tail)
         return 0;
-    u32 copied = 0;
-    if (bpf_probe_read_kernel(&copied, sizeof(copied), sk + LT_OFF_TCP_COPIED_SEQ) < 0)
-        return 0;
+    u32 copied = lt_tcp_ld32(sk, LT_OFF_TCP_COPIED_SEQ);
     u64 now = bpf_ktime_get_ns();
     u32 base = lt_hash64(sk_key, LT_SOCKQ_BITS);
     for (int k = 0; k < LT_TCP_READS_PER_RUN; k++) {
@@ -433,11 +429,12 @@ static __always_inline void lt_udp_resync(void *sk, struct lt_sockq_pos *pos)
 /* UDP reads: one datagram per successful, non-peeking recvmsg. */
 int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 {
-    u64 sk_key = ctx->args[0];
+    void *sk = (void *)ctx->args[0];
+    u64 sk_key = LT_KEY(sk);
     if ((int)ctx->args[1] < 0 || ((int)ctx->args[2] & LT_MSG_PEEK))
         return 0;
     struct lt_cpu_ctx *c = lt_this_cpu();
-    if (!c || lt_filter_sock(c, (void *)sk_key) < 0)
+    if (!c || lt_filter_sock(c, sk) < 0)
         return 0; /* a socket outside traced pods */
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || pos->tcp)
@@ -446,7 +443,7 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         pos->skip--;
         return 0;
     }
-    lt_udp_resync((void *)sk_key, pos);
+    lt_udp_resync(sk, pos);
     if (pos->head >= pos->tail) {
         /* The reader ran ahead of sk_data_ready's program on another CPU: the datagram was queued and
          * read before the program put it in the ring. Take its number, so that the reads after it stay

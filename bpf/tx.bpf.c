@@ -22,7 +22,7 @@ int lt_sys_enter(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
-    void *nsproxy = lt_read_ptr((void *)bpf_get_current_task(), LT_OFF_TASK_NSPROXY);
+    void *nsproxy = lt_read_ptr(LT_CURRENT_TASK(), LT_OFF_TASK_NSPROXY);
     if (lt_filter_net(c, lt_read_ptr(nsproxy, LT_OFF_NSPROXY_NET)) < 0)
         return 0;
     c->send_tid = (u32)bpf_get_current_pid_tgid();
@@ -65,9 +65,7 @@ static __always_inline u64 lt_send_start(struct lt_cpu_ctx *c, void *sk, u64 now
     if (sk) {
         /* A TCP skb without a pending send is a retransmit or ACK-clocked data sent from softirq,
          * where the current thread says nothing about it. */
-        u16 protocol = 0;
-        bpf_probe_read_kernel(&protocol, sizeof(protocol), sk + LT_OFF_SK_PROTOCOL);
-        if (protocol == LT_IPPROTO_TCP)
+        if (lt_ld16(sk, LT_OFF_SK_PROTOCOL) == LT_IPPROTO_TCP)
             return 0;
     }
     start = c->send_ts;
@@ -136,7 +134,7 @@ static __always_inline void lt_record_host_queue(struct lt_cpu_ctx *c, struct lt
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
-    u64 key = (u64)skb;
+    u64 key = LT_KEY(skb);
     struct lt_skb_view v;
     lt_skb_read(skb, &v);
     if (!lt_is_ip(&v))
@@ -184,7 +182,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 
 int lt_net_dev_start_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
-    struct lt_flight *f = lt_get(LT_DIR_TX, ctx->args[0]);
+    struct lt_flight *f = lt_get(LT_DIR_TX, LT_KEY(ctx->args[0]));
     if (f && lt_timed(f))
         f->ts[LT_B_TX_EGRESS_XMIT] = bpf_ktime_get_ns();
     return 0;
@@ -194,7 +192,7 @@ int lt_net_dev_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
     if ((int)ctx->args[1] != 0)
         return 0;
-    struct lt_flight *f = lt_get(LT_DIR_TX, ctx->args[0]);
+    struct lt_flight *f = lt_get(LT_DIR_TX, LT_KEY(ctx->args[0]));
     if (!f || !(f->flags & LT_F_EGRESS_HOST))
         return 0;
     /* The driver took it. A physical NIC completes it later (consume_skb); a veth hands it to the
@@ -208,7 +206,7 @@ int lt_net_dev_xmit(struct bpf_raw_tracepoint_args *ctx)
 int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
-    struct lt_flight *f = lt_get(LT_DIR_TX, (u64)skb);
+    struct lt_flight *f = lt_get(LT_DIR_TX, LT_KEY(skb));
     if (!f)
         return 0;
     if (f->flags & LT_F_XMITTED)

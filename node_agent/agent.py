@@ -77,9 +77,11 @@ class Agent:
     event_queue: int = 4096
     btf_path: str = "/sys/kernel/btf/vmlinux"
     stats_policy: StatsPolicy = field(default_factory=StatsPolicy)
+    tracepoints: str = "auto"  # tracer.TRACEPOINT_KINDS
 
     def __post_init__(self) -> None:
-        self.tracer = Tracer(self.sizes, btf_path=self.btf_path, stats_policy=self.stats_policy)
+        self.tracer = Tracer(self.sizes, btf_path=self.btf_path, stats_policy=self.stats_policy,
+                             tracepoints=self.tracepoints)
         self.registry: Registry | None = None
         self.states: dict[str, TargetState] = {}
         self._keys: dict[str, int] = {}  # desired key -> netns inode

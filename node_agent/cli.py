@@ -70,6 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when the kernel times the probes: always (default; costs ~2 µs per round trip), "
                         f"sampled ({StatsPolicy.window_s:g} s of every {StatsPolicy.period_s:g} s) or off")
     t.add_argument("--max-targets", type=_positive(int), default=32)
+    t.add_argument("--tracepoints", choices=("auto", "typed", "raw"), default="auto",
+                   help="typed: the probes read kernel memory with plain loads (kernels with BTF-typed "
+                        "tracepoints, 5.5 and later); raw: with a helper call per read, slower; auto "
+                        "(default): typed where the kernel loads them")
     t.add_argument("--btf", default="/sys/kernel/btf/vmlinux",
                    help="BTF of the running kernel (default /sys/kernel/btf/vmlinux)")
     t.add_argument("--dump-bpf", action="store_true", help="print the BPF source and compiler flags, then exit")
@@ -110,10 +114,10 @@ def _desired(args, settings):
     return desired
 
 
-def dump_bpf(btf_path: str = "/sys/kernel/btf/vmlinux") -> int:
+def dump_bpf(btf_path: str = "/sys/kernel/btf/vmlinux", tracepoints: str = "auto") -> int:
     from .tracer import Tracer
 
-    src, cflags, feats = Tracer(btf_path=btf_path).build_source()
+    src, cflags, feats = Tracer(btf_path=btf_path, tracepoints=tracepoints).build_source()
     print("// cflags: " + " ".join(cflags))
     for u in feats.unavailable:
         print(f"// unavailable: {u.probe.tracepoint}: {u.reason}")
@@ -131,7 +135,7 @@ def trace(args) -> int:
     from .tracer import check_privileges
 
     if args.dump_bpf:
-        return dump_bpf(args.btf)
+        return dump_bpf(args.btf, getattr(args, "tracepoints", "auto"))
     check_privileges()
     settings = _settings(args)
     desired = _desired(args, settings)
@@ -144,7 +148,7 @@ def trace(args) -> int:
     if args.format == "jsonl":  # a reader that goes away (`| head`) ends the run like Ctrl-C
         sinks.append(IntervalLines(sys.stdout, lambda: _run_fields(agent, args), on_broken_pipe=stop.set))
     agent = Agent(sizes=Sizes(max_targets=args.max_targets), sinks=sinks, btf_path=args.btf,
-                  stats_policy=StatsPolicy(args.probe_stats))
+                  stats_policy=StatsPolicy(args.probe_stats), tracepoints=args.tracepoints)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     console = Console(stderr=True)
@@ -190,7 +194,7 @@ def trace(args) -> int:
 
 def _run_fields(agent, args) -> dict:
     """The fields of the JSON documents that describe the run rather than the packets."""
-    return {"attach_seconds": round(agent.tracer.attach_seconds or 0, 3),
+    return {"attach_seconds": round(agent.tracer.attach_seconds or 0, 3), "tracepoints": agent.tracer.tracepoints,
             "probe_stats": {"mode": args.probe_stats, "seconds_on": round(agent.tracer.stats.seconds_on, 3)},
             "unavailable_probes": {p.tracepoint: why for p, why in agent.tracer.status.unavailable}}
 

@@ -255,7 +255,8 @@ class NodeAgent:
 
     def _make_agent(self) -> Agent:
         self.sink = sink_from_settings(node_name=self.cfg.node_name, traces=self.spec.traces)
-        return Agent(sizes=self.cfg.sizes(), sinks=[self.sink], stats_policy=self.cfg.stats_policy())
+        return Agent(sizes=self.cfg.sizes(), sinks=[self.sink], stats_policy=self.cfg.stats_policy(),
+                     tracepoints=self.cfg.tracepoints)
 
     # -- configuration ----------------------------------------------------------------------------
     def read_spec(self) -> None:

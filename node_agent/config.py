@@ -44,6 +44,9 @@ class AgentConfig(BaseSettings):
     probe_stats_window_seconds: float = Field(default=StatsPolicy.window_s, gt=0)
     probe_stats_period_seconds: float = Field(default=StatsPolicy.period_s, gt=0)
 
+    # How the probes attach (node_agent/tracer.py TRACEPOINT_KINDS): typed where the kernel loads them.
+    tracepoints: str = Field(default="auto", pattern="^(auto|typed|raw)$")
+
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
 
     # The health endpoint (node_agent/health.py). The agent shares the node's network namespace: by default

@@ -83,7 +83,9 @@ def tail_calls(programs: list[str]) -> list[tuple[str, int, str]]:
     return [(t.array, t.index, t.program) for t in TAIL_CALLS if t.program in programs]
 
 
-def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None) -> dict[str, int | str]:
+def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None,
+           typed: bool = False) -> dict[str, int | str]:
+    """typed: the programs load as typed tracepoints and read kernel memory with plain loads (LT_TYPED)."""
     m: dict[str, int | str] = {}
     m.update(offsets)
     # Imported here: both import the tracer, which imports this module.
@@ -110,6 +112,7 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_TBL_PROBES=lookup.PROBES,
         LT_SLOT_HOST=HOST_SLOT,
         LT_TAIL_SLOTS=len(TAIL_CALLS),
+        LT_TYPED=int(typed),
         # The host's namespace (the agent's own: hostNetwork in a cluster), where a packet's address
         # decides whether it is on its way into a traced pod.
         LT_HOST_NETNS=os.stat("/proc/self/ns/net").st_ino,

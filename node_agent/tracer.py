@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 from . import lookup, program, segments
-from .kernel import bpfsys, features as kfeatures, headers, libbpf, loader, maps, offsets
+from .kernel import bpfsys, features as kfeatures, headers, libbpf, loader, maps, offsets, progload
 from .kernel.btf import VMLINUX, KernelBTF
 from .probes import PROBES, Probe, needed
 from .probestats import ProbeStats, StatsPolicy
@@ -58,6 +58,9 @@ class ProbeStatus:
 
 
 MAX_TIME_ONE_IN = 1_000_000
+# How the probes attach: "typed" tracepoints read kernel memory with plain loads, "raw" ones with helper
+# calls (kernels without typed tracepoints); "auto" takes typed where the kernel loads them.
+TRACEPOINT_KINDS = ("auto", "typed", "raw")
 
 
 def time_threshold(one_in: int) -> int:
@@ -77,7 +80,11 @@ def check_privileges() -> None:
 class Tracer:
     def __init__(self, sizes: program.Sizes = program.Sizes(), btf: KernelBTF | None = None,
                  probes: tuple[Probe, ...] = PROBES, btf_path: str | os.PathLike = VMLINUX,
-                 stats_policy: StatsPolicy = StatsPolicy()):
+                 stats_policy: StatsPolicy = StatsPolicy(), tracepoints: str = "auto"):
+        if tracepoints not in TRACEPOINT_KINDS:
+            raise ValueError(f"tracepoints: one of {', '.join(TRACEPOINT_KINDS)}, not {tracepoints!r}")
+        self.tracepoints = tracepoints  # asked for; after build_source(), what the probes use
+        self._fallback = False  # auto chose typed: fall back to raw if the verifier refuses a typed program
         self.sizes = sizes
         self.btf = btf
         self.btf_path = btf_path
@@ -102,7 +109,14 @@ class Tracer:
         if self.btf is None:
             self.btf = KernelBTF.load(self.btf_path)
         feats = kfeatures.probe(self.btf, self.probes)
-        self.macros = program.macros(offsets.resolve(self.btf), self.sizes, feats.kfree_skb_reason_arg)
+        if self.tracepoints == "auto":
+            why = progload.probe(self.btf.tracepoint_type_id("netif_receive_skb") or 0)
+            self.tracepoints = "raw" if why else "typed"
+            self._fallback = not why  # a typed program refused later: every program goes raw (start())
+            if why:
+                log.info("typed tracepoints not available (%s): probes read kernel memory with helper calls", why)
+        self.macros = program.macros(offsets.resolve(self.btf), self.sizes, feats.kfree_skb_reason_arg,
+                                     typed=self.tracepoints == "typed")
         return program.source(), program.cflags(self.macros), feats
 
     def start(self) -> ProbeStatus:
@@ -110,11 +124,16 @@ class Tracer:
         check_privileges()
         headers.ensure()
         src, cflags, feats = self.build_source()
-        try:
-            names = sorted({p.program for p in feats.usable})
-            self.loaded = loader.load(src, cflags, names, program.tail_calls(names))
-        except loader.LoadError as e:
-            raise TracerError(f"{e} (run with --dump-bpf to see the source)") from e
+        self.loaded = self._load(src, cflags, feats)
+        if self.tracepoints == "typed" and self.loaded.failed and self._fallback:
+            # The kernel has typed tracepoints but its verifier refused some of ours (an older verifier
+            # lacks what they use): all as raw tracepoint programs then, one source, one set of maps.
+            log.warning("typed tracepoint programs refused (%s): loading raw tracepoint programs instead",
+                        "; ".join(self.loaded.failed.values()))
+            self.loaded.close()
+            self.tracepoints = "raw"
+            src, cflags, feats = self.build_source()
+            self.loaded = self._load(src, cflags, feats)
         log.debug("probes compiled by process %d (peak %d MiB)", self.loaded.compiler_pid,
                   self.loaded.compiler_peak_rss >> 20)
         try:
@@ -134,6 +153,19 @@ class Tracer:
                         ", ".join(p.feeds) or "none")
         return self.status
 
+    def _load(self, src: str, cflags: list[str], feats: kfeatures.Features) -> loader.Loaded:
+        names = sorted({p.program for p in feats.usable})
+        tails = program.tail_calls(names)
+        try:
+            if self.tracepoints == "typed":
+                # A typed program is loaded for its tracepoint: once per attachment (as loaded, named by
+                # _key), the programs as the raw loads name them.
+                typed = {self._key(p): (p.program, self.btf.tracepoint_type_id(p.name)) for p in feats.usable}
+                return loader.load(src, cflags, [], tails, typed=typed)
+            return loader.load(src, cflags, names, tails)
+        except loader.LoadError as e:
+            raise TracerError(f"{e} (run with --dump-bpf to see the source)") from e
+
     def want(self, seg_mask: int) -> None:
         """Attach the probes that the segments in `seg_mask` need and detach the others, so that what
         nobody asks for costs nothing. Programs stay loaded: attaching again is cheap."""
@@ -150,12 +182,19 @@ class Tracer:
         """Probes the wanted segments need that are neither attached nor known to be unavailable."""
         return [p for p in self._usable if needed(p, self._wanted) and p not in self.status.attached]
 
+    def _key(self, p: Probe) -> str:
+        """The loaded program probe `p` attaches: its function's, or in typed mode, when the function
+        also serves an earlier row of the probe table, one loaded for this tracepoint alone."""
+        first = next(q for q in self.probes if q.program == p.program)
+        return p.program if self.tracepoints != "typed" or first == p else f"{p.program}@{p.name}"
+
     def _attach(self, p: Probe) -> None:
         try:
-            why = self.loaded.failed.get(p.program)
+            why = self.loaded.failed.get(self._key(p))
             if why is not None:
                 raise OSError(why)
-            self._links[p] = libbpf.raw_tracepoint_open(p.name, self.loaded.programs[p.program])
+            self._links[p] = libbpf.raw_tracepoint_open(p.name, self.loaded.programs[self._key(p)],
+                                                        typed=self.tracepoints == "typed")
             self.status.attached.append(p)
         except OSError as e:
             self._usable.remove(p)

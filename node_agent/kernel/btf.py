@@ -173,6 +173,11 @@ class KernelBTF:
             out[val] = self._str(name_off)
         return out
 
+    def tracepoint_type_id(self, name: str) -> int | None:
+        """Type id of raw tracepoint `name`'s btf_trace_<name> typedef (what a typed tracepoint program
+        attaches by), or None."""
+        return self._by_name.get((TYPEDEF, f"btf_trace_{name}"))
+
     def tracepoint_args(self, name: str) -> list[str] | None:
         """Parameter type names of raw tracepoint `name` (from its btf_trace_<name> typedef), or None.
 

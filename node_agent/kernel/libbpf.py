@@ -63,9 +63,12 @@ def map_info(fd: int) -> BPF_MAP_INFO:
     return info
 
 
-def raw_tracepoint_open(tracepoint: str, prog_fd: int) -> int:
-    """Attach a program to a raw tracepoint; the returned link fd detaches it when closed."""
-    return check(lib.bpf_raw_tracepoint_open(tracepoint.encode(), prog_fd), f"raw tracepoint {tracepoint}")
+def raw_tracepoint_open(tracepoint: str, prog_fd: int, typed: bool = False) -> int:
+    """Attach a program to a raw tracepoint; the returned link fd detaches it when closed. A typed
+    tracepoint program (kernel/progload.py) names its tracepoint at load, and the kernel wants no name
+    here."""
+    name = None if typed else tracepoint.encode()
+    return check(lib.bpf_raw_tracepoint_open(name, prog_fd), f"raw tracepoint {tracepoint}")
 
 
 class BatchOps:

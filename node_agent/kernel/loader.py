@@ -122,9 +122,10 @@ class Loaded:
 
 
 def load(source: str, cflags: list[str], programs: list[str], tail_calls: list[tuple[str, int, str]] = (),
-         timeout: float = 300.0) -> Loaded:
+         timeout: float = 300.0, typed: dict[str, tuple[str, int]] | None = None) -> Loaded:
     """Compile `source` in a child process, load `programs` (raw tracepoint programs) and create every
-    map; return their file descriptors. `tail_calls`: (program array, index, program) to fill, for the
+    map; return their file descriptors. `typed`: more programs, as typed tracepoint programs (progload),
+    by the name to hand them back under -> (function, type id of the tracepoint's btf_trace_<name>). `tail_calls`: (program array, index, program) to fill, for the
     programs that go on in a fresh run of themselves (the array holds the program once loaded; it lives
     as long as the agent holds the array's descriptor). Raises LoadError."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -133,7 +134,8 @@ def load(source: str, cflags: list[str], programs: list[str], tail_calls: list[t
     # a child that hangs before reading it would block here, past any timeout.
     request = tempfile.TemporaryFile()
     request.write(json.dumps({"source": source, "cflags": cflags, "programs": programs,
-                              "tail_calls": [list(t) for t in tail_calls]}).encode())
+                              "tail_calls": [list(t) for t in tail_calls],
+                              "typed": {k: list(v) for k, v in (typed or {}).items()}}).encode())
     request.seek(0)
     fds: list[int] = []
     proc = None
@@ -246,21 +248,31 @@ def _child(sock_fd: int, parent_pid: int) -> int:
         send({"kind": "error", "message": f"BPF program failed to compile: {e}"})
         return 1
     try:
-        _hand_over(bpf, req["programs"], req.get("tail_calls", []), send)
+        _hand_over(bpf, req["programs"], req.get("tail_calls", []), req.get("typed", {}), send)
     except Exception as e:  # anything else: one message, not a traceback the agent has to guess from
         send({"kind": "error", "message": f"the BPF compiler process failed: {e!r}"})
         return 1
     return 0
 
 
-def _hand_over(bpf, programs: list[str], tail_calls: list, send) -> None:
+def _hand_over(bpf, programs: list[str], tail_calls: list, typed: dict[str, list], send) -> None:
     from bcc import BPF, libbcc, table
+
+    from . import progload
 
     progs, failed = {}, {}
     for name in programs:
         try:
             progs[name] = bpf.load_func(name.encode(), RAW_TRACEPOINT).fd
         except Exception as e:  # the verifier's refusal (its log is on stderr): that program alone fails
+            failed[name] = str(e)
+    for name, (function, btf_id) in typed.items():
+        try:  # BCC compiled it; BCC cannot load it as a typed tracepoint program (progload: why)
+            progs[name] = progload.load(bpf.dump_func(function.encode()), function, btf_id)
+        except progload.VerifierError as e:  # as BCC does: the verifier's log on stderr
+            sys.stderr.write(f"{e.log}\n")
+            failed[name] = str(e)
+        except Exception as e:
             failed[name] = str(e)
     for array, index, name in tail_calls:
         if name in progs:

@@ -68,14 +68,30 @@ class CollectingSink:
         pass
 
 
-@pytest.fixture(scope="module")
-def agent():
-    a = Agent(sizes=Sizes(max_targets=32), event_queue=100_000)
+@contextlib.contextmanager
+def started_agent(tracepoints: str = "auto") -> Iterator[Agent]:
+    a = Agent(sizes=Sizes(max_targets=32), event_queue=100_000, tracepoints=tracepoints)
     a.start()
     try:
+        if tracepoints != "auto":
+            assert a.tracer.tracepoints == tracepoints
         yield a
     finally:
         a.close()
+
+
+@pytest.fixture(scope="module")
+def agent():
+    with started_agent() as a:
+        yield a
+
+
+# The modules that check what the probes measure run each test with both ways of attaching them
+# (node_agent/tracer.py TRACEPOINT_KINDS): typed tracepoints, as deployed on this kernel, and raw ones,
+# what kernels without them get. They override `agent` with this.
+def agent_of_each_kind(request) -> Iterator[Agent]:
+    with started_agent(request.param) as a:
+        yield a
 
 
 def desired(pod: Pod, **settings) -> Desired:

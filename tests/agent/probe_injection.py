@@ -9,7 +9,8 @@ that both failures are real ones on this kernel:
 - irq:softirq_raise is declared with other argument types than it has: the BTF check finds its
   arguments changed and the probe is never loaded (as on a kernel whose tracepoint changed);
 - lt_sock_recv_length, which reads three arguments, is added for tcp:tcp_destroy_sock, which has one:
-  its BTF prototype starts as declared, so it is tried, and the kernel refuses the attachment (EINVAL).
+  its BTF prototype starts as declared, so it is tried, and the kernel refuses it: as a raw tracepoint
+  program at attachment (EINVAL), as a typed one (loaded for that tracepoint alone) at verification.
 
     python tests/agent/probe_injection.py trace --netns ... --format json
 """

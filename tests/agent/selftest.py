@@ -18,7 +18,10 @@ def load():
 
     # Appended to the product's source, as the product assembles its own: BCC rewrites map calls only
     # in the main text, not in included headers.
-    src, cflags, _ = Tracer().build_source()
+    # Raw tracepoint macros: these programs attach through BCC by name and run under BPF_PROG_TEST_RUN,
+    # which typed tracepoint programs do not have (the product's typed reads are what every kernel
+    # segment test exercises).
+    src, cflags, _ = Tracer(tracepoints="raw").build_source()
     src += (Path(__file__).resolve().parents[1] / "bpf" / "selftest.bpf.c").read_text()
     return BPF(text=src.encode(), cflags=cflags)
 

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from latencytrace.node_agent import histogram
 from latencytrace.node_agent.agent import Agent
 from latencytrace.node_agent.program import Sizes
@@ -106,10 +108,15 @@ def test_a_full_target_table_is_one_clear_line_from_the_command(lab):
     assert "all 1 target slots of this agent are in use" in out.stderr and "Traceback" not in out.stderr
 
 
-def test_a_changed_tracepoint_and_a_refused_attach_disable_only_their_probes(lab):
+# (asked, used): asked for typed, the refused program is refused at verification and reported, the others
+# are typed; asked for nothing (auto), a typed program refused sends every program back to raw, where
+# the refused one fails at attachment.
+@pytest.mark.parametrize("tracepoints,used", [("typed", "typed"), ("auto", "raw")])
+def test_a_changed_tracepoint_and_a_refused_attach_disable_only_their_probes(lab, tracepoints, used):
     a, client = lab.add_pod("a"), lab.add_pod("client")
     script = Path(probe_injection.__file__)
-    proc = subprocess.Popen([sys.executable, str(script), "trace", "--netns", a.path, "--format", "json"],
+    proc = subprocess.Popen([sys.executable, str(script), "trace", "--netns", a.path, "--format", "json",
+                             "--tracepoints", tracepoints],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         ready = wait_ready(proc)
@@ -123,10 +130,14 @@ def test_a_changed_tracepoint_and_a_refused_attach_disable_only_their_probes(lab
             proc.wait()
     assert proc.returncode == 0, err
     doc = json.loads(out)
+    assert doc["tracepoints"] == used, doc["tracepoints"]
+    assert ("typed tracepoint programs refused" in ready + err) == (tracepoints == "auto"), ready + err
     unavailable = doc["unavailable_probes"]
     assert set(unavailable) == {probe_injection.CHANGED, probe_injection.REFUSED}, unavailable
     assert unavailable[probe_injection.CHANGED] == "arguments changed: (unsigned int)"
     assert unavailable[probe_injection.REFUSED].startswith("attach failed"), unavailable
+    if used == "typed":  # the verifier's own words
+        assert "invalid bpf_context access" in unavailable[probe_injection.REFUSED], unavailable
     # Without softirq_raise a veth's packets have no irq boundary: rx_irq is not measured; everything
     # else is, for every datagram.
     [target] = doc["targets"]

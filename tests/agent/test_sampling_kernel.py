@@ -10,8 +10,12 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from latencytrace.node_agent.segments import Direction
-from tests.agent.conftest import measure
+from tests.agent.conftest import agent_of_each_kind, measure
+
+agent = pytest.fixture(scope="module", params=["typed", "raw"])(agent_of_each_kind)
 
 K = 4000
 N = 8

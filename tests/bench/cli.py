@@ -23,12 +23,12 @@ from pathlib import Path
 
 from tests.netlab import NetLab
 
-from . import controlplane, cost, fidelity, overhead, plot, results, soak
+from . import controlplane, cost, fidelity, overhead, paired, plot, results, soak
 from .system import machine
 from .tracers import AgentProcess
 from .workloads import Traffic
 
-PARTS = ("overhead", "fidelity", "soak", "controlplane")
+PARTS = ("overhead", "cost", "paired", "fidelity", "soak", "controlplane")  # overhead includes cost
 TOOLS = ("iperf3", "sockperf", "bpftrace", "bpftool", "taskset")
 
 
@@ -36,7 +36,7 @@ TOOLS = ("iperf3", "sockperf", "bpftrace", "bpftool", "taskset")
 class Plan:
     """How long and how often: the full run (about 32 minutes on 2 cores) or --quick (a smoke test)."""
 
-    rounds: int = 4
+    rounds: int = 4  # overhead, and the paired comparison
     extra_rounds: int = 2
     seconds: float = 5
     pingpong_seconds: float = 5
@@ -126,7 +126,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     plan = QUICK if args.quick else Plan()
     if args.cp_scales:
         plan = replace(plan, cp_scales=args.cp_scales)
-    parts = [p for p in PARTS if not args.only or p in args.only]
+    parts = [p for p in PARTS if not args.only or p in args.only or (p == "cost" and "overhead" in args.only)]
     progress = Progress()
     out_dir: Path = args.out.resolve()
     log_dir = out_dir / "logs"
@@ -151,7 +151,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             doc["sections"].setdefault(section, {})["error"] = f"{type(e).__name__}: {e}"
             (log_dir / f"{section}-error.txt").write_text(traceback.format_exc())
 
-    if {"overhead", "fidelity", "soak"} & set(parts):
+    if {"overhead", "cost", "paired", "fidelity", "soak"} & set(parts):
         expected = AgentProcess.expected_programs()
         traffic = Traffic()
         with NetLab() as lab:
@@ -177,6 +177,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     doc["sections"]["agent"] = {}
                     doc["rows"] += [asdict(r) for r in overhead.agent_rows(data, pps)]
 
+                attempt("overhead", run_overhead)
+            if "cost" in parts:
                 def run_cost() -> None:
                     data = cost.run(traffic, pods, pps, plan.seconds, plan.steady_seconds, log_dir, expected,
                                     plan.quiet_wait_s, progress)
@@ -184,8 +186,15 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     doc["sections"]["comparison"] = {}
                     doc["rows"] += [asdict(r) for r in cost.rows(data)]
 
-                attempt("overhead", run_overhead)
                 attempt("probe_cost", run_cost)
+            if "paired" in parts:
+                def run_paired() -> None:
+                    data = paired.run(traffic, pods, pps, plan.seconds, max(plan.rounds, 2), log_dir, expected,
+                                      plan.quiet_wait_s, progress)
+                    doc["sections"]["paired"] = data
+                    doc["rows"] += [asdict(r) for r in paired.rows(data)]
+
+                attempt("paired", run_paired)
             if "fidelity" in parts:
                 def run_fidelity() -> None:
                     data = fidelity.run(traffic, pods.client, pods.traced, pods.untraced, pps,

@@ -37,6 +37,10 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     # The arms with the agent timing 1 packet in 8.
     assert doc["sections"]["probe_cost"]["agent_time8"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     assert doc["sections"]["overhead"]["summary"]["pp_tcp/traced/time_one_in_8"]["p50_us"]["median_on"] > 0
+    # The agent with raw tracepoints, alone and paired with the typed one on the same packets.
+    assert doc["sections"]["probe_cost"]["agent_raw"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
+    pair = doc["sections"]["paired"]["workloads"]["udp_rate/traced"]
+    assert pair["per_packet_ns"]["typed"] > 0 and pair["per_packet_ns"]["raw"] > 0, pair
     assert doc["sections"]["fidelity"]["accounting"]["server_segments"]["rx_pod_stack"]["count"] > 0
     # Both tools saw the host's own client's packets cross into the pod (they start at its queueing).
     from_host = doc["sections"]["fidelity"]["medians"]["combined"]["host"]["tcp"]["rx_host_to_pod"]

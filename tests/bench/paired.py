@@ -1,0 +1,111 @@
+"""Two builds of the agent measured against each other on the same packets: a paired comparison.
+
+Separate sessions, even alternating, compare packets at different moments on a machine whose cost per
+run drifts by 20-30% between minutes here; a difference of 50 ns per hook drowns in that. So both
+agents run at once, tracing the same pod, and each program's run time is read from the kernel's
+statistics for the same workloads: every packet runs both agents' programs back to back. What one
+agent's program leaves in the caches helps the program that runs after it, and the program attached
+first pays for the dispatch (about 13 ns more per run, measured with two empty programs), so the attach
+order alternates every round and each figure pools all rounds.
+
+The pair compared is A = `latencytrace-agent trace` with `--tracepoints typed` and B = the same with
+`--tracepoints raw` (node_agent/kernel/progload.py: what typed tracepoints save); `PAIR` is the one
+place to compare other arguments, e.g. `--time-one-in 8` against nothing.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from latencytrace.node_agent.kernel import bpfsys
+
+from . import bpfprogs
+from .bpfprogs import ProgStats
+from .overhead import Pods
+from .results import Row, fmt
+from .tracers import AgentProcess
+from .workloads import Traffic
+
+PAIR = {"typed": ("--tracepoints", "typed"), "raw": ("--tracepoints", "raw")}
+
+
+def _workloads(pods: Pods, pps: int, seconds: float):
+    return (
+        ("udp_rate/traced", f"UDP {pps:,} pkt/s into the traced pod", lambda t: t.udp_rate(pods.client, pods.traced, pps, seconds)),
+        ("udp_rate/untraced", f"UDP {pps:,} pkt/s into an untraced pod",
+         lambda t: t.udp_rate(pods.client, pods.untraced, pps, seconds)),
+        ("pp_tcp/traced", "TCP ping-pong with the traced pod", lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
+    )
+
+
+def _name(prog: str) -> str:
+    """A program's name as both agents' programs share it: the kernel keeps 15 characters of the name of
+    a program loaded without BTF (the typed ones), bpftool shows the function's whole name otherwise."""
+    return prog[:15]
+
+
+def run(traffic: Traffic, pods: Pods, pps: int, seconds: float, rounds: int, log_dir: Path, expected_programs: int,
+        quiet_wait_s: float, progress) -> dict:
+    names = list(PAIR)
+    progs: dict[str, dict[str, dict[str, ProgStats]]] = {n: {} for n in names}  # agent -> workload -> program
+    packets: dict[str, int] = {}
+    stats_fd = bpfsys.enable_stats()
+    try:
+        for r in range(rounds):
+            order = names if r % 2 == 0 else names[::-1]
+            bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
+            agents: dict[str, AgentProcess] = {}
+            try:
+                for n in order:
+                    agents[n] = AgentProcess([pods.traced.path], log_dir, (*PAIR[n], "--probe-stats", "always"))
+                    agents[n].start(expected_programs)
+                for key, label, work in _workloads(pods, pps, seconds):
+                    progress(f"paired round {r + 1}/{rounds} ({' then '.join(order)} attached): {label}")
+                    before = {n: a.stats() for n, a in agents.items()}
+                    result = work(traffic)
+                    after = {n: a.stats() for n, a in agents.items()}
+                    packets[key] = packets.get(key, 0) + result["packets"]
+                    for n in names:
+                        acc = progs[n].setdefault(key, {})
+                        for prog, s in bpfprogs.delta(after[n], before[n]).items():
+                            acc[_name(prog)] = acc.get(_name(prog), ProgStats()) + s
+            finally:
+                for a in agents.values():
+                    try:
+                        a.stop()
+                    finally:
+                        a.kill()
+            time.sleep(0.5)
+    finally:
+        os.close(stats_fd)
+    labels = {key: label for key, label, _ in _workloads(pods, pps, seconds)}
+    out: dict = {"pair": {n: list(a) for n, a in PAIR.items()}, "rounds": rounds, "workloads": {}}
+    for key, label in labels.items():
+        pk = max(packets.get(key, 0), 1)
+        w = {"label": label, "packets": packets.get(key, 0), "per_packet_ns": {}, "programs": {}}
+        for n in names:
+            tot = bpfprogs.total(progs[n].get(key, {}))
+            w["per_packet_ns"][n] = tot.run_time_ns / pk
+            w["programs"][n] = {p: {"run_cnt": s.run_cnt, "avg_ns": s.avg_ns} for p, s in sorted(progs[n][key].items())}
+        out["workloads"][key] = w
+    return out
+
+
+def rows(data: dict) -> list[Row]:
+    a, b = list(data["pair"])
+    pair = f"{' '.join(data['pair'][a])} vs {' '.join(data['pair'][b])}"
+    out: list[Row] = []
+    for w in data["workloads"].values():
+        pa, pb = w["per_packet_ns"][a], w["per_packet_ns"][b]
+        out.append(Row("paired", f"all agent programs per packet, {w['label']} (statistics' floor included)",
+                       f"{fmt(pb, 0, 'ns')} ({b})", f"{fmt(pa, 0, 'ns')} ({a})", f"{pa - pb:+.0f} ns", "—", None,
+                       note=f"{pair}, both tracing at once, {data['rounds']} rounds, attach order alternating"))
+        for prog, sa in w["programs"][a].items():
+            sb = w["programs"][b].get(prog)
+            if not sa["run_cnt"] or not sb or not sb["run_cnt"] or sa["run_cnt"] < w["packets"] // 10:
+                continue  # programs that run on a few packets only (IRQs of the machine, drops)
+            out.append(Row("paired", f"{prog}: time per run, {w['label']}", f"{fmt(sb['avg_ns'], 0, 'ns')} ({b})",
+                           f"{fmt(sa['avg_ns'], 0, 'ns')} ({a})", f"{sa['avg_ns'] - sb['avg_ns']:+.0f} ns", "—", None))
+    return out
