@@ -8,8 +8,10 @@
  * agent's config.
  *
  * Cost rules followed by every probe: filter first (the softirq vector, IRQ number or syscall number;
- * then a per-CPU cache of the device's or namespace's verdict; a probe read only once the answer can
- * matter); no hash map on the per-packet path: in-flight state lives in arrays the verifier inlines
+ * then a per-CPU cache of the device's or namespace's verdict; a read of the packet only once the answer
+ * can matter); reads of kernel memory as plain loads where typed tracepoints allow (LT_TYPED, below),
+ * else by helper calls that read a struct's window at once; no branch where arithmetic will do (the
+ * verifier follows both sides of each, see lt_gt); no hash map on the per-packet path: in-flight state lives in arrays the verifier inlines
  * (direct-mapped, two ways per set, checked by skb address, skb->head and age; per-CPU slots for what
  * stays on one CPU), so that a lookup is a multiply and a load, and losing a completion can neither
  * grow memory nor produce a wrong number (an entry taken by another packet costs that packet's sample
@@ -344,7 +346,7 @@ static __always_inline u16 lt_ld16(const void *base, u32 off)
 static __always_inline u32 lt_tcp_ld32(void *sk, u32 off)
 {
     void *tp = bpf_skc_to_tcp_sock(sk);
-    return tp ? *(u32 *)((const char *)tp + off) : 0;
+    return tp ? lt_ld32(tp, off) : 0;
 }
 /* Any other member past struct sock (rarely read): with the helper, as raw tracepoints do. */
 static __always_inline u32 lt_sk_ld32(void *sk, u32 off)

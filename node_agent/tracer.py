@@ -136,6 +136,7 @@ class Tracer:
             self.loaded = self._load(src, cflags, feats)
         log.debug("probes compiled by process %d (peak %d MiB)", self.loaded.compiler_pid,
                   self.loaded.compiler_peak_rss >> 20)
+        log.info("probes load as %s tracepoint programs", self.tracepoints)
         try:
             self._prog_info = bpfsys.ProgInfoReader(self.btf)
             self.stats.start()
