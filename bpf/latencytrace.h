@@ -395,7 +395,9 @@ static __always_inline int lt_pkt_read(u32 *h, u32 n, const void *src)
  * Typed tracepoints' pointers may be loaded through, stored and compared, but the verifier refuses
  * arithmetic on them beyond adding an offset; the difference of two pointers is a number, though, so
  * the pointer's distance from a map value plus that value's own address (which the value holds, as a
- * number, from the first run on) gives the address itself, the same number a raw read gives. */
+ * number, from the first run on) gives the address itself, the same number a raw read gives. Needed
+ * only for a number computed with (a hash): a pointer stored as it is holds that same number, and the
+ * verifier lets a program store and compare pointers (tracing programs may leak them). */
 #if LT_TYPED
 BPF_ARRAY(lt_anchor, u64, 1);
 static __always_inline u64 lt_key(const void *p)
