@@ -17,9 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .btf import KernelBTF
-
-_libc = ct.CDLL(None, use_errno=True)
-_NR_BPF = {"x86_64": 321, "aarch64": 280}.get(os.uname().machine, 321)
+from .progload import LIBC as _libc, NR_BPF as _NR_BPF
 BPF_OBJ_GET_INFO_BY_FD = 15
 BPF_ENABLE_STATS = 32
 BPF_STATS_RUN_TIME = 0

@@ -125,9 +125,10 @@ def load(source: str, cflags: list[str], programs: list[str], tail_calls: list[t
          timeout: float = 300.0, typed: dict[str, tuple[str, int]] | None = None) -> Loaded:
     """Compile `source` in a child process, load `programs` (raw tracepoint programs) and create every
     map; return their file descriptors. `typed`: more programs, as typed tracepoint programs (progload),
-    by the name to hand them back under -> (function, type id of the tracepoint's btf_trace_<name>). `tail_calls`: (program array, index, program) to fill, for the
-    programs that go on in a fresh run of themselves (the array holds the program once loaded; it lives
-    as long as the agent holds the array's descriptor). Raises LoadError."""
+    by the name to hand them back under -> (function, type id of the tracepoint's btf_trace_<name>).
+    `tail_calls`: (program array, index, program) to fill, for the programs that go on in a fresh run of
+    themselves (the array holds the program once loaded; it lives as long as the agent holds the array's
+    descriptor). Raises LoadError."""
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     err = tempfile.TemporaryFile()
     # The request goes in a file, not a pipe: the source is larger than a pipe holds, and writing it to

@@ -112,7 +112,7 @@ def prog_ids_of(pid: int | str = "self") -> set[int]:
 @dataclass(frozen=True)
 class Prog:
     id: int
-    name: str  # as the kernel knows it: the first 15 characters of the function name
+    name: str  # the function's name (both loaders give the kernel its BTF; prog@tracepoint variants share it)
     run_cnt: int
 
 

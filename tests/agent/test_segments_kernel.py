@@ -311,6 +311,9 @@ def test_only_the_probes_the_segments_need_are_attached(agent, lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
     progs = kernel.our_programs(agent.tracer)
     ids = set(progs.values())
+    # The kernel knows each program by its function's whole name (progload gives typed ones a BTF).
+    names = {pid: p.name for pid, p in kernel.programs(ids).items()}
+    assert names == {pid: n.split("@")[0] for n, pid in progs.items()}, names
     seen = {}
 
     def traffic():

@@ -163,9 +163,7 @@ def rows(data: dict) -> list[Row]:
     for name, p in agent["per_program"].items():
         if not p["run_cnt"]:
             continue
-        # (Names as the kernel keeps them: a program loaded without BTF, as typed ones are, has its
-        # first 15 characters.)
-        r = {k[:15]: v for k, v in raw.get("per_program", {}).items()}.get(name[:15], {}).get("net_ns")
+        r = raw.get("per_program", {}).get(name, {}).get("net_ns")
         out.append(Row("probe_cost", f"{name}: time per run", f"{fmt(p['floor_ns'], 0, 'ns')} (floor)",
                        fmt(p["raw_ns"], 0, "ns"), f"{fmt(p['net_ns'], 0, 'ns')} above floor",
                        f"≤ {PER_HOOK_TARGET_NS} ns", p["net_ns"] is not None and p["net_ns"] <= PER_HOOK_TARGET_NS,
