@@ -82,7 +82,14 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny run of every part, to check the harness works")
     p.add_argument("--cp-scales", type=_scales, default=None, metavar="N[,N...]",
                    help="control plane: node counts to measure, e.g. 1000 (default 10,100,1000; --quick 3)")
-    return p.parse_args(argv)
+    p.add_argument("--paired-against", type=Path, default=None, metavar="AGENT",
+                   help="paired part: compare this checkout's agent with another build's latencytrace-agent "
+                        "(e.g. another worktree's .venv/bin/latencytrace-agent), same arguments; default: "
+                        "typed against raw tracepoints")
+    args = p.parse_args(argv)
+    if args.paired_against is not None and not os.access(args.paired_against, os.X_OK):
+        p.error(f"--paired-against: {args.paired_against} is not an executable")
+    return args
 
 
 def _scales(text: str) -> tuple[int, ...]:
@@ -189,8 +196,9 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                 attempt("probe_cost", run_cost)
             if "paired" in parts:
                 def run_paired() -> None:
+                    pair = paired.against(args.paired_against) if args.paired_against else paired.PAIR
                     data = paired.run(traffic, pods, pps, plan.seconds, max(plan.rounds, 2), log_dir, expected,
-                                      plan.quiet_wait_s, progress)
+                                      plan.quiet_wait_s, progress, pair)
                     doc["sections"]["paired"] = data
                     doc["rows"] += [asdict(r) for r in paired.rows(data)]
 

@@ -10,7 +10,8 @@ order alternates every round and each figure pools all rounds.
 
 The pair compared is A = `latencytrace-agent trace` with `--tracepoints typed` and B = the same with
 `--tracepoints raw` (node_agent/kernel/progload.py: what typed tracepoints save); `PAIR` is the one
-place to compare other arguments, e.g. `--time-one-in 8` against nothing.
+place to compare other arguments, e.g. `--time-one-in 8` against nothing. `--paired-against AGENT`
+compares two builds instead (this checkout's agent and another's), to measure a change to the probes.
 """
 
 from __future__ import annotations
@@ -25,30 +26,33 @@ from . import bpfprogs
 from .bpfprogs import ProgStats
 from .overhead import Pods
 from .results import Row, fmt
-from .tracers import AgentProcess
+from .tracers import AGENT, AgentProcess
 from .workloads import Traffic
 
-PAIR = {"typed": ("--tracepoints", "typed"), "raw": ("--tracepoints", "raw")}
+# name -> (agent executable, its arguments)
+PAIR = {"typed": (AGENT, ("--tracepoints", "typed")), "raw": (AGENT, ("--tracepoints", "raw"))}
+
+
+def against(other: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """This checkout's agent (A) and another build's (B), with the same (default) arguments."""
+    return {"this": (AGENT, ()), "other": (str(other), ())}
 
 
 def _workloads(pods: Pods, pps: int, seconds: float):
     return (
-        ("udp_rate/traced", f"UDP {pps:,} pkt/s into the traced pod", lambda t: t.udp_rate(pods.client, pods.traced, pps, seconds)),
+        ("udp_rate/traced", f"UDP {pps:,} pkt/s into the traced pod",
+         lambda t: t.udp_rate(pods.client, pods.traced, pps, seconds)),
         ("udp_rate/untraced", f"UDP {pps:,} pkt/s into an untraced pod",
          lambda t: t.udp_rate(pods.client, pods.untraced, pps, seconds)),
-        ("pp_tcp/traced", "TCP ping-pong with the traced pod", lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
+        ("pp_tcp/traced", "TCP ping-pong with the traced pod",
+         lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
     )
 
 
-def _name(prog: str) -> str:
-    """A program's name as both agents' programs share it: the kernel keeps 15 characters of the name of
-    a program loaded without BTF (the typed ones), bpftool shows the function's whole name otherwise."""
-    return prog[:15]
-
-
-def run(traffic: Traffic, pods: Pods, pps: int, seconds: float, rounds: int, log_dir: Path, expected_programs: int,
-        quiet_wait_s: float, progress) -> dict:
-    names = list(PAIR)
+def run(traffic: Traffic, pods: Pods, pps: int, seconds: float, rounds: int, log_dir: Path,
+        expected_programs: int, quiet_wait_s: float, progress, pair=PAIR) -> dict:
+    names = list(pair)
+    workloads = _workloads(pods, pps, seconds)
     progs: dict[str, dict[str, dict[str, ProgStats]]] = {n: {} for n in names}  # agent -> workload -> program
     packets: dict[str, int] = {}
     stats_fd = bpfsys.enable_stats()
@@ -59,18 +63,20 @@ def run(traffic: Traffic, pods: Pods, pps: int, seconds: float, rounds: int, log
             agents: dict[str, AgentProcess] = {}
             try:
                 for n in order:
-                    agents[n] = AgentProcess([pods.traced.path], log_dir, (*PAIR[n], "--probe-stats", "always"))
+                    agent, args = pair[n]
+                    agents[n] = AgentProcess([pods.traced.path], log_dir, (*args, "--probe-stats", "always"),
+                                             agent=agent)
                     agents[n].start(expected_programs)
-                for key, label, work in _workloads(pods, pps, seconds):
+                for key, label, work in workloads:
                     progress(f"paired round {r + 1}/{rounds} ({' then '.join(order)} attached): {label}")
                     before = {n: a.stats() for n, a in agents.items()}
                     result = work(traffic)
                     after = {n: a.stats() for n, a in agents.items()}
                     packets[key] = packets.get(key, 0) + result["packets"]
-                    for n in names:
+                    for n in names:  # by the kernel's name: a tracepoint's variants (prog@tracepoint) pool
                         acc = progs[n].setdefault(key, {})
                         for prog, s in bpfprogs.delta(after[n], before[n]).items():
-                            acc[_name(prog)] = acc.get(_name(prog), ProgStats()) + s
+                            acc[prog] = acc.get(prog, ProgStats()) + s
             finally:
                 for a in agents.values():
                     try:
@@ -80,22 +86,25 @@ def run(traffic: Traffic, pods: Pods, pps: int, seconds: float, rounds: int, log
             time.sleep(0.5)
     finally:
         os.close(stats_fd)
-    labels = {key: label for key, label, _ in _workloads(pods, pps, seconds)}
-    out: dict = {"pair": {n: list(a) for n, a in PAIR.items()}, "rounds": rounds, "workloads": {}}
+    labels = {key: label for key, label, _ in workloads}
+    # Each side as its arguments, after the executable when it is another build's.
+    out: dict = {"pair": {n: [*([] if agent == AGENT else [agent]), *args] for n, (agent, args) in pair.items()},
+                 "rounds": rounds, "workloads": {}}
     for key, label in labels.items():
         pk = max(packets.get(key, 0), 1)
         w = {"label": label, "packets": packets.get(key, 0), "per_packet_ns": {}, "programs": {}}
         for n in names:
             tot = bpfprogs.total(progs[n].get(key, {}))
             w["per_packet_ns"][n] = tot.run_time_ns / pk
-            w["programs"][n] = {p: {"run_cnt": s.run_cnt, "avg_ns": s.avg_ns} for p, s in sorted(progs[n][key].items())}
+            w["programs"][n] = {p: {"run_cnt": s.run_cnt, "avg_ns": s.avg_ns}
+                                for p, s in sorted(progs[n][key].items())}
         out["workloads"][key] = w
     return out
 
 
 def rows(data: dict) -> list[Row]:
     a, b = list(data["pair"])
-    pair = f"{' '.join(data['pair'][a])} vs {' '.join(data['pair'][b])}"
+    pair = f"{' '.join(data['pair'][a]) or 'this build'} vs {' '.join(data['pair'][b])}"
     out: list[Row] = []
     for w in data["workloads"].values():
         pa, pb = w["per_packet_ns"][a], w["per_packet_ns"][b]
@@ -106,6 +115,7 @@ def rows(data: dict) -> list[Row]:
             sb = w["programs"][b].get(prog)
             if not sa["run_cnt"] or not sb or not sb["run_cnt"] or sa["run_cnt"] < w["packets"] // 10:
                 continue  # programs that run on a few packets only (IRQs of the machine, drops)
-            out.append(Row("paired", f"{prog}: time per run, {w['label']}", f"{fmt(sb['avg_ns'], 0, 'ns')} ({b})",
-                           f"{fmt(sa['avg_ns'], 0, 'ns')} ({a})", f"{sa['avg_ns'] - sb['avg_ns']:+.0f} ns", "—", None))
+            out.append(Row("paired", f"{prog}: time per run, {w['label']}",
+                           f"{fmt(sb['avg_ns'], 0, 'ns')} ({b})", f"{fmt(sa['avg_ns'], 0, 'ns')} ({a})",
+                           f"{sa['avg_ns'] - sb['avg_ns']:+.0f} ns", "—", None))
     return out

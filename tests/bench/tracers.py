@@ -122,8 +122,9 @@ class AgentProcess(TracerProcess):
 
     name = "agent"
 
-    def __init__(self, netns_paths: list[str], log_dir: Path, extra_args: tuple[str, ...] = ()):
+    def __init__(self, netns_paths: list[str], log_dir: Path, extra_args: tuple[str, ...] = (), agent: str = AGENT):
         super().__init__()
+        self.agent = agent  # the executable: this checkout's, or another build's (paired.against)
         self.netns_paths = netns_paths
         self.log_dir = log_dir
         self.extra_args = extra_args
@@ -160,7 +161,7 @@ class AgentProcess(TracerProcess):
         return len({p.program for p in feats.usable})
 
     def start(self, expected_programs: int, timeout: float = 120) -> AgentProcess:
-        cmd = [AGENT, "trace", "--format", "json", "--duration", "86400", "--interval", "1", *self.extra_args]
+        cmd = [self.agent, "trace", "--format", "json", "--duration", "86400", "--interval", "1", *self.extra_args]
         for path in self.netns_paths:
             cmd += ["--netns", path]
         # A crash in native code (BCC) then leaves every thread's Python stack in the stderr log.
