@@ -6,9 +6,10 @@
  * inlined array lookup; a packet de-NATed to a pod is addressed to the node here, and starts where the
  * host forwards it, in tx.bpf.c); in another pod's, never (only a traced pod's packet arriving there
  * matters). The same skb crosses the veth into the pod, so the skb address (with skb->head and age)
- * joins the host and pod sightings. sk_data_ready carries only the socket: the skb is the one this CPU
- * is processing in the pod, or the socket's receive queue tail when TCP processes its backlog later in
- * process context. There a packet moves to a per-socket ring (lt_sockq_ent) to wait for its read, which
+ * joins the host and pod sightings. sk_data_ready carries only the socket: for TCP the skb is the one
+ * tcp_probe (the start of tcp_rcv_established) last named for that socket on this CPU, in NET_RX or from
+ * the backlog a reader left; otherwise the one this CPU is processing in the pod, or the socket's receive
+ * queue tail. There a packet moves to a per-socket ring (lt_sockq_ent) to wait for its read, which
  * ends the journey: the n-th datagram a UDP socket returns (sock_recv_length) is its n-th queued; a TCP
  * packet is read when the socket's read position passes its data (tcp_rcv_space_adjust, run by every
  * TCP read path: recvmsg, splice, zero-copy receive). Helpers shared with the transmit side (which

@@ -65,8 +65,10 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
              "node, its net_dev_queue on the pod's own veth (host side)."),
     Boundary(3, "pod_rx", Direction.RX, ("net:netif_receive_skb",),
              "netif_receive_skb of the skb on a device inside the pod's network namespace."),
-    Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready",),
-             "sk_data_ready for the socket the skb was queued on (the socket was told data is there)."),
+    Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready", "tcp:tcp_probe"),
+             "sk_data_ready for the socket the skb was queued on (the socket was told data is there); for TCP "
+             "the skb is the one tcp_probe (the start of tcp_rcv_established) last named for that socket on "
+             "the CPU, also when TCP processes the backlog a reader left."),
     Boundary(5, "app_read", Direction.RX, ("tcp:tcp_rcv_space_adjust", "sock:sock_recv_length"),
              "The application reads it: for TCP when the socket's read position (copied_seq) passes the end "
              "of the packet's data, which every TCP read path (recvmsg, splice, zero-copy receive) reports "
