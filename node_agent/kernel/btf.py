@@ -1,7 +1,8 @@
 """Kernel type information from the running kernel's BTF: struct member offsets, enums, tracepoint prototypes.
 
-The probes read kernel structs (skb->dev, dev->nd_net, ...) with bpf_probe_read_kernel at offsets that
-come from here, passed to the compiler as -D macros. Kernel header layouts are never trusted: the headers
+The probes read kernel structs (skb->dev, dev->nd_net, ...) at offsets that come from here, passed to the
+compiler as -D macros (as plain loads in typed tracepoint programs, with bpf_probe_read_kernel in raw
+ones). Kernel header layouts are never trusted: the headers
 BCC compiles against may be of another kernel.
 
 Why a reader of our own rather than `bpftool btf dump -j` (which we used first): decoding all of
