@@ -14,7 +14,7 @@ from pathlib import Path
 SECTIONS = {
     "overhead": "Overhead of tracing (alternating rounds, agent off vs on)",
     "probe_cost": "Probe cost (kernel BPF statistics)",
-    "paired": "Paired: two agents on the same packets (typed vs raw tracepoints)",
+    "paired": "Paired: two agents on the same packets (typed vs raw tracepoints, or two builds)",
     "agent": "Agent process",
     "comparison": "Comparison: the same measurement with bpftrace",
     "fidelity": "Fidelity: agent medians vs an independent bpftrace measurement",
