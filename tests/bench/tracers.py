@@ -54,8 +54,10 @@ class TracerProcess:
     def _spawn(self, cmd: list[str], log_dir: Path, env: dict[str, str]) -> None:
         self.stderr_path = log_dir / f"{self.name}-{int(time.time() * 1000)}.stderr"
         self.started = time.monotonic()
+        # errors="replace": a byte that is not UTF-8 (a string key of a map) must not stop the reading of
+        # the output, which would leave the tracer blocked on a full pipe.
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.stderr_path.open("w"), text=True,
-                                     env=env)
+                                     errors="replace", env=env)
         self.progs = ProgramSet(self.proc.pid)
 
     def _fail(self, what: str) -> RuntimeError:
@@ -220,15 +222,30 @@ class BpftraceProcess(TracerProcess):
             if '"attached_probes"' in line:
                 self._attached.set()
 
+    def _where(self) -> str:
+        """Where a process that does not stop is: each thread's state and kernel wait, and whether our
+        reader of its output is still reading (a reader that stopped would leave it blocked on a full pipe)."""
+        threads = []
+        for task in sorted(Path(f"/proc/{self.proc.pid}/task").glob("*")):
+            try:
+                state = (task / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                threads.append(f"{task.name}:{state}/{(task / 'wchan').read_text() or '-'}")
+            except OSError:
+                continue
+        alive = self._reader is not None and self._reader.is_alive()
+        return f"threads {' '.join(threads) or '?'}; output reader {'reading' if alive else 'gone'}, " \
+               f"{len(self._lines)} lines read"
+
     def stop(self) -> dict[str, dict]:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
         try:
             self.proc.wait(timeout=120)
         except subprocess.TimeoutExpired:
+            where = self._where()  # before the kill: what it was waiting for
             self.proc.kill()
             self.proc.wait()
-            raise self._fail("did not stop within 120 s of SIGINT") from None
+            raise self._fail(f"did not stop within 120 s of SIGINT ({where})") from None
         self._reader.join(timeout=30)  # until bpftrace's last line (its maps) is read
         for line in self._lines:
             try:
