@@ -34,7 +34,7 @@ TOOLS = ("iperf3", "sockperf", "bpftrace", "bpftool", "taskset")
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how often: the full run (about 32 minutes on 2 cores) or --quick (a smoke test)."""
+    """How long and how often: the full run (about 47 minutes on 2 cores) or --quick (a smoke test)."""
 
     rounds: int = 4  # overhead, and the paired comparison
     extra_rounds: int = 2
