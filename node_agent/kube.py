@@ -10,10 +10,19 @@ The watch request is made and read here rather than through `kubernetes.watch.Wa
 objects as the plain dicts the server sent (no model deserialization, the operator watches pods), and
 that client's no-deserialize mode reads a key only its deserializing mode sets when an ERROR event
 arrives, so a 410 surfaced as KeyError('raw_object') and the stale version was retried forever.
+
+A `transform` keeps, of each object, only what its user reads (client-go's informers have the same
+hook): the operator keeps three fields of a pod, not the whole object with its managed fields. The
+list is decoded with Python's cyclic garbage collector paused (`gc_paused`): decoding a list makes
+millions of dicts and lists, and each thousand of them set off a collection that walks the whole
+heap. Measured on 30,000 pods (96 MB of JSON): 3.7 s of CPU with it running, 0.7 s paused; orjson
+gains nothing over the standard library once the collector is out of the way (0.63 s).
 """
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import json
 import logging
 import threading
@@ -90,6 +99,32 @@ class Trouble:
         self.last, self.attempt = None, 0
 
 
+_gc_lock = threading.Lock()
+_gc_pausers = 0
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Python's cyclic garbage collector off for the block (process-wide; nested and concurrent blocks
+    count, the last one out turns it back on, if it was on). For decoding large API answers."""
+    global _gc_pausers
+    with _gc_lock:
+        _gc_pausers += 1
+        if _gc_pausers == 1:
+            gc_paused.was_enabled = gc.isenabled()
+            gc.disable()
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pausers -= 1
+            if _gc_pausers == 0 and gc_paused.was_enabled:
+                gc.enable()
+
+
+gc_paused.was_enabled = True
+
+
 def key_of(obj: dict) -> str:
     meta = obj.get("metadata", {})
     return meta.get("uid") or f"{meta.get('namespace', '')}/{meta.get('name', '')}"
@@ -97,18 +132,22 @@ def key_of(obj: dict) -> str:
 
 class ListWatch:
     """The live set of objects a list call returns, kept in a daemon thread; `on_change` is called
-    (from that thread, without arguments) after every change; read the objects with `snapshot()`."""
+    (from that thread, without arguments) after every change; read the objects with `snapshot()`.
+    With `transform`, what is kept of each object is transform(object) (None: not kept, as if the
+    object were not there)."""
 
     def __init__(self, list_fn: Callable, *args, on_change: Callable[[], None], log: logging.Logger,
-                 label_selector: str = "", field_selector: str = "", timeout_seconds: int = 300):
+                 label_selector: str = "", field_selector: str = "", timeout_seconds: int = 300,
+                 transform: Callable[[dict], object] | None = None):
         self.list_fn, self.args = list_fn, args
+        self.transform = transform
         self.selectors = {"label_selector": label_selector, "field_selector": field_selector}
         self.on_change = on_change
         self.timeout_seconds = timeout_seconds
         self.trouble = Trouble(log, f"watching {getattr(list_fn, '__name__', 'objects')}"
                                + "".join(f" {v}" for v in self.selectors.values() if v))
         self.synced = threading.Event()  # set once the first list has arrived
-        self._objects: dict[str, dict] = {}
+        self._objects: dict[str, object] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._resp = None  # the open watch response, so that stop() can break it
@@ -128,18 +167,27 @@ class ListWatch:
             except Exception:
                 pass
 
-    def snapshot(self) -> list[dict]:
+    def snapshot(self) -> list:
         with self._lock:
             return list(self._objects.values())
 
+    def _kept(self, items: Iterable[dict]) -> dict[str, object]:
+        if self.transform is None:
+            return {key_of(o): o for o in items}
+        kept = ((key_of(o), self.transform(o)) for o in items)
+        return {k: v for k, v in kept if v is not None}
+
     def _replace(self, items: Iterable[dict]) -> None:
+        objects = self._kept(items)
         with self._lock:
-            self._objects = {key_of(o): o for o in items}
+            self._objects = objects
 
     def _list(self) -> str:
         resp = self.list_fn(*self.args, **self.selectors, _preload_content=False)
-        doc = json.loads(resp.data)
-        self._replace(doc.get("items", []))
+        with gc_paused():
+            doc = json.loads(resp.data)
+            del resp
+            self._replace(doc.get("items", []))
         self.synced.set()
         self.on_change()
         return doc["metadata"]["resourceVersion"]
@@ -166,11 +214,12 @@ class ListWatch:
         rv = obj.get("metadata", {}).get("resourceVersion")
         if kind == "BOOKMARK":
             return rv
+        kept = None if kind == "DELETED" else obj if self.transform is None else self.transform(obj)
         with self._lock:
-            if kind == "DELETED":
+            if kept is None:
                 self._objects.pop(key_of(obj), None)
             else:
-                self._objects[key_of(obj)] = obj
+                self._objects[key_of(obj)] = kept
         self.on_change()
         return rv
 

@@ -58,7 +58,8 @@ def namespace_query(spec: TraceSpec) -> str | None:
 
 def placed_pod(pod: dict) -> tuple[str, PodRef] | None:
     """(node, PodRef) of a pod an agent can trace; None for pods not on a node, finished, or sharing
-    the host's network namespace (nothing per pod to trace there)."""
+    the host's network namespace (nothing per pod to trace there). The trace worker's pod watch keeps
+    only this of each pod (its transform): a few hundred bytes, not the whole object."""
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
     node = spec.get("nodeName")
     if not node or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
@@ -69,20 +70,16 @@ def placed_pod(pod: dict) -> tuple[str, PodRef] | None:
     return node, PodRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], ips=ips)
 
 
-def pods_by_node(pods: Iterable[dict], spec: TraceSpec, trace_namespace: str,
+def pods_by_node(placed: Iterable[tuple[str, PodRef]], spec: TraceSpec, trace_namespace: str,
                  namespaces: set[str] | None) -> dict[str, list[PodRef]]:
     """The selected pods grouped by node, each list sorted by namespace and name.
 
-    `pods` are what `pod_query` returned; `namespaces` the names `namespace_query` matched (None when
-    the spec has no namespaceSelector).
+    `placed` is `placed_pod` of what `pod_query` returned (the pods it gave None for left out);
+    `namespaces` the names `namespace_query` matched (None when the spec has no namespaceSelector).
     """
     names = set(spec.pod_names) if spec.pod_names is not None else None
     out: dict[str, list[PodRef]] = {}
-    for pod in pods:
-        placed = placed_pod(pod)
-        if placed is None:
-            continue
-        node, ref = placed
+    for node, ref in placed:
         if names is not None and (ref.namespace != trace_namespace or ref.name not in names):
             continue
         if namespaces is not None and ref.namespace not in namespaces:

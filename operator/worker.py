@@ -133,7 +133,7 @@ class TraceWorker:
         else:
             args = (core.list_namespaced_pod, query.namespace)
         self._watch = ListWatch(*args, on_change=self.poke, log=self.log, label_selector=query.label_selector,
-                                field_selector=query.field_selector,
+                                field_selector=query.field_selector, transform=selection.placed_pod,
                                 timeout_seconds=self.rt.cfg.watch_timeout_seconds).start()
         self._query = query
 

@@ -47,7 +47,8 @@ def test_untraceable_pods_are_left_out():
 
 
 def test_pods_grouped_by_node_and_filtered():
-    pods = [pod("b", node="n2"), pod("a", node="n2"), pod("c", node="n1"), pod("x", ns="other")]
+    pods = [selection.placed_pod(p) for p in
+            (pod("b", node="n2"), pod("a", node="n2"), pod("c", node="n1"), pod("x", ns="other"))]
     by_node = selection.pods_by_node(pods, parse({"podSelector": {}}), "app", None)
     assert {n: [r.name for r in refs] for n, refs in by_node.items()} == {"n2": ["a", "b"], "n1": ["c"]}
     by_node = selection.pods_by_node(pods, parse({"podNames": ["a", "c", "x"]}), "app", None)
