@@ -516,6 +516,66 @@ def measure_scale(b: Bench, scale: int, steady_s: float, deletions: int) -> dict
     }
 
 
+def measure_floor(b: Bench, scale: int) -> dict:
+    """The API server alone: the applies the operator makes for a trace over every pod of `scale` nodes,
+    built and encoded beforehand and sent by as many threads as the operator writes with (its
+    publish_concurrency), over the client's connection pool with nothing else done per request; timed to
+    published as the operator is. What publishing costs on this machine whatever the operator does."""
+    import uuid
+
+    from latencytrace.operator import nodeconfig, selection
+    from latencytrace.operator.config import OperatorConfig
+
+    name, uid = f"floor-{scale}", str(uuid.uuid4())
+    nodes = list(range(scale))
+    resp = b.core.list_namespaced_pod(NAMESPACE, label_selector=f"tier-{scale}=in", _preload_content=False)
+    by_node: dict[str, list] = {}
+    for placed in map(selection.placed_pod, json.loads(resp.data)["items"]):
+        if placed is not None:
+            by_node.setdefault(placed[0], []).append(placed[1])
+    for refs in by_node.values():
+        refs.sort(key=lambda r: (r.namespace, r.name, r.uid))
+    resp = b.core.list_node(_preload_content=False, _headers={"Accept": nodeconfig.METADATA_LIST})
+    node_uids = {o["metadata"]["name"]: o["metadata"]["uid"] for o in json.loads(resp.data)["items"]}
+    entries = nodeconfig.entries_by_node(contract.TRACE_KINDS[0], NAMESPACE, name, uid, 1, contract.TraceSettings(),
+                                         by_node)
+    cfg = b.api.configuration
+    base = f"{cfg.host}/apis/{contract.GROUP}/{contract.VERSION}/{contract.NODE_PLURAL}"
+    query = f"fieldManager={nodeconfig.field_manager(uid)}&force=true"
+    bodies = [(f"{base}/{n}?{query}", json.dumps(nodeconfig.apply_config(n, node_uids.get(n), e)).encode())
+              for n, e in entries.items()]
+    headers = {"Content-Type": nodeconfig.APPLY, "Accept": "application/json", **b.api.default_headers}
+    pool = b.api.rest_client.pool_manager
+
+    def send(req: tuple[str, bytes]) -> None:
+        r = pool.request("PATCH", req[0], body=req[1], headers=headers)
+        if r.status not in (200, 201):
+            raise RuntimeError(f"apply {r.status}: {r.data[:200]!r}")
+
+    threads = OperatorConfig.model_fields["publish_concurrency"].default
+    clock = CpuClock({**b.control_plane_pids(), "bench": os.getpid()})
+    b.progress(f"control plane {scale} nodes: the API server alone, {len(bodies)} applies from {threads} threads")
+    c0 = clock.read()
+    t0 = time.time()
+    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+        list(ex.map(send, bodies))
+    sent = time.time() - t0
+    published = b.wait_published(name, nodes, t0, timeout=max(120, scale * 0.6))
+    cpu = CpuClock.spent(c0, clock.read())
+    b.progress(f"control plane {scale} nodes: the API server alone took the applies in {sent:.1f} s; published "
+               f"p50 {stats.median(list(published.values())) or 0:.2f} s, max {max(published.values(), default=0):.2f} s")
+
+    def delete(node: str) -> None:
+        r = pool.request("DELETE", f"{base}/{node}", headers=headers)
+        if r.status not in (200, 202, 404):
+            raise RuntimeError(f"delete {r.status}: {r.data[:200]!r}")
+
+    with concurrent.futures.ThreadPoolExecutor(threads) as ex:
+        list(ex.map(delete, entries))
+    return {"nodes": scale, "threads": threads, "sent_s": sent, "published": _summary(list(published.values())),
+            "published_nodes": len(published), "cpu_s": cpu}
+
+
 def run(scales: tuple[int, ...], pods_per_node: int, n_agents: int, workdir: Path, log_dir: Path, progress) -> dict:
     # A fresh cluster every run: the work dir holds etcd's data, which a new etcd would otherwise reuse.
     shutil.rmtree(workdir, ignore_errors=True)
@@ -562,6 +622,7 @@ def run(scales: tuple[int, ...], pods_per_node: int, n_agents: int, workdir: Pat
                     b.grow(scale, list(scales))
                 out["scales"][str(scale)] = measure_scale(b, scale, steady_s=10 if scale >= 10 else 3,
                                                           deletions=10 if scale >= 10 else len(sampled))
+            out["floor"] = measure_floor(b, max(scales))
         finally:
             b.close()
     return out
@@ -639,4 +700,14 @@ def rows(data: dict) -> list[Row]:
                            "—", f"machine {c['machine']:.1f} s", ", ".join(
                                f"{k} {c[k]:.1f}" for k in (*cp_names, "operator", "bench") if k in c), "—", None))
         prev = s
+    if data.get("floor"):
+        f = data["floor"]
+        fp, c = f["published"], f["cpu_s"]
+        out.append(Row("controlplane", f"the API server alone: the same applies, built beforehand and sent by "
+                       f"{f['threads']} threads (no operator), apply to published p50 / p99 (max), "
+                       f"{f['nodes']:,} nodes × {ppn} pods", "—",
+                       f"{fmt(fp['p50_s'], 2, 's')} / {fmt(fp['p99_s'], 2, 's')} ({fmt(fp['max_s'], 2, 's')})",
+                       f"{f['published_nodes']}/{f['nodes']} nodes; all sent in {f['sent_s']:.1f} s; CPU: kube-apiserver "
+                       f"{c.get('kube-apiserver', 0):.1f} s, etcd {c.get('etcd', 0):.1f} s, machine {c['machine']:.1f} s",
+                       "—", None, note="what publishing costs on this machine whatever the operator does"))
     return out

@@ -47,6 +47,8 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     assert from_host["agent_count"] > 0 and from_host["bpftrace_count"] > 0, from_host
     scale = next(iter(doc["sections"]["controlplane"]["scales"].values()))
     assert scale["published_nodes"] == scale["nodes"]
+    floor = doc["sections"]["controlplane"]["floor"]  # the API server alone, the same applies
+    assert floor["published_nodes"] == floor["nodes"] == scale["nodes"], floor
 
     md = (tmp_path / "results.md").read_text()
     assert md.startswith("# latencytrace benchmark results")

@@ -98,3 +98,31 @@ def test_gc_pause_restores_the_collector_when_the_last_pause_ends():
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_a_list_larger_than_a_page_comes_whole_and_the_watch_goes_on_from_it(control_plane, namespace, fake_nodes):
+    cp = control_plane
+    names = [f"p{i}" for i in range(5)]
+    cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps(
+        {"apiVersion": "v1", "kind": "List", "items": [pod(n, fake_nodes[0]) for n in names]}))
+    core = client.CoreV1Api(api_client(str(cp.kubeconfig)))
+    calls: list[dict] = []
+
+    def list_pods(*args, **kwargs):
+        calls.append(kwargs)
+        return core.list_namespaced_pod(*args, **kwargs)
+
+    list_pods.__name__ = "list_namespaced_pod"
+    lw = ListWatch(list_pods, namespace, on_change=lambda: None, log=logging.getLogger(__name__),
+                   label_selector="app=w", page_size=2, transform=lambda o: o["metadata"]["name"]).start()
+    try:
+        until("the first list", lw.synced.is_set)
+        assert sorted(lw.snapshot()) == names
+        pages = [c for c in calls if not c.get("watch")]
+        assert len(pages) == 3 and all(c["limit"] == 2 for c in pages), pages  # 2 + 2 + 1
+        assert [bool(c.get("_continue")) for c in pages] == [False, True, True]
+        cp.kubectl("delete", "pod", "-n", namespace, "p3", "--wait=false", "--grace-period=0", "--force")
+        until(f"p3 gone by the watch: {lw.snapshot()}", lambda: sorted(lw.snapshot()) == ["p0", "p1", "p2", "p4"])
+        assert len([c for c in calls if not c.get("watch")]) == 3  # no list again
+    finally:
+        lw.stop()
