@@ -523,26 +523,25 @@ def measure_floor(b: Bench, scale: int) -> dict:
     published as the operator is. What publishing costs on this machine whatever the operator does."""
     import uuid
 
-    from latencytrace.operator import nodeconfig, selection
+    from latencytrace.operator import nodeconfig, selection, spec as specs
     from latencytrace.operator.config import OperatorConfig
 
     name, uid = f"floor-{scale}", str(uuid.uuid4())
     nodes = list(range(scale))
-    resp = b.core.list_namespaced_pod(NAMESPACE, label_selector=f"tier-{scale}=in", _preload_content=False)
-    by_node: dict[str, list] = {}
-    for placed in map(selection.placed_pod, json.loads(resp.data)["items"]):
-        if placed is not None:
-            by_node.setdefault(placed[0], []).append(placed[1])
-    for refs in by_node.values():
-        refs.sort(key=lambda r: (r.namespace, r.name, r.uid))
+    # The operator's own selection and entries for the trace measure_scale applies (apply_trace).
+    spec = specs.parse({"podSelector": {"matchLabels": {f"tier-{scale}": "in"}}})
+    query = selection.pod_query(spec, NAMESPACE)
+    resp = b.core.list_namespaced_pod(NAMESPACE, label_selector=query.label_selector,
+                                      field_selector=query.field_selector, _preload_content=False)
+    placed = filter(None, map(selection.placed_pod, json.loads(resp.data)["items"]))
+    by_node = selection.pods_by_node(placed, spec, NAMESPACE, None)
     resp = b.core.list_node(_preload_content=False, _headers={"Accept": nodeconfig.METADATA_LIST})
     node_uids = {o["metadata"]["name"]: o["metadata"]["uid"] for o in json.loads(resp.data)["items"]}
-    entries = nodeconfig.entries_by_node(contract.TRACE_KINDS[0], NAMESPACE, name, uid, 1, contract.TraceSettings(),
-                                         by_node)
+    entries = nodeconfig.entries_by_node(contract.TRACE_KINDS[0], NAMESPACE, name, uid, 1, spec.settings(), by_node)
     cfg = b.api.configuration
     base = f"{cfg.host}/apis/{contract.GROUP}/{contract.VERSION}/{contract.NODE_PLURAL}"
-    query = f"fieldManager={nodeconfig.field_manager(uid)}&force=true"
-    bodies = [(f"{base}/{n}?{query}", json.dumps(nodeconfig.apply_config(n, node_uids.get(n), e)).encode())
+    params = f"fieldManager={nodeconfig.field_manager(uid)}&force=true"
+    bodies = [(f"{base}/{n}?{params}", json.dumps(nodeconfig.apply_config(n, node_uids.get(n), e)).encode())
               for n, e in entries.items()]
     headers = {"Content-Type": nodeconfig.APPLY, "Accept": "application/json", **b.api.default_headers}
     pool = b.api.rest_client.pool_manager
