@@ -137,13 +137,17 @@ class ListWatch:
     """The live set of objects a list call returns, kept in a daemon thread; `on_change` is called
     (from that thread, without arguments) after every change; read the objects with `snapshot()`.
     With `transform`, what is kept of each object is transform(object) (None: not kept, as if the
-    object were not there)."""
+    object were not there). With `on_event`, a watch event calls on_event(old, new) instead (what was
+    kept of the object before and after it, None where nothing), and on_change is left for (re-)lists,
+    after which anything may have changed."""
 
     def __init__(self, list_fn: Callable, *args, on_change: Callable[[], None], log: logging.Logger,
                  label_selector: str = "", field_selector: str = "", timeout_seconds: int = 300,
-                 transform: Callable[[dict], object] | None = None, page_size: int = 500):
+                 transform: Callable[[dict], object] | None = None, page_size: int = 500,
+                 on_event: Callable[[object | None, object | None], None] | None = None):
         self.list_fn, self.args = list_fn, args
         self.transform = transform
+        self.on_event = on_event
         self.page_size = page_size  # objects per list request (client-go's default)
         self._listed_rv = ""
         self.selectors = {"label_selector": label_selector, "field_selector": field_selector}
@@ -236,10 +240,14 @@ class ListWatch:
         kept = None if kind == "DELETED" else obj if self.transform is None else self.transform(obj)
         with self._lock:
             if kept is None:
-                self._objects.pop(key_of(obj), None)
+                old = self._objects.pop(key_of(obj), None)
             else:
+                old = self._objects.get(key_of(obj))
                 self._objects[key_of(obj)] = kept
-        self.on_change()
+        if self.on_event is None:
+            self.on_change()
+        elif old is not None or kept is not None:
+            self.on_event(old, kept)
         return rv
 
     def _run(self) -> None:

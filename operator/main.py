@@ -71,7 +71,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 
 @kopf.on.cleanup()
 def shutdown(memo: kopf.Memo, **_) -> None:
-    memo.runtime.pool.shutdown(wait=False, cancel_futures=True)
+    memo.runtime.close()
 
 
 @for_each_kind(kopf.index)

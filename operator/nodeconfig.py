@@ -163,6 +163,15 @@ class NodeConfigs:
             self._node_uids[node] = uid
         return uid
 
+    def warm(self) -> None:
+        """List the Nodes' uids now (at operator start, in a thread), so that a trace's first writes find them
+        (at 1000 nodes the list takes half a second, and every write waits for it). Trouble is left to the
+        writes, which list again."""
+        try:
+            self._list_nodes()
+        except Exception as e:
+            log.info("listing Nodes at start: %s; the first write lists them again", e)
+
     def _list_nodes(self) -> None:
         """Every Node's uid in one request (metadata only), instead of one request per node: at most once
         per NODE_LIST_SECONDS, and the threads that need it meanwhile wait for the one list in flight."""

@@ -1,13 +1,15 @@
 """Which pods a LatencyTrace selects and on which nodes they run: pure functions over API objects.
 
-The selection is pushed to the API server as far as selectors allow (label selector, and field
-selectors for "scheduled and not finished"), so that a watch only ever carries the pods that matter.
-What selectors cannot say (a list of names, namespace membership, host-network pods) is filtered here.
+The operator keeps every scheduled, unfinished pod of the cluster in one cache (podcache.py, listed and
+watched with the field selector ACTIVE_PODS), as `placed_pod` keeps it: node, PodRef and labels. A trace's
+selection runs here on that cache (`selects`, `pods_by_node`): label selector, namespace, names, with
+Kubernetes' semantics. `pod_query` says the same selection as API server selectors, for a one-off list
+(the control-plane benchmark's floor) and to test that both agree.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from latencytrace.node_agent.contract import PodRef
@@ -56,10 +58,18 @@ def namespace_query(spec: TraceSpec) -> str | None:
     return None if spec.namespace_selector is None else selector_string(spec.namespace_selector)
 
 
-def placed_pod(pod: dict) -> tuple[str, PodRef] | None:
-    """(node, PodRef) of a pod an agent can trace; None for pods not on a node, finished, or sharing
-    the host's network namespace (nothing per pod to trace there). The trace worker's pod watch keeps
-    only this of each pod (its transform): a few hundred bytes, not the whole object."""
+@dataclass(frozen=True, slots=True, eq=False)
+class PlacedPod:
+    """What the operator keeps of a pod it may trace: a few hundred bytes, not the whole object."""
+
+    node: str
+    ref: PodRef
+    labels: Mapping[str, str]
+
+
+def placed_pod(pod: dict) -> PlacedPod | None:
+    """The pod as the cache keeps it; None for pods not on a node, finished, or sharing the host's
+    network namespace (nothing per pod to trace there)."""
     meta, spec, status = pod.get("metadata", {}), pod.get("spec", {}), pod.get("status", {})
     node = spec.get("nodeName")
     if not node or spec.get("hostNetwork") or status.get("phase") in ("Succeeded", "Failed"):
@@ -67,26 +77,46 @@ def placed_pod(pod: dict) -> tuple[str, PodRef] | None:
     ips = [p["ip"] for p in status.get("podIPs") or [] if p.get("ip")]
     if not ips and status.get("podIP"):
         ips = [status["podIP"]]
-    return node, PodRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], ips=ips)
+    return PlacedPod(node, PodRef(namespace=meta["namespace"], name=meta["name"], uid=meta["uid"], ips=ips),
+                     meta.get("labels") or {})
 
 
-def pods_by_node(placed: Iterable[tuple[str, PodRef]], spec: TraceSpec, trace_namespace: str,
+def labels_match(sel: LabelSelector | None, labels: Mapping[str, str]) -> bool:
+    """Kubernetes' label selector semantics: every term holds; NotIn and DoesNotExist hold for a missing key."""
+    if sel is None:
+        return True
+    if any(labels.get(k) != v for k, v in sel.match_labels.items()):
+        return False
+    for req in sel.match_expressions:
+        value = labels.get(req.key)
+        held = {"In": value is not None and value in req.values, "NotIn": value is None or value not in req.values,
+                "Exists": value is not None, "DoesNotExist": value is None}[req.operator]
+        if not held:
+            return False
+    return True
+
+
+def selects(spec: TraceSpec, trace_namespace: str | None, namespaces: set[str] | None, pod: PlacedPod) -> bool:
+    """Whether the trace selects `pod`. `namespaces` are the names `namespace_query` matched (None: not
+    known yet, or no namespaceSelector)."""
+    ns = pod.ref.namespace
+    if spec.pod_names is not None:  # names, in the trace's namespace; no label selector with them
+        return ns == trace_namespace and pod.ref.name in spec.pod_names
+    if spec.namespace_selector is not None:
+        if namespaces is None or ns not in namespaces:
+            return False
+    elif ns != trace_namespace:
+        return False
+    return labels_match(spec.pod_selector, pod.labels)
+
+
+def pods_by_node(pods: Iterable[PlacedPod], spec: TraceSpec, trace_namespace: str | None,
                  namespaces: set[str] | None) -> dict[str, list[PodRef]]:
-    """The selected pods grouped by node, each list sorted by namespace and name.
-
-    `placed` is `placed_pod` of what `pod_query` returned (the pods it gave None for left out);
-    `namespaces` the names `namespace_query` matched (None when the spec has no namespaceSelector).
-    """
-    names = set(spec.pod_names) if spec.pod_names is not None else None
+    """The pods the trace selects (`selects`) grouped by node, each list sorted by namespace and name."""
     out: dict[str, list[PodRef]] = {}
-    for node, ref in placed:
-        if names is not None and (ref.namespace != trace_namespace or ref.name not in names):
-            continue
-        if namespaces is not None and ref.namespace not in namespaces:
-            continue
-        if names is None and namespaces is None and ref.namespace != trace_namespace:
-            continue
-        out.setdefault(node, []).append(ref)
+    for pod in pods:
+        if selects(spec, trace_namespace, namespaces, pod):
+            out.setdefault(pod.node, []).append(pod.ref)
     for refs in out.values():
         refs.sort(key=lambda r: (r.namespace, r.name, r.uid))
     return out

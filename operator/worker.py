@@ -1,10 +1,11 @@
 """One LatencyTrace's worker: keeps the trace's entries on the nodes equal to its selected pods.
 
 It runs as the trace's kopf daemon, so it starts with the trace (and on operator start), and stops when
-the trace is deleted or the operator exits. It watches the selected pods (server-side selectors, in a
-thread), and publishes after each burst of pod churn, after a spec change (its handler pokes it), when
-the duration expires (everything is removed), and on every resync (drift repair). It never publishes
-before its first complete pod list, so an operator restart re-derives the same entries and writes none.
+the trace is deleted or the operator exits. It selects its pods from the operator's pod cache (podcache.py),
+which wakes it when a pod it selects (before or after the change) changes, and publishes after each burst
+of pod churn, after a spec change (its handler pokes it), when the duration expires (everything is
+removed), and on every resync (drift repair). It never publishes before the cache's first complete pod
+list, so an operator restart re-derives the same entries and writes none.
 """
 
 from __future__ import annotations
@@ -21,13 +22,15 @@ from datetime import UTC, datetime
 from kubernetes import client
 
 from latencytrace.node_agent.contract import NodeTrace, TraceKind
-from latencytrace.node_agent.kube import ListWatch, Trouble
+from latencytrace.node_agent.kube import Trouble
 
 from . import nodeconfig, selection, spec as specs
 from .aggregation import NodeTraceView
 from .conditions import parse_time
 from .config import OperatorConfig
 from .nodeconfig import NodeConfigs
+from .podcache import PodCache
+from .selection import PlacedPod
 
 
 @dataclass
@@ -38,6 +41,7 @@ class Runtime:
     api: client.ApiClient
     nodes: NodeConfigs
     pool: concurrent.futures.ThreadPoolExecutor
+    pods: PodCache
     workers: weakref.WeakSet = field(default_factory=weakref.WeakSet)  # the running trace workers
 
     def node_object_gone(self, node: str) -> None:
@@ -48,8 +52,15 @@ class Runtime:
 
     @classmethod
     def create(cls, cfg: OperatorConfig, api: client.ApiClient) -> Runtime:
-        return cls(cfg, api, NodeConfigs(api, cfg.request_timeout_seconds),
-                   concurrent.futures.ThreadPoolExecutor(cfg.publish_concurrency, thread_name_prefix="publish"))
+        rt = cls(cfg, api, NodeConfigs(api, cfg.request_timeout_seconds),
+                 concurrent.futures.ThreadPoolExecutor(cfg.publish_concurrency, thread_name_prefix="publish"),
+                 PodCache(api, cfg.watch_timeout_seconds).start())
+        rt.pool.submit(rt.nodes.warm)
+        return rt
+
+    def close(self) -> None:
+        self.pods.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def start_time(body: Mapping) -> datetime | None:
@@ -100,8 +111,7 @@ class TraceWorker:
         self.published: dict[str, NodeTrace] = {}
         self._wake = asyncio.Event()
         self._loop = asyncio.get_running_loop()
-        self._watch: ListWatch | None = None
-        self._query: selection.PodQuery | None = None
+        self._spec: specs.TraceSpec | None = None  # what pod_changed selects by: the admitted spec while active
         self._namespaces: set[str] | None = None
         self._trouble = Trouble(logger, f"publishing trace {ref}")
         self._ns_trouble = Trouble(logger, f"listing namespaces for trace {ref}")
@@ -122,25 +132,16 @@ class TraceWorker:
         """What the nodes carry now, as the index saw it: the base for the next diff."""
         self.published = {v.node: v.published for v in self.views() if v.published is not None}
 
-    def _ensure_watch(self, spec: specs.TraceSpec) -> None:
-        query = selection.pod_query(spec, self.namespace)
-        if query == self._query and self._watch is not None:
+    def pod_changed(self, old: PlacedPod | None, new: PlacedPod | None) -> None:
+        """The pod cache saw a pod change (from its thread): look again if this trace selects it, before or
+        after. Until the namespaces of a namespaceSelector are known, every pod may be one."""
+        spec, namespaces = self._spec, self._namespaces
+        if spec is None:
             return
-        self._stop_watch()
-        core = client.CoreV1Api(self.rt.api)
-        if query.namespace is None:
-            args: tuple = (core.list_pod_for_all_namespaces,)
-        else:
-            args = (core.list_namespaced_pod, query.namespace)
-        self._watch = ListWatch(*args, on_change=self.poke, log=self.log, label_selector=query.label_selector,
-                                field_selector=query.field_selector, transform=selection.placed_pod,
-                                timeout_seconds=self.rt.cfg.watch_timeout_seconds).start()
-        self._query = query
-
-    def _stop_watch(self) -> None:
-        if self._watch is not None:
-            self._watch.stop()
-        self._watch, self._query = None, None
+        if spec.namespace_selector is not None and namespaces is None:
+            self.poke()
+        elif any(p is not None and selection.selects(spec, self.namespace, namespaces, p) for p in (old, new)):
+            self.poke()
 
     def _list_namespaces(self, label_selector: str) -> set[str]:
         core = client.CoreV1Api(self.rt.api)
@@ -165,11 +166,11 @@ class TraceWorker:
 
     def desired(self, spec: specs.TraceSpec, generation: int) -> dict[str, NodeTrace] | None:
         """Entries per node from the current pods; None until the first pod list has arrived."""
-        if self._watch is None or not self._watch.synced.is_set():
+        if not self.rt.pods.synced.is_set():
             return None
         if spec.namespace_selector is not None and self._namespaces is None:
             return None
-        selected = selection.pods_by_node(self._watch.snapshot(), spec, self.namespace, self._namespaces)
+        selected = selection.pods_by_node(self.rt.pods.snapshot(), spec, self.namespace, self._namespaces)
         limit = self.rt.cfg.pods_per_trace
         pods, total = within_limit(selected, limit)
         self.pods_over_limit = (total, limit) if limit and total > limit else None
@@ -216,6 +217,7 @@ class TraceWorker:
         cfg = self.rt.cfg
         self._seed()
         self.rt.workers.add(self)
+        self.rt.pods.subscribe(self)
         generation, spec = None, None
         next_resync = 0.0  # list namespaces at once
         try:
@@ -238,21 +240,17 @@ class TraceWorker:
                     if (retry := await self._refresh_namespaces(spec)) is not None:
                         next_resync = time.monotonic() + retry
                 active = spec is not None and not expired(spec, body, now)
-                if active:
-                    self._ensure_watch(spec)
-                    desired = self.desired(spec, int(generation or 0))
-                else:
-                    self._stop_watch()
-                    desired = {}
+                self._spec = spec if active else None
+                desired = self.desired(spec, int(generation or 0)) if active else {}
                 retry_in = await self._publish(desired) if desired is not None else None
-                listed = self._watch is not None and self._watch.synced.is_set()
+                listed = self.rt.pods.synced.is_set()
                 await self._wait(stopped, self._timeout(spec, body, next_resync, active, retry_in))
                 # Let a burst of pod churn gather; but the first pod list is whole: publish it at once.
                 if not stopped and listed:
                     await stopped.wait(cfg.debounce_seconds)
         finally:
             self.rt.workers.discard(self)
-            self._stop_watch()
+            self.rt.pods.unsubscribe(self)
 
     def _timeout(self, spec, body, next_resync: float, active: bool, retry_in: float | None) -> float:
         waits = [max(0.0, next_resync - time.monotonic())]

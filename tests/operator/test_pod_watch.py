@@ -1,7 +1,8 @@
 """The trace worker's pod watch keeps only what it needs of each pod (ListWatch's transform), on a real
 API server with kwok running the pods: what it keeps follows the pods through list, changes (kwok gives
 each its IP after it was listed) and deletion, and a transform that stops keeping an object drops it
-as a deletion would. And the garbage collector pause around a list's decoding (kube.gc_paused) leaves
+as a deletion would. The operator's pod cache built on it selects as the API server's label selectors
+do, and tells a trace of a pod's change only if the trace selects the pod. And the garbage collector pause around a list's decoding (kube.gc_paused) leaves
 the collector as it found it, also when pauses overlap."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import time
 from kubernetes import client
 
 from latencytrace.node_agent.kube import ListWatch, api_client, gc_paused
-from latencytrace.operator import selection
+from latencytrace.operator import selection, spec as specs
+from latencytrace.operator.podcache import PodCache
 
 pytest_plugins = ["tests.cluster.fixtures"]
 
@@ -43,12 +45,12 @@ def test_pod_watch_keeps_only_placed_pods_and_follows_them(control_plane, namesp
                    transform=selection.placed_pod).start()
     try:
         until("the first list", lw.synced.is_set)
-        kept = lambda: {ref.name: (n, ref.ips) for n, ref in lw.snapshot()}  # noqa: E731
-        # The host-network pod is never kept; the others are (node, PodRef), with the IP kwok gives them.
+        kept = lambda: {p.ref.name: (p.node, p.ref.ips) for p in lw.snapshot()}  # noqa: E731
+        # The host-network pod is never kept; the others are (node, PodRef, labels), with the IP kwok gives them.
         until(f"both pods with their IPs: {kept()}", lambda: set(kept()) == {"a", "b"} and all(
             ips for _, ips in kept().values()))
         assert all(n == node for n, _ in kept().values())
-        assert all(isinstance(o, tuple) for o in lw.snapshot())  # not the pod objects
+        assert all(isinstance(o, selection.PlacedPod) and o.labels == {"app": "w"} for o in lw.snapshot())
         cp.kubectl("delete", "pod", "-n", namespace, "a", "--wait=false", "--grace-period=0", "--force")
         until(f"a gone: {kept()}", lambda: set(kept()) == {"b"})
     finally:
@@ -126,3 +128,74 @@ def test_a_list_larger_than_a_page_comes_whole_and_the_watch_goes_on_from_it(con
         assert len([c for c in calls if not c.get("watch")]) == 3  # no list again
     finally:
         lw.stop()
+
+
+class Recorder:
+    """A PodCache subscriber that records what it is told (a trace worker looks again instead)."""
+
+    def __init__(self, spec: specs.TraceSpec, namespace: str):
+        self.spec, self.namespace, self.lock = spec, namespace, threading.Lock()
+        self.changed: list[str] = []
+        self.pokes = 0
+
+    def pod_changed(self, old, new) -> None:
+        if any(p is not None and selection.selects(self.spec, self.namespace, None, p) for p in (old, new)):
+            with self.lock:
+                self.changed.append((new or old).ref.name)
+
+    def poke(self) -> None:
+        self.pokes += 1
+
+
+SELECTORS = [
+    {"matchLabels": {"app": "w"}},
+    {"matchExpressions": [{"key": "tier", "operator": "In", "values": ["a", "b"]}]},
+    {"matchExpressions": [{"key": "tier", "operator": "NotIn", "values": ["a"]}]},
+    {"matchExpressions": [{"key": "tier", "operator": "Exists"}]},
+    {"matchLabels": {"app": "w"}, "matchExpressions": [{"key": "tier", "operator": "DoesNotExist"}]},
+    {},
+]
+
+
+def test_pod_cache_selects_as_the_api_server_does_and_wakes_only_the_traces_a_pod_concerns(
+        control_plane, namespace, fake_nodes):
+    """The operator's pod cache (all namespaces, active pods) against the API server's own label selectors
+    on the same pods; and a pod event reaches a subscriber only if its trace selects the pod."""
+    cp = control_plane
+    labels = [{"app": "w"}, {"app": "w", "tier": "a"}, {"tier": "b"}, {"tier": "c", "app": "v"}, {}]
+    pods = [pod(f"l{i}", fake_nodes[i % len(fake_nodes)]) for i in range(len(labels))]
+    for p, lab in zip(pods, labels):
+        p["metadata"]["labels"] = lab
+    cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
+                                                                       "items": pods}))
+    api = api_client(str(cp.kubeconfig))
+    cache = PodCache(api, 60).start()
+    web = Recorder(specs.parse({"podSelector": {"matchLabels": {"app": "w"}}}), namespace)
+    other = Recorder(specs.parse({"podSelector": {"matchLabels": {"app": "nothing"}}}), namespace)
+    cache.subscribe(web)
+    cache.subscribe(other)
+    try:
+        until("the cache's first list", cache.synced.is_set)
+        until("both subscribers poked after the list", lambda: web.pokes >= 1 and other.pokes >= 1)
+        core = client.CoreV1Api(api)
+        for raw in SELECTORS:
+            spec = specs.parse({"podSelector": raw})
+            server = {p.metadata.name for p in core.list_namespaced_pod(
+                namespace, label_selector=selection.selector_string(spec.pod_selector)).items}
+            local = {r.name for refs in selection.pods_by_node(cache.snapshot(), spec, namespace, None).values()
+                     for r in refs}
+            assert local == server, (raw, local, server)
+        with web.lock:
+            web.changed.clear()
+        other.changed.clear()
+        cp.kubectl("label", "-n", namespace, "pod", "l3", "app=w", "--overwrite")  # into web's selection
+        until(f"web told of l3: {web.changed}", lambda: "l3" in web.changed)
+        cp.kubectl("label", "-n", namespace, "pod", "l3", "app=v", "--overwrite")  # and out of it
+        until(f"web told of l3 twice: {web.changed}", lambda: web.changed.count("l3") >= 2)
+        cp.kubectl("label", "-n", namespace, "pod", "l4", "x=1")  # selected by neither
+        cp.kubectl("delete", "pod", "-n", namespace, "l0", "--wait=false", "--grace-period=0", "--force")
+        until(f"web told of l0's deletion: {web.changed}", lambda: "l0" in web.changed)
+        until("l0 gone from the cache", lambda: "l0" not in {p.ref.name for p in cache.snapshot()})
+        assert "l4" not in web.changed and other.changed == [], (web.changed, other.changed)
+    finally:
+        cache.stop()

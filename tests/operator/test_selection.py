@@ -40,10 +40,9 @@ def test_untraceable_pods_are_left_out():
     assert selection.placed_pod(pod("a", node=None)) is None
     assert selection.placed_pod(pod("a", host_network=True)) is None
     assert selection.placed_pod(pod("a", phase="Succeeded")) is None
-    node, ref = selection.placed_pod(pod("a", ips=("10.0.0.1", "fd00::1")))
-    assert node == "n1" and ref.ips == ["10.0.0.1", "fd00::1"]
-    _, ref = selection.placed_pod(pod("b", ips=()))
-    assert ref.ips == []  # found by cgroup on the node, not by IP
+    p = selection.placed_pod(pod("a", ips=("10.0.0.1", "fd00::1"), labels={"app": "w"}))
+    assert p.node == "n1" and p.ref.ips == ["10.0.0.1", "fd00::1"] and p.labels == {"app": "w"}
+    assert selection.placed_pod(pod("b", ips=())).ref.ips == []  # found by cgroup on the node, not by IP
 
 
 def test_pods_grouped_by_node_and_filtered():
@@ -55,3 +54,29 @@ def test_pods_grouped_by_node_and_filtered():
     assert sorted(r.name for refs in by_node.values() for r in refs) == ["a", "c"]
     by_node = selection.pods_by_node(pods, parse({"namespaceSelector": {}}), "app", {"other"})
     assert [r.name for refs in by_node.values() for r in refs] == ["x"]
+
+
+def test_label_selectors_follow_kubernetes_semantics():
+    sel = parse({"podSelector": {"matchLabels": {"app": "w"}, "matchExpressions": [
+        {"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "env", "operator": "NotIn", "values": ["prod"]},
+        {"key": "team", "operator": "Exists"}, {"key": "canary", "operator": "DoesNotExist"}]}}).pod_selector
+    base = {"app": "w", "tier": "a", "team": "x"}
+    assert selection.labels_match(sel, base)
+    assert selection.labels_match(sel, {**base, "env": "dev"})
+    for bad in ({**base, "app": "v"}, {k: v for k, v in base.items() if k != "app"}, {**base, "tier": "c"},
+                {k: v for k, v in base.items() if k != "tier"}, {**base, "env": "prod"},
+                {k: v for k, v in base.items() if k != "team"}, {**base, "canary": ""}):
+        assert not selection.labels_match(sel, bad), bad
+    assert selection.labels_match(None, {}) and selection.labels_match(parse({"podSelector": {}}).pod_selector, {})
+
+
+def test_pod_names_select_in_the_trace_namespace_only_and_ignore_labels():
+    spec = parse({"podNames": ["a"]})
+    assert selection.selects(spec, "app", None, selection.placed_pod(pod("a", labels={"x": "y"})))
+    assert not selection.selects(spec, "app", None, selection.placed_pod(pod("a", ns="other")))
+    assert not selection.selects(spec, "app", None, selection.placed_pod(pod("b")))
+    cluster = parse({"namespaceSelector": {}, "podSelector": {"matchLabels": {"app": "w"}}})
+    web = selection.placed_pod(pod("w", ns="other", labels={"app": "w"}))
+    assert not selection.selects(cluster, None, None, web)  # its namespaces not known yet
+    assert selection.selects(cluster, None, {"other"}, web)
+    assert not selection.selects(cluster, None, {"app"}, web)
