@@ -25,9 +25,10 @@ from .results import Row, fmt, pct
 from .tracers import AgentProcess
 from .workloads import Traffic
 
-WORKLOADS = ("tcp_bulk", "udp_rate", "pp_tcp", "pp_udp")
+WORKLOADS = ("tcp_bulk", "udp_rate", "pp_tcp", "pp_udp", "syscall")
 TITLES = {"tcp_bulk": "iperf3 TCP bulk throughput", "udp_rate": "iperf3 UDP 64 B delivered rate",
-          "pp_tcp": "sockperf TCP ping-pong RTT", "pp_udp": "sockperf UDP ping-pong RTT"}
+          "pp_tcp": "sockperf TCP ping-pong RTT", "pp_udp": "sockperf UDP ping-pong RTT",
+          "syscall": "getppid() system call, time per call, no packets"}
 
 
 @dataclass
@@ -70,6 +71,8 @@ def _run_workload(traffic: Traffic, name: str, pods: Pods, dst: Pod, s: Settings
         return traffic.tcp_bulk(pods.client, dst, s.seconds)
     if name == "udp_rate":
         return traffic.udp_rate(pods.client, dst, s.steady_pps, s.seconds)
+    if name == "syscall":
+        return traffic.syscalls(dst, s.pingpong_seconds)
     return traffic.pingpong(pods.client, dst, name.removeprefix("pp_"), s.pingpong_seconds)
 
 
@@ -171,7 +174,8 @@ _CPU = {"cpu_ns_per_packet": "busy_cpu_ns_per_packet"}
 FIGURES = {"tcp_bulk": {"gbit_s": "gbit_s", **_CPU},
            "udp_rate": {"delivered_pps": "delivered_pps", "loss_pct": "loss_pct", **_CPU},
            "pp_tcp": {"p50_us": "p50_us", "p99_us": "p99_us"},
-           "pp_udp": {"p50_us": "p50_us", "p99_us": "p99_us"}}
+           "pp_udp": {"p50_us": "p50_us", "p99_us": "p99_us"},
+           "syscall": {"ns_per_call": "ns_per_call"}}
 
 
 def summarise(rounds: list[dict]) -> dict:
@@ -235,6 +239,12 @@ def rows(data: dict, steady_pps: int) -> list[Row]:
             out.append(Row("overhead", f"{TITLES['pp_' + proto]} p99 {tag}", fmt(p99["median_off"], 2, "µs"),
                            fmt(p99["median_on"], 2, "µs"), f"{pct(p99['ratio'])} ({_spread(p99)})",
                            "≤ +5%", p99["ratio"] is not None and p99["ratio"] <= 1.05, note="round trip"))
+        p = sm.get(f"syscall/{which}", {}).get("ns_per_call")
+        if p:  # results from before the workload existed have none
+            where = "in the traced pod" if which == "traced" else "in an untraced pod, another pod traced"
+            out.append(Row("overhead", f"{TITLES['syscall']}, {where}", fmt(p["median_off"], 0, "ns"),
+                           fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
+                           note="every process of the node pays the send-syscall hook's share"))
     out += stats_rows(sm, steady_pps)
     out += time8_rows(sm, steady_pps)
     return out

@@ -1,5 +1,7 @@
 """The traffic the benchmarks measure: iperf3 (TCP bulk, UDP at a fixed packet rate) and sockperf
-ping-pong (TCP and UDP request/response), from a client pod into a server pod of the lab.
+ping-pong (TCP and UDP request/response), from a client pod into a server pod of the lab; and, with no
+packets at all, the time of one system call in a pod (a raw_syscalls hook costs every syscall of the
+node, not only the network's).
 
 Client and server are pinned to different CPUs so that each run places the work the same way; every
 run also reports the packets that crossed the server pod's veth and the CPU time the whole machine
@@ -25,6 +27,18 @@ IPERF_PORT = 5201
 SOCKPERF_PORT = 11111
 UDP_PAYLOAD = 64  # bytes: small packets, where the per-packet cost of tracing shows most
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# getppid(2) in batches for a while: the median time per call of the batches (the interpreter's loop is in
+# every batch alike, off and on).
+_SYSCALL_LOOP = """
+import os, statistics, sys, time
+end, per, call = time.monotonic() + float(sys.argv[1]), [], os.getppid
+while time.monotonic() < end or len(per) < 5:
+    t = time.perf_counter_ns()
+    for _ in range(50_000):
+        call()
+    per.append((time.perf_counter_ns() - t) / 50_000)
+print(statistics.median(per), len(per) * 50_000)
+"""
 
 
 class WorkloadError(RuntimeError):
@@ -126,6 +140,13 @@ class Traffic:
         res = parse_sockperf(out)
         res.update(packets=w.packets, seconds=w.seconds)
         return res
+
+
+    def syscalls(self, pod: Pod, seconds: float) -> dict:
+        """getppid(2) in a loop inside `pod` (no packets): nanoseconds per call."""
+        out = self._client(pod, seconds + 30, "python3", "-c", _SYSCALL_LOOP, str(seconds))
+        ns, calls = out.split()
+        return {"ns_per_call": float(ns), "calls": int(calls), "seconds": seconds}
 
 
 def parse_sockperf(text: str) -> dict:
