@@ -603,7 +603,7 @@ def run(scales: tuple[int, ...], pods_per_node: int, n_agents: int, workdir: Pat
             # operator of a cluster without pods.
             op = b.start_operator("empty")
             time.sleep(3)
-            out["operator_rss_base"] = {"mib": process_usage(op.pid).rss_bytes / 2**20, "pods": 0}
+            out["operator_rss_base_mib"] = process_usage(op.pid).rss_bytes / 2**20
             b.stop_operator()
             b.grow(scales[0], list(scales))
             progress(f"control plane: {len(sampled) * pods_per_node} real network namespaces for the pods of "
@@ -676,18 +676,18 @@ def rows(data: dict) -> list[Row]:
                        f"{max(dropped):.2f} s" if dropped else "never", f"{len(dropped)} agents", "—", None))
         mem = s["operator_rss_mib"]
         # From an idle operator of a cluster without pods: what the pods cost, in the pod cache and the trace.
-        base = data.get("operator_rss_base") or {"mib": mem["idle"], "pods": 0}
-        grown = mem["steady"] - base["mib"]
+        base = data.get("operator_rss_base_mib", mem["idle"])
+        grown = mem["steady"] - base
         per_pod = grown * 1024 / s["pods"] if s["pods"] else 0
         met = None
         expo = None
         if prev is not None:
-            pg = prev["operator_rss_mib"]["steady"] - base["mib"]
+            pg = prev["operator_rss_mib"]["steady"] - base
             if pg > 0 and grown > 0:
                 expo = math.log(grown / pg) / math.log(s["pods"] / prev["pods"])
                 met = expo <= 1.1
         out.append(Row("controlplane", f"operator resident memory, {at} ({s['pods']:,} pods)",
-                       f"{base['mib']:.0f} MiB idle, no pods",
+                       f"{base:.0f} MiB idle, no pods",
                        f"{mem['steady']:.0f} MiB (peak {mem['peak']:.0f}; idle with its pod cache {mem['idle']:.0f})",
                        f"+{grown:.0f} MiB, {per_pod:.1f} KiB/pod" + (f", growth ∝ pods^{expo:.2f}" if expo else ""),
                        "≤ linear in pods", met))

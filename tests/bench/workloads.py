@@ -141,7 +141,6 @@ class Traffic:
         res.update(packets=w.packets, seconds=w.seconds)
         return res
 
-
     def syscalls(self, pod: Pod, seconds: float) -> dict:
         """getppid(2) in a loop inside `pod` (no packets): nanoseconds per call."""
         out = self._client(pod, seconds + 30, "python3", "-c", _SYSCALL_LOOP, str(seconds))
