@@ -577,6 +577,36 @@ static __always_inline void lt_record(struct lt_target *t, u32 slot, u32 seg, u6
         (*c)++;
 }
 
+/* Clocks. A boundary of a timed packet is read with bpf_ktime_get_ns(), the dearest thing most hooks do
+ * (the TSC read behind it; in this VM, sparing untimed packets the one in netif_receive_skb saved 46 ns a
+ * run). A flight's age, and the marks an untimed packet's flight keeps of where it has been, need no such
+ * precision: in a NET_RX run (where packets are received and forwarded) they take the run's start, which
+ * lt_softirq_entry has read already; elsewhere the clock. (bpf_ktime_get_coarse_ns is not offered to
+ * tracing programs.) Ages are compared with LT_STALE_NS (1 s) and a run lasts a few ms at most, so a
+ * difference of two such times is compared signed (lt_within). */
+static __always_inline u64 lt_age(struct lt_cpu_ctx *c)
+{
+    return c->t_softirq ? c->t_softirq : bpf_ktime_get_ns();
+}
+
+/* The clock now, given `age` from lt_age just before (which is the clock outside a NET_RX run). */
+static __always_inline u64 lt_clock(struct lt_cpu_ctx *c, u64 age)
+{
+    return c->t_softirq ? bpf_ktime_get_ns() : age;
+}
+
+/* A boundary's time for flight f: the clock if its packet is timed, else `age`. */
+static __always_inline u64 lt_stamp(struct lt_flight *f, struct lt_cpu_ctx *c, u64 age)
+{
+    return (f->flags & LT_F_UNTIMED) ? age : lt_clock(c, age);
+}
+
+/* `then` is less than `ns` before `now` (or after it: clocks of two resolutions). */
+static __always_inline int lt_within(u64 now, u64 then, u64 ns)
+{
+    return (s64)(now - then) < (s64)ns;
+}
+
 static __always_inline u64 lt_first(struct lt_flight *f)
 {
 #pragma unroll
@@ -870,7 +900,7 @@ static __always_inline u32 lt_set(u32 dir, u64 skb)
 
 static __always_inline int lt_young(struct lt_flight *f, u64 now)
 {
-    return now - lt_first(f) < LT_STALE_NS;
+    return lt_within(now, lt_first(f), LT_STALE_NS);
 }
 
 /* Which way of a set holds skb: 0 or 1, -1: neither. */
@@ -901,7 +931,7 @@ static __always_inline u32 lt_victim(struct lt_flight *a, struct lt_flight *b, u
 {
     u64 fa = lt_first(a), fb = lt_first(b);
     u32 way = fb < fa;
-    if (now - (way ? fb : fa) < LT_STALE_NS)
+    if (lt_within(now, way ? fb : fa, LT_STALE_NS))
         lt_count(LT_C_COLLISION);
     return way;
 }
@@ -1002,7 +1032,7 @@ static __always_inline void lt_record_tx_done(struct lt_flight *f, u64 done, voi
 /* record: the skb of a traced pod shows up in netif_receive_skb outside the pod (slot_here: the traced
  * namespace it arrived in, or -1 for an untraced one such as the host's). */
 static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt_flight *f, void *skb,
-                                                 u32 ifindex, s32 slot_here, u64 now)
+                                                 u32 ifindex, s32 slot_here, u64 age)
 {
     if (f->flags & LT_F_XMITTED) {
         /* Transmitted by a host device into another namespace (veth to another pod): the driver's
@@ -1013,6 +1043,7 @@ static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt
     if (slot_here == (s32)f->slot)
         return; /* still inside the sending pod */
     if (!f->ts[LT_B_TX_HOST_RX]) {
+        u64 now = lt_stamp(f, c, age);
         f->ts[LT_B_TX_HOST_RX] = now;
         f->ifindex[1] = ifindex;
         struct lt_target *t = lt_target(f->slot);
@@ -1028,9 +1059,10 @@ static __always_inline void lt_record_tx_arrival(struct lt_cpu_ctx *c, struct lt
  * boundaries; a packet the host sends has none (the NET_RX run it may be sent from is another packet's). */
 static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, struct lt_cpu_ctx *c,
                                                struct lt_skb_view *v, struct lt_addrs *addr, u8 tcpf,
-                                               u64 key, u32 ifindex, u32 boundary, u8 irq, u64 now)
+                                               u64 key, u32 ifindex, u32 boundary, u8 irq, u64 age)
 {
     int timed = lt_count_packet(t, slot, LT_DIR_RX);
+    u64 now = timed ? lt_clock(c, age) : age;
     struct lt_flight *f = lt_flight_new(LT_DIR_RX, key, v, slot, now);
     if (!f)
         return;
@@ -1059,14 +1091,14 @@ static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_sk
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
-    u64 now = bpf_ktime_get_ns();
+    u64 age = lt_age(c);
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (f) {
-        if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, now))
+        if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, age))
             return; /* already seen on an earlier host device (the NIC before the bridge, the bridge before its port) */
         lt_count(LT_C_STALE);
     }
-    lt_record_rx_start(t, slot, c, v, addr, tcpf, key, ifindex, LT_B_RX_HOST_RX, irq, now);
+    lt_record_rx_start(t, slot, c, v, addr, tcpf, key, ifindex, LT_B_RX_HOST_RX, irq, age);
 }
 
 #endif /* LATENCYTRACE_H */

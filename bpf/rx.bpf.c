@@ -22,14 +22,15 @@
 
 /* record: pod side, the packet reached a device inside traced pod `slot`. */
 static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex,
-                                             u32 slot, u64 now)
+                                             u32 slot, u64 age)
 {
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] && lt_same_packet(f, v, now)) {
+    if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] && lt_same_packet(f, v, age)) {
         if (!f->ts[LT_B_RX_POD_RX]) {
+            u64 now = lt_stamp(f, c, age);
             f->ts[LT_B_RX_POD_RX] = now;
             f->ifindex[1] = ifindex;
             if (lt_timed(f))
@@ -43,7 +44,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         struct lt_addrs addr;
         u8 tcpf;
         lt_ip_hdr(v, v->data, &addr, &tcpf);
-        lt_record_rx_start(t, slot, c, v, &addr, tcpf, key, ifindex, LT_B_RX_POD_RX, 1, now);
+        lt_record_rx_start(t, slot, c, v, &addr, tcpf, key, ifindex, LT_B_RX_POD_RX, 1, age);
         f = lt_get(LT_DIR_RX, key);
         if (!f)
             return;
@@ -71,11 +72,11 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     s32 slot = lt_filter_dev(c, v.dev, &ifindex);
     if (slot >= 0) {
         /* Inside a traced pod: received by it, or (pod to pod) the arrival of another pod's packet. */
-        u64 now = bpf_ktime_get_ns();
+        u64 age = lt_age(c);
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
-        if (tf && lt_same_packet(tf, &v, now))
-            lt_record_tx_arrival(c, tf, skb, ifindex, slot, now);
-        lt_record_pod_rx(c, &v, key, ifindex, slot, now);
+        if (tf && lt_same_packet(tf, &v, age))
+            lt_record_tx_arrival(c, tf, skb, ifindex, slot, age);
+        lt_record_pod_rx(c, &v, key, ifindex, slot, age);
         return 0;
     }
     if (slot != LT_SLOT_HOST) {
@@ -83,9 +84,9 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
          * pod's packet may arrive (pod to pod), which one tag lookup tells. */
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         if (tf) {
-            u64 now = bpf_ktime_get_ns();
-            if (lt_same_packet(tf, &v, now))
-                lt_record_tx_arrival(c, tf, skb, ifindex, -1, now);
+            u64 age = lt_age(c);
+            if (lt_same_packet(tf, &v, age))
+                lt_record_tx_arrival(c, tf, skb, ifindex, -1, age);
         }
         return 0;
     }
@@ -96,9 +97,9 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     if (lt_addr_slot(&addr, 0) >= 0) { /* only a traced pod's packets can be in transmit flight */
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
-        u64 now = bpf_ktime_get_ns();
-        if (tf && lt_same_packet(tf, &v, now))
-            lt_record_tx_arrival(c, tf, skb, ifindex, -1, now);
+        u64 age = lt_age(c);
+        if (tf && lt_same_packet(tf, &v, age))
+            lt_record_tx_arrival(c, tf, skb, ifindex, -1, age);
     }
     s32 dst = lt_addr_slot(&addr, 1); /* host side: is it addressed to a traced pod? */
     if (dst >= 0)
@@ -299,7 +300,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
              * on into another pod, which may be traced too: go on with the receive side.) */
             struct lt_flight *tf = lt_get(LT_DIR_TX, tail);
             if (tf) {
-                lt_record_tx_done(tf, bpf_ktime_get_ns(), tail_skb);
+                lt_record_tx_done(tf, lt_timed(tf) ? bpf_ktime_get_ns() : 0, tail_skb);
                 return 0;
             }
         }

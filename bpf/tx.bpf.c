@@ -70,7 +70,7 @@ static __always_inline u64 lt_send_start(struct lt_cpu_ctx *c, void *sk, u64 now
     }
     start = c->send_ts;
     c->send_ts = 0;
-    return now - start < LT_STALE_NS ? start : 0;
+    return lt_within(now, start, LT_STALE_NS) ? start : 0;
 }
 
 /* record: a traced pod's packet queued on a further device (its last one is the egress device). */
@@ -85,9 +85,10 @@ static __always_inline void lt_record_egress_queue(struct lt_flight *f, u32 ifin
 
 /* record: a packet of traced pod `slot` queued on the pod's own device: a new transmit flight. */
 static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct lt_target *t, u32 slot,
-                                                    struct lt_skb_view *v, u64 key, u32 ifindex, u64 now)
+                                                    struct lt_skb_view *v, u64 key, u32 ifindex, u64 age)
 {
     int timed = lt_count_packet(t, slot, LT_DIR_TX);
+    u64 now = timed ? lt_clock(c, age) : age;
     u64 start = lt_send_start(c, v->sk, now); /* taken either way: a pending start belongs to this packet */
     struct lt_flight *f = lt_flight_new(LT_DIR_TX, key, v, slot, now);
     if (!f)
@@ -150,9 +151,9 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         /* On the host only a traced pod's packets can be in transmit flight: one tag lookup says. */
         struct lt_flight *f = lt_get(LT_DIR_TX, key);
         if (f) {
-            u64 now = bpf_ktime_get_ns();
-            if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, now))
-                lt_record_egress_queue(f, ifindex, now);
+            u64 age = lt_age(c);
+            if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, age))
+                lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age));
         } else if (!v.iif) {
             lt_record_host_queue(c, &v, key, ifindex, 0); /* sent by the host itself */
         } else if (lt_filter_hostdev(LT_HOSTDEV_UPLINK, v.iif)) {
@@ -167,16 +168,16 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_TX))
         return 0;
-    u64 now = bpf_ktime_get_ns();
+    u64 age = lt_age(c);
     struct lt_flight *f = lt_get(LT_DIR_TX, key);
     if (f) {
-        if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, now)) {
-            lt_record_egress_queue(f, ifindex, now); /* a further device inside the pod */
+        if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, age)) {
+            lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age)); /* a further device inside the pod */
             return 0;
         }
         lt_count(LT_C_STALE);
     }
-    lt_record_pod_dev_queue(c, t, slot, &v, key, ifindex, now);
+    lt_record_pod_dev_queue(c, t, slot, &v, key, ifindex, age);
     return 0;
 }
 

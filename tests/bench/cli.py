@@ -86,6 +86,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                    help="paired part: compare this checkout's agent with another build's latencytrace-agent "
                         "(e.g. another worktree's .venv/bin/latencytrace-agent), same arguments; default: "
                         "typed against raw tracepoints")
+    p.add_argument("--paired-args", default="", metavar="ARGS",
+                   help="paired part: further arguments for both agents of the pair, e.g. \"--time-one-in 8\"")
     args = p.parse_args(argv)
     if args.paired_against is not None and not os.access(args.paired_against, os.X_OK):
         p.error(f"--paired-against: {args.paired_against} is not an executable")
@@ -197,6 +199,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             if "paired" in parts:
                 def run_paired() -> None:
                     pair = paired.against(args.paired_against) if args.paired_against else paired.PAIR
+                    pair = paired.with_args(pair, shlex.split(args.paired_args))
                     data = paired.run(traffic, pods, pps, plan.seconds, max(plan.rounds, 2), log_dir, expected,
                                       plan.quiet_wait_s, progress, pair)
                     doc["sections"]["paired"] = data

@@ -38,6 +38,11 @@ def against(other: Path) -> dict[str, tuple[str, tuple[str, ...]]]:
     return {"this": (AGENT, ()), "other": (str(other), ())}
 
 
+def with_args(pair: dict[str, tuple[str, tuple[str, ...]]], extra: list[str]) -> dict[str, tuple[str, tuple[str, ...]]]:
+    """The same pair, each agent given `extra` arguments too (--paired-args: e.g. both timing 1 in 8)."""
+    return {n: (agent, (*args, *extra)) for n, (agent, args) in pair.items()}
+
+
 def _workloads(pods: Pods, pps: int, seconds: float):
     return (
         ("udp_rate/traced", f"UDP {pps:,} pkt/s into the traced pod",
