@@ -134,7 +134,8 @@ static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
  * (it replaces whichever socket held the entry), NULL if none. The packets the entry's socket left
  * unread lose their reads, counted; a new socket at the same address numbers on from there, so that
  * they are behind its head (lt_sockq_live). Reads start `ahead` numbers on. */
-static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead, u32 skip, u32 tcp, u32 peer)
+static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead, u32 skip, u32 tcp, u32 peer,
+                                                         u32 tagged)
 {
     u32 i = lt_hash64(sk_key, LT_SOCK_BITS);
     struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&i);
@@ -149,6 +150,7 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
     pos->skip = skip;
     pos->tcp = tcp;
     pos->peer = peer;
+    pos->tagged = tagged;
     return pos;
 }
 
@@ -159,10 +161,16 @@ static __always_inline int lt_sockq_live(u64 sk, u64 seq)
     return pos && seq >= pos->head;
 }
 
+/* The position in the ring (lt_sockq, lt_sockq_tag) of sequence number seq of a socket. */
+static __always_inline u32 lt_sockq_idx(u64 sk_key, u64 seq)
+{
+    return (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
+}
+
 /* The ring entry of sequence number seq of a socket. */
 static __always_inline struct lt_sockq_ent *lt_sockq_at(u64 sk_key, u64 seq)
 {
-    u32 i = (lt_hash64(sk_key, LT_SOCKQ_BITS) + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
+    u32 i = lt_sockq_idx(sk_key, seq);
     return lt_sockq.lookup(&i);
 }
 
@@ -214,7 +222,9 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
         /* First packet of ours on this socket: reads first drain what was queued before it. None queued
          * at all: its reader ran ahead of this program, the packet was read already (see below). */
         u32 before = lt_udp_queued(sk);
-        pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0);
+        struct lt_target *t = lt_target(f->slot);
+        u32 tagged = t && t->time_below <= 0xffffffffULL; /* the target times 1 in N: most numbers untimed */
+        pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, tagged);
         if (!pos)
             return;
     }
@@ -236,7 +246,13 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
         }
     }
     struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
-    /* A reader that took this number while the entry was being written found nothing: it is ours. */
+    if (e && pos->tagged) {
+        u32 i = lt_sockq_idx(sk_key, seq);
+        u64 *tag = lt_sockq_tag.lookup(&i);
+        if (tag)
+            __sync_lock_test_and_set(tag, seq + 1); /* after the entry; a full barrier before the head's load */
+    }
+    /* A reader that took this number while the entry (or its tag) was being written found nothing: it is ours. */
     if (e && seq < pos->head && lt_sockq_claim(e, sk_key)) {
         lt_count(LT_C_EARLY_READ);
         lt_record_read(f, now);
@@ -263,7 +279,7 @@ static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u6
     u32 peer = lt_tcp_peer(&f->addr);
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || !pos->tcp || pos->peer != peer)
-        pos = lt_sockq_open(sk_key, 0, 0, 1, peer); /* also a new connection at a closed one's address */
+        pos = lt_sockq_open(sk_key, 0, 0, 1, peer, 0); /* also a new connection at a closed one's address */
     if (!pos)
         return;
     u64 seq = pos->tail++;
@@ -457,7 +473,13 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     }
     u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
-    struct lt_sockq_ent *e = lt_sockq_at(sk_key, seq);
+    u32 i = lt_sockq_idx(sk_key, seq);
+    if (pos->tagged) {
+        u64 *tag = lt_sockq_tag.lookup(&i);
+        if (!tag || *tag != seq + 1)
+            return 0; /* an untimed packet's number, or a timed one's being written (its push takes the read) */
+    }
+    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
     /* Not there yet: sk_data_ready's program is writing it, and takes the read itself (it sees the head
      * past its number). Another socket's or a later packet's: that one counted the collision. */
     if (!e || e->seq != seq || !lt_sockq_claim(e, sk_key))

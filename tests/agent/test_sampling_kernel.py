@@ -9,6 +9,7 @@ but for a chance below 1e-8. Everything else is exact.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 
@@ -119,3 +120,32 @@ def test_every_packet_timed_by_default_and_counts_agree(agent, lab):
         assert stats[seg].count == K // 4, (seg, stats[seg].count, str(m.kernel_counters))
     # rx_driver ends where a packet is counted, for those that came in a NET_RX run (not all need to).
     assert stats["rx_driver"].count <= doc["packets"]["receive"], (stats["rx_driver"].count, doc["packets"])
+
+
+def test_reads_of_a_held_socket_find_each_timed_packet(agent, lab, tmp_path):
+    """A reader that lets K datagrams pile up in its socket, then reads them all: with 1 in N timed, the
+    reads of untimed packets skip the ring by its tags (lt_sockq_tag), and each timed packet's read is
+    found, once, after the reader was let go: none lost, none matched early."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    go = tmp_path / "read-now"
+    released: list[int] = []
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9002", "--count", str(K), "--timeout", "30",
+                     "--hold-until", str(go)) as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9002", "--count", str(K), "--rate", "8000")
+            released.append(time.monotonic_ns())  # CLOCK_MONOTONIC, the probes' clock
+            go.touch()
+        assert rx.result == {"received": K}, rx.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, time_one_in=N, **EVERY_TIMED)
+    stats = m.kernel["a"]
+    timed = stats["rx_pod_stack"].count
+    lo, hi = binomial_bounds(K, N)
+    assert lo <= timed <= hi, (timed, lo, hi)
+    for seg in ("rx_socket_queue", "rx_total"):
+        assert stats[seg].count == timed, (seg, stats[seg].count, timed, m.kernel_counters)
+    ours = [e for e in m.event_list if e.kind == "sampled" and e.daddr == a.ip and e.dport == 9002]
+    assert len(ours) == timed, (len(ours), timed)
+    assert all(e.ts[5] >= released[0] for e in ours), sorted(released[0] - e.ts[5] for e in ours)[-3:]
+    assert m.kernel_counters["collisions"] == 0, m.kernel_counters
