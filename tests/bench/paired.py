@@ -11,7 +11,9 @@ order alternates every round and each figure pools all rounds.
 The pair compared is A = `latencytrace-agent trace` with `--tracepoints typed` and B = the same with
 `--tracepoints raw` (node_agent/kernel/progload.py: what typed tracepoints save); `PAIR` is the one
 place to compare other arguments, e.g. `--time-one-in 8` against nothing. `--paired-against AGENT`
-compares two builds instead (this checkout's agent and another's), to measure a change to the probes.
+compares two builds instead (this checkout's agent and another's), to measure a change to the probes;
+`--paired-args` gives both agents of either pair the same further arguments (`with_args`), e.g. both
+`--time-one-in 8` to measure a change to the probes when they sample.
 """
 
 from __future__ import annotations
