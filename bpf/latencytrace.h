@@ -68,13 +68,28 @@ struct lt_net_ent {
     s64 slot; /* target slot of the namespace, -1: untraced */
 };
 
+/* Quiet NET_RX runs. A pod's send over its veth raises NET_RX on its own CPU, and the run that follows
+ * delivers it; that run's times (two clock reads: the raise and the run's start) serve only a packet
+ * into a traced pod. So when the packet a pod queues (net_dev_queue, just before the veth's raise) is not
+ * addressed to a traced pod, the raise it causes is marked quiet and its run reads no clock: an untraced
+ * pod's packet pays for no timing. A packet into a traced pod that such a run carries anyway (sent to a
+ * Service's virtual IP that the node then DNATs to the pod) cannot be timed: it is counted (LT_C_QUIET_MISS)
+ * and followed untimed, and its sender's address is made loud (lt_loud), never quiet again. Values of
+ * lt_cpu_ctx.t_pending below LT_PEND_TIMED: */
+#define LT_PEND_QUIET 1      /* NET_RX pending, raised by a quiet send: its run reads no clock */
+#define LT_PEND_QUIET_NEXT 2 /* not pending; the packet just queued on this CPU is quiet, so is its raise */
+#define LT_PEND_TIMED 3      /* and above: the time NET_RX became pending */
+#define LT_LOUD_SIZE 256     /* lt_loud: direct-mapped, a collision only makes another sender loud */
+
 struct lt_cpu_ctx {
-    u64 t_pending; /* NET_RX became pending on this CPU (NIC hardirq or softirq raise); 0: not pending */
-    u64 t_irq;     /* pending time of the NET_RX run now executing */
-    u64 t_softirq; /* entry of the NET_RX run now executing; 0 outside NET_RX */
+    u64 t_pending; /* NET_RX became pending on this CPU (NIC hardirq or softirq raise); 0: not pending; below
+                    * LT_PEND_TIMED: quiet (see above) */
+    u64 t_irq;     /* pending time of the NET_RX run now executing; LT_PEND_QUIET: the run is quiet */
+    u64 t_softirq; /* entry of the NET_RX run now executing; 0 outside NET_RX, and in a quiet run */
     u64 rx_skb;    /* skb in a traced pod's stack on this CPU, awaiting sk_data_ready */
     u64 tx_skb;    /* skb of a traced pod that just reached the host, for local delivery */
-    s64 rx_slot;   /* target slot of rx_skb's pod */
+    s32 rx_slot;   /* target slot of rx_skb's pod */
+    u32 quiet_src; /* source address (lt_addr_fold) of the packet that made this CPU's pending NET_RX quiet */
     u64 tcp_sk;    /* the socket whose established receive processing (tcp_rcv_established) ran last on this */
     u64 tcp_skb;   /* CPU, and the skb it processed: what its sk_data_ready announces (softirq or backlog) */
     /* Send starts: a send syscall and the TCP socket it (or an earlier call of it) filled stay on the
@@ -200,6 +215,8 @@ BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> sl
 BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers of physical NIC queues */
 BPF_ARRAY(lt_hostdev, u64, LT_HOSTDEV_KINDS * LT_HOSTDEV_WORDS); /* per kind, a bit per host ifindex (lt_filter_hostdev) */
 BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
+BPF_ARRAY(lt_loud, u32, LT_LOUD_SIZE); /* written by the probes: senders whose packets reached a traced pod
+                                        * in a quiet run (lt_addr_fold; 0: empty) */
 
 /* In-flight packets: 2^LT_RX_BITS + 2^LT_TX_BITS entries, two ways per set (lt_set()), and their tags. */
 BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
@@ -737,6 +754,76 @@ static __always_inline s32 lt_addr_slot(struct lt_addrs *a, int dst)
     return -1;
 }
 
+/* A source address in 32 bits (an IPv6 one folded): lt_loud's key. */
+static __always_inline u32 lt_src_fold(const u32 *saddr, int v6)
+{
+    return v6 ? saddr[0] ^ saddr[1] ^ saddr[2] ^ saddr[3] : saddr[0];
+}
+
+static __always_inline u32 lt_loud_idx(u32 src)
+{
+    return (src * 2654435769u) >> 24; /* LT_LOUD_SIZE: 2^8 */
+}
+
+/* filter: a packet another (untraced) pod queues on its device, whose raise of NET_RX will follow on this
+ * CPU: is it quiet, addressed to no traced pod and from a sender not made loud (see LT_PEND_QUIET)? Two
+ * loads of its header and two array lookups; its source (lt_src_fold) in *src. */
+static __always_inline int lt_quiet_send(struct lt_skb_view *v, u32 *src)
+{
+    if (v->network_header == 0xffff)
+        return 0;
+    void *nh = v->head + v->network_header;
+    if (v->protocol == LT_ETH_P_IP) {
+        u32 h[2]; /* bytes 12-19: source and destination */
+        if (lt_pkt_read(h, 2, nh + 12) < 0 || lt_ip4_slot(h[1]) >= 0)
+            return 0;
+        *src = h[0];
+    } else {
+        u32 h[8]; /* bytes 8-39 */
+        if (lt_pkt_read(h, 8, nh + 8) < 0 || lt_ip6_slot((struct lt_in6 *)&h[4]) >= 0)
+            return 0;
+        *src = lt_src_fold(h, 1);
+    }
+    u32 i = lt_loud_idx(*src);
+    u32 *loud = lt_loud.lookup(&i);
+    return !loud || *loud != *src;
+}
+
+/* record: the packet a pod queues (`quiet` from lt_quiet_send for an untraced pod's, 0 for a traced pod's)
+ * decides whether the NET_RX raise that follows on this CPU is quiet. One that needs times also gives
+ * them to a quiet NET_RX already pending for another packet, or running, as that run carries this one
+ * too: the moment it was queued is then its irq and softirq boundary (a packet sent from within a run:
+ * a reply the kernel sends itself, one released when neighbour resolution completes). */
+static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet, u32 src)
+{
+    u64 p = c->t_pending;
+    if (p >= LT_PEND_TIMED)
+        return;
+    if (quiet) {
+        if (p == 0 && c->t_irq != LT_PEND_QUIET) { /* sent from within a quiet run, it raises nothing */
+            c->t_pending = LT_PEND_QUIET_NEXT;
+            c->quiet_src = src;
+        }
+        return;
+    }
+    if (p == LT_PEND_QUIET_NEXT) {
+        c->t_pending = 0;
+    } else if (p == LT_PEND_QUIET) {
+        c->t_pending = bpf_ktime_get_ns();
+    } else if (c->t_irq == LT_PEND_QUIET) {
+        u64 now = bpf_ktime_get_ns();
+        c->t_irq = now;
+        c->t_softirq = now;
+    }
+}
+
+/* record: a packet the host queues is no pod's send: the raise it may cause is not quiet. */
+static __always_inline void lt_record_host_send(struct lt_cpu_ctx *c)
+{
+    if (c->t_pending == LT_PEND_QUIET_NEXT)
+        c->t_pending = 0;
+}
+
 /* Fill the packet's addresses from the skb's network and transport headers (set by then): one read of
  * the skb, one of the IP header, one of the ports. */
 static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
@@ -1067,6 +1154,16 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
                                                u64 key, u32 ifindex, u32 boundary, u8 irq, u64 age)
 {
     int timed = lt_count_packet(t, slot, LT_DIR_RX);
+    if (irq && c->t_irq == LT_PEND_QUIET) {
+        /* Carried by a quiet run, which has no times for its irq and softirq boundaries: followed untimed,
+         * and its sender (the one that made the run quiet) is never quiet again. */
+        lt_count(LT_C_QUIET_MISS);
+        u32 i = lt_loud_idx(c->quiet_src);
+        u32 *loud = lt_loud.lookup(&i);
+        if (loud)
+            *loud = c->quiet_src;
+        timed = 0;
+    }
     u64 now = timed ? lt_clock(c, age) : age;
     struct lt_flight *f = lt_flight_new(LT_DIR_RX, key, v, slot, now);
     if (!f)

@@ -145,9 +145,18 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     u32 ifindex;
     s32 slot = lt_filter_dev(c, v.dev, &ifindex);
-    if (slot == -1)
-        return 0; /* another pod's device: a traced pod's packet that got there has ended (delivered) */
+    if (slot == -1) {
+        /* Another pod's device: a traced pod's packet that got there has ended (delivered). Its own packet
+         * may make the NET_RX run its veth raises quiet (nothing to decide when NET_RX is already pending
+         * with a time, or running with one). */
+        if (c->t_pending < LT_PEND_TIMED && !c->t_softirq) {
+            u32 src = 0;
+            lt_record_send_quiet(c, lt_quiet_send(&v, &src), src);
+        }
+        return 0;
+    }
     if (slot < 0) {
+        lt_record_host_send(c);
         /* On the host only a traced pod's packets can be in transmit flight: one tag lookup says. */
         struct lt_flight *f = lt_get(LT_DIR_TX, key);
         if (f) {
@@ -163,6 +172,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         }
         return 0;
     }
+    lt_record_send_quiet(c, 0, 0);
     if (ifindex == LT_LOOPBACK_IFINDEX)
         return 0; /* the pod's loopback: traffic that never leaves the pod */
     struct lt_target *t = lt_target(slot);

@@ -73,12 +73,13 @@ def tx_expected(ts: tuple[int, ...]) -> dict[str, int]:
     return out
 
 
-def check_kernel_against_events(m, pod, direction: Direction, expected) -> dict[str, kernel.SegStat]:
+def check_kernel_against_events(m, pod, direction: Direction, expected, allow=()) -> dict[str, kernel.SegStat]:
     """Each segment's count and sum in the kernel equal what its packets' raw timestamps say; every
     count is in the histogram; nothing negative, nothing clamped, no event lost or held back. (A UDP
     read that ran ahead of the sk_data_ready probe, `early_reads`, and a TCP packet merged into the
-    queue's tail skb, `coalesced`, are measured and in their events too.)"""
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in ("early_reads", "coalesced")}
+    queue's tail skb, `coalesced`, are measured and in their events too; `allow` names further counters
+    the caller checks itself.)"""
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in ("early_reads", "coalesced", *allow)}
     assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
     stats = m.kernel[pod.name]
     evs = [e for e in m.event_list if e.direction is direction]
@@ -464,10 +465,14 @@ def test_packets_de_nated_into_a_pod_start_where_the_host_forwards_them(agent, l
                         **EVERY_PACKET)
         finally:
             agent.tracer.set_uplinks(nics.uplink_ifindexes())
+    # The outside is a namespace's veth here, not a NIC: to the probes another pod, whose first packet,
+    # addressed to the node, makes its NET_RX run quiet (the first from each CPU at most; counted).
+    misses = m.kernel_counters["quiet_misses"]
+    assert misses <= 2, m.kernel_counters
     if nat == "dnat":
-        stats = check_kernel_against_events(m, a, Direction.RX, rx_expected)
+        stats = check_kernel_against_events(m, a, Direction.RX, rx_expected, allow=("quiet_misses",))
         read = [e for e in m.event_list if e.direction is Direction.RX and e.dport == 9230 and e.ts[5]]
-        assert len(read) == stats["rx_total"].count == n, (len(read), stats["rx_total"].count)
+        assert len(read) == stats["rx_total"].count == n - misses, (len(read), stats["rx_total"].count)
     else:
         stats = m.kernel["a"]
         read = [e for e in m.event_list if e.direction is Direction.RX and e.sport == 9240 and e.ts[5]]
@@ -487,7 +492,9 @@ def test_packets_through_a_service_ip_on_the_node_start_where_the_host_queues_th
     to an untraced one on the same node. At the host's netif_receive_skb the packets are addressed to the
     Service; the traced pod's start where the host queues them on that pod's own veth, in the NET_RX run
     that received them (irq, softirq, host_rx, pod_rx in this order: rx_host_to_pod exists and rx_total
-    starts on the host); the untraced pod's are in no slot."""
+    starts on the host); the untraced pod's are in no slot. The client's first packet, addressed to no
+    traced pod, made its NET_RX run quiet (no clock read): that one is counted in `quiet_misses`, not
+    timed, and every later one is timed."""
     import socket
 
     from tests.netlab import ClusterIP
@@ -500,9 +507,11 @@ def test_packets_through_a_service_ip_on_the_node_start_where_the_host_queues_th
 
         m = measure(agent, [a], lambda: udp_through_nat(client, svc.ip, (9250, 9251), [(a, 9250), (b, 9250)], n),
                     read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
-    stats = check_kernel_against_events(m, a, Direction.RX, rx_expected)
+    stats = check_kernel_against_events(m, a, Direction.RX, rx_expected, allow=("quiet_misses",))
     read = [e for e in m.event_list if e.direction is Direction.RX and e.dport == 9250 and e.ts[5]]
-    assert len(read) == stats["rx_total"].count == stats["rx_host_to_pod"].count == n, stats
+    misses = m.kernel_counters["quiet_misses"]
+    assert 1 <= misses <= 2, m.kernel_counters  # the first packet (from each CPU at most): then the client is loud
+    assert len(read) == stats["rx_total"].count == stats["rx_host_to_pod"].count == n - misses, stats
     veth = socket.if_nametoindex(a.host_veth)
     bad = [(e.ts, e.ifindex) for e in read
            if not (e.ts[1] and e.ts[1] <= e.ts[2] < e.ts[3] and e.ifindex[0] == veth and e.saddr == client.ip)]
