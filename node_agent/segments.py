@@ -49,9 +49,12 @@ class Segment:
 RX_BOUNDARIES: tuple[Boundary, ...] = (
     Boundary(0, "irq", Direction.RX, ("irq:irq_handler_entry", "irq:softirq_raise"),
              "NIC hardirq entry on the CPU (IRQs of physical NICs only), or, where none preceded it, "
-             "the moment NET_RX softirq became pending on that CPU (veth and other software devices)."),
+             "the moment NET_RX softirq became pending on that CPU (veth and other software devices); for a "
+             "packet queued during a quiet NET_RX run (one an untraced pod's send raised), the moment it was "
+             "queued."),
     Boundary(1, "softirq", Direction.RX, ("irq:softirq_entry",),
-             "NET_RX softirq entry on the CPU that then processes the packet."),
+             "NET_RX softirq entry on the CPU that then processes the packet; for a packet queued during a "
+             "quiet NET_RX run, the moment it was queued."),
     Boundary(2, "host_rx", Direction.RX, ("net:netif_receive_skb", "net:net_dev_queue"),
              "First netif_receive_skb of the skb outside the pod's network namespace "
              "(host side: NIC, bridge port or veth peer), recognised by the pod IP as destination; for a "
