@@ -25,8 +25,11 @@ from .tracers import AgentProcess, BpftraceProcess, TracerProcess
 from .workloads import Traffic
 
 PER_HOOK_TARGET_NS = 100
-PER_PACKET_TARGET_NS = 500
-TIME8_PER_PACKET_TARGET_NS = 250  # the agent timing 1 packet in 8 (issue 13)
+# BPF time per packet above the floor (issue 13's targets): a traced pod's packet, every one timed, all
+# segments; an untraced pod's on a node where another pod is traced; the agent timing 1 packet in 8.
+PER_PACKET_TARGET_NS = 600
+UNTRACED_PER_PACKET_TARGET_NS = 250
+TIME8_PER_PACKET_TARGET_NS = 250
 # The agent as deployed (typed tracepoints on this kernel), timing 1 packet in 8, and with raw tracepoints
 # (helper-call reads, as on kernels without typed tracepoints); then bpftrace.
 TOOLS = ("agent", "agent_time8", "agent_raw", "bpftrace")
@@ -171,10 +174,11 @@ def rows(data: dict) -> list[Row]:
                        + (f"; raw tracepoints: {fmt(r, 0, 'ns')} above floor" if r is not None else "")))
     for key, pp in agent["per_packet"].items():
         label = agent["workloads"][key]["label"]
+        target = UNTRACED_PER_PACKET_TARGET_NS if key.endswith("/untraced") else PER_PACKET_TARGET_NS
         out.append(Row("probe_cost", f"all agent programs per packet, {label}",
                        f"{fmt(pp['floor_ns'], 0, 'ns')} (floor × {pp['runs_per_packet']:.1f} runs)",
                        fmt(pp["raw_ns"], 0, "ns"), f"{fmt(pp['net_ns'], 0, 'ns')} above floor",
-                       f"≤ {PER_PACKET_TARGET_NS} ns", pp["net_ns"] <= PER_PACKET_TARGET_NS))
+                       f"≤ {target} ns", pp["net_ns"] <= target))
     for key, pp in data.get("agent_time8", {}).get("per_packet", {}).items():
         label = data["agent_time8"]["workloads"][key]["label"]
         full = agent["per_packet"][key]["net_ns"]

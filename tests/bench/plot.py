@@ -69,8 +69,11 @@ def _per_packet(ax, cost: dict) -> None:
     xs = range(len(keys))
     ax.bar([x - 0.2 for x in xs], a, 0.4, color="tab:orange", label="latencytrace agent")
     ax.bar([x + 0.2 for x in xs], b, 0.4, color="tab:purple", label="bpftrace equivalent")
-    ax.axhline(500, color="red", ls="--", lw=0.8)
-    ax.text(len(keys) - 0.5, 500, "0.5 µs target", color="red", fontsize=7, ha="right", va="bottom")
+    from .cost import PER_PACKET_TARGET_NS, UNTRACED_PER_PACKET_TARGET_NS
+
+    for ns, what in ((PER_PACKET_TARGET_NS, "traced"), (UNTRACED_PER_PACKET_TARGET_NS, "untraced")):
+        ax.axhline(ns, color="red", ls="--", lw=0.8)
+        ax.text(len(keys) - 0.5, ns, f"{ns} ns target ({what})", color="red", fontsize=7, ha="right", va="bottom")
     ax.set_xticks(list(xs), labels, fontsize=7)
     ax.set_ylabel("program ns per packet (above floor)")
     ax.set_title("Probe time per packet: agent vs bpftrace", fontsize=10)
