@@ -92,6 +92,7 @@ struct lt_cpu_ctx {
     u32 quiet_src; /* source address (lt_addr_fold) of the packet that made this CPU's pending NET_RX quiet */
     u64 tcp_sk;    /* the socket whose established receive processing (tcp_rcv_established) ran last on this */
     u64 tcp_skb;   /* CPU, and the skb it processed: what its sk_data_ready announces (softirq or backlog) */
+    u64 quiet_skb; /* the skb whose send made this CPU's pending NET_RX quiet (see lt_quiet_pkt) */
     /* Send starts: a send syscall and the TCP socket it (or an earlier call of it) filled stay on the
      * CPU until the skb is queued on the pod's device, unless the thread migrates (a lost sample). */
     u64 send_ts;   /* start of the send syscall of thread send_tid (0: none pending) */
@@ -794,7 +795,7 @@ static __always_inline int lt_quiet_send(struct lt_skb_view *v, u32 *src)
  * them to a quiet NET_RX already pending for another packet, or running, as that run carries this one
  * too: the moment it was queued is then its irq and softirq boundary (a packet sent from within a run:
  * a reply the kernel sends itself, one released when neighbour resolution completes). */
-static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet, u32 src)
+static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet, u32 src, u64 key)
 {
     u64 p = c->t_pending;
     if (p >= LT_PEND_TIMED)
@@ -803,6 +804,7 @@ static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet
         if (p == 0 && c->t_irq != LT_PEND_QUIET) { /* sent from within a quiet run, it raises nothing */
             c->t_pending = LT_PEND_QUIET_NEXT;
             c->quiet_src = src;
+            c->quiet_skb = key;
         }
         return;
     }
@@ -815,6 +817,14 @@ static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet
         c->t_irq = now;
         c->t_softirq = now;
     }
+}
+
+/* filter: the packet `key` is the one whose send made this quiet NET_RX run quiet: addressed to no
+ * traced pod, from an untraced pod, and no traced pod's packet in transmit flight. (Until a packet of a
+ * traced pod turned up in the run, which may have taken its freed skb: lt_record_rx_start forgets it.) */
+static __always_inline int lt_quiet_pkt(struct lt_cpu_ctx *c, u64 key)
+{
+    return c->t_irq == LT_PEND_QUIET && c->quiet_skb == key;
 }
 
 /* record: a packet the host queues is no pod's send: the raise it may cause is not quiet. */
@@ -1158,6 +1168,7 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
         /* Carried by a quiet run, which has no times for its irq and softirq boundaries: followed untimed,
          * and its sender (the one that made the run quiet) is never quiet again. */
         lt_count(LT_C_QUIET_MISS);
+        c->quiet_skb = 0;
         u32 i = lt_loud_idx(c->quiet_src);
         u32 *loud = lt_loud.lookup(&i);
         if (loud)

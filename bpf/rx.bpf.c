@@ -79,6 +79,9 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         lt_record_pod_rx(c, &v, key, ifindex, slot, age);
         return 0;
     }
+    if (lt_quiet_pkt(c, key))
+        return 0; /* an untraced pod's packet to an untraced address (the node may still DNAT it: that is
+                   * seen where the host queues it) */
     if (slot != LT_SLOT_HOST) {
         /* Another (untraced) pod's device: nothing here is on its way into a traced pod, but a traced
          * pod's packet may arrive (pod to pod), which one tag lookup tells. */

@@ -151,7 +151,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
          * with a time, or running with one). */
         if (c->t_pending < LT_PEND_TIMED && !c->t_softirq) {
             u32 src = 0;
-            lt_record_send_quiet(c, lt_quiet_send(&v, &src), src);
+            lt_record_send_quiet(c, lt_quiet_send(&v, &src), src, key);
         }
         return 0;
     }
@@ -172,7 +172,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         }
         return 0;
     }
-    lt_record_send_quiet(c, 0, 0);
+    lt_record_send_quiet(c, 0, 0, 0);
     if (ifindex == LT_LOOPBACK_IFINDEX)
         return 0; /* the pod's loopback: traffic that never leaves the pod */
     struct lt_target *t = lt_target(slot);
