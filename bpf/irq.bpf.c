@@ -52,6 +52,7 @@ int lt_softirq_entry(struct bpf_raw_tracepoint_args *ctx)
     }
     c->t_softirq = bpf_ktime_get_ns();
     c->t_irq = p >= LT_PEND_TIMED ? p : 0;
+    c->quiet_skb = 0;
     return 0;
 }
 
@@ -66,5 +67,6 @@ int lt_softirq_exit(struct bpf_raw_tracepoint_args *ctx)
     c->t_irq = 0;
     c->rx_skb = 0;
     c->tx_skb = 0;
+    c->quiet_skb = 0;
     return 0;
 }

@@ -810,28 +810,35 @@ static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet
     }
     if (p == LT_PEND_QUIET_NEXT) {
         c->t_pending = 0;
+        c->quiet_skb = 0;
     } else if (p == LT_PEND_QUIET) {
         c->t_pending = bpf_ktime_get_ns();
     } else if (c->t_irq == LT_PEND_QUIET) {
         u64 now = bpf_ktime_get_ns();
         c->t_irq = now;
         c->t_softirq = now;
+        c->quiet_skb = 0; /* it may have taken the quiet packet's freed skb */
     }
 }
 
-/* filter: the packet `key` is the one whose send made this quiet NET_RX run quiet: addressed to no
- * traced pod, from an untraced pod, and no traced pod's packet in transmit flight. (Until a packet of a
- * traced pod turned up in the run, which may have taken its freed skb: lt_record_rx_start forgets it.) */
+/* filter: the packet `key` is the one whose send makes this CPU's NET_RX quiet, from its queueing to the
+ * end of the quiet run that delivers it (lt_softirq_exit forgets it; so does a timed run, or a packet
+ * that needs times queued before the raise): addressed to no traced pod, from an untraced pod, no
+ * traced pod's packet in transmit flight, so that the devices it crosses need not look it up. (Unless a
+ * packet of a traced pod turns up in the run, which may take its freed skb: lt_record_rx_start forgets
+ * it then.) */
 static __always_inline int lt_quiet_pkt(struct lt_cpu_ctx *c, u64 key)
 {
-    return c->t_irq == LT_PEND_QUIET && c->quiet_skb == key;
+    return c->quiet_skb == key;
 }
 
 /* record: a packet the host queues is no pod's send: the raise it may cause is not quiet. */
 static __always_inline void lt_record_host_send(struct lt_cpu_ctx *c)
 {
-    if (c->t_pending == LT_PEND_QUIET_NEXT)
+    if (c->t_pending == LT_PEND_QUIET_NEXT) {
         c->t_pending = 0;
+        c->quiet_skb = 0;
+    }
 }
 
 /* Fill the packet's addresses from the skb's network and transport headers (set by then): one read of

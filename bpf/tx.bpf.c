@@ -157,8 +157,9 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     }
     if (slot < 0) {
         lt_record_host_send(c);
-        /* On the host only a traced pod's packets can be in transmit flight: one tag lookup says. */
-        struct lt_flight *f = lt_get(LT_DIR_TX, key);
+        /* On the host only a traced pod's packets can be in transmit flight: one tag lookup says (none
+         * for a quiet one, which may still be forwarded to a traced pod after DNAT: below). */
+        struct lt_flight *f = lt_quiet_pkt(c, key) ? NULL : lt_get(LT_DIR_TX, key);
         if (f) {
             u64 age = lt_age(c);
             if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, age))
@@ -193,7 +194,11 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 
 int lt_net_dev_start_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
-    struct lt_flight *f = lt_get(LT_DIR_TX, LT_KEY(ctx->args[0]));
+    u64 key = LT_KEY(ctx->args[0]);
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c || lt_quiet_pkt(c, key))
+        return 0;
+    struct lt_flight *f = lt_get(LT_DIR_TX, key);
     if (f && lt_timed(f))
         f->ts[LT_B_TX_EGRESS_XMIT] = bpf_ktime_get_ns();
     return 0;
@@ -203,7 +208,11 @@ int lt_net_dev_xmit(struct bpf_raw_tracepoint_args *ctx)
 {
     if ((int)ctx->args[1] != 0)
         return 0;
-    struct lt_flight *f = lt_get(LT_DIR_TX, LT_KEY(ctx->args[0]));
+    u64 key = LT_KEY(ctx->args[0]);
+    struct lt_cpu_ctx *c = lt_this_cpu();
+    if (!c || lt_quiet_pkt(c, key))
+        return 0;
+    struct lt_flight *f = lt_get(LT_DIR_TX, key);
     if (!f || !(f->flags & LT_F_EGRESS_HOST))
         return 0;
     /* The driver took it. A physical NIC completes it later (consume_skb); a veth hands it to the
