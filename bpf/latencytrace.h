@@ -89,7 +89,7 @@ struct lt_cpu_ctx {
     u64 rx_skb;    /* skb in a traced pod's stack on this CPU, awaiting sk_data_ready */
     u64 tx_skb;    /* skb of a traced pod that just reached the host, for local delivery */
     s32 rx_slot;   /* target slot of rx_skb's pod */
-    u32 quiet_src; /* source address (lt_addr_fold) of the packet that made this CPU's pending NET_RX quiet */
+    u32 quiet_src; /* source address (lt_src_fold) of the packet that made this CPU's pending NET_RX quiet */
     u64 tcp_sk;    /* the socket whose established receive processing (tcp_rcv_established) ran last on this */
     u64 tcp_skb;   /* CPU, and the skb it processed: what its sk_data_ready announces (softirq or backlog) */
     u64 quiet_skb; /* the skb whose send made this CPU's pending NET_RX quiet (see lt_quiet_pkt) */
@@ -217,7 +217,7 @@ BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers o
 BPF_ARRAY(lt_hostdev, u64, LT_HOSTDEV_KINDS * LT_HOSTDEV_WORDS); /* per kind, a bit per host ifindex (lt_filter_hostdev) */
 BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 BPF_ARRAY(lt_loud, u32, LT_LOUD_SIZE); /* written by the probes: senders whose packets reached a traced pod
-                                        * in a quiet run (lt_addr_fold; 0: empty) */
+                                        * in a quiet run (lt_src_fold; 0: empty) */
 
 /* In-flight packets: 2^LT_RX_BITS + 2^LT_TX_BITS entries, two ways per set (lt_set()), and their tags. */
 BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
@@ -755,10 +755,11 @@ static __always_inline s32 lt_addr_slot(struct lt_addrs *a, int dst)
     return -1;
 }
 
-/* A source address in 32 bits (an IPv6 one folded): lt_loud's key. */
-static __always_inline u32 lt_src_fold(const u32 *saddr, int v6)
+/* A source address (four words, an IPv4 one in the first with the rest 0) in 32 bits: lt_loud's key, and
+ * the peer part of lt_tcp_peer. */
+static __always_inline u32 lt_src_fold(const u32 *saddr)
 {
-    return v6 ? saddr[0] ^ saddr[1] ^ saddr[2] ^ saddr[3] : saddr[0];
+    return saddr[0] ^ saddr[1] ^ saddr[2] ^ saddr[3];
 }
 
 static __always_inline u32 lt_loud_idx(u32 src)
@@ -778,12 +779,12 @@ static __always_inline int lt_quiet_send(struct lt_skb_view *v, u32 *src)
         u32 h[2]; /* bytes 12-19: source and destination */
         if (lt_pkt_read(h, 2, nh + 12) < 0 || lt_ip4_slot(h[1]) >= 0)
             return 0;
-        *src = h[0];
+        *src = h[0]; /* lt_src_fold of the address */
     } else {
         u32 h[8]; /* bytes 8-39 */
         if (lt_pkt_read(h, 8, nh + 8) < 0 || lt_ip6_slot((struct lt_in6 *)&h[4]) >= 0)
             return 0;
-        *src = lt_src_fold(h, 1);
+        *src = lt_src_fold(h);
     }
     u32 i = lt_loud_idx(*src);
     u32 *loud = lt_loud.lookup(&i);

@@ -265,7 +265,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
 /* The peer a TCP packet came from: a connection at a freed socket's address has another. */
 static __always_inline u32 lt_tcp_peer(struct lt_addrs *a)
 {
-    return (a->saddr[0] ^ a->saddr[1] ^ a->saddr[2] ^ a->saddr[3]) * 2654435761u + a->sport;
+    return lt_src_fold(a->saddr) * 2654435761u + a->sport;
 }
 
 /* record: TCP, move a readied, timed packet to its socket's ring with the sequence number that ends
