@@ -14,6 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from latencytrace.node_agent.kernel import headers
 from latencytrace.node_agent.kernel.bpfsys import ProgStats
 
 # Program types that run on kernel events: other people's tracers change what we measure.
@@ -119,6 +120,7 @@ class FloorProgram:
         from bcc import BPF  # Debian's BCC, linked into the virtual environment by .ci/setup
 
         before = set(_fdinfo_progs("self"))
+        headers.ensure()  # BCC needs a kernel header tree, as the agent does (on a fresh machine: none yet)
         self.bpf = BPF(text=self.SOURCE)
         self.bpf.attach_raw_tracepoint(tp=self.tracepoint.encode(), fn_name=b"lt_bench_floor")
         self.prog_id = (set(_fdinfo_progs("self")) - before).pop()
