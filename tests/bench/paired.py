@@ -53,6 +53,8 @@ def _workloads(pods: Pods, pps: int, seconds: float):
          lambda t: t.udp_rate(pods.client, pods.untraced, pps, seconds)),
         ("pp_tcp/traced", "TCP ping-pong with the traced pod",
          lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
+        ("pp_udp/traced", "UDP ping-pong with the traced pod",  # a UDP read that does not race its wakeup
+         lambda t: t.pingpong(pods.client, pods.traced, "udp", seconds)),
     )
 
 
