@@ -233,10 +233,11 @@ static __always_inline int lt_sockq_take(struct lt_sockq_ent *e, u64 sk_key, u32
  * tagged): the entry may still be on its way from the CPU writing it (lt_sockq_put), so wait for it, up to
  * LT_SOCKQ_WAIT_NS (its stores are in that CPU's store buffer until it owns the entry's cache lines, which
  * this loop's own loads take from it: a count of looks alone ran out in 30 ns here and lost reads). 1 if
- * the read claimed it. A look ends the wait when the entry is this number's: claimed, or not (taken back
- * for another read: its epoch differs; or taken by the writing program). After the wait, the program sees
- * the number read and takes the read itself (only a program stopped between its entry and its look at the
- * head, by an interrupt say, makes the reader wait that long). The clock is read only from the second look. */
+ * the read is this one's (lt_sockq_take). A look ends the wait when the entry is this number's: the read's,
+ * or not (taken back for another read: its epoch differs; or taken by the writing program). After the
+ * wait, the program sees the number read and takes the read itself (only a program stopped between its
+ * entry and its look at the head, by an interrupt say, makes the reader wait that long). The clock is read
+ * only from the second look. */
 #define LT_SOCKQ_WAIT_NS 5000
 #define LT_SOCKQ_LOOKS 512
 static __always_inline int lt_sockq_wait(struct lt_sockq_ent *e, u64 sk_key, u64 seq, u32 epoch)
