@@ -163,13 +163,11 @@ struct lt_sockq_ent {
     u64 sk;  /* 0: free (read, or never written); LT_SOCKQ_TAKEN: its read was taken by sk_data_ready's program */
     u64 seq;
     u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt once it was queued) */
-    u32 epoch;   /* UDP: the socket's take-back epoch (LT_HEAD_EPOCH) its read must have; LT_SOCKQ_DONE */
+    u32 epoch;   /* UDP: the socket's take-back epoch (LT_HEAD_EPOCH) its read must have */
     struct lt_flight f;
 };
 
 #define LT_SOCKQ_TAKEN 1
-#define LT_SOCKQ_DONE 0x80000000u /* in lt_sockq_ent.epoch: the writing program has looked at the head and left
-                                   * the read to the reader (lt_sockq_take) */
 /* lt_sockq_pos.head: the next sequence number a read takes in its low LT_SEQ_BITS bits, and above them
  * (UDP) the epoch: how many times sk_data_ready's program took back a number that a read of another
  * datagram had taken (lt_record_udp_push). A read takes its number and epoch with one atomic add, and

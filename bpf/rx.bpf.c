@@ -216,28 +216,14 @@ static __always_inline int lt_sockq_claim(struct lt_sockq_ent *e, u64 sk_key, u6
     return __sync_val_compare_and_swap(&e->sk, sk_key, to) == sk_key;
 }
 
-/* UDP: the read of number seq takes entry e, whose epoch word it has read as `ew`: on x86 without a claim
- * once the writing program is done with it (LT_SOCKQ_DONE: it will not take the read, and no other read
- * has this number), so that the read neither waits for the entry's cache line nor takes it from that CPU
- * (the claim, a locked instruction on it, did both); else by a claim. 1 if the read is this one's. */
-static __always_inline int lt_sockq_take(struct lt_sockq_ent *e, u64 sk_key, u32 ew)
-{
-    if (LT_TSO && (ew & LT_SOCKQ_DONE)) {
-        asm volatile("" ::: "memory"); /* the entry's fields are loaded after its epoch word */
-        return 1;
-    }
-    return lt_sockq_claim(e, sk_key, 0);
-}
-
 /* UDP, a read that took number seq of epoch `epoch` on a socket whose every number gets an entry (not
  * tagged): the entry may still be on its way from the CPU writing it (lt_sockq_put), so wait for it, up to
  * LT_SOCKQ_WAIT_NS (its stores are in that CPU's store buffer until it owns the entry's cache lines, which
  * this loop's own loads take from it: a count of looks alone ran out in 30 ns here and lost reads). 1 if
- * the read is this one's (lt_sockq_take). A look ends the wait when the entry is this number's: the read's,
- * or not (taken back for another read: its epoch differs; or taken by the writing program). After the
- * wait, the program sees the number read and takes the read itself (only a program stopped between its
- * entry and its look at the head, by an interrupt say, makes the reader wait that long). The clock is read
- * only from the second look. */
+ * the read claimed it. A look ends the wait when the entry is this number's: claimed, or not (taken back
+ * for another read: its epoch differs; or taken by the writing program). After the wait, the program sees
+ * the number read and takes the read itself (only a program stopped between its entry and its look at the
+ * head, by an interrupt say, makes the reader wait that long). The clock is read only from the second look. */
 #define LT_SOCKQ_WAIT_NS 5000
 #define LT_SOCKQ_LOOKS 512
 static __always_inline int lt_sockq_wait(struct lt_sockq_ent *e, u64 sk_key, u64 seq, u32 epoch)
@@ -247,10 +233,9 @@ static __always_inline int lt_sockq_wait(struct lt_sockq_ent *e, u64 sk_key, u64
         u64 owner = *(volatile u64 *)&e->sk; /* first: x86 shows the writer's stores in their order */
         if (owner == sk_key || owner == LT_SOCKQ_TAKEN) {
             if (*(volatile u64 *)&e->seq == seq) {
-                u32 ew = *(volatile u32 *)&e->epoch;
-                if (owner == LT_SOCKQ_TAKEN || (ew & ~LT_SOCKQ_DONE) != epoch)
+                if (owner == LT_SOCKQ_TAKEN || *(volatile u32 *)&e->epoch != epoch)
                     return 0;
-                return lt_sockq_take(e, sk_key, ew);
+                return lt_sockq_claim(e, sk_key, 0);
             }
         }
         /* else: free, being written, or an older packet's (this socket's or another's) to be overwritten */
@@ -325,9 +310,6 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
     if (e && seq < LT_HEAD_SEQ(pos->head) && lt_sockq_claim(e, sk_key, LT_SOCKQ_TAKEN)) {
         lt_count(LT_C_EARLY_READ);
         lt_record_read(f, now);
-    } else if (e && LT_TSO) {
-        asm volatile("" ::: "memory");
-        *(volatile u32 *)&e->epoch = epoch | LT_SOCKQ_DONE; /* the read is the reader's (lt_sockq_take) */
     }
 }
 
@@ -558,9 +540,7 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
             return 0; /* an untimed packet's number, or a timed one's being written (its push takes the read) */
         /* The tag is written after the entry, with a full barrier: the entry is there. Another socket's
          * or a later packet's: that one counted the collision. */
-        u32 ew = *(volatile u32 *)&e->epoch;
-        if (*(volatile u64 *)&e->sk != sk_key || e->seq != seq || (ew & ~LT_SOCKQ_DONE) != LT_HEAD_EPOCH(h) ||
-            !lt_sockq_take(e, sk_key, ew))
+        if (e->seq != seq || e->epoch != LT_HEAD_EPOCH(h) || !lt_sockq_claim(e, sk_key, 0))
             return 0;
     } else if (!lt_sockq_wait(e, sk_key, seq, LT_HEAD_EPOCH(h))) {
         return 0;
