@@ -160,27 +160,16 @@ struct lt_event {
  * socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a read
  * finds its packet or nothing, never another's. */
 struct lt_sockq_ent {
-    u64 sk;  /* 0: free (read, or never written); LT_SOCKQ_TAKEN: its read was taken by sk_data_ready's program */
+    u64 sk;  /* 0: free (read, or never written) */
     u64 seq;
     u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt once it was queued) */
-    u32 epoch;   /* UDP: the socket's take-back epoch (LT_HEAD_EPOCH) its read must have */
+    u32 pad;
     struct lt_flight f;
 };
 
-#define LT_SOCKQ_TAKEN 1
-/* lt_sockq_pos.head: the next sequence number a read takes in its low LT_SEQ_BITS bits, and above them
- * (UDP) the epoch: how many times sk_data_ready's program took back a number that a read of another
- * datagram had taken (lt_record_udp_push). A read takes its number and epoch with one atomic add, and
- * claims an entry only of its own epoch, so that the read whose number was taken back leaves the packet
- * to the read that takes the number again. */
-#define LT_SEQ_BITS 48
-#define LT_SEQ_MASK ((1ULL << LT_SEQ_BITS) - 1)
-#define LT_HEAD_SEQ(h) ((h) & LT_SEQ_MASK)
-#define LT_HEAD_EPOCH(h) ((u32)((h) >> LT_SEQ_BITS))
-
 struct lt_sockq_pos {
     u64 sk;   /* key; 0: free */
-    u64 head; /* next sequence number a read takes (LT_HEAD_SEQ), and the take-back epoch (LT_HEAD_EPOCH) */
+    u64 head; /* next sequence number a read takes */
     u64 tail; /* next sequence number a queued packet gets */
     u32 skip; /* UDP: reads still due to packets queued before we saw the socket */
     u32 tcp;  /* a TCP socket (its reads are matched by byte sequence number, not by order) */

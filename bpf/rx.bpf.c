@@ -144,12 +144,11 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
     struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&i);
     if (!pos)
         return NULL;
-    u64 head = LT_HEAD_SEQ(pos->head);
-    if (pos->sk && head < pos->tail)
-        lt_count_add(LT_C_COLLISION, pos->tail - head);
+    if (pos->sk && pos->head < pos->tail)
+        lt_count_add(LT_C_COLLISION, pos->tail - pos->head);
     u64 base = pos->sk == sk_key ? pos->tail : 0;
     pos->sk = sk_key;
-    pos->head = base + ahead; /* epoch 0 */
+    pos->head = base + ahead;
     pos->tail = base;
     pos->skip = skip;
     pos->tcp = tcp;
@@ -162,7 +161,7 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
 static __always_inline int lt_sockq_live(u64 sk, u64 seq)
 {
     struct lt_sockq_pos *pos = lt_sockq_find(sk);
-    return pos && seq >= LT_HEAD_SEQ(pos->head);
+    return pos && seq >= pos->head;
 }
 
 /* The position in the ring (lt_sockq, lt_sockq_tag) of sequence number seq of a socket. */
@@ -179,73 +178,33 @@ static __always_inline struct lt_sockq_ent *lt_sockq_at(u64 sk_key, u64 seq)
 }
 
 /* record: a readied packet f (timed) at position seq of its socket's ring; the entry, NULL if none.
- * The socket is written last, so that a reader that finds it finds the rest: TCP's socket lock orders
- * its writes and reads; for UDP (`shared`: its reads run on other CPUs at the same time) x86 keeps
- * stores in order (LT_TSO), elsewhere the publishing store is an atomic exchange, a full barrier. (On x86
- * the exchange cost 62-124 ns a packet, paired: it waits for the entry's stores to reach the cache. The
- * price is that the program's later look at the socket's head may predate a reader's take of this
- * number, while that reader does not see the entry yet: lt_sockq_wait covers it.) */
+ * The socket is written last; `shared` (UDP, whose reads run on other CPUs at the same time) atomically,
+ * a full barrier: a reader that finds it finds the rest. TCP's socket lock orders its writes and reads. */
 static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq,
-                                                         u32 epoch, u64 now, int shared)
+                                                         u64 now, int shared)
 {
     struct lt_sockq_ent *e = lt_sockq_at(sk_key, seq);
     if (!e)
         return NULL;
     u64 was = e->sk;
-    if (was > LT_SOCKQ_TAKEN && now - lt_first(&e->f) < LT_STALE_NS && lt_sockq_live(was, e->seq))
+    if (was && now - lt_first(&e->f) < LT_STALE_NS && lt_sockq_live(was, e->seq))
         lt_count(LT_C_COLLISION); /* an unread packet (this socket's, a ring's length ago, or another's) */
     e->sk = 0;
     e->seq = seq;
     e->end_seq = end_seq;
-    e->epoch = epoch;
     e->f = *f;
-    if (shared && !LT_TSO) {
+    if (shared)
         __sync_lock_test_and_set(&e->sk, sk_key);
-    } else {
-        asm volatile("" ::: "memory"); /* the compiler keeps the entry's stores before this one */
-        *(volatile u64 *)&e->sk = sk_key;
-    }
+    else
+        e->sk = sk_key;
     return e;
 }
 
 /* UDP: the read of entry e, taken by whichever of the reader and sk_data_ready's program claims it first
- * (they may run at once on two CPUs); 1 for the one that did. The reader leaves the entry free (0), the
- * program LT_SOCKQ_TAKEN, which tells a reader waiting for the entry (lt_sockq_wait) to stop. */
-static __always_inline int lt_sockq_claim(struct lt_sockq_ent *e, u64 sk_key, u64 to)
+ * (they may run at once on two CPUs); 1 for the one that did. */
+static __always_inline int lt_sockq_claim(struct lt_sockq_ent *e, u64 sk_key)
 {
-    return __sync_val_compare_and_swap(&e->sk, sk_key, to) == sk_key;
-}
-
-/* UDP, a read that took number seq of epoch `epoch` on a socket whose every number gets an entry (not
- * tagged): the entry may still be on its way from the CPU writing it (lt_sockq_put), so wait for it, up to
- * LT_SOCKQ_WAIT_NS (its stores are in that CPU's store buffer until it owns the entry's cache lines, which
- * this loop's own loads take from it: a count of looks alone ran out in 30 ns here and lost reads). 1 if
- * the read claimed it. A look ends the wait when the entry is this number's: claimed, or not (taken back
- * for another read: its epoch differs; or taken by the writing program). After the wait, the program sees
- * the number read and takes the read itself (only a program stopped between its entry and its look at the
- * head, by an interrupt say, makes the reader wait that long). The clock is read only from the second look. */
-#define LT_SOCKQ_WAIT_NS 5000
-#define LT_SOCKQ_LOOKS 512
-static __always_inline int lt_sockq_wait(struct lt_sockq_ent *e, u64 sk_key, u64 seq, u32 epoch)
-{
-    u64 t0 = 0;
-    for (int k = 0; k < LT_SOCKQ_LOOKS; k++) {
-        u64 owner = *(volatile u64 *)&e->sk; /* first: x86 shows the writer's stores in their order */
-        if (owner == sk_key || owner == LT_SOCKQ_TAKEN) {
-            if (*(volatile u64 *)&e->seq == seq) {
-                if (owner == LT_SOCKQ_TAKEN || *(volatile u32 *)&e->epoch != epoch)
-                    return 0;
-                return lt_sockq_claim(e, sk_key, 0);
-            }
-        }
-        /* else: free, being written, or an older packet's (this socket's or another's) to be overwritten */
-        u64 now = bpf_ktime_get_ns();
-        if (!t0)
-            t0 = now;
-        else if (now - t0 > LT_SOCKQ_WAIT_NS)
-            break;
-    }
-    return 0;
+    return __sync_val_compare_and_swap(&e->sk, sk_key, 0) == sk_key;
 }
 
 /* UDP: the datagrams the socket holds, unread (its receive queue and the reader's queue it splices into). */
@@ -274,32 +233,22 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
     }
     /* Atomic: packets for one socket may be readied on several CPUs at once. */
     u64 seq = __sync_fetch_and_add(&pos->tail, 1);
-    if (!f) {
-        /* A number without an entry: from now on the socket's reads look for tags (lt_sockq_tag) instead
-         * of waiting for entries (lt_sockq_wait). */
-        if (!pos->tagged)
-            pos->tagged = 1;
+    if (!f)
         return;
-    }
-    u64 h = pos->head;
-    u64 head = LT_HEAD_SEQ(h);
-    u32 epoch = LT_HEAD_EPOCH(h);
+    u64 head = pos->head;
     if (seq < head) {
         /* Its number was read: its reader ran ahead of this program on another CPU (lt_sock_recv_length),
          * and the read was between the queueing and now: it ends here, the socket queue's time 0. Unless
          * the packet is still the queue's tail (one read, only here): then that read was another's, one
-         * too many was counted (a datagram read that no sk_data_ready announced), and it is taken back,
-         * in a new epoch (LT_HEAD_EPOCH), so that the read that took it leaves the entry alone. */
-        u32 next = (epoch + 1) & ((1u << (64 - LT_SEQ_BITS)) - 1);
+         * too many was counted (a datagram read that no sk_data_ready announced), and it is taken back. */
         if (head != seq + 1 || LT_KEY(lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV)) != f->skb ||
-            __sync_val_compare_and_swap(&pos->head, h, ((u64)next << LT_SEQ_BITS) | seq) != h) {
+            __sync_val_compare_and_swap(&pos->head, head, seq) != head) {
             lt_count(LT_C_EARLY_READ);
             lt_record_read(f, now);
             return;
         }
-        epoch = next;
     }
-    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, epoch, now, 1);
+    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
     if (e && pos->tagged) {
         u32 i = lt_sockq_idx(sk_key, seq);
         u64 *tag = lt_sockq_tag.lookup(&i);
@@ -307,7 +256,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
             __sync_lock_test_and_set(tag, seq + 1); /* after the entry; a full barrier before the head's load */
     }
     /* A reader that took this number while the entry (or its tag) was being written found nothing: it is ours. */
-    if (e && seq < LT_HEAD_SEQ(pos->head) && lt_sockq_claim(e, sk_key, LT_SOCKQ_TAKEN)) {
+    if (e && seq < pos->head && lt_sockq_claim(e, sk_key)) {
         lt_count(LT_C_EARLY_READ);
         lt_record_read(f, now);
     }
@@ -337,7 +286,7 @@ static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u6
     if (!pos)
         return;
     u64 seq = pos->tail++;
-    lt_sockq_put(sk_key, seq, f, end_seq, 0, now, 0);
+    lt_sockq_put(sk_key, seq, f, end_seq, now, 0);
 }
 
 /* filter: which packet a socket was told about; 0 for none of ours. */
@@ -490,12 +439,11 @@ int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
  * (two reads of the socket's queue lengths); the oldest surplus entries are given up, counted. */
 static __always_inline void lt_udp_resync(void *sk, struct lt_sockq_pos *pos)
 {
-    u64 h = pos->head, tail = pos->tail;
-    u64 head = LT_HEAD_SEQ(h);
+    u64 head = pos->head, tail = pos->tail;
     if (head > tail || tail - head < 2)
         return;
     u64 due = (u64)lt_udp_queued(sk) + 1; /* still queued, and the one this read returned */
-    if (tail - head > due && __sync_val_compare_and_swap(&pos->head, h, h - head + tail - due) == h)
+    if (tail - head > due && __sync_val_compare_and_swap(&pos->head, head, tail - due) == head)
         lt_count_add(LT_C_COLLISION, tail - due - head);
 }
 
@@ -517,34 +465,28 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     }
     lt_udp_resync(sk, pos);
-    u64 head = LT_HEAD_SEQ(pos->head);
-    if (head >= pos->tail) {
+    if (pos->head >= pos->tail) {
         /* The reader ran ahead of sk_data_ready's program on another CPU: the datagram was queued and
          * read before the program put it in the ring. Take its number, so that the reads after it stay
          * matched (without it, each later read would take the previous datagram's entry); the program,
          * when it runs, ends the datagram's journey there (lt_record_udp_push). Only one ahead: a read
          * with no datagram of ours to match must not move the reads further. */
-        if (head == pos->tail)
+        if (pos->head == pos->tail)
             __sync_fetch_and_add(&pos->head, 1);
         return 0;
     }
-    u64 h = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
-    u64 seq = LT_HEAD_SEQ(h);
+    u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
     u32 i = lt_sockq_idx(sk_key, seq);
-    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
-    if (!e)
-        return 0;
     if (pos->tagged) {
         u64 *tag = lt_sockq_tag.lookup(&i);
         if (!tag || *tag != seq + 1)
             return 0; /* an untimed packet's number, or a timed one's being written (its push takes the read) */
-        /* The tag is written after the entry, with a full barrier: the entry is there. Another socket's
-         * or a later packet's: that one counted the collision. */
-        if (e->seq != seq || e->epoch != LT_HEAD_EPOCH(h) || !lt_sockq_claim(e, sk_key, 0))
-            return 0;
-    } else if (!lt_sockq_wait(e, sk_key, seq, LT_HEAD_EPOCH(h))) {
-        return 0;
     }
+    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
+    /* Not there yet: sk_data_ready's program is writing it, and takes the read itself (it sees the head
+     * past its number). Another socket's or a later packet's: that one counted the collision. */
+    if (!e || e->seq != seq || !lt_sockq_claim(e, sk_key))
+        return 0;
     if (e->f.ts[LT_B_RX_SOCK_READY])
         lt_record_read(&e->f, bpf_ktime_get_ns());
     return 0;

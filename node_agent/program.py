@@ -113,9 +113,6 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_SLOT_HOST=HOST_SLOT,
         LT_TAIL_SLOTS=len(TAIL_CALLS),
         LT_TYPED=int(typed),
-        # x86 shows a CPU's stores to the others in program order (total store order): a UDP ring entry is
-        # published with a plain store there, elsewhere with an atomic exchange (bpf/rx.bpf.c lt_sockq_put).
-        LT_TSO=int(os.uname().machine == "x86_64"),
         # The host's namespace (the agent's own: hostNetwork in a cluster), where a packet's address
         # decides whether it is on its way into a traced pod.
         LT_HOST_NETNS=os.stat("/proc/self/ns/net").st_ino,
