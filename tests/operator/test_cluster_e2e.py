@@ -316,7 +316,10 @@ def sigterm_reports_stopped(world):
     assert world.agents[n2].popen.returncode == 0, world.agents[n2].tail()
     ready = world.condition(n2, "Ready")
     assert (ready.get("status"), ready.get("reason")) == ("False", "Stopped"), ready
-    assert not held & {p["id"] for p in bpftool("prog", "show")}
+    # Its programs go with it. The kernel drops a raw tracepoint link's hold on its program only after an
+    # RCU grace period, so the ids can outlive the process by a moment: wait, bounded.
+    wait_until("the stopped agent's programs gone", lambda: not held & {p["id"] for p in bpftool("prog", "show")},
+               10, world.procs())
     # web-d is no longer traced: the trace is not Ready, and says why.
     world.cp.kubectl("wait", "-n", world.ns, "--for=condition=Ready=false", "lt/web", "--timeout=30s", timeout=40)
     trace_ready = {c["type"]: c for c in world.trace("web")["status"]["conditions"]}["Ready"]
