@@ -138,6 +138,18 @@ def hold(a) -> None:
         time.sleep(0.01)
 
 
+def peek_all(conn: socket.socket, need: int, timeout: float) -> None:
+    """Wait until `need` bytes have arrived on conn, leaving them unread. (MSG_WAITALL does not wait on a
+    socket with a Python timeout, which is non-blocking underneath: it returned what had arrived, the
+    close that followed reset the connection while its sender was still sending.)"""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        got = conn.recv(need, socket.MSG_PEEK)
+        if not got or len(got) >= need:
+            return
+        time.sleep(0.001)
+
+
 def tcp_sink(a) -> dict:
     srv = socket.create_server((a.bind, a.port), family=family(a.bind))
     if a.hold_until:  # room for all that is sent while it holds off: nothing waits in the sender or backlog
@@ -149,7 +161,7 @@ def tcp_sink(a) -> dict:
         conn, peer = srv.accept()
         conn.settimeout(a.timeout)
         discarded.append(kernel_address("tcp", a.port, peer[1]))
-        conn.recv(a.count * a.size, socket.MSG_PEEK | socket.MSG_WAITALL)
+        peek_all(conn, a.count * a.size, a.timeout)
         conn.close()
     conn, peer = srv.accept()
     reused = bool(a.discard) and kernel_address("tcp", a.port, peer[1]) in discarded

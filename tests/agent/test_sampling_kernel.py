@@ -14,7 +14,7 @@ import time
 import pytest
 
 from latencytrace.node_agent.segments import Direction
-from tests.agent.conftest import agent_of_each_kind, measure
+from tests.agent.conftest import agent_of_each_kind, desired, measure
 
 agent = pytest.fixture(scope="module", params=["typed", "raw"])(agent_of_each_kind)
 
@@ -148,4 +148,33 @@ def test_reads_of_a_held_socket_find_each_timed_packet(agent, lab, tmp_path):
     ours = [e for e in m.event_list if e.kind == "sampled" and e.daddr == a.ip and e.dport == 9002]
     assert len(ours) == timed, (len(ours), timed)
     assert all(e.ts[5] >= released[0] for e in ours), sorted(released[0] - e.ts[5] for e in ours)[-3:]
+    assert m.kernel_counters["collisions"] == 0, m.kernel_counters
+
+
+def test_a_socket_first_seen_timing_every_packet_finds_each_read_once_its_target_times_one_in_n(agent, lab, tmp_path):
+    """A UDP socket first seen while its target timed every packet keeps that ring mode (its reads look at
+    each number's entry, untagged) when the target changes to time 1 in N: every timed packet's read is
+    found, those of datagrams queued before the change included (all read after it, by a reader held until
+    then). A socket that switched to tags on its first untimed packet lost every read queued before the
+    switch (300 here): the entries written before it have no tags."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    go = tmp_path / "read-now"
+    before, after = 300, 2000
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9003", "--count", str(before + after), "--timeout", "30",
+                     "--hold-until", str(go)) as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9003", "--count", str(before), "--rate", "8000")
+            agent.reconcile([desired(a, dir_mask=0b01, time_one_in=N, **EVERY_TIMED)])
+            client.traffic("udp-send", "--to", a.ip, "--port", "9003", "--count", str(after), "--rate", "8000")
+            go.touch()
+        assert rx.result == {"received": before + after}, rx.result
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_TIMED)
+    stats = m.kernel["a"]
+    timed = stats["rx_pod_stack"].count
+    lo, hi = binomial_bounds(after, N)
+    assert before + lo <= timed <= before + hi, (timed, before, lo, hi)
+    for seg in ("rx_socket_queue", "rx_total"):
+        assert stats[seg].count == timed, (seg, stats[seg].count, timed, m.kernel_counters)
     assert m.kernel_counters["collisions"] == 0, m.kernel_counters
