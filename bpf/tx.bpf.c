@@ -38,14 +38,13 @@ int lt_tcp_sendmsg_locked(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c || lt_filter_sock(c, sk) < 0)
         return 0;
-    u64 now = bpf_ktime_get_ns();
     u32 tid = (u32)bpf_get_current_pid_tgid();
     if (c->send_ts && c->send_tid == tid) {
-        c->sock_ts = now - c->send_ts < LT_STALE_NS ? c->send_ts : now;
+        c->sock_ts = c->send_ts; /* (no clock here: lt_send_start, which has it, drops a stale one) */
         c->send_sk = (u64)sk;
         c->send_ts = 0;
     } else if (c->send_sk != (u64)sk || !c->sock_ts) {
-        c->sock_ts = now;
+        c->sock_ts = bpf_ktime_get_ns();
         c->send_sk = (u64)sk;
     }
     return 0;
@@ -58,7 +57,7 @@ static __always_inline u64 lt_send_start(struct lt_cpu_ctx *c, void *sk, u64 now
     if (sk && c->sock_ts && c->send_sk == (u64)sk) {
         start = c->sock_ts;
         c->sock_ts = 0;
-        return start;
+        return lt_within(now, start, LT_STALE_NS) ? start : 0; /* a send syscall's start long gone (a write() to a file, then a sendfile()) */
     }
     if (!c->send_ts || c->send_tid != (u32)bpf_get_current_pid_tgid())
         return 0;
