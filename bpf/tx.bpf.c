@@ -57,7 +57,8 @@ static __always_inline u64 lt_send_start(struct lt_cpu_ctx *c, void *sk, u64 now
     if (sk && c->sock_ts && c->send_sk == (u64)sk) {
         start = c->sock_ts;
         c->sock_ts = 0;
-        return lt_within(now, start, LT_STALE_NS) ? start : 0; /* a send syscall's start long gone (a write() to a file, then a sendfile()) */
+        /* (a syscall's start long gone: a write() to a file, then a sendfile() of the socket) */
+        return lt_within(now, start, LT_STALE_NS) ? start : 0;
     }
     if (!c->send_ts || c->send_tid != (u32)bpf_get_current_pid_tgid())
         return 0;
