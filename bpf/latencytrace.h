@@ -948,6 +948,8 @@ static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
  * untraced one; cached per CPU like devices. */
 static __always_inline s32 lt_filter_net(struct lt_cpu_ctx *c, void *net)
 {
+    if (!net)
+        return -1; /* a failed read: no namespace (an empty cache entry holds 0, with an old answer) */
     lt_cache_check(c);
 #pragma unroll
     for (int i = 0; i < LT_NET_CACHE; i++) {

@@ -135,8 +135,13 @@ static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
 
 /* The position entry of a socket seen for the first time, or of a new socket at a freed one's address
  * (it replaces whichever socket held the entry), NULL if none. The packets the entry's socket left
- * unread lose their reads, counted; a new socket at the same address numbers on from there, so that
- * they are behind its head (lt_sockq_live). Reads start `ahead` numbers on. */
+ * unread lose their reads, counted. Reads start `ahead` numbers on.
+ * A socket's numbers start at the clock's nanoseconds: no socket gets numbers faster than one a
+ * nanosecond, so every earlier socket at the same address numbered below this one's start, and no entry
+ * or tag it left in the ring (a closed socket's unread datagrams) can match a read of this one, also when
+ * the position entry went to another socket in between (direct-mapped: sockets whose addresses share it
+ * take it in turn). Numbering on from the entry's tail did that only while the entry stayed the
+ * address's: a socket that restarted at 0 took such a datagram's entry and tag for its own read. */
 static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead, u32 skip, u32 tcp, u32 peer,
                                                          u32 tagged)
 {
@@ -146,7 +151,7 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
         return NULL;
     if (pos->sk && pos->head < pos->tail)
         lt_count_add(LT_C_COLLISION, pos->tail - pos->head);
-    u64 base = pos->sk == sk_key ? pos->tail : 0;
+    u64 base = bpf_ktime_get_ns();
     pos->sk = sk_key;
     pos->head = base + ahead;
     pos->tail = base;

@@ -61,6 +61,9 @@ def udp_discard(a, s: socket.socket) -> tuple[socket.socket, str]:
 
 def udp_recv(a) -> dict:
     s = udp_bound(a)
+    others = [socket.socket(family(a.bind), socket.SOCK_DGRAM) for _ in range(a.others)]
+    for k, o in enumerate(others, 1):  # never read: they only get a datagram each round (udp-send --others)
+        o.bind((a.bind, a.port + k))
     print(json.dumps({"ready": True}), flush=True)
     discarded = []
     for _ in range(a.discard):
@@ -101,6 +104,8 @@ def udp_send(a) -> dict:
         if i < a.rounds - 1:
             s.settimeout(a.timeout)
             s.recv(16)
+            for k in range(1, a.others + 1):  # between this round's socket and the next one
+                s.sendto(b"o", (a.to, a.port + k))
         out["sport"] = s.getsockname()[1]
         s.close()
     if a.rounds == 1:
@@ -239,6 +244,8 @@ def main(argv=None) -> int:
         sp.add_argument("--discard", type=int, default=0,
                         help="udp-recv, tcp-sink: first close this many sockets with what was sent to them unread")
         sp.add_argument("--rounds", type=int, default=1, help="udp-send, tcp-send: this many sockets in turn")
+        sp.add_argument("--others", type=int, default=0,
+                        help="udp-recv: also bind the next N ports; udp-send: after each round, a datagram to each")
     a = p.parse_args(argv)
     if a.cpu >= 0:
         os.sched_setaffinity(0, {a.cpu})

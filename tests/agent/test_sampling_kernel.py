@@ -13,6 +13,8 @@ import time
 
 import pytest
 
+from latencytrace.node_agent.agent import Agent
+from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.segments import Direction
 from tests.agent.conftest import agent_of_each_kind, desired, measure
 
@@ -178,3 +180,32 @@ def test_a_socket_first_seen_timing_every_packet_finds_each_read_once_its_target
     for seg in ("rx_socket_queue", "rx_total"):
         assert stats[seg].count == timed, (seg, stats[seg].count, timed, m.kernel_counters)
     assert m.kernel_counters["collisions"] == 0, m.kernel_counters
+
+
+def test_a_socket_at_a_closed_ones_address_whose_ring_position_was_taken_meanwhile_reads_only_its_own(lab):
+    """A UDP socket's ring position is direct-mapped: sockets whose addresses share one take it in turn.
+    A socket at a closed one's address whose position another socket took in between must not take the
+    closed socket's unread entries, or (timing 1 in N) their tags, for its own reads. Four positions here,
+    and between one round's server socket and the next, 16 other sockets of the pod get a datagram each:
+    the position of the address the last socket reuses was taken meanwhile but for a chance of 1%. When a
+    socket's numbers restarted at 0 in that case, the last socket's reads took earlier rounds' datagrams
+    (from their client ports); a socket's numbers now start at the clock's nanoseconds."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    rounds, count, others, sent = 30, 20, 16, {}
+
+    def traffic():
+        with a.serve("udp-recv", "--port", "9010", "--count", str(count), "--timeout", "20",
+                     "--discard", str(rounds - 1), "--others", str(others), "--cpu", "0") as rx:
+            sent.update(client.traffic("udp-send", "--to", a.ip, "--port", "9010", "--count", str(count),
+                                       "--rounds", str(rounds), "--others", str(others)))
+        assert rx.result == {"received": count, "reused": True}, rx.result  # the case under test happened
+
+    small = Agent(sizes=Sizes(max_targets=2, send_inflight=4), event_queue=100_000, tracepoints="typed")
+    small.start()
+    try:
+        m = measure(small, [a], traffic, read_kernel=True, dir_mask=0b01, time_one_in=2, **EVERY_TIMED)
+    finally:
+        small.close()
+    reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5] and e.dport == 9010]
+    assert reads and {e.sport for e in reads} == {sent["sport"]}, (sent["sport"], sorted({e.sport for e in reads}))
+    assert len(reads) <= count and m.kernel["a"]["rx_socket_queue"].count == len(reads), m.kernel_counters

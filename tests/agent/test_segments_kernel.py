@@ -242,6 +242,29 @@ def test_targets_are_added_and_removed_without_reloading(agent, lab):
     assert kernel.our_programs(agent.tracer) == loaded  # the same programs, never reloaded
 
 
+def test_datagrams_an_untraced_socket_closed_unread_are_no_traced_pods_drops(agent, lab):
+    """An untraced pod's UDP socket closed with datagrams unread, just after the target set changed: the
+    kernel drops them (kfree_skb) from the socket's queue, where skb->dev holds UDP's scratch (their
+    sizes, not a device) and skb->sk is NULL, so they belong to no pod the probe can tell, and are counted
+    for none. The failed read of that "device" once matched an entry of the per-CPU namespace cache that
+    the change had emptied, and took its old answer: the traced pod's slot."""
+    t, x, u, client = lab.add_pod("t"), lab.add_pod("x"), lab.add_pod("u"), lab.add_pod("client")
+    rounds, count = 6, 20
+
+    def traffic():
+        for i in range(rounds):
+            udp_burst(t, client, 9006, count)  # the traced pod's namespace in every CPU's cache
+            agent.reconcile([desired(t), desired(x)] if i % 2 == 0 else [desired(t)])  # emptied
+            with u.serve("udp-recv", "--port", "9007", "--count", str(count), "--timeout", "20",
+                         "--discard", "1") as rx:
+                client.traffic("udp-send", "--to", u.ip, "--port", "9007", "--count", str(count), "--rounds", "2")
+            assert rx.result["received"] == count, rx.result
+
+    report = measure(agent, [t], traffic)
+    drops = next(d["drops"] for d in report.as_json()["targets"] if d["netns_inode"] == t.inode)
+    assert not {k: n for k, n in drops.items() if n >= count}, drops
+
+
 def test_drop_to_a_closed_port_is_counted_with_its_reason(agent, lab):
     a, client = lab.add_pod("a"), lab.add_pod("client")
     report = measure(agent, [a], lambda: client.traffic("udp-send", "--to", a.ip, "--port", "9999", "--count", "25"))
