@@ -152,13 +152,17 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
     if (pos->sk && pos->head < pos->tail)
         lt_count_add(LT_C_COLLISION, pos->tail - pos->head);
     u64 base = bpf_ktime_get_ns();
-    pos->sk = sk_key;
+    /* The key is written last, after a free mark, each with a full barrier: a reader on another CPU that
+     * finds its socket's key finds that socket's numbers, never the previous socket's (a number taken
+     * from those would be overwritten here, and the read lost). */
+    __sync_lock_test_and_set(&pos->sk, 0);
     pos->head = base + ahead;
     pos->tail = base;
     pos->skip = skip;
     pos->tcp = tcp;
     pos->peer = peer;
     pos->tagged = tagged;
+    __sync_lock_test_and_set(&pos->sk, sk_key);
     return pos;
 }
 
