@@ -474,17 +474,19 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     }
     lt_udp_resync(sk, pos);
-    if (pos->head >= pos->tail) {
+    if (pos->head > pos->tail)
+        return 0; /* one ahead already: a read with no datagram of ours to match must not move the reads further */
+    u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
+    if (seq >= pos->tail) {
         /* The reader ran ahead of sk_data_ready's program on another CPU: the datagram was queued and
-         * read before the program put it in the ring. Take its number, so that the reads after it stay
-         * matched (without it, each later read would take the previous datagram's entry); the program,
-         * when it runs, ends the datagram's journey there (lt_record_udp_push). Only one ahead: a read
-         * with no datagram of ours to match must not move the reads further. */
-        if (pos->head == pos->tail)
-            __sync_fetch_and_add(&pos->head, 1);
+         * read before the program numbered it. Its number is taken all the same, so that the reads after
+         * it stay matched (without it, each later read would take the previous datagram's entry); the
+         * program, when it runs, ends the datagram's journey there (lt_record_udp_push). The tail is
+         * read after the number is taken (a full barrier): a program that numbered the datagram after a
+         * look at the tail before it may also have looked at the head before it, and left the read to
+         * this one, which lost it when it returned here on the older tail. */
         return 0;
     }
-    u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
     u32 i = lt_sockq_idx(sk_key, seq);
     if (pos->tagged) {
         u64 *tag = lt_sockq_tag.lookup(&i);
