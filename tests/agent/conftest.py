@@ -69,8 +69,8 @@ class CollectingSink:
 
 
 @contextlib.contextmanager
-def started_agent(tracepoints: str = "auto") -> Iterator[Agent]:
-    a = Agent(sizes=Sizes(max_targets=32), event_queue=100_000, tracepoints=tracepoints)
+def started_agent(tracepoints: str = "auto", sizes: Sizes | None = None) -> Iterator[Agent]:
+    a = Agent(sizes=sizes or Sizes(max_targets=32), event_queue=100_000, tracepoints=tracepoints)
     a.start()
     try:
         if tracepoints != "auto":

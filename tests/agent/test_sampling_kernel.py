@@ -13,10 +13,9 @@ import time
 
 import pytest
 
-from latencytrace.node_agent.agent import Agent
 from latencytrace.node_agent.program import Sizes
 from latencytrace.node_agent.segments import Direction
-from tests.agent.conftest import agent_of_each_kind, desired, measure
+from tests.agent.conftest import agent_of_each_kind, desired, measure, started_agent
 
 agent = pytest.fixture(scope="module", params=["typed", "raw"])(agent_of_each_kind)
 
@@ -200,12 +199,8 @@ def test_a_socket_at_a_closed_ones_address_whose_ring_position_was_taken_meanwhi
                                        "--rounds", str(rounds), "--others", str(others)))
         assert rx.result == {"received": count, "reused": True}, rx.result  # the case under test happened
 
-    small = Agent(sizes=Sizes(max_targets=2, send_inflight=4), event_queue=100_000, tracepoints="typed")
-    small.start()
-    try:
+    with started_agent("typed", Sizes(max_targets=2, send_inflight=4)) as small:
         m = measure(small, [a], traffic, read_kernel=True, dir_mask=0b01, time_one_in=2, **EVERY_TIMED)
-    finally:
-        small.close()
     reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5] and e.dport == 9010]
     assert reads and {e.sport for e in reads} == {sent["sport"]}, (sent["sport"], sorted({e.sport for e in reads}))
     assert len(reads) <= count and m.kernel["a"]["rx_socket_queue"].count == len(reads), m.kernel_counters
