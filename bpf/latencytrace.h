@@ -160,12 +160,22 @@ struct lt_event {
  * socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a read
  * finds its packet or nothing, never another's. */
 struct lt_sockq_ent {
+    /* What a read needs comes first, 40 bytes, placed so that a read on another CPU than the write (the
+     * usual case: the application reads on its own CPU) takes one cache line from the writer instead of
+     * three: the kernel's array values start 56 bytes into a cache line (struct bpf_array on 6.18), and
+     * entries are 192 bytes (3 lines), so bytes 8-47 of every entry are bytes 0-39 of one line. On a
+     * kernel that starts them elsewhere these 40 bytes span at most two lines. */
+    u64 spare;
     u64 sk;  /* 0: free (read, or never written) */
     u64 seq;
+    u64 first; /* the journey's first boundary (lt_first(&f)) */
+    u64 ready; /* its sock_ready boundary */
     u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt once it was queued) */
-    u32 pad;
-    struct lt_flight f;
+    u32 slot;
+    u64 pad[2];
+    struct lt_flight f; /* the journey so far: read only to send it (a slow or sampled packet), 128 bytes */
 };
+_Static_assert(sizeof(struct lt_sockq_ent) == 192, "lt_sockq_ent: 3 cache lines, its header at bytes 8-47");
 
 struct lt_sockq_pos {
     u64 sk;   /* key; 0: free */
@@ -865,19 +875,20 @@ static __always_inline void lt_fill_addrs(struct lt_addrs *e, void *skb)
     }
 }
 
-/* Send the packet's journey to user space if it is slow, sampled or dropped, within the rate cap. skb:
- * the packet, read for its addresses if its flight has none (NULL when it may be gone). */
-static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u32 dir, u8 kind, u64 total,
-                                    void *skb, u32 drop_reason)
+/* The kind of event a packet's journey of `total` ns makes: slow, sampled, or 0 for none. */
+static __always_inline u8 lt_emit_kind(struct lt_target *t, u64 total)
 {
-    if (!kind) {
-        if (t->slow_ns && total >= t->slow_ns)
-            kind = LT_EV_SLOW;
-        else if (t->sample_one_in && bpf_get_prandom_u32() % t->sample_one_in == 0)
-            kind = LT_EV_SAMPLED;
-        else
-            return;
-    }
+    if (t->slow_ns && total >= t->slow_ns)
+        return LT_EV_SLOW;
+    if (t->sample_one_in && bpf_get_prandom_u32() % t->sample_one_in == 0)
+        return LT_EV_SAMPLED;
+    return 0;
+}
+
+/* Send the journey of a packet whose kind (slow, sampled, dropped) is decided, within the rate cap. */
+static __always_inline void lt_emit_as(struct lt_target *t, struct lt_flight *f, u32 dir, u8 kind, void *skb,
+                                       u32 drop_reason)
+{
     u32 slot = f->slot;
     struct lt_rate *r = lt_rate.lookup(&slot);
     if (!r)
@@ -917,6 +928,17 @@ static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u3
     else if (skb)
         lt_fill_addrs((struct lt_addrs *)&e->saddr, skb); /* transmitted packets: read only when emitted */
     lt_events.ringbuf_submit(e, 0);
+}
+
+/* Send the packet's journey to user space if it is slow, sampled or dropped (kind), within the rate cap.
+ * skb: the packet, read for its addresses if its flight has none (NULL when it may be gone). */
+static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u32 dir, u8 kind, u64 total,
+                                    void *skb, u32 drop_reason)
+{
+    if (!kind)
+        kind = lt_emit_kind(t, total);
+    if (kind)
+        lt_emit_as(t, f, dir, kind, skb, drop_reason);
 }
 
 static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)

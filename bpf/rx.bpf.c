@@ -110,17 +110,33 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     return 0;
 }
 
-/* record: the end of a received packet's journey, the application read it. */
-static __always_inline void lt_record_read(struct lt_flight *f, u64 now)
+/* record: the end of a received packet's journey, the application read it: packet f of target slot,
+ * readied at `ready`, first seen at `first`. f's lines are touched only to send a slow or sampled
+ * journey (a ring entry's reader finds the rest in the entry's header). */
+static __always_inline void lt_record_read(struct lt_flight *f, u32 slot, u64 ready, u64 first, u64 now)
 {
-    struct lt_target *t = lt_target(f->slot);
+    struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
-    f->ts[LT_B_RX_APP_READ] = now;
-    u64 first = lt_first(f);
-    lt_record(t, f->slot, LT_SEG_RX_SOCKET_QUEUE, f->ts[LT_B_RX_SOCK_READY], now);
-    lt_record(t, f->slot, LT_SEG_RX_TOTAL, first, now);
-    lt_emit(t, f, LT_DIR_RX, 0, now - first, NULL, 0); /* read: the skb may be gone */
+    lt_record(t, slot, LT_SEG_RX_SOCKET_QUEUE, ready, now);
+    lt_record(t, slot, LT_SEG_RX_TOTAL, first, now);
+    u8 kind = lt_emit_kind(t, now - first);
+    if (kind) {
+        f->ts[LT_B_RX_APP_READ] = now;
+        lt_emit_as(t, f, LT_DIR_RX, kind, NULL, 0); /* read: the skb may be gone */
+    }
+}
+
+/* record: the read of a packet still in its flight entry (read before it reached its socket's ring). */
+static __always_inline void lt_record_read_flight(struct lt_flight *f, u64 now)
+{
+    lt_record_read(f, f->slot, f->ts[LT_B_RX_SOCK_READY], lt_first(f), now);
+}
+
+/* record: the read of a packet waiting in its socket's ring. */
+static __always_inline void lt_record_read_ent(struct lt_sockq_ent *e, u64 now)
+{
+    lt_record_read(&e->f, e->slot, e->ready, e->first, now);
 }
 
 /* The socket's ring position, if we follow the socket. */
@@ -196,12 +212,15 @@ static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, st
     if (!e)
         return NULL;
     u64 was = e->sk;
-    if (was && now - lt_first(&e->f) < LT_STALE_NS && lt_sockq_live(was, e->seq))
+    if (was && now - e->first < LT_STALE_NS && lt_sockq_live(was, e->seq))
         lt_count(LT_C_COLLISION); /* an unread packet (this socket's, a ring's length ago, or another's) */
     e->sk = 0;
     e->seq = seq;
     e->end_seq = end_seq;
     e->f = *f;
+    e->first = lt_first(f);
+    e->ready = f->ts[LT_B_RX_SOCK_READY];
+    e->slot = f->slot;
     if (shared)
         __sync_lock_test_and_set(&e->sk, sk_key);
     else
@@ -253,7 +272,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
         if (head != seq + 1 || LT_KEY(lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV)) != f->skb ||
             __sync_val_compare_and_swap(&pos->head, head, seq) != head) {
             lt_count(LT_C_EARLY_READ);
-            lt_record_read(f, now);
+            lt_record_read_flight(f, now);
             return;
         }
     }
@@ -267,7 +286,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
     /* A reader that took this number while the entry (or its tag) was being written found nothing: it is ours. */
     if (e && seq < pos->head && lt_sockq_claim(e, sk_key)) {
         lt_count(LT_C_EARLY_READ);
-        lt_record_read(f, now);
+        lt_record_read_flight(f, now);
     }
 }
 
@@ -431,7 +450,7 @@ int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
         if (e->sk == sk_key && e->seq == seq) {
             if ((s32)(e->end_seq - copied) > 0)
                 break; /* not read yet, nor anything queued after it */
-            lt_record_read(&e->f, now);
+            lt_record_read_ent(e, now);
             e->sk = 0;
         }
         /* else: its entry was taken by a later packet (counted then): its read is lost, not misattributed */
@@ -498,7 +517,7 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
      * past its number). Another socket's or a later packet's: that one counted the collision. */
     if (!e || e->seq != seq || !lt_sockq_claim(e, sk_key))
         return 0;
-    if (e->f.ts[LT_B_RX_SOCK_READY])
-        lt_record_read(&e->f, bpf_ktime_get_ns());
+    if (e->ready)
+        lt_record_read_ent(e, bpf_ktime_get_ns());
     return 0;
 }
