@@ -30,9 +30,12 @@ int lt_softirq_raise(struct bpf_raw_tracepoint_args *ctx)
     u64 p = c->t_pending;
     if (p >= LT_PEND_TIMED)
         return 0;
-    /* The raise of the send just queued (net_dev_queue: a veth raises from its transmit), quiet if that
-     * was; any other raise is timed. */
-    c->t_pending = p == LT_PEND_QUIET_NEXT ? LT_PEND_QUIET : bpf_ktime_get_ns();
+    /* The raise of the send just queued (net_dev_queue: a veth raises from its transmit), quiet or
+     * untimed if that was; any other raise is timed. */
+    if (p == LT_PEND_QUIET_NEXT || p == LT_PEND_UNTIMED_NEXT)
+        c->t_pending = p - 1; /* LT_PEND_QUIET, LT_PEND_UNTIMED */
+    else
+        c->t_pending = bpf_ktime_get_ns();
     return 0;
 }
 

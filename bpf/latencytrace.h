@@ -74,11 +74,17 @@ struct lt_net_ent {
  * addressed to a traced pod, the raise it causes is marked quiet and its run reads no clock: an untraced
  * pod's packet pays for no timing. A packet into a traced pod that such a run carries anyway (sent to a
  * Service's virtual IP that the node then DNATs to the pod) cannot be timed: it is counted (LT_C_QUIET_MISS)
- * and followed untimed, and its sender's address is made loud (lt_loud), never quiet again. Values of
+ * and followed untimed, and its sender's address is made loud (lt_loud), never quiet again.
+ * Untimed raises. A pod's send into a traced pod that times 1 packet in N is drawn for timing where it is
+ * queued (lt_record_send_into), before the raise that is its first boundary: an untimed one's raise reads
+ * no clock either, and its run reads one, at its start, for the ages of the packets it carries (no
+ * rx_irq time: a timed packet queued before that run starts makes it timed). Values of
  * lt_cpu_ctx.t_pending below LT_PEND_TIMED: */
-#define LT_PEND_QUIET 1      /* NET_RX pending, raised by a quiet send: its run reads no clock */
-#define LT_PEND_QUIET_NEXT 2 /* not pending; the packet just queued on this CPU is quiet, so is its raise */
-#define LT_PEND_TIMED 3      /* and above: the time NET_RX became pending */
+#define LT_PEND_QUIET 1        /* NET_RX pending, raised by a quiet send: its run reads no clock */
+#define LT_PEND_QUIET_NEXT 2   /* not pending; the packet just queued on this CPU is quiet, so is its raise */
+#define LT_PEND_UNTIMED 3      /* NET_RX pending, raised by an untimed send into a traced pod: no irq time */
+#define LT_PEND_UNTIMED_NEXT 4 /* not pending; the packet just queued on this CPU is such a send */
+#define LT_PEND_TIMED 5        /* and above: the time NET_RX became pending */
 #define LT_LOUD_SIZE 256     /* lt_loud: direct-mapped, a collision only makes another sender loud */
 
 struct lt_cpu_ctx {
@@ -93,6 +99,8 @@ struct lt_cpu_ctx {
     u64 tcp_sk;    /* the socket whose established receive processing (tcp_rcv_established) ran last on this */
     u64 tcp_skb;   /* CPU, and the skb it processed: what its sk_data_ready announces (softirq or backlog) */
     u64 quiet_skb; /* the skb whose send made this CPU's pending NET_RX quiet (see lt_quiet_pkt) */
+    u64 pre_skb;   /* the last packet into a traced pod drawn for timing where it was queued, | 1 if timed */
+    u64 rng;       /* lt_rand's state (0: not seeded yet) */
     /* Send starts: a send syscall and the TCP socket it (or an earlier call of it) filled stay on the
      * CPU until the skb is queued on the pod's device, unless the thread migrates (a lost sample). */
     u64 send_ts;   /* start of the send syscall of thread send_tid (0: none pending) */
@@ -330,17 +338,43 @@ static __always_inline void lt_count(u32 which)
     lt_count_add(which, 1);
 }
 
+/* A random u32 from this CPU's xorshift64* generator (Marsaglia; Vigna's multiplier), seeded by the kernel's
+ * at its first use. The same kind of per-CPU generator as bpf_get_prandom_u32() (a Tausworthe one), in
+ * a few inlined instructions instead of a helper call (about 40 ns a call on a VM with this kernel's
+ * return-thunk mitigations): it is drawn once for every packet into or out of a target that times 1 in N. */
+static __always_inline u32 lt_rand(struct lt_cpu_ctx *c)
+{
+    u64 x = c->rng;
+    if (!x)
+        x = ((u64)bpf_get_prandom_u32() << 32) | bpf_get_prandom_u32() | 1;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    c->rng = x;
+    return (u32)((x * 0x2545F4914F6CDD1DULL) >> 32);
+}
+
 /* record: a packet of target `slot` at its first boundary (exact, timed or not); 1 if it is to be timed.
- * The choice is random (one bpf_get_prandom_u32, compared with a threshold: no divide), not every N-th
- * packet of a CPU: a per-CPU counter is cheaper by a helper call but locks onto periodic traffic (a
- * request/response protocol alternating data and ACKs on one CPU would time only one of the two). */
-static __always_inline int lt_count_packet(struct lt_target *t, u32 slot, u32 dir)
+ * The choice is random (lt_rand, compared with a threshold: no divide), not every N-th packet of a CPU:
+ * a per-CPU counter locks onto periodic traffic (a request/response protocol alternating data and ACKs
+ * on one CPU would time only one of the two). */
+static __always_inline int lt_draw(struct lt_cpu_ctx *c, struct lt_target *t)
+{
+    return t->time_below > 0xffffffffULL || lt_rand(c) < t->time_below;
+}
+
+static __always_inline void lt_count_only(u32 slot, u32 dir)
 {
     u32 i = slot * 2 + dir;
     u64 *n = lt_packets.lookup(&i);
     if (n)
         (*n)++;
-    return t->time_below > 0xffffffffULL || bpf_get_prandom_u32() < t->time_below;
+}
+
+static __always_inline int lt_count_packet(struct lt_cpu_ctx *c, struct lt_target *t, u32 slot, u32 dir)
+{
+    lt_count_only(slot, dir);
+    return lt_draw(c, t);
 }
 
 static __always_inline int lt_timed(struct lt_flight *f)
@@ -779,20 +813,27 @@ static __always_inline u32 lt_loud_idx(u32 src)
 
 /* filter: a packet another (untraced) pod queues on its device, whose raise of NET_RX will follow on this
  * CPU: is it quiet, addressed to no traced pod and from a sender not made loud (see LT_PEND_QUIET)? Two
- * loads of its header and two array lookups; its source (lt_src_fold) in *src. */
-static __always_inline int lt_quiet_send(struct lt_skb_view *v, u32 *src)
+ * loads of its header and two array lookups; its source (lt_src_fold) in *src, and in *dst the slot of
+ * the traced pod it is addressed to (-1: none). */
+static __always_inline int lt_quiet_send(struct lt_skb_view *v, u32 *src, s32 *dst)
 {
     if (v->network_header == 0xffff)
         return 0;
     void *nh = v->head + v->network_header;
     if (v->protocol == LT_ETH_P_IP) {
         u32 h[2]; /* bytes 12-19: source and destination */
-        if (lt_pkt_read(h, 2, nh + 12) < 0 || lt_ip4_slot(h[1]) >= 0)
+        if (lt_pkt_read(h, 2, nh + 12) < 0)
+            return 0;
+        *dst = lt_ip4_slot(h[1]);
+        if (*dst >= 0)
             return 0;
         *src = h[0]; /* lt_src_fold of the address */
     } else {
         u32 h[8]; /* bytes 8-39 */
-        if (lt_pkt_read(h, 8, nh + 8) < 0 || lt_ip6_slot((struct lt_in6 *)&h[4]) >= 0)
+        if (lt_pkt_read(h, 8, nh + 8) < 0)
+            return 0;
+        *dst = lt_ip6_slot((struct lt_in6 *)&h[4]);
+        if (*dst >= 0)
             return 0;
         *src = lt_src_fold(h);
     }
@@ -819,16 +860,43 @@ static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet
         }
         return;
     }
-    if (p == LT_PEND_QUIET_NEXT) {
+    if (p == LT_PEND_QUIET_NEXT || p == LT_PEND_UNTIMED_NEXT) {
         c->t_pending = 0;
         c->quiet_skb = 0;
-    } else if (p == LT_PEND_QUIET) {
+    } else if (p == LT_PEND_QUIET || p == LT_PEND_UNTIMED) {
         c->t_pending = bpf_ktime_get_ns();
     } else if (c->t_irq == LT_PEND_QUIET) {
         u64 now = bpf_ktime_get_ns();
         c->t_irq = now;
         c->t_softirq = now;
         c->quiet_skb = 0; /* it may have taken the quiet packet's freed skb */
+    }
+}
+
+/* record: another pod queues a packet into traced pod `dst`, whose raise of NET_RX follows on this CPU.
+ * Timing 1 in N, the packet is drawn for timing here (its run takes the draw, lt_record_rx_start), and an
+ * untimed one raises NET_RX untimed (see LT_PEND_UNTIMED). */
+static __always_inline void lt_record_send_into(struct lt_cpu_ctx *c, s32 dst, u64 key)
+{
+    struct lt_target *t = lt_target(dst);
+    if (!t || t->time_below > 0xffffffffULL) {
+        lt_record_send_quiet(c, 0, 0, 0); /* every packet timed */
+        return;
+    }
+    int timed = lt_rand(c) < t->time_below;
+    c->pre_skb = key | timed;
+    if (c->quiet_skb == key)
+        c->quiet_skb = 0; /* (a quiet run's packet freed, its skb taken by this one) */
+    if (timed) {
+        lt_record_send_quiet(c, 0, 0, 0);
+        return;
+    }
+    u64 p = c->t_pending;
+    if (p == LT_PEND_QUIET_NEXT || (p == 0 && c->t_irq != LT_PEND_QUIET)) {
+        c->t_pending = LT_PEND_UNTIMED_NEXT; /* (sent from within a quiet run, it raises nothing) */
+        c->quiet_skb = 0;
+    } else if (p == LT_PEND_QUIET) {
+        c->t_pending = LT_PEND_UNTIMED; /* the quiet run pending carries it: that run reads its start */
     }
 }
 
@@ -846,7 +914,7 @@ static __always_inline int lt_quiet_pkt(struct lt_cpu_ctx *c, u64 key)
 /* record: a packet the host queues is no pod's send: the raise it may cause is not quiet. */
 static __always_inline void lt_record_host_send(struct lt_cpu_ctx *c)
 {
-    if (c->t_pending == LT_PEND_QUIET_NEXT) {
+    if (c->t_pending == LT_PEND_QUIET_NEXT || c->t_pending == LT_PEND_UNTIMED_NEXT) {
         c->t_pending = 0;
         c->quiet_skb = 0;
     }
@@ -1195,17 +1263,29 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
                                                struct lt_skb_view *v, struct lt_addrs *addr, u8 tcpf,
                                                u64 key, u32 ifindex, u32 boundary, u8 irq, u64 age)
 {
-    int timed = lt_count_packet(t, slot, LT_DIR_RX);
-    if (irq && c->t_irq == LT_PEND_QUIET) {
-        /* Carried by a quiet run, which has no times for its irq and softirq boundaries: followed untimed,
-         * and its sender (the one that made the run quiet) is never quiet again. */
-        lt_count(LT_C_QUIET_MISS);
-        c->quiet_skb = 0;
-        u32 i = lt_loud_idx(c->quiet_src);
-        u32 *loud = lt_loud.lookup(&i);
-        if (loud)
-            *loud = c->quiet_src;
-        timed = 0;
+    int timed;
+    u64 pre = c->pre_skb;
+    if (irq && (pre & ~1ULL) == key) {
+        /* drawn where its sender queued it (lt_record_send_into): a timed one made its run timed */
+        c->pre_skb = 0;
+        lt_count_only(slot, LT_DIR_RX);
+        timed = pre & 1;
+    } else {
+        timed = lt_count_packet(c, t, slot, LT_DIR_RX);
+        if (irq && c->t_irq == LT_PEND_QUIET) {
+            /* Carried by a quiet run, which has no times for its irq and softirq boundaries: followed
+             * untimed, and if it was to be timed, its sender (the one that made the run quiet) is never
+             * quiet again. */
+            c->quiet_skb = 0;
+            if (timed) {
+                lt_count(LT_C_QUIET_MISS);
+                u32 i = lt_loud_idx(c->quiet_src);
+                u32 *loud = lt_loud.lookup(&i);
+                if (loud)
+                    *loud = c->quiet_src;
+                timed = 0;
+            }
+        }
     }
     u64 now = timed ? lt_clock(c, age) : age;
     struct lt_flight *f = lt_flight_new(LT_DIR_RX, key, v, slot, now);

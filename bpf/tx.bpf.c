@@ -87,7 +87,7 @@ static __always_inline void lt_record_egress_queue(struct lt_flight *f, u32 ifin
 static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct lt_target *t, u32 slot,
                                                     struct lt_skb_view *v, u64 key, u32 ifindex, u64 age)
 {
-    int timed = lt_count_packet(t, slot, LT_DIR_TX);
+    int timed = lt_count_packet(c, t, slot, LT_DIR_TX);
     u64 now = timed ? lt_clock(c, age) : age;
     u64 start = lt_send_start(c, v->sk, now); /* taken either way: a pending start belongs to this packet */
     struct lt_flight *f = lt_flight_new(LT_DIR_TX, key, v, slot, now);
@@ -151,7 +151,12 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
          * with a time, or running with one). */
         if (c->t_pending < LT_PEND_TIMED && !c->t_softirq) {
             u32 src = 0;
-            lt_record_send_quiet(c, lt_quiet_send(&v, &src), src, key);
+            s32 dst = -1;
+            int quiet = lt_quiet_send(&v, &src, &dst);
+            if (dst >= 0)
+                lt_record_send_into(c, dst, key);
+            else
+                lt_record_send_quiet(c, quiet, src, key);
         }
         return 0;
     }

@@ -150,9 +150,10 @@ COUNTERS: tuple[Counter, ...] = (
             "ring (the reader ran ahead on another CPU): their read is taken as the probe's moment, a "
             "socket-queue time of 0."),
     Counter(8, "quiet_misses", "QUIET_MISS",
-            "Packets into a traced pod that a NET_RX run raised by an untraced pod's send carried, the send "
-            "addressed elsewhere (to a Service's virtual IP the node DNATs to the pod): that run read no "
-            "clock, so they are counted but not timed, and the sender is timed from then on."),
+            "Packets into a traced pod, chosen for timing, that a NET_RX run raised by an untraced pod's "
+            "send carried, the send addressed elsewhere (to a Service's virtual IP the node DNATs to the "
+            "pod): that run read no clock, so they are counted but not timed, and the sender is timed from "
+            "then on."),
 )
 N_COUNTER_SLOTS = 16  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)
