@@ -883,7 +883,7 @@ static __always_inline void lt_record_send_into(struct lt_cpu_ctx *c, s32 dst, u
         lt_record_send_quiet(c, 0, 0, 0); /* every packet timed */
         return;
     }
-    int timed = lt_rand(c) < t->time_below;
+    int timed = lt_draw(c, t);
     c->pre_skb = key | timed;
     if (c->quiet_skb == key)
         c->quiet_skb = 0; /* (a quiet run's packet freed, its skb taken by this one) */
@@ -892,8 +892,9 @@ static __always_inline void lt_record_send_into(struct lt_cpu_ctx *c, s32 dst, u
         return;
     }
     u64 p = c->t_pending;
+    /* (Sent from within a quiet run, it raises nothing: that run's hooks read the clock for its age.) */
     if (p == LT_PEND_QUIET_NEXT || (p == 0 && c->t_irq != LT_PEND_QUIET)) {
-        c->t_pending = LT_PEND_UNTIMED_NEXT; /* (sent from within a quiet run, it raises nothing) */
+        c->t_pending = LT_PEND_UNTIMED_NEXT;
         c->quiet_skb = 0;
     } else if (p == LT_PEND_QUIET) {
         c->t_pending = LT_PEND_UNTIMED; /* the quiet run pending carries it: that run reads its start */
