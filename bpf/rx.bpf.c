@@ -414,8 +414,8 @@ int lt_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
-    c->tcp_sk = ctx->args[0]; /* stored, not computed with: no LT_KEY needed (the same number) */
-    c->tcp_skb = ctx->args[1];
+    c->tcp_sk = LT_KEY(ctx->args[0]);
+    c->tcp_skb = LT_KEY(ctx->args[1]);
     return 0;
 }
 
