@@ -195,12 +195,18 @@ struct lt_sockq_pos {
     u32 tagged; /* UDP of a target that times 1 packet in N: lt_sockq_tag says which numbers are timed */
 };
 
+/* One segment of one target, per CPU: its figures and its histogram in one value, so that recording a
+ * latency looks up one map value (a per-CPU array's lookup loads the value's per-CPU address from the
+ * map: with the histogram a map of its own, indexed by bucket, that was a line picked at random from an
+ * array of LT_MAX_TARGETS * LT_NSEG * LT_NB addresses for every latency recorded). */
 struct lt_seg_stat {
     u64 count;
     u64 sum_ns;
     u64 max_ns;
     u64 zero;
+    u32 hist[LT_NB]; /* latencies per bucket (lt_bucket); zero ones are counted in `zero` only */
 };
+_Static_assert((LT_NB & (LT_NB - 1)) == 0, "lt_record masks a bucket with LT_NB - 1");
 
 struct lt_drop_key {
     u32 slot;
@@ -260,7 +266,6 @@ BPF_ARRAY(lt_sockq_tag, u64, 1 << LT_SOCKQ_BITS);
 BPF_PROG_ARRAY(lt_tail, LT_TAIL_SLOTS);
 
 /* Results. */
-BPF_PERCPU_ARRAY(lt_hist, u32, LT_MAX_TARGETS * LT_NSEG * LT_NB);
 BPF_PERCPU_ARRAY(lt_stat, struct lt_seg_stat, LT_MAX_TARGETS * LT_NSEG);
 BPF_PERCPU_HASH(lt_drops, struct lt_drop_key, u64, LT_MAX_TARGETS * 32);
 BPF_PERCPU_ARRAY(lt_counters, u64, LT_NCOUNTERS);
@@ -636,10 +641,9 @@ static __always_inline void lt_record(struct lt_target *t, u32 slot, u32 seg, u6
         st->zero++;
         return;
     }
-    u32 hidx = sidx * LT_NB + lt_bucket(ns);
-    u32 *c = lt_hist.lookup(&hidx);
-    if (c)
-        (*c)++;
+    u32 b = lt_bucket(ns);
+    asm volatile("" : "+r"(b)); /* the compiler knows b < LT_NB, the verifier would not: keep the mask */
+    st->hist[b & (LT_NB - 1)]++;
 }
 
 /* Clocks. A boundary of a timed packet is read with bpf_ktime_get_ns(), the dearest thing most hooks do

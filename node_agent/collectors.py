@@ -15,7 +15,7 @@ from . import histogram, segments
 from .kernel import bpfsys, libbpf
 from .tracer import Tracer
 
-_STAT_FIELDS = 4  # struct lt_seg_stat: count, sum_ns, max_ns, zero
+_STAT_FIELDS = 4  # struct lt_seg_stat: count, sum_ns, max_ns, zero, then u32 hist[N_BUCKETS]
 
 
 @dataclass(frozen=True)
@@ -58,16 +58,14 @@ class SlotCollector:
 
 
 class HistogramCollector(SlotCollector):
-    """Per segment: count, sum, maximum and histogram buckets (lt_stat, lt_hist)."""
+    """Per segment: count, sum, maximum and histogram buckets (lt_stat)."""
 
     def _read_slot(self, slot: int) -> dict[int, histogram.SegmentHistogram]:
         nseg, nb = segments.N_SEGMENTS, histogram.N_BUCKETS
-        hist_fd = self.tracer.table("lt_hist").map_fd
         stat_fd = self.tracer.table("lt_stat").map_fd
-        counts = bpfsys.read_percpu_array(self._lib, hist_fd, slot * nseg * nb, nseg * nb, 4, self.ncpu)
-        # u32 counters in 8-byte per-CPU slots: mask the padding, sum over CPUs.
-        buckets = (counts[:, :, 0] & 0xFFFFFFFF).sum(axis=1).reshape(nseg, nb)
-        stats = bpfsys.read_percpu_array(self._lib, stat_fd, slot * nseg, nseg, 8 * _STAT_FIELDS, self.ncpu)
+        stats = bpfsys.read_percpu_array(self._lib, stat_fd, slot * nseg, nseg, 8 * _STAT_FIELDS + 4 * nb, self.ncpu)
+        # The u32 buckets after the four u64 figures, summed over CPUs.
+        buckets = np.ascontiguousarray(stats[:, :, _STAT_FIELDS:]).view(np.uint32).sum(axis=1, dtype=np.uint64)
         out = {}
         for seg in range(nseg):
             s = stats[seg]

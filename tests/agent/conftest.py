@@ -108,13 +108,13 @@ class Measured(Report):
         self.slots: dict[str, int] = {}  # pod name -> its slot while traced
         self.slot_counts: dict[int, int] = {}  # every slot -> latencies recorded in it during the action
         self.kernel_counters: dict[str, int] = {}  # lt_counters: change during the action
-        self.kernel: dict[str, dict[str, kernel.SegStat]] = {}  # pod -> segment -> change in lt_stat/lt_hist
+        self.kernel: dict[str, dict[str, kernel.SegStat]] = {}  # pod -> segment -> change in lt_stat
 
 
 def measure(agent: Agent, pods: list[Pod], action, *, read_kernel: bool = False, **settings) -> Measured:
     """Trace `pods`, run `action()`, and return what the agent measured meanwhile (events included, once
     the event reader has caught up), with the change of every slot's counts, the kernel's counters and,
-    with `read_kernel`, each traced pod's lt_stat and lt_hist as the kernel holds them. The targets are
+    with `read_kernel`, each traced pod's lt_stat (figures and histograms) as the kernel holds them. The targets are
     removed whatever happens, so that a failure leaves nothing to the next test."""
     wanted = [desired(p, **settings) for p in pods]
     tracer, out = agent.tracer, Measured()

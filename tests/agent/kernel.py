@@ -24,12 +24,12 @@ __test__ = False
 
 @dataclass(frozen=True)
 class SegStat:
-    """One (slot, segment) of lt_stat and lt_hist, summed over CPUs."""
+    """One (slot, segment) of lt_stat, summed over CPUs."""
 
     count: int
     sum_ns: int
     zero: int
-    buckets: tuple[int, ...]  # lt_hist positions 0..N_BUCKETS-1
+    buckets: tuple[int, ...]  # lt_stat's hist, positions 0..N_BUCKETS-1
 
     def __sub__(self, other: SegStat) -> SegStat:
         return SegStat(self.count - other.count, self.sum_ns - other.sum_ns, self.zero - other.zero,
@@ -54,17 +54,15 @@ def rx_flights(tracer, rx_inflight: int) -> list:
 
 
 def slot_stats(tracer, slot: int, buckets: bool = True) -> dict[str, SegStat]:
-    """Segment name -> what lt_stat (and lt_hist) hold for `slot` now."""
-    stat, hist = tracer.table("lt_stat"), tracer.table("lt_hist")
+    """Segment name -> what lt_stat (figures and histogram) holds for `slot` now."""
+    stat = tracer.table("lt_stat")
     out = {}
     for seg in segments.SEGMENTS:
         sidx = slot * segments.N_SEGMENTS + seg.id
         per_cpu = stat[stat.Key(sidx)]
         counts: tuple[int, ...] = ()
         if buckets:
-            base = sidx * histogram.N_BUCKETS
-            counts = tuple(sum(int(v) & 0xFFFFFFFF for v in hist[hist.Key(base + pos)])
-                           for pos in range(histogram.N_BUCKETS))
+            counts = tuple(sum(int(v.hist[pos]) for v in per_cpu) for pos in range(histogram.N_BUCKETS))
         out[seg.name] = SegStat(count=sum(v.count for v in per_cpu), sum_ns=sum(v.sum_ns for v in per_cpu),
                                 zero=sum(v.zero for v in per_cpu), buckets=counts)
     return out
