@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes as ct
-import json
 import os
 import re
 import shutil
@@ -38,6 +37,8 @@ from pathlib import Path
 
 from latencytrace.node_agent.kernel import bpfsys
 from latencytrace.node_agent.kernel.btf import KernelBTF
+
+from . import bpfprogs
 
 BPF_PROG_GET_FD_BY_ID = 13
 SAMPLE = re.compile(r"^\s*[0-9a-f]+\s+bpf_prog_([0-9a-f]{16})_(\w+)\+0x([0-9a-f]+)", re.M)
@@ -85,11 +86,6 @@ class ImageReader:
             os.close(fd)
 
 
-def _programs() -> list[dict]:
-    out = subprocess.run(["bpftool", "prog", "show", "-j"], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout or "[]")
-
-
 class Collector(threading.Thread):
     """Polls the loaded programs and keeps the image of each new tag whose name has the prefix."""
 
@@ -101,7 +97,7 @@ class Collector(threading.Thread):
         self._reader = ImageReader()
 
     def poll(self) -> None:
-        for p in _programs():
+        for p in bpfprogs.all_programs():
             tag, name = p.get("tag", ""), p.get("name", "")
             if tag in self.images or not name.startswith(self.prefix):
                 continue
