@@ -31,6 +31,15 @@ def _bpf(cmd: int, attr: ct.Array) -> int:
     return ret
 
 
+def obj_info(fd: int, info: ct.Array) -> None:
+    """Fill `info` (a bpf_*_info buffer, its fields set where the kernel is to copy more) for object `fd`."""
+    attr = (ct.c_uint8 * 16)()
+    ct.c_uint32.from_buffer(attr, 0).value = fd
+    ct.c_uint32.from_buffer(attr, 4).value = len(info)
+    ct.c_uint64.from_buffer(attr, 8).value = ct.addressof(info)
+    _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+
+
 def enable_stats() -> int:
     """Turn on run-time statistics for as long as the returned fd stays open."""
     attr = (ct.c_uint8 * 16)()
@@ -67,11 +76,7 @@ class ProgInfoReader:
 
     def read(self, fd: int) -> ProgStats:
         buf = (ct.c_uint8 * self._size)()
-        attr = (ct.c_uint8 * 16)()
-        ct.c_uint32.from_buffer(attr, 0).value = fd
-        ct.c_uint32.from_buffer(attr, 4).value = self._size
-        ct.c_uint64.from_buffer(attr, 8).value = ct.addressof(buf)
-        _bpf(BPF_OBJ_GET_INFO_BY_FD, attr)
+        obj_info(fd, buf)
         return ProgStats(ct.c_uint64.from_buffer(buf, self._off_cnt).value,
                          ct.c_uint64.from_buffer(buf, self._off_time).value)
 

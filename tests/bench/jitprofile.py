@@ -66,11 +66,7 @@ class ImageReader:
         if code is not None:
             ct.c_uint32.from_buffer(info, self._off_len).value = len(code)
             ct.c_uint64.from_buffer(info, self._off_insns).value = ct.addressof(code)
-        attr = (ct.c_uint8 * 16)()
-        ct.c_uint32.from_buffer(attr, 0).value = fd
-        ct.c_uint32.from_buffer(attr, 4).value = self._size
-        ct.c_uint64.from_buffer(attr, 8).value = ct.addressof(info)
-        bpfsys._bpf(bpfsys.BPF_OBJ_GET_INFO_BY_FD, attr)
+        bpfsys.obj_info(fd, info)
         return info
 
     def read(self, prog_id: int) -> bytes:
