@@ -108,11 +108,16 @@ struct lt_cpu_ctx {
     u64 send_sk;
     u32 send_tid;
     u32 cache_gen; /* the caches below hold answers for this generation of the target set */
+    u32 want_gen;  /* the generation user space last wrote (through mmap, lt_cache_check): one store, no
+                    * line of its own to load in every filter */
+    u16 dev_next;  /* the entry to replace next */
+    u16 net_next;
     struct lt_dev_ent devs[LT_DEV_CACHE]; /* the last devices seen on this CPU and their answers */
     struct lt_net_ent nets[LT_NET_CACHE]; /* the last namespaces (struct net *) and their answers */
-    u32 dev_next;  /* the entry to replace next */
-    u32 net_next;
 };
+/* CPUs' entries of lt_cpu sit side by side in one array: each a whole number of cache lines (its values
+ * start on a page), so that no two CPUs write one line. */
+_Static_assert(sizeof(struct lt_cpu_ctx) % 64 == 0, "pad struct lt_cpu_ctx to whole cache lines");
 
 struct lt_addrs {
     u32 saddr[4];
@@ -239,12 +244,15 @@ BPF_ARRAY(lt_ip4, struct lt_ent1, LT_TBL_SIZE);        /* pod IPv4 address -> sl
 BPF_ARRAY(lt_ip6, struct lt_ent4, LT_TBL_SIZE);        /* pod IPv6 address -> slot */
 BPF_ARRAY(lt_nic_irq, u8, LT_MAX_IRQ);                 /* 1 at the IRQ numbers of physical NIC queues */
 BPF_ARRAY(lt_hostdev, u64, LT_HOSTDEV_KINDS * LT_HOSTDEV_WORDS); /* per kind, a bit per host ifindex (lt_filter_hostdev) */
-BPF_ARRAY(lt_gen, u32, 1);                             /* bumped by user space at every target change */
 BPF_ARRAY(lt_loud, u32, LT_LOUD_SIZE); /* written by the probes: senders whose packets reached a traced pod
                                         * in a quiet run (lt_src_fold; 0: empty) */
 
+/* Each CPU's state and caches, indexed by the CPU's number: a plain array that user space maps
+ * (BPF_F_MMAPABLE), not a per-CPU one, so that it can store one field of a CPU's entry (want_gen) while
+ * that CPU's programs write the others; a per-CPU array's update from user space writes whole values. */
+BPF_F_TABLE("array", u32, struct lt_cpu_ctx, lt_cpu, LT_NCPU, BPF_F_MMAPABLE);
+
 /* In-flight packets: 2^LT_RX_BITS + 2^LT_TX_BITS entries, two ways per set (lt_set()), and their tags. */
-BPF_PERCPU_ARRAY(lt_cpu, struct lt_cpu_ctx, 1);
 struct lt_tags {
     u64 skb[2]; /* the skb addresses of a set's two entries; 0: free */
 };
@@ -359,13 +367,19 @@ static __always_inline u32 lt_rand(struct lt_cpu_ctx *c)
     return (u32)((x * 0x2545F4914F6CDD1DULL) >> 32);
 }
 
+/* Does target t time every packet (no draw)? time_below is 2^32 then, above every random u32. */
+static __always_inline int lt_times_every_packet(struct lt_target *t)
+{
+    return t->time_below > 0xffffffffULL;
+}
+
 /* record: a packet of target `slot` at its first boundary (exact, timed or not); 1 if it is to be timed.
  * The choice is random (lt_rand, compared with a threshold: no divide), not every N-th packet of a CPU:
  * a per-CPU counter locks onto periodic traffic (a request/response protocol alternating data and ACKs
  * on one CPU would time only one of the two). */
 static __always_inline int lt_draw(struct lt_cpu_ctx *c, struct lt_target *t)
 {
-    return t->time_below > 0xffffffffULL || lt_rand(c) < t->time_below;
+    return lt_times_every_packet(t) || lt_rand(c) < t->time_below;
 }
 
 static __always_inline void lt_count_only(u32 slot, u32 dir)
@@ -881,7 +895,7 @@ static __always_inline void lt_record_send_quiet(struct lt_cpu_ctx *c, int quiet
 static __always_inline void lt_record_send_into(struct lt_cpu_ctx *c, s32 dst, u64 key)
 {
     struct lt_target *t = lt_target(dst);
-    if (!t || t->time_below > 0xffffffffULL) {
+    if (!t || lt_times_every_packet(t)) {
         lt_record_send_quiet(c, 0, 0, 0); /* every packet timed */
         return;
     }
@@ -1014,18 +1028,18 @@ static __always_inline void lt_emit(struct lt_target *t, struct lt_flight *f, u3
 
 static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
 {
-    u32 zero = 0;
-    return lt_cpu.lookup(&zero);
+    u32 cpu = bpf_get_smp_processor_id();
+    return lt_cpu.lookup(&cpu);
 }
 
 /* The per-CPU caches below hold answers for one generation of the target set: forget them when user
- * space has changed it. (A device or namespace freed and its memory reused for another would inherit
- * the answer until it leaves the cache or the targets change.) */
+ * space has changed it. It writes the new generation into every CPU's entry after the lookup tables
+ * (node_agent/tracer.py write_lookup), into the line the caches' first test reads anyway. (A device or
+ * namespace freed and its memory reused for another would inherit the answer until it leaves the cache
+ * or the targets change.) */
 static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
 {
-    u32 zero = 0;
-    u32 *genp = lt_gen.lookup(&zero);
-    u32 gen = genp ? *genp : 0;
+    u32 gen = *(volatile u32 *)&c->want_gen;
     if (c->cache_gen != gen) {
 #pragma unroll
         for (int i = 0; i < LT_DEV_CACHE; i++)

@@ -254,7 +254,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
          * at all: its reader ran ahead of this program, the packet was read already (see below). */
         u32 before = lt_udp_queued(sk);
         struct lt_target *t = lt_target(f->slot);
-        u32 tagged = t && t->time_below <= 0xffffffffULL; /* the target times 1 in N: most numbers untimed */
+        u32 tagged = t && !lt_times_every_packet(t); /* the target times 1 in N: most numbers untimed */
         pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, tagged);
         if (!pos)
             return;

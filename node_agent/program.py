@@ -11,6 +11,7 @@ import os
 from dataclasses import dataclass
 
 from . import histogram, lookup, segments
+from .kernel.bpfsys import possible_cpus
 from .probes import SOURCES, send_syscalls
 
 
@@ -96,6 +97,7 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
     m.update(events.bpf_macros())
     m.update(
         LT_MAX_TARGETS=sizes.max_targets,
+        LT_NCPU=possible_cpus(),  # lt_cpu: an entry per CPU the kernel may run
         LT_MAX_IRQ=MAX_IRQ,
         LT_HOSTDEV_WORDS=MAX_HOSTDEV_IFINDEX // 64,
         # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).

@@ -98,6 +98,7 @@ class Tracer:
         self._prog_info: bpfsys.ProgInfoReader | None = None
         self.macros: dict[str, int | str] = {}
         self._lookup_written: dict[int, tuple[int, tuple[str, ...]]] = {}  # what the lookup tables hold
+        self._gen = 0  # the generation of the lookup tables, in each CPU's lt_cpu entry
         self._usable: list[Probe] = []
         self._wanted = 0  # the segments want() was last asked for
         self._nic_irqs: set[int] = set()  # what lt_nic_irq holds
@@ -204,8 +205,7 @@ class Tracer:
     def close(self) -> None:
         """Detach and unload everything: no program, link or map of this tracer stays in the kernel."""
         for t in self._tables.values():
-            if isinstance(t, maps.RingBuf):
-                t.close()
+            t.close()
         self._tables = {}
         for fd in self._links.values():
             os.close(fd)
@@ -215,6 +215,7 @@ class Tracer:
             self.loaded.close()
             self.loaded = None
         self._lookup_written = {}  # the maps went with the programs
+        self._gen = 0
         self._nic_irqs = set()
         self._hostdevs = {}
         self.stats.close()
@@ -265,8 +266,12 @@ class Tracer:
         lookup.LookupTable(self.table("lt_netns"), 1, bits).write(netns)
         lookup.LookupTable(self.table("lt_ip4"), 1, bits).write(ip4)
         lookup.LookupTable(self.table("lt_ip6"), 4, bits).write(ip6)
-        gen = self.table("lt_gen")  # lt_dev_slot() caches answers per CPU until this changes
-        gen[ct.c_int(0)] = ct.c_uint32((gen[ct.c_int(0)].value + 1) & 0xFFFFFFFF)
+        # Each CPU's caches (lt_filter_dev, lt_filter_net) keep their answers until its entry's
+        # generation changes: written last, one store into each CPU's entry.
+        self._gen = (self._gen + 1) & 0xFFFFFFFF
+        cpus = self.table("lt_cpu")
+        for cpu in range(cpus.max_entries):
+            cpus.store(cpu, "want_gen", self._gen)
         self._lookup_written = dict(entries)
 
     def set_nic_irqs(self, irqs: list[int]) -> None:

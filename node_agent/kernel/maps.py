@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes as ct
 import errno
+import mmap
 import os
 import threading
 from collections.abc import Callable, Iterator, MutableMapping
@@ -22,6 +23,7 @@ from .bpfsys import possible_cpus
 
 # Kernel map types (include/uapi/linux/bpf.h, enum bpf_map_type)
 HASH, ARRAY, PERCPU_HASH, PERCPU_ARRAY, LRU_HASH, LRU_PERCPU_HASH, RINGBUF = 1, 2, 5, 6, 9, 10, 27
+F_MMAPABLE = 1 << 10  # map_flags: an array user space can map (BPF_F_MMAPABLE)
 PER_CPU = {PERCPU_HASH, PERCPU_ARRAY, LRU_PERCPU_HASH}
 ARRAYS = {ARRAY, PERCPU_ARRAY}
 
@@ -48,6 +50,7 @@ class Map(MutableMapping):
         self.name = name
         self.map_fd = fd
         self.ttype = info.type
+        self.map_flags = info.map_flags
         self.max_entries = info.max_entries
         self.key_size, self.value_size = info.key_size, info.value_size
         self.Key = key
@@ -118,6 +121,9 @@ class Map(MutableMapping):
             except KeyError:
                 pass
 
+    def close(self) -> None:
+        """Release what this process holds of the map besides its file descriptor (the loader's)."""
+
     def items_update_batch(self, keys: ct.Array, values: ct.Array) -> None:
         if len(keys) != len(values):
             raise ValueError("keys and values differ in length")
@@ -148,6 +154,33 @@ class ArrayMap(Map):
     def clear(self) -> None:
         n = self.max_entries
         self.items_update_batch((self.Key * n)(*range(n)), (self.Leaf * n)())
+
+    _mm: mmap.mmap | None = None
+
+    def store(self, index: int, field: str, value: int) -> None:
+        """Set one field of entry `index` with a single store into the array, mapped into this process
+        (arrays created BPF_F_MMAPABLE): the programs may be writing the entry's other fields meanwhile,
+        which an update by bpf(2), a copy of the whole value, would overwrite with what it read before."""
+        if not self.map_flags & F_MMAPABLE:
+            raise TypeError(f"map {self.name} is not mmapable")
+        if self.ttype != ARRAY:
+            raise TypeError(f"map {self.name}: only plain arrays can be mapped")
+        if not 0 <= index < self.max_entries:
+            raise IndexError(f"map {self.name}: index {index} out of range")
+        if self._mm is None:
+            size = -(-self.max_entries * self._stride // mmap.PAGESIZE) * mmap.PAGESIZE
+            self._mm = mmap.mmap(self.map_fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        kind = dict(self.Leaf._fields_)[field]
+        kind.from_buffer(self._mm, index * self._stride + getattr(self.Leaf, field).offset).value = value
+
+    @property
+    def _stride(self) -> int:
+        return -(-self.value_size // 8) * 8  # the kernel's elem_size
+
+    def close(self) -> None:
+        if self._mm is not None:
+            self._mm.close()
+            self._mm = None
 
 
 class RingBuf(Map):

@@ -19,13 +19,21 @@ class Stat(ct.Structure):
     _fields_ = [("count", ct.c_uint64), ("small", ct.c_uint32)]  # 12 bytes: padded per CPU
 
 
+class CreateOpts(ct.Structure):
+    """The head of libbpf's struct bpf_map_create_opts (its `sz` says how much of it we give)."""
+    _fields_ = [("sz", ct.c_size_t), ("btf_fd", ct.c_uint32), ("btf_key_type_id", ct.c_uint32),
+                ("btf_value_type_id", ct.c_uint32), ("btf_vmlinux_value_type_id", ct.c_uint32),
+                ("inner_map_fd", ct.c_uint32), ("map_flags", ct.c_uint32)]
+
+
 @pytest.fixture
 def make():
     fds = []
 
-    def make(map_type: int, key: type, value: type, entries: int = 8) -> maps.Map:
+    def make(map_type: int, key: type, value: type, entries: int = 8, flags: int = 0) -> maps.Map:
+        opts = CreateOpts(sz=ct.sizeof(CreateOpts), map_flags=flags)
         fd = libbpf.check(libbpf.lib.bpf_map_create(map_type, b"lt_test", ct.sizeof(key), ct.sizeof(value),
-                                                    entries, None), "BPF_MAP_CREATE")
+                                                    entries, ct.byref(opts)), "BPF_MAP_CREATE")
         fds.append(fd)
         return maps.open_map("lt_test", fd, key, value)
 
@@ -73,6 +81,29 @@ def test_arrays_index_by_position_and_delete_by_zeroing(make):
     assert [x.count for x in t.values()] == [1, 2, 3, 4]
     t.clear()
     assert [x.count for x in t.values()] == [0, 0, 0, 0]
+
+
+class Trio(ct.Structure):
+    _fields_ = [("a", ct.c_uint32), ("b", ct.c_uint32), ("c", ct.c_uint32)]  # 12 bytes, 16 apart in an array
+
+
+def test_one_field_of_a_mapped_array_entry_is_stored_alone(make):
+    """What the tracer does with each CPU's lt_cpu entry: one field stored through the mapping, the
+    entry's other fields (the programs') as they were."""
+    t = make(maps.ARRAY, ct.c_uint32, Trio, 1000, flags=maps.F_MMAPABLE)  # more than a page
+    for i in (0, 999):
+        t[i] = Trio(10 + i, 7, 8)
+    t.store(999, "c", 0xFFFFFFFF)
+    t.store(0, "b", 5)
+    assert [(t[i].a, t[i].b, t[i].c) for i in (0, 999)] == [(10, 5, 8), (1009, 7, 0xFFFFFFFF)]
+    assert all(x.a == x.b == x.c == 0 for x in t.values()[1:999])
+    with pytest.raises(IndexError):
+        t.store(1000, "a", 1)
+    t.close()
+    assert t[0].b == 5  # unmapped; the map stays (its file descriptor is the loader's)
+    plain = make(maps.ARRAY, ct.c_uint32, Trio, 4)
+    with pytest.raises(TypeError, match="not mmapable"):
+        plain.store(0, "a", 1)
 
 
 @pytest.mark.parametrize("map_type", [maps.PERCPU_ARRAY, maps.PERCPU_HASH, maps.LRU_PERCPU_HASH])
