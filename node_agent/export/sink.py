@@ -7,6 +7,7 @@ per-packet work); everything that talks to a backend runs on the export threads 
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -139,7 +140,7 @@ class OtlpSink:
                traces: list[PacketTrace], with_spans: bool) -> Batch:
         """One resource per route and owner: a traced pod is the resource of its metrics and spans (the
         agent's resource with the pod's attributes); the agent's own metrics (NODE) have the agent's."""
-        resource_metrics, spans = [], []
+        resource_metrics, packets = [], []  # packets: one callable per packet, making its spans (worker.Batch)
         traces_of: dict[Hashable, list[PacketTrace]] = defaultdict(list)
         if with_spans:
             for tr in traces:
@@ -154,9 +155,8 @@ class OtlpSink:
                 if metrics:
                     resource_metrics.append(ResourceMetrics(resource, [ScopeMetrics(self.scope, metrics, SCHEMA_URL)],
                                                             SCHEMA_URL))
-                for tr in traces_of.get(owner, ()):
-                    spans.extend(tr.spans(resource, self.scope))
-        return Batch(spans, MetricsData(resource_metrics) if resource_metrics else None,
+                packets.extend(functools.partial(tr.spans, resource, self.scope) for tr in traces_of.get(owner, ()))
+        return Batch(packets, MetricsData(resource_metrics) if resource_metrics else None,
                      cumulative=self.settings.temporality == "cumulative")
 
     def _totals(self) -> Totals:

@@ -8,7 +8,9 @@ next batch out: a backend that comes back gets the current totals first and noth
 resolution. The SDK exporters retry with backoff within their timeout; after that a batch counts as
 failed and the next one is tried, so export resumes by itself when the backend is back. Within a batch
 spans go before metrics, so that an exemplar's trace is normally there first (after a backlog, the
-newest exemplars can arrive before their spans).
+newest exemplars can arrive before their spans). A batch holds packets' traces, not spans: each makes
+its spans when its request is sent (spans.PacketTrace), so a queue behind a slow backend holds a fraction
+of the memory its spans would take.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from opentelemetry.sdk.metrics.export import MetricExportResult, MetricsData
@@ -27,10 +30,12 @@ from .otlp import Exporters
 
 log = logging.getLogger(__name__)
 
-# Spans waiting in one queue, at most (oldest batches go first, counted as dropped batches): a queue bounded
-# in batches alone holds whatever an interval brought, and at a high span rate a slow backend let the
-# agent grow by hundreds of MB (tests/bench/soak.py). About 2 KiB each in memory.
-MAX_QUEUED_SPANS = 32768
+# Packets' traces waiting in one queue, at most (oldest batches go first, counted as dropped batches): a
+# queue bounded in batches alone holds whatever an interval brought, and at a high span rate a slow backend
+# let the agent grow by hundreds of MB (tests/bench/soak.py). A queued trace is about 1.3 KiB (its event
+# and ids; its spans would be 5.2 KiB): 11 MiB at the bound, twice what one interval can bring (the event
+# reader keeps at most 4096 events an interval).
+MAX_QUEUED_TRACES = 8192
 # Spans per export request: an interval's spans in one request exceeded the 4 MiB a gRPC server (the
 # OpenTelemetry Collector's default) accepts, and the whole batch was refused.
 SPANS_PER_REQUEST = 512
@@ -38,7 +43,7 @@ SPANS_PER_REQUEST = 512
 
 @dataclass
 class Batch:
-    spans: list[ReadableSpan] = field(default_factory=list)
+    traces: list[Callable[[], list[ReadableSpan]]] = field(default_factory=list)  # each makes one packet's spans
     metrics: MetricsData | None = None
     cumulative: bool = True  # its metrics contain those of every earlier batch
 
@@ -74,12 +79,26 @@ class _ExporterErrors(logging.Filter):
 _errors = _ExporterErrors()
 
 
+def _requests(traces: list[Callable[[], list[ReadableSpan]]]):
+    """The spans of `traces` in requests of at most SPANS_PER_REQUEST (a packet's spans stay together),
+    each made only when the one before it was sent."""
+    request: list[ReadableSpan] = []
+    for make in traces:
+        spans = make()
+        if request and len(request) + len(spans) > SPANS_PER_REQUEST:
+            yield request
+            request = []
+        request.extend(spans)
+    if request:
+        yield request
+
+
 class ExportWorker:
-    def __init__(self, exporters: Exporters, max_batches: int = 16, max_spans: int = MAX_QUEUED_SPANS):
+    def __init__(self, exporters: Exporters, max_batches: int = 16, max_traces: int = MAX_QUEUED_TRACES):
         self.exporters = exporters
         self.endpoint = exporters.endpoint
         self.max_batches = max_batches
-        self.max_spans = max_spans
+        self.max_traces = max_traces
         self._queue: collections.deque[Batch] = collections.deque()
         self._cv = threading.Condition()
         self._busy = False
@@ -103,10 +122,10 @@ class ExportWorker:
                     if old.metrics is not None and old.cumulative:
                         old.metrics = None
                         self.superseded += 1
-                self._queue = collections.deque(b for b in self._queue if b.spans)
-            queued = sum(len(b.spans) for b in self._queue) + len(batch.spans)
-            while self._queue and (len(self._queue) >= self.max_batches or queued > self.max_spans):
-                queued -= len(self._queue.popleft().spans)
+                self._queue = collections.deque(b for b in self._queue if b.traces)
+            queued = sum(len(b.traces) for b in self._queue) + len(batch.traces)
+            while self._queue and (len(self._queue) >= self.max_batches or queued > self.max_traces):
+                queued -= len(self._queue.popleft().traces)
                 self.dropped_queue_full += 1
                 if self.dropped_queue_full == 1 or self.dropped_queue_full % 100 == 0:
                     log.warning("OTLP export to %s is behind; dropped %d batch(es) so far (last error: %s)",
@@ -114,7 +133,7 @@ class ExportWorker:
             if batch.cumulative and batch.metrics is not None and self._queue:
                 # The newest totals ride with the next batch out, not behind the backlog's spans.
                 self._queue[0].metrics, batch.metrics = batch.metrics, None
-            if batch.spans or batch.metrics is not None:
+            if batch.traces or batch.metrics is not None:
                 self._queue.append(batch)
             self._cv.notify_all()
 
@@ -146,9 +165,9 @@ class ExportWorker:
 
     def _export(self, batch: Batch) -> bool:
         ok = True
-        if batch.spans and self.exporters.spans is not None:
-            for i in range(0, len(batch.spans), SPANS_PER_REQUEST):  # one failed request fails the rest too
-                ok = self.exporters.spans.export(batch.spans[i:i + SPANS_PER_REQUEST]) == SpanExportResult.SUCCESS
+        if batch.traces and self.exporters.spans is not None:
+            for request in _requests(batch.traces):  # one failed request fails the rest too
+                ok = self.exporters.spans.export(request) == SpanExportResult.SUCCESS
                 if not ok:
                     break
         if batch.metrics is not None and self.exporters.metrics is not None:

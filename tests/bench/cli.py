@@ -82,6 +82,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="a tiny run of every part, to check the harness works")
     p.add_argument("--cp-scales", type=_scales, default=None, metavar="N[,N...]",
                    help="control plane: node counts to measure, e.g. 1000 (default 10,100,1000; --quick 3)")
+    p.add_argument("--soak-seconds", type=_soak_seconds, default=None, metavar="S,S",
+                   help="soak: seconds of the run with a trace asking for nothing, then of the one with every "
+                        "packet a span (default 600,180)")
     p.add_argument("--paired-against", type=Path, default=None, metavar="AGENT",
                    help="paired part: compare this checkout's agent with another build's latencytrace-agent "
                         "(e.g. another worktree's .venv/bin/latencytrace-agent), same arguments; default: "
@@ -102,6 +105,16 @@ def _scales(text: str) -> tuple[int, ...]:
     if not out or min(out) < 1 or list(out) != sorted(set(out)):
         raise argparse.ArgumentTypeError(f"node counts must be positive and increasing: {text!r}")
     return out
+
+
+def _soak_seconds(text: str) -> tuple[float, float]:
+    try:
+        default, most = (float(x) for x in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"two comma-separated numbers of seconds: {text!r}") from None
+    if min(default, most) < 5:
+        raise argparse.ArgumentTypeError(f"a soak run takes at least 5 s: {text!r}")
+    return default, most
 
 
 def preflight() -> None:
@@ -135,6 +148,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     plan = QUICK if args.quick else Plan()
     if args.cp_scales:
         plan = replace(plan, cp_scales=args.cp_scales)
+    if args.soak_seconds:
+        plan = replace(plan, soak_seconds=args.soak_seconds[0], soak_max_spans_seconds=args.soak_seconds[1])
     parts = [p for p in PARTS if not args.only or p in args.only or (p == "cost" and "overhead" in args.only)]
     progress = Progress()
     out_dir: Path = args.out.resolve()

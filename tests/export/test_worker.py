@@ -34,8 +34,13 @@ class GatedExporter:
         self.gate.set()
 
 
+def packet(*spans: str):
+    """A packet's trace as a batch holds it: it makes its spans when they are sent (here, names)."""
+    return lambda: list(spans)
+
+
 def batch(n: int) -> Batch:
-    return Batch(spans=[f"S{n}"], metrics=MetricsData(resource_metrics=[f"M{n}"]))
+    return Batch(traces=[packet(f"S{n}")], metrics=MetricsData(resource_metrics=[f"M{n}"]))
 
 
 def names(log: list) -> list[str]:
@@ -88,7 +93,7 @@ def test_failures_are_reported_and_export_resumes_by_itself():
 def test_close_flushes_what_is_queued_and_gives_up_at_its_deadline():
     w, exporter, log, gate = worker(max_batches=8)
     for n in range(3):
-        w.submit(Batch(spans=[f"S{n}"]))
+        w.submit(Batch(traces=[packet(f"S{n}")]))
     wait(lambda: w.pending() == 3 and len(w._queue) == 2)  # S0 in flight, held at the gate
     w.close(timeout_s=0.3)  # the test never opens the gate: the exporter hangs until shut down
     # close() gave up at its deadline and shut the exporter down, which released the export in flight
@@ -97,28 +102,57 @@ def test_close_flushes_what_is_queued_and_gives_up_at_its_deadline():
     assert w.dropped_at_shutdown == 2 and names(log) == ["S0"]
 
 
-def spans_batch(tag: str, n: int) -> Batch:
-    return Batch(spans=[f"{tag}{i}" for i in range(n)])
+def traces_batch(tag: str, n: int) -> Batch:
+    return Batch(traces=[packet(f"{tag}{i}") for i in range(n)])
 
 
-def test_queued_spans_are_bounded_too_and_go_out_in_requests_a_backend_accepts():
+def test_queued_traces_are_bounded_too_and_go_out_in_requests_a_backend_accepts():
     """A queue bounded in batches alone held whatever the intervals brought (hundreds of MB at a high span
     rate with a slow backend); and one request per interval exceeded what a gRPC backend accepts (4 MiB).
-    The oldest batches go once the queued spans pass the bound (counted as dropped batches); a batch's
-    spans are sent in requests of at most SPANS_PER_REQUEST."""
+    The oldest batches go once the queued packets' traces pass the bound (counted as dropped batches); a
+    batch's spans are sent in requests of at most SPANS_PER_REQUEST."""
     from latencytrace.node_agent.export import worker as worker_module
 
     log, gate = [], threading.Event()
     exporter = GatedExporter(log, gate)
-    w = ExportWorker(Exporters("test", exporter, exporter), max_batches=100, max_spans=1500)
-    w.submit(spans_batch("a", 10))
+    w = ExportWorker(Exporters("test", exporter, exporter), max_batches=100, max_traces=1500)
+    w.submit(traces_batch("a", 10))
     wait(lambda: w.pending() == 1 and not w._queue)  # "a" in flight, held at the gate
     for tag in "bcd":
-        w.submit(spans_batch(tag, 600))  # b and c fit in 1500; d pushes b out
-    assert [b.spans[0] for b in w._queue] == ["c0", "d0"] and w.dropped_queue_full == 1
+        w.submit(traces_batch(tag, 600))  # b and c fit in 1500; d pushes b out
+    assert [b.traces[0]() for b in w._queue] == [["c0"], ["d0"]] and w.dropped_queue_full == 1
     gate.set()
     w.close(timeout_s=5)
     per_request = worker_module.SPANS_PER_REQUEST
     assert [len(x) for x in log] == [10, per_request, 600 - per_request, per_request, 600 - per_request]
     assert [x[0] for x in log] == ["a0", "c0", f"c{per_request}", "d0", f"d{per_request}"]
     assert w.exported == 3
+
+
+def test_a_packets_spans_are_made_when_sent_and_stay_in_one_request():
+    """Spans are made from a packet's trace only when its request goes out, and never split across two
+    requests (a root and its segments arrive together)."""
+    from latencytrace.node_agent.export import worker as worker_module
+
+    per_request = worker_module.SPANS_PER_REQUEST
+    made = []
+
+    def packet_of(i: int, n: int):
+        def make():
+            made.append(i)
+            return [f"p{i}.{k}" for k in range(n)]
+        return make
+
+    log, gate = [], threading.Event()
+    exporter = GatedExporter(log, gate)
+    w = ExportWorker(Exporters("test", exporter, exporter), max_batches=4)
+    n_packets = per_request // 6 + 2  # six spans each: the last ones do not fit in the first request
+    w.submit(Batch(traces=[packet_of(i, 6) for i in range(n_packets)]))
+    wait(lambda: len(made) > 0)
+    # Held at the gate with the first request: the packets after it have not made their spans yet.
+    assert made == list(range(per_request // 6 + 1)) and log == []
+    gate.set()
+    w.close(timeout_s=5)
+    assert [len(x) for x in log] == [per_request // 6 * 6, (n_packets - per_request // 6) * 6]
+    first = {s.split(".")[0] for s in log[0]}
+    assert first.isdisjoint(s.split(".")[0] for s in log[1])  # no packet's spans in both requests
