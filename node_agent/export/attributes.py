@@ -64,4 +64,9 @@ def target_resource(target: Target) -> dict[str, str | int]:
 def target_point_attributes(target: Target) -> dict[str, str]:
     """What a target adds to its data points besides segment, direction and error.type: the traces that
     selected it, one value for all of them so that its packets are counted once."""
-    return {TRACE: ",".join(sorted(target.traces))} if target.traces else {}
+    return traces_attributes(target.traces)
+
+
+def traces_attributes(traces: tuple[str, ...]) -> dict[str, str]:
+    """target_point_attributes of a target selected by `traces`."""
+    return {TRACE: ",".join(sorted(traces))} if traces else {}

@@ -95,11 +95,12 @@ class PacketTrace:
     trace_id: int
     span_id: int
     event: PacketEvent
-    target: Target
+    traces: tuple[str, ...]  # the LatencyTraces that selected the pod when the packet was read (Target.traces)
+    inode: int  # the pod's network namespace
     offset_ns: int  # CLOCK_MONOTONIC -> wall clock, one offset for the whole packet: relative times stay exact
     child_ids: tuple[int, ...]  # the span id of each segment the packet crossed, in the direction's order
     error: str | None  # a dropped packet's reason
-    describe: Callable[[PacketEvent, Target], dict]  # the root span's attributes (SpanBuilder.attributes)
+    describe: Callable[[PacketEvent, tuple[str, ...], int], dict]  # the root's attributes (SpanBuilder.attributes)
 
     @property
     def name(self) -> str:
@@ -133,7 +134,7 @@ class PacketTrace:
 
     @property
     def attributes(self) -> dict:
-        attrs = self.describe(self.event, self.target)
+        attrs = self.describe(self.event, self.traces, self.inode)
         if self.error is not None:
             attrs[a.ERROR_TYPE] = self.error
         return attrs
@@ -211,13 +212,14 @@ class SpanBuilder:
         error = drop_reasons.get(ev.drop_reason, str(ev.drop_reason)) if ev.kind == "drop" else None
         return PacketTrace(
             owner=target_key(target), trace_id=self.ids.generate_trace_id(), span_id=self.ids.generate_span_id(),
-            event=ev, target=target, offset_ns=self.clock.last.offset_ns,
+            event=ev, traces=target.traces, inode=target.ns.inode, offset_ns=self.clock.last.offset_ns,
             child_ids=tuple(self.ids.generate_span_id() for _ in range(crossed)), error=error,
             describe=self.attributes)
 
-    def attributes(self, ev: PacketEvent, target: Target) -> dict:
-        attrs: dict = a.target_point_attributes(target)  # the pod itself is the spans' resource
-        attrs[a.NETNS_INODE] = target.ns.inode
+    def attributes(self, ev: PacketEvent, traces: tuple[str, ...], inode: int) -> dict:
+        """A packet's root span attributes; of its pod, only what is not the spans' resource (the pod)."""
+        attrs: dict = a.traces_attributes(traces)
+        attrs[a.NETNS_INODE] = inode
         attrs[a.NETWORK_IO_DIRECTION] = ev.direction.otel
         attrs[a.EVENT_KIND] = ev.kind
         attrs[a.PACKET_LENGTH] = ev.length

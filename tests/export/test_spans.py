@@ -127,3 +127,15 @@ def test_a_target_allowed_no_spans_gets_none():
     target = fakes.pod_target(0, spans_per_second=0)
     assert builder.build(fakes.interval([target], events=[fakes.rx_event(0, 10 * SECOND)])) == []
     assert builder.rate_limited == 1
+
+
+def test_a_packets_spans_made_later_say_what_held_when_it_was_read():
+    """Spans are made when they are sent (export.worker), possibly seconds later: the traces that selected
+    the pod then are the packet's, not those of a later change to the target."""
+    from latencytrace.node_agent.export import attributes
+
+    target = fakes.pod_target(0, traces=("shop/first",))
+    _, [trace] = build([fakes.rx_event(0, 10 * SECOND)], target=target)
+    target.traces = ("shop/second",)  # the registry updates its targets in place
+    root = trace.spans(Resource.create({}), SCOPE)[0]
+    assert root.attributes[attributes.TRACE] == "shop/first"
