@@ -1042,8 +1042,10 @@ static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
     u32 gen = *(volatile u32 *)&c->want_gen;
     if (c->cache_gen != gen) {
 #pragma unroll
-        for (int i = 0; i < LT_DEV_CACHE; i++)
+        for (int i = 0; i < LT_DEV_CACHE; i++) {
             c->devs[i].dev = 0;
+            c->devs[i].slot = -1; /* an empty entry answers "untraced" to a device pointer of 0 */
+        }
 #pragma unroll
         for (int i = 0; i < LT_NET_CACHE; i++)
             c->nets[i].net = 0;
