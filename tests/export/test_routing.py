@@ -22,3 +22,18 @@ def test_a_pod_resource_is_the_agents_identity_with_the_pods_and_nothing_renames
     assert r["service.name"] == "latencytrace-agent" and r["service.instance.id"] == agent["service.instance.id"]
     assert r["team"] == "payments" and r["deployment.environment.name"] == "prod"
     assert router.resource(route, pod) is router.resource(route, dict(pod))  # made once per pod and route
+
+
+def test_a_resource_is_hashed_once_and_alike_a_plain_one(monkeypatch):
+    """The span encoder hashes a span's resource for every span; the router's resources hash once, to the
+    value (and equality) a plain Resource of the same attributes has."""
+    from opentelemetry.sdk.resources import Resource
+
+    router = Router(base_resource("1.0", "node-1", {}), has_default=True)
+    r = router.resource(Route("http://team:4317", (("team", "payments"),)), {"k8s.pod.name": "web-0"})
+    plain = Resource(dict(r.attributes), r.schema_url)
+    expected = hash(plain)
+    assert hash(r) == expected and r == plain and {r: 1}[plain] == 1
+    calls = []
+    monkeypatch.setattr(Resource, "__hash__", lambda self: calls.append(self) or 0)
+    assert [hash(r) for _ in range(3)] == [expected] * 3 and calls == []  # not computed again
