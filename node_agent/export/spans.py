@@ -116,15 +116,12 @@ class PacketTrace:
 
     @property
     def children(self) -> tuple[SegmentSpan, ...]:
-        times, off = self.event.segment_times(), self.offset_ns
+        return self._children(self.event.segment_times())
+
+    def _children(self, times: dict[str, tuple[int, int]]) -> tuple[SegmentSpan, ...]:
+        off = self.offset_ns
         return tuple(SegmentSpan(seg, span_id, times[seg.name][0] + off, times[seg.name][1] + off)
                      for seg, span_id in zip(_crossed(self.event.direction, times), self.child_ids))
-
-    @property
-    def total(self) -> segments.Segment | None:
-        """The direction's total segment, if both its ends were seen: its exemplar points at the root."""
-        times = self.event.segment_times()
-        return next((s for s in segments.segments_of(self.event.direction) if s.is_total and s.name in times), None)
 
     @property
     def status(self) -> Status:
@@ -158,9 +155,11 @@ class PacketTrace:
 
     def exemplars(self) -> list[tuple[int, Exemplar]]:
         """(segment id, exemplar) for every segment this packet's spans measured."""
+        times = self.event.segment_times()
         out = [(c.segment.id, Exemplar({}, (c.end_ns - c.start_ns) / 1e9, c.end_ns, c.span_id, self.trace_id))
-               for c in self.children]
-        total = self.total
+               for c in self._children(times)]
+        # The direction's total segment, if both its ends were seen: its exemplar points at the root.
+        total = next((s for s in segments.segments_of(self.event.direction) if s.is_total and s.name in times), None)
         if total is not None:
             out.append((total.id, Exemplar({}, (self.end_ns - self.start_ns) / 1e9, self.end_ns, self.span_id,
                                             self.trace_id)))
