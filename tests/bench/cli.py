@@ -24,7 +24,7 @@ from pathlib import Path
 from tests.netlab import NetLab
 
 from . import controlplane, cost, fidelity, overhead, paired, plot, results, soak
-from .system import machine
+from .system import bpf_stats_sysctl, machine
 from .tracers import AgentProcess
 from .workloads import Traffic
 
@@ -253,6 +253,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
 
     doc["duration_s"] = time.time() - started
     doc["loadavg_1min_samples"] = progress.loads
+    doc["bpf_stats_sysctl_at_end"] = bpf_stats_sysctl()
     doc["notes"] += notes(doc)
     results.write(out_dir, doc)
     try:
@@ -276,6 +277,12 @@ def notes(doc: dict) -> list[str]:
                f"max {max(loads):.2f}, on {m['cores']} cores). Every figure is therefore a ratio or difference against "
                "a baseline measured in this run, overhead rounds alternate off/on, and rounds during which other "
                "processes had tracing programs loaded are repeated.")
+    if 1 in (m.get("bpf_stats_sysctl_at_start"), doc.get("bpf_stats_sysctl_at_end")):
+        out.append("kernel.bpf_stats_enabled was 1 during this run (a sysctl set outside the benchmark, at start "
+                   f"{m.get('bpf_stats_sysctl_at_start')}, at end {doc.get('bpf_stats_sysctl_at_end')}): the kernel "
+                   "timed every BPF program run, also in the arms with the agent's probe statistics off, whose "
+                   "overhead then includes the statistics' clock reads (run `sysctl kernel.bpf_stats_enabled=0` "
+                   "first).")
     st = doc.get("steady_rate")
     if st:
         out.append(f"Highest steady UDP rate (64-byte datagrams, client and server pinned to different CPUs, "

@@ -54,6 +54,15 @@ def link_packets(ifname: str) -> int:
     return sum(link_counts(ifname))
 
 
+def bpf_stats_sysctl() -> int | None:
+    """kernel.bpf_stats_enabled as set with sysctl (1: the kernel times every BPF program run, machine-wide,
+    whether or not a process holds BPF_ENABLE_STATS), or None if it cannot be read."""
+    try:
+        return int(Path("/proc/sys/kernel/bpf_stats_enabled").read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def machine() -> dict:
     cpu = platform.processor() or ""
     for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -80,6 +89,7 @@ def machine() -> dict:
         "hostname": platform.node(),
         "git_commit": commit,
         "loadavg_at_start": list(os.getloadavg()),
+        "bpf_stats_sysctl_at_start": bpf_stats_sysctl(),
         "tools": {name: _version(cmd) for name, cmd in (("iperf3", ["iperf3", "--version"]),
                                                        ("sockperf", ["sockperf", "--version"]),
                                                        ("bpftrace", ["bpftrace", "--version"]))},
