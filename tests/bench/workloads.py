@@ -6,6 +6,10 @@ node, not only the network's).
 Client and server are pinned to different CPUs so that each run places the work the same way; every
 run also reports the packets that crossed the server pod's veth and the CPU time the whole machine
 spent meanwhile, from which the per-packet figures are made.
+
+`background` keeps a traced pod busy while another pod is measured: UDP datagrams at a modest rate, sent
+in bursts every 10 ms by a sender that sleeps between them (traffic.py's paced sender spins, which on 2
+cores would take a whole CPU from the measurement) and read by the traced pod.
 """
 
 from __future__ import annotations
@@ -39,6 +43,38 @@ while time.monotonic() < end or len(per) < 5:
     per.append((time.perf_counter_ns() - t) / 50_000)
 print(statistics.median(per), len(per) * 50_000)
 """
+
+
+# The background's sender and reader (run with `python3 -c`): bursts of 64-byte datagrams every 10 ms.
+_BACKGROUND_SEND = """
+import socket, sys, time
+to, port, pps = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket(socket.AF_INET6 if ":" in to else socket.AF_INET, socket.SOCK_DGRAM)
+burst, payload, t = max(1, pps // 100), b"x" * 64, time.monotonic()
+while True:
+    for _ in range(burst):
+        try:
+            s.sendto(payload, (to, port))
+        except OSError:
+            pass
+    t += burst / pps
+    time.sleep(max(0.0, t - time.monotonic()))
+"""
+_BACKGROUND_RECV = """
+import signal, socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+got = 0
+def done(*_):
+    print(got, flush=True)
+    sys.exit(0)
+signal.signal(signal.SIGTERM, done)
+print("ready", flush=True)
+while True:
+    s.recv(65535)
+    got += 1
+"""
+BACKGROUND_PORT = 9400
 
 
 class WorkloadError(RuntimeError):
@@ -96,6 +132,41 @@ class Traffic:
         w.packets = link_packets(server.host_veth) - p0
         w.busy_cpu_ns = busy_cpu_ns() - c0
         w.seconds = time.monotonic() - t0
+
+    @contextlib.contextmanager
+    def background(self, client: Pod, server: Pod, pps: int) -> Iterator[dict]:
+        """`pps` UDP datagrams a second from `client` into `server`, read there, for as long as the block
+        runs (0: none). The dict it gives is filled at the end with the rate `server` read; fewer than
+        half of them is an error (the background did not run as said)."""
+        out: dict = {}
+        if not pps:
+            yield out
+            return
+        recv = subprocess.Popen(server.exec("python3", "-c", _BACKGROUND_RECV, server.ip, str(BACKGROUND_PORT)),
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        send = None
+        try:
+            if recv.stdout.readline().strip() != "ready":
+                raise WorkloadError(f"the background reader did not start in pod {server.name}")
+            send = subprocess.Popen(client.exec("python3", "-c", _BACKGROUND_SEND, server.ip, str(BACKGROUND_PORT),
+                                                str(pps)), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            started = time.monotonic()
+            yield out
+            seconds = time.monotonic() - started
+            send.kill()
+            send.wait()
+            recv.terminate()
+            got = recv.communicate(timeout=10)[0].split()
+            out["background_pps"] = int(got[-1]) / seconds if got and got[-1].isdigit() else 0.0
+            if out["background_pps"] < pps / 2:
+                raise WorkloadError(f"the background traffic into pod {server.name} ran at "
+                                    f"{out['background_pps']:.0f} datagrams/s, not {pps}")
+        finally:
+            for proc in (send, recv):
+                if proc is not None and proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+            recv.stdout.close()
 
     # -- workloads -----------------------------------------------------------------------------
     def tcp_bulk(self, client: Pod, server: Pod, seconds: float) -> dict:
