@@ -11,6 +11,7 @@ import json
 import os
 import select
 import socket
+import struct
 import sys
 import time
 
@@ -136,6 +137,33 @@ def udp_send_from(a, s: socket.socket) -> dict:
     return {"sent": sent, "seconds": round(time.monotonic() - start, 3)}
 
 
+def ping(a) -> dict:
+    """ICMP echo requests to --to, one after another, each answered before the next (as ping(8) sends
+    them; from a raw socket, root in the lab: the image has no ping)."""
+    v6 = family(a.to) == socket.AF_INET6
+    s = socket.socket(family(a.to), socket.SOCK_RAW, socket.IPPROTO_ICMPV6 if v6 else socket.IPPROTO_ICMP)
+    s.settimeout(a.timeout)
+    ident = os.getpid() & 0xFFFF
+    request, reply = (128, 129) if v6 else (8, 0)
+    replies = 0
+    for seq in range(a.count):
+        msg = struct.pack("!BBHHH", request, 0, 0, ident, seq) + bytes(a.size)
+        if not v6:  # the kernel sums ICMPv6 itself, not ICMP
+            total = sum(struct.unpack(f"!{len(msg) // 2}H", msg))
+            total = (total & 0xFFFF) + (total >> 16)
+            msg = msg[:2] + struct.pack("!H", ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF) + msg[4:]
+        s.sendto(msg, (a.to, 0))
+        while True:
+            data = s.recv(2048)
+            icmp = data if v6 else data[4 * (data[0] & 0xF):]  # IPv4 raw sockets read the IP header too
+            if icmp[0] == reply and struct.unpack("!HH", icmp[4:8]) == (ident, seq):
+                replies += 1
+                break
+        if a.rate:
+            time.sleep(1.0 / a.rate)
+    return {"replies": replies}
+
+
 def hold(a) -> None:
     """A reader that does not read until told (the file --hold-until names appears): everything waits."""
     deadline = time.monotonic() + a.timeout
@@ -223,10 +251,11 @@ def tcp_send(a) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="traffic.py")
     sub = p.add_subparsers(dest="cmd", required=True)
-    for name, fn in (("udp-recv", udp_recv), ("udp-send", udp_send), ("tcp-sink", tcp_sink), ("tcp-send", tcp_send)):
+    for name, fn in (("udp-recv", udp_recv), ("udp-send", udp_send), ("tcp-sink", tcp_sink), ("tcp-send", tcp_send),
+                     ("ping", ping)):
         sp = sub.add_parser(name)
         sp.set_defaults(fn=fn)
-        sp.add_argument("--port", type=int, required=True)
+        sp.add_argument("--port", type=int, required=name != "ping")
         sp.add_argument("--timeout", type=float, default=20.0)
         sp.add_argument("--count", type=int, default=100)
         sp.add_argument("--size", type=int, default=64)

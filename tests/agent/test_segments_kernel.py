@@ -8,6 +8,7 @@ the traffic did, not the agent's bookkeeping with itself.
 from __future__ import annotations
 
 import contextlib
+import time
 
 import pytest
 
@@ -318,11 +319,37 @@ def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
             with a.serve("udp-recv", "--bind", "::", "--port", "9500", "--count", "300", "--timeout", "20") as rx:
                 client.traffic("udp-send", "--to", a.ip6, "--port", "9500", "--count", "300", "--rate", "2000")
             assert rx.result == {"received": 300}
+            assert client.traffic("ping", "--to", a.ip6, "--count", "50") == {"replies": 50}
 
-        counts = segment_counts(measure(agent, [a], traffic), a)
+        m = measure(agent, [a], traffic)
+        counts = segment_counts(m, a)
     # The host side recognised the pod by its IPv6 address: the whole path is measured.
     for seg in ("rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
         assert counts.get(seg, 0) >= 300, (seg, counts)
+    # ICMPv6 into the pod (neighbour discovery, pings) ended in the pod: no later packet found its flight.
+    assert m.kernel_counters["stale_flights"] == 0, m.kernel_counters
+
+
+def test_pings_into_a_pod_end_their_journey_in_it(agent, lab):
+    """An ICMP echo request into a traced pod is answered by the pod's stack and read by no socket: like a
+    bare ACK, its journey ends where it reaches the pod (rx_host_to_pod, no socket segments), and so does
+    its flight. Left in flight, it was found by the next packet at its freed skb's address, a stale flight
+    for nearly every ping."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    n = 200
+    left = []
+
+    def traffic():
+        start = time.monotonic_ns()  # the BPF clock's
+        assert client.traffic("ping", "--to", a.ip, "--count", str(n)) == {"replies": n}
+        left.extend((list(f.ts), f.flags, f.addr.proto, list(f.ifindex))
+                    for f in kernel.rx_flights(agent.tracer, agent.sizes.rx_inflight) if f.skb and max(f.ts) >= start)
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
+    stats = m.kernel[a.name]
+    assert stats["rx_host_to_pod"].count == n, stats["rx_host_to_pod"]
+    assert stats["rx_pod_stack"].count == stats["rx_socket_queue"].count == 0, stats
 
 
 # What the receive side's socket queue needs (probes.py says why): the kernel's links must show these.
