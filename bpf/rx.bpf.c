@@ -241,6 +241,19 @@ static __always_inline u32 lt_udp_queued(void *sk)
     return lt_ld32(sk, LT_OFF_SK_RXQ_QLEN) + lt_sk_ld32(sk, LT_OFF_UDP_READER_QLEN);
 }
 
+/* UDP: a read between the count that opened a socket's position and the position's publication found no
+ * position and took no number (lt_sock_recv_length). When the socket holds nothing now and no read has
+ * taken a number since, every datagram the count saw was read, the one being numbered too: its number is
+ * marked read (and nothing is left to skip), so that its push ends its journey as an early read. Left
+ * alone, its number waited for a read that had come already, and the next read gave it up (counted as a
+ * collision): a socket's first datagram, with its reader waiting for it on another CPU. */
+static __always_inline void lt_udp_read_before_open(void *sk, struct lt_sockq_pos *pos)
+{
+    u64 tail = pos->tail;
+    if (lt_udp_queued(sk) == 0 && __sync_val_compare_and_swap(&pos->head, tail, tail + 1) == tail)
+        pos->skip = 0;
+}
+
 /* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
  * time: it still takes a sequence number, so that the reads that follow stay matched. */
 static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u64 now)
@@ -258,6 +271,8 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
         pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, tagged);
         if (!pos)
             return;
+        if (before)
+            lt_udp_read_before_open(sk, pos);
     }
     /* Atomic: packets for one socket may be readied on several CPUs at once. */
     u64 seq = __sync_fetch_and_add(&pos->tail, 1);
