@@ -23,11 +23,8 @@
 #define LT_NET_RX_SOFTIRQ 3
 #define LT_ETH_P_IP 0x0008   /* htons(0x0800) on little-endian */
 #define LT_ETH_P_IPV6 0xDD86 /* htons(0x86DD) */
-#define LT_IPPROTO_ICMP 1
-#define LT_IPPROTO_IGMP 2
 #define LT_IPPROTO_TCP 6
 #define LT_IPPROTO_UDP 17
-#define LT_IPPROTO_ICMPV6 58
 #define LT_LOOPBACK_IFINDEX 1
 #define LT_DIR_RX 0
 #define LT_DIR_TX 1
@@ -37,8 +34,7 @@
 /* lt_flight.flags */
 #define LT_F_EGRESS_HOST 1 /* queued on a device outside the pod after reaching the host */
 #define LT_F_XMITTED 2     /* the host egress driver accepted it; ts[done] holds that time */
-#define LT_F_NODATA 4      /* nothing will read it: a TCP segment without payload (an ACK), or ICMP (a ping,
-                            * neighbour discovery) or IGMP, which the stack answers itself: its flight ends in the pod */
+#define LT_F_NODATA 4      /* no socket will read it (a bare TCP ACK, ICMP, a fragment: lt_ip_hdr): its flight ends in the pod */
 #define LT_F_UNTIMED 8     /* not chosen for timing (lt_count_packet): the flight only follows the packet to its end,
                             * so that it is counted once and its drop attributed; no clock read, segment or event */
 #define LT_F_FIN 16        /* a TCP segment with FIN (its sequence numbers end one past its data) */
@@ -755,9 +751,10 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
 
 /* The packet's addresses from its network header at nh, and its ports from the same read (assuming no
  * IP options or IPv6 extension headers; else they stay 0), so that a packet followed from here carries
- * its addresses without reading them again. The same read says whether a TCP segment carries data
- * (*tcpf: LT_F_NODATA for a bare ACK, or an ICMP or IGMP packet, which the stack answers itself and no
- * read will ever end; LT_F_FIN for a segment that ends the stream, whose FIN takes a sequence number no read
+ * its addresses without reading them again. The same read says whether a socket will read it (*tcpf:
+ * LT_F_NODATA for a bare ACK; for a packet of neither TCP nor UDP, which the stack takes itself: ICMP,
+ * IGMP, IPv6's MLD behind a hop-by-hop header; and for a fragment, of which reassembly keeps one skb and
+ * frees the rest. LT_F_FIN for a segment that ends the stream, whose FIN takes a sequence number no read
  * passes). 0, or -1 when it is not IP or cannot be read (`a` is then all zero: family 0). */
 static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a, u8 *tcpf)
 {
@@ -771,9 +768,9 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
         a->proto = (h[2] >> 8) & 0xff; /* byte 9 */
         a->saddr[0] = h[3];
         a->daddr[0] = h[4];
-        if (a->proto == LT_IPPROTO_ICMP || a->proto == LT_IPPROTO_IGMP)
-            *tcpf = LT_F_NODATA;
-        else if ((h[0] & 0xf) == 5 && (a->proto == LT_IPPROTO_TCP || a->proto == LT_IPPROTO_UDP)) {
+        if ((a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) || ((h[1] >> 16) & 0xff3f))
+            *tcpf = LT_F_NODATA; /* bytes 6-7: the more-fragments flag and the fragment offset */
+        else if ((h[0] & 0xf) == 5) {
             a->sport = h[5] & 0xffff;
             a->dport = h[5] >> 16;
             if (a->proto == LT_IPPROTO_TCP) {
@@ -795,9 +792,9 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
             a->saddr[i] = h[2 + i];
             a->daddr[i] = h[6 + i];
         }
-        if (a->proto == LT_IPPROTO_ICMPV6) {
-            *tcpf = LT_F_NODATA;
-        } else if (a->proto == LT_IPPROTO_TCP || a->proto == LT_IPPROTO_UDP) {
+        if (a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) {
+            *tcpf = LT_F_NODATA; /* ICMPv6, or an extension header (hop-by-hop, fragment) first */
+        } else {
             a->sport = h[10] & 0xffff;
             a->dport = h[10] >> 16;
             if (a->proto == LT_IPPROTO_TCP) {

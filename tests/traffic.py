@@ -152,7 +152,10 @@ def ping(a) -> dict:
             total = sum(struct.unpack(f"!{len(msg) // 2}H", msg))
             total = (total & 0xFFFF) + (total >> 16)
             msg = msg[:2] + struct.pack("!H", ~((total & 0xFFFF) + (total >> 16)) & 0xFFFF) + msg[4:]
-        s.sendto(msg, (a.to, 0))
+        if a.hop_by_hop:  # an empty hop-by-hop options header first (PadN), as MLD carries one
+            s.sendmsg([msg], [(socket.IPPROTO_IPV6, socket.IPV6_HOPOPTS, bytes([0, 0, 1, 4, 0, 0, 0, 0]))], 0, (a.to, 0))
+        else:
+            s.sendto(msg, (a.to, 0))
         while True:
             data = s.recv(2048)
             icmp = data if v6 else data[4 * (data[0] & 0xF):]  # IPv4 raw sockets read the IP header too
@@ -270,6 +273,7 @@ def main(argv=None) -> int:
         sp.add_argument("--splice", action="store_true", help="tcp-sink: read with splice(2) into a pipe")
         sp.add_argument("--spin", action="store_true", help="udp-recv: poll the socket without blocking")
         sp.add_argument("--cpu", type=int, default=-1, help="run on this CPU only")
+        sp.add_argument("--hop-by-hop", action="store_true", help="ping, IPv6: behind a hop-by-hop options header")
         sp.add_argument("--discard", type=int, default=0,
                         help="udp-recv, tcp-sink: first close this many sockets with what was sent to them unread")
         sp.add_argument("--rounds", type=int, default=1, help="udp-send, tcp-send: this many sockets in turn")

@@ -309,46 +309,61 @@ def test_pod_to_pod_both_traced(agent, lab, protocol):
     assert cb.get("rx_pod_stack", 0) >= sent * 0.95, (ca, cb)
 
 
+def flights_since(agent, start_ns: int) -> list[tuple]:
+    """The receive flights in the kernel that a packet touched since start_ns (time.monotonic_ns(), the
+    BPF clock's): (times, flags, protocol, ifindexes) of each."""
+    return [(list(f.ts), f.flags, f.addr.proto, list(f.ifindex))
+            for f in kernel.rx_flights(agent.tracer, agent.sizes.rx_inflight) if f.skb and max(f.ts) >= start_ns]
+
+
 def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
     from tests.netlab import NetLab
 
     with NetLab(ipv6=True) as lab:
         a, client = lab.add_pod("a"), lab.add_pod("client")
+        start, left = time.monotonic_ns(), []
 
         def traffic():
             with a.serve("udp-recv", "--bind", "::", "--port", "9500", "--count", "300", "--timeout", "20") as rx:
                 client.traffic("udp-send", "--to", a.ip6, "--port", "9500", "--count", "300", "--rate", "2000")
             assert rx.result == {"received": 300}
             assert client.traffic("ping", "--to", a.ip6, "--count", "50") == {"replies": 50}
+            assert client.traffic("ping", "--to", a.ip6, "--count", "50", "--hop-by-hop") == {"replies": 50}
+            left.extend(flights_since(agent, start))
 
         m = measure(agent, [a], traffic)
         counts = segment_counts(m, a)
     # The host side recognised the pod by its IPv6 address: the whole path is measured.
     for seg in ("rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
         assert counts.get(seg, 0) >= 300, (seg, counts)
-    # ICMPv6 into the pod (neighbour discovery, pings) ended in the pod: no later packet found its flight.
-    assert m.kernel_counters["stale_flights"] == 0, m.kernel_counters
+    # ICMPv6 into the pod (neighbour discovery, pings; those behind a hop-by-hop header, as MLD is) ended
+    # in the pod: nothing was left in flight for a later packet to find.
+    assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
 
 
-def test_pings_into_a_pod_end_their_journey_in_it(agent, lab):
-    """An ICMP echo request into a traced pod is answered by the pod's stack and read by no socket: like a
-    bare ACK, its journey ends where it reaches the pod (rx_host_to_pod, no socket segments), and so does
-    its flight. Left in flight, it was found by the next packet at its freed skb's address, a stale flight
-    for nearly every ping."""
+def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, lab):
+    """Packets into a traced pod that no socket reads: ICMP echo requests, answered by the pod's stack, and
+    the fragments of UDP datagrams larger than the MTU, of which reassembly keeps one skb and frees the
+    rest. Like a bare ACK, each one's journey ends where it reaches the pod (rx_host_to_pod, no socket
+    segments), and so does its flight. Left in flight, each was found by a later packet at its freed skb's
+    address, a stale flight for nearly every ping."""
     a, client = lab.add_pod("a"), lab.add_pod("client")
-    n = 200
+    pings, datagrams, fragments = 200, 100, 3  # 3000 bytes of UDP: 3 fragments at the lab's MTU of 1500
     left = []
 
     def traffic():
-        start = time.monotonic_ns()  # the BPF clock's
-        assert client.traffic("ping", "--to", a.ip, "--count", str(n)) == {"replies": n}
-        left.extend((list(f.ts), f.flags, f.addr.proto, list(f.ifindex))
-                    for f in kernel.rx_flights(agent.tracer, agent.sizes.rx_inflight) if f.skb and max(f.ts) >= start)
+        start = time.monotonic_ns()
+        assert client.traffic("ping", "--to", a.ip, "--count", str(pings)) == {"replies": pings}
+        with a.serve("udp-recv", "--port", "9510", "--count", str(datagrams), "--timeout", "20") as rx:
+            client.traffic("udp-send", "--to", a.ip, "--port", "9510", "--count", str(datagrams), "--size", "3000",
+                           "--rate", "2000")
+        assert rx.result == {"received": datagrams}, rx.result
+        left.extend(flights_since(agent, start))
 
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
     assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
     stats = m.kernel[a.name]
-    assert stats["rx_host_to_pod"].count == n, stats["rx_host_to_pod"]
+    assert stats["rx_host_to_pod"].count == pings + datagrams * fragments, stats["rx_host_to_pod"]
     assert stats["rx_pod_stack"].count == stats["rx_socket_queue"].count == 0, stats
 
 
