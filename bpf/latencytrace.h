@@ -173,22 +173,19 @@ struct lt_event {
  * socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a read
  * finds its packet or nothing, never another's. */
 struct lt_sockq_ent {
-    /* What a read needs comes first, 40 bytes, placed so that a read on another CPU than the write (the
-     * usual case: the application reads on its own CPU) takes one cache line from the writer instead of
-     * three: the kernel's array values start 56 bytes into a cache line (struct bpf_array on 6.18), and
-     * entries are 192 bytes (3 lines), so bytes 8-47 of every entry are bytes 0-39 of one line. On a
-     * kernel that starts them elsewhere these 40 bytes span at most two lines. */
-    u64 spare;
+    /* What a read needs comes first, 40 bytes in the entry's first cache line (LT_LINE_ALIGNED: entries
+     * start on a line), so that a read on another CPU than the write (the usual case: the application
+     * reads on its own CPU) takes one line from the writer instead of three. */
     u64 sk;  /* 0: free (read, or never written) */
     u64 seq;
     u64 first; /* the journey's first boundary (lt_first(&f)) */
     u64 ready; /* its sock_ready boundary */
     u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt once it was queued) */
     u32 slot;
-    u64 pad[2];
+    u64 pad[3];
     struct lt_flight f; /* the journey so far: read only to send it (a slow or sampled packet), 128 bytes */
 };
-_Static_assert(sizeof(struct lt_sockq_ent) == 192, "lt_sockq_ent: 3 cache lines, its header at bytes 8-47");
+_Static_assert(sizeof(struct lt_sockq_ent) == 192, "lt_sockq_ent: 3 cache lines, its header in the first");
 
 struct lt_sockq_pos {
     u64 sk;   /* key; 0: free */
@@ -198,7 +195,9 @@ struct lt_sockq_pos {
     u32 tcp;  /* a TCP socket (its reads are matched by byte sequence number, not by order) */
     u32 peer; /* TCP: its peer (lt_tcp_peer): another one at this address is a new connection */
     u32 tagged; /* UDP of a target that times 1 packet in N: lt_sockq_tag says which numbers are timed */
+    u64 pad[3];
 };
+_Static_assert(sizeof(struct lt_sockq_pos) == 64, "lt_sockq_pos: one cache line a socket");
 
 /* One segment of one target, per CPU: its figures and its histogram in one value, so that recording a
  * latency looks up one map value (a per-CPU array's lookup loads the value's per-CPU address from the
@@ -247,6 +246,14 @@ BPF_ARRAY(lt_hostdev, u64, LT_HOSTDEV_KINDS * LT_HOSTDEV_WORDS); /* per kind, a 
 BPF_ARRAY(lt_loud, u32, LT_LOUD_SIZE); /* written by the probes: senders whose packets reached a traced pod
                                         * in a quiet run (lt_src_fold; 0: empty) */
 
+/* An array whose values start on a page, so that an entry of a whole number of cache lines (or of a
+ * power of two below one) never shares a line with another, nor straddles two: a plain array's values
+ * start where struct bpf_array ends, 56 bytes into a line on 6.18, which made every 128-byte in-flight
+ * entry three lines and put the ends of neighbouring entries (one packet's and another's, written on
+ * two CPUs) in one line. A mapped array (BPF_F_MMAPABLE) starts its values on a page; the programs'
+ * lookups are inlined the same way. */
+#define LT_LINE_ALIGNED(name, leaf, n) BPF_F_TABLE("array", u32, leaf, name, n, BPF_F_MMAPABLE)
+
 /* Each CPU's state and caches, indexed by the CPU's number: a plain array that user space maps
  * (BPF_F_MMAPABLE), not a per-CPU one, so that it can store one field of a CPU's entry (want_gen) while
  * that CPU's programs write the others; a per-CPU array's update from user space writes whole values. */
@@ -260,15 +267,15 @@ struct lt_tags {
  * receive entries are [0, 2*LT_RX_SETS), transmit entries the 2*LT_TX_SETS after). */
 #define LT_RX_SETS (1u << (LT_RX_BITS - 1))
 #define LT_TX_SETS (1u << (LT_TX_BITS - 1))
-BPF_ARRAY(lt_tagsets, struct lt_tags, LT_RX_SETS + LT_TX_SETS);
-BPF_ARRAY(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
-BPF_ARRAY(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* socket -> its queue, direct-mapped */
-BPF_ARRAY(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
+LT_LINE_ALIGNED(lt_tagsets, struct lt_tags, LT_RX_SETS + LT_TX_SETS);
+LT_LINE_ALIGNED(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
+LT_LINE_ALIGNED(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* socket -> its queue, direct-mapped */
+LT_LINE_ALIGNED(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
 /* Beside each entry of lt_sockq, the sequence number + 1 of the timed packet it holds, written last, on
  * tagged sockets only: 8 to a cache line, so that a read of an untimed packet (7 in 8 when timing 1 in
  * 8) costs a load from a line it has used before instead of a miss on the entry's lines. (64-bit: BCC's
  * compiler has no 32-bit atomic exchange.) */
-BPF_ARRAY(lt_sockq_tag, u64, 1 << LT_SOCKQ_BITS);
+LT_LINE_ALIGNED(lt_sockq_tag, u64, 1 << LT_SOCKQ_BITS);
 /* Programs that go on in a fresh run of themselves (a tail call) when one run's bounded loop has more
  * to do; filled by the loader (the table: program.py TAIL_CALLS). */
 BPF_PROG_ARRAY(lt_tail, LT_TAIL_SLOTS);
