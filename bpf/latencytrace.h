@@ -434,6 +434,12 @@ static __always_inline u16 lt_ld16(const void *base, u32 off)
     asm volatile("%0 = *(u16 *)(%1 + 0)" : "=r"(v) : "r"((const char *)base + off));
     return v;
 }
+static __always_inline u8 lt_ld8(const void *base, u32 off)
+{
+    u8 v;
+    asm volatile("%0 = *(u8 *)(%1 + 0)" : "=r"(v) : "r"((const char *)base + off));
+    return v;
+}
 /* A member of struct tcp_sock, past struct sock (which is all the verifier knows a socket argument to
  * be): through the socket as a TCP socket (a helper that only checks its type); 0 if it is not one. */
 static __always_inline u32 lt_tcp_ld32(void *sk, u32 off)
@@ -464,6 +470,12 @@ static __always_inline u32 lt_ld32(const void *base, u32 off)
 static __always_inline u16 lt_ld16(const void *base, u32 off)
 {
     u16 v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
+    return v;
+}
+static __always_inline u8 lt_ld8(const void *base, u32 off)
+{
+    u8 v = 0;
     bpf_probe_read_kernel(&v, sizeof(v), (const char *)base + off);
     return v;
 }

@@ -19,6 +19,7 @@
 #include "latencytrace.h"
 
 #define LT_MSG_PEEK 2
+#define LT_RCV_SHUTDOWN 1 /* sk_shutdown: the peer's FIN is in */
 
 /* record: pod side, the packet reached a device inside traced pod `slot`. */
 static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex,
@@ -312,16 +313,12 @@ static __always_inline u32 lt_tcp_peer(struct lt_addrs *a)
 }
 
 /* record: TCP, move a readied, timed packet to its socket's ring with the sequence number that ends
- * its data (rcv_nxt now: the socket's in-order data ends there, this packet's included, also when it
- * was merged into the queue's tail skb). Its read is when the socket's read position reaches that,
- * whichever read path moves it (lt_tcp_rcv_space_adjust). The socket's lock serialises its
- * sk_data_ready and its reads. */
-static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u64 now)
+ * its data (lt_tcp_ready_end, or its own for a packet queued out of order). Its read is when the
+ * socket's read position reaches that, whichever read path moves it (lt_tcp_rcv_space_adjust). The
+ * socket's lock serialises its sk_data_ready and its reads. */
+static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u32 end_seq, u64 now)
 {
     u64 sk_key = LT_KEY(sk);
-    u32 end_seq = lt_tcp_ld32(sk, LT_OFF_TCP_RCV_NXT);
-    if (f->flags & LT_F_FIN)
-        end_seq--; /* the FIN's sequence number is never read */
     u32 peer = lt_tcp_peer(&f->addr);
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || !pos->tcp || pos->peer != peer)
@@ -330,6 +327,25 @@ static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u6
         return;
     u64 seq = pos->tail++;
     lt_sockq_put(sk_key, seq, f, end_seq, now, 0);
+}
+
+/* TCP: where the data of a packet the socket was just woken for ends: rcv_nxt, the end of the socket's
+ * in-order data (this packet's included, also when it was merged into the queue's tail skb), less the
+ * FIN's sequence number once the peer's FIN is in (no read ever passes it; the FIN may have come out of
+ * order, before this packet filled the hole in front of it). */
+static __always_inline u32 lt_tcp_ready_end(void *sk)
+{
+    u32 end = lt_tcp_ld32(sk, LT_OFF_TCP_RCV_NXT);
+    return end - (lt_ld8(sk, LT_OFF_SK_SHUTDOWN) & LT_RCV_SHUTDOWN);
+}
+
+/* record: the socket has the timed packet f to read (its sock_ready boundary) at now. */
+static __always_inline void lt_record_sock_ready(struct lt_flight *f, u64 now)
+{
+    f->ts[LT_B_RX_SOCK_READY] = now;
+    struct lt_target *t = lt_target(f->slot);
+    if (t && lt_wants(t, LT_DIR_RX))
+        lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
 }
 
 /* filter: which packet a socket was told about; 0 for none of ours. */
@@ -403,10 +419,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     u64 now = 0;
     if (timed) {
         now = bpf_ktime_get_ns();
-        f->ts[LT_B_RX_SOCK_READY] = now;
-        struct lt_target *t = lt_target(f->slot);
-        if (t && lt_wants(t, LT_DIR_RX))
-            lt_record(t, f->slot, LT_SEG_RX_POD_STACK, f->ts[LT_B_RX_POD_RX], now);
+        lt_record_sock_ready(f, now);
     }
     if (f->addr.proto == LT_IPPROTO_UDP) {
         lt_record_udp_push(sk, timed, now);
@@ -414,23 +427,56 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         if (key != tail)
             lt_count(LT_C_COALESCED); /* merged into the queue's tail skb: read with its data */
         if (timed)
-            lt_record_tcp_push(sk, timed, now);
+            lt_record_tcp_push(sk, timed, lt_tcp_ready_end(sk), now);
     }
     lt_free(LT_DIR_RX, f);
     return 0;
 }
 
+/* record: TCP segment skb, key, of a traced pod's socket sk, if TCP is about to queue it out of order
+ * (its data starts past rcv_nxt: a segment before it was lost or reordered). No reader is woken for it,
+ * and when the hole fills, the one wakeup is the filling segment's, the ones queued behind it merged
+ * into each other or moved to the receive queue unannounced (and freed, when merged, with no trace).
+ * So it moves to its socket's ring here, where TCP queues it: that is its sock_ready boundary, and its
+ * socket-queue time, to the read of its data, includes the wait for the data before it (head-of-line
+ * blocking: what the application waits for). Left in flight, each was found stale later. */
+static __always_inline void lt_record_tcp_ofo(struct lt_cpu_ctx *c, void *sk, void *skb, u64 key)
+{
+    u32 seq = lt_ld32(skb, LT_OFF_SKB_CB + LT_OFF_TCP_CB_SEQ);
+    u32 end_seq = lt_ld32(skb, LT_OFF_SKB_CB + LT_OFF_TCP_CB_END_SEQ);
+    if (seq == end_seq || (s32)(seq - lt_tcp_ld32(sk, LT_OFF_TCP_RCV_NXT)) <= 0)
+        return; /* nothing to read, or in order: its wakeup follows (sk_data_ready) */
+    struct lt_flight *f = lt_get(LT_DIR_RX, key);
+    if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY])
+        return;
+    if (c->rx_skb == key)
+        c->rx_skb = 0;
+    lt_count(LT_C_OUT_OF_ORDER);
+    if (lt_timed(f)) {
+        u64 now = bpf_ktime_get_ns();
+        lt_record_sock_ready(f, now);
+        lt_record_tcp_push(sk, f, end_seq - ((f->flags & LT_F_FIN) ? 1 : 0), now); /* a FIN is never read */
+    }
+    lt_free(LT_DIR_RX, f);
+}
+
 /* TCP's processing of a segment for an established socket starts here (tcp_rcv_established), in a
  * NET_RX run or, when the application held the socket, later in process context from its backlog,
  * where nothing else says which skb the socket's sk_data_ready is about: remember it, cheaply (two
- * stores; sk_data_ready checks the socket). */
+ * stores; sk_data_ready checks the socket). A traced pod's segment (in a NET_RX run, the one this CPU
+ * saw reach the pod last; from a backlog, outside NET_RX, one for a traced pod's socket) is checked for
+ * being out of order. */
 int lt_tcp_probe(struct bpf_raw_tracepoint_args *ctx)
 {
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
-    c->tcp_sk = LT_KEY(ctx->args[0]);
-    c->tcp_skb = LT_KEY(ctx->args[1]);
+    void *sk = (void *)ctx->args[0];
+    u64 key = LT_KEY(ctx->args[1]);
+    c->tcp_sk = LT_KEY(sk);
+    c->tcp_skb = key;
+    if (key == c->rx_skb || (!c->t_softirq && !c->t_irq && lt_filter_sock(c, sk) >= 0))
+        lt_record_tcp_ofo(c, sk, (void *)ctx->args[1], key);
     return 0;
 }
 

@@ -152,6 +152,10 @@ COUNTERS: tuple[Counter, ...] = (
             "send carried, the send addressed elsewhere (to a Service's virtual IP the node DNATs to the "
             "pod): that run read no clock, so they are counted but not timed, and the sender is timed from "
             "then on."),
+    Counter(9, "out_of_order", "OUT_OF_ORDER",
+            "TCP segments queued out of order, behind a lost or reordered one: each is measured from where TCP "
+            "queued it to the read of its data, so its socket-queue time includes the wait for the data before "
+            "it (head-of-line blocking)."),
 )
 N_COUNTER_SLOTS = 16  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)

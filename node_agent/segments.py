@@ -71,7 +71,9 @@ RX_BOUNDARIES: tuple[Boundary, ...] = (
     Boundary(4, "sock_ready", Direction.RX, ("sock:sk_data_ready", "tcp:tcp_probe"),
              "sk_data_ready for the socket the skb was queued on (the socket was told data is there); for TCP "
              "the skb is the one tcp_probe (the start of tcp_rcv_established) last named for that socket on "
-             "the CPU, also when TCP processes the backlog a reader left."),
+             "the CPU, also when TCP processes the backlog a reader left; a TCP segment queued out of order "
+             "(behind a lost or reordered one), which wakes no reader, at tcp_probe, where TCP queues it (its "
+             "socket-queue time includes the wait for the data before it: head-of-line blocking)."),
     Boundary(5, "app_read", Direction.RX, ("tcp:tcp_rcv_space_adjust", "sock:sock_recv_length"),
              "The application reads it: for TCP when the socket's read position (copied_seq) passes the end "
              "of the packet's data, which every TCP read path (recvmsg, splice, zero-copy receive) reports "
@@ -111,7 +113,8 @@ SEGMENTS: tuple[Segment, ...] = (
     Segment(3, "rx_pod_stack", Direction.RX, "pod_rx", "sock_ready",
             "The pod's IP and TCP/UDP processing until the socket is woken."),
     Segment(4, "rx_socket_queue", Direction.RX, "sock_ready", "app_read",
-            "Time in the socket receive queue until the application reads it."),
+            "Time in the socket receive queue until the application reads it (for a TCP segment that came "
+            "out of order, also the wait for the data before it)."),
     Segment(5, "rx_total", Direction.RX, "first", "app_read",
             "From the first boundary seen for the packet to the application's read."),
     Segment(6, "tx_app_to_dev", Direction.TX, "app_send", "pod_dev_queue",

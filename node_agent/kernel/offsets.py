@@ -15,6 +15,9 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SKB_IIF": ("sk_buff", "skb_iif"),
     "LT_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
     "LT_OFF_SKB_TRANSPORT_HEADER": ("sk_buff", "transport_header"),
+    "LT_OFF_SKB_CB": ("sk_buff", "cb"),  # TCP's struct tcp_skb_cb lives there
+    "LT_OFF_TCP_CB_SEQ": ("tcp_skb_cb", "seq"),
+    "LT_OFF_TCP_CB_END_SEQ": ("tcp_skb_cb", "end_seq"),
     "LT_OFF_DEV_NET": ("net_device", "nd_net.net"),
     "LT_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
     "LT_OFF_NET_INUM": ("net", "ns.inum"),
@@ -22,6 +25,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SK_PROTOCOL": ("sock", "sk_protocol"),
     "LT_OFF_SK_RXQ_PREV": ("sock", "sk_receive_queue.prev"),
     "LT_OFF_SK_RXQ_QLEN": ("sock", "sk_receive_queue.qlen"),
+    "LT_OFF_SK_SHUTDOWN": ("sock", "sk_shutdown"),
     "LT_OFF_UDP_READER_QLEN": ("udp_sock", "reader_queue.qlen"),
     "LT_OFF_TCP_RCV_NXT": ("tcp_sock", "rcv_nxt"),
     "LT_OFF_TCP_COPIED_SEQ": ("tcp_sock", "copied_seq"),

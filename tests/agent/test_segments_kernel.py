@@ -8,6 +8,7 @@ the traffic did, not the agent's bookkeeping with itself.
 from __future__ import annotations
 
 import contextlib
+import subprocess
 import time
 
 import pytest
@@ -365,6 +366,47 @@ def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, lab):
     stats = m.kernel[a.name]
     assert stats["rx_host_to_pod"].count == pings + datagrams * fragments, stats["rx_host_to_pod"]
     assert stats["rx_pod_stack"].count == stats["rx_socket_queue"].count == 0, stats
+
+
+def tcp_ext(pod, name: str) -> int:
+    """A TcpExt counter of the pod's network namespace (/proc/net/netstat, read inside it)."""
+    lines = [ln.split() for ln in subprocess.run(pod.exec("cat", "/proc/net/netstat"), check=True,
+                                                 capture_output=True, text=True).stdout.splitlines()]
+    names, values = [ln for ln in lines if ln[0] == "TcpExt:"]
+    return int(values[names.index(name)])
+
+
+def test_tcp_segments_queued_out_of_order_end_their_journey(agent, lab):
+    """A lost segment leaves the ones after it out of order: TCP keeps them apart (tcp_data_queue_ofo,
+    which wakes no reader) until the retransmission fills the hole and moves them all to the receive
+    queue at once, with one wakeup. Each is still read (or merged into the skb before it), so each
+    journey ends, none is left in flight to be found stale by a later packet at its skb's address.
+    The pod's netfilter drops one data segment in ten as it arrives (as a lossy link would lose it; a
+    drop at the sender's own output would be retransmitted at once, no hole)."""
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    n, size, left = 300, 1000, []
+    subprocess.run(a.exec("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "9230", "-m", "length",
+                               "--length", "200:65535", "-m", "statistic", "--mode", "nth", "--every", "10",
+                               "--packet", "0", "-j", "DROP"), check=True)
+
+    def traffic():
+        start = time.monotonic_ns()
+        with a.serve("tcp-sink", "--port", "9230", "--timeout", "20") as srv:
+            client.traffic("tcp-send", "--to", a.ip, "--port", "9230", "--count", str(n), "--size", str(size))
+        assert srv.result == {"received_bytes": n * size}, srv.result
+        left.extend(flights_since(agent, start))
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+    assert tcp_ext(a, "TCPOFOQueue") >= 10  # the loss happened: segments were queued out of order
+    assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
+    stats = {seg: s.count for seg, s in m.kernel[a.name].items()}
+    dropped = int(subprocess.run(a.exec("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"), check=True,
+                                 capture_output=True, text=True).stdout.splitlines()[2].split()[0])
+    # Every segment that reached the pod and was not dropped there was read, out of order or not; the
+    # others carry no data (the handshake's SYN and ACK, a FIN on its own, the ACK of the server's FIN).
+    assert stats["rx_pod_stack"] == stats["rx_socket_queue"] == stats["rx_total"], (stats, m.kernel_counters)
+    assert 0 <= stats["rx_host_to_pod"] - dropped - stats["rx_socket_queue"] <= 4, (stats, dropped)
+    assert m.kernel_counters["out_of_order"] >= 10, m.kernel_counters
 
 
 # What the receive side's socket queue needs (probes.py says why): the kernel's links must show these.
