@@ -180,7 +180,8 @@ struct lt_sockq_ent {
     u64 seq;
     u64 first; /* the journey's first boundary (lt_first(&f)) */
     u64 ready; /* its sock_ready boundary */
-    u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt once it was queued) */
+    u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt at its wakeup; its own end when it
+                  * was queued out of order) */
     u32 slot;
     u64 pad[3];
     struct lt_flight f; /* the journey so far: read only to send it (a slow or sampled packet), 128 bytes */

@@ -385,9 +385,9 @@ def test_tcp_segments_queued_out_of_order_end_their_journey(agent, lab):
     drop at the sender's own output would be retransmitted at once, no hole)."""
     a, client = lab.add_pod("a"), lab.add_pod("client")
     n, size, left = 300, 1000, []
-    subprocess.run(a.exec("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "9230", "-m", "length",
-                               "--length", "200:65535", "-m", "statistic", "--mode", "nth", "--every", "10",
-                               "--packet", "0", "-j", "DROP"), check=True)
+    subprocess.run(a.exec("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "9230",
+                          "-m", "length", "--length", "200:65535", "-m", "statistic", "--mode", "nth", "--every", "10",
+                          "--packet", "0", "-j", "DROP"), check=True)
 
     def traffic():
         start = time.monotonic_ns()
