@@ -8,7 +8,6 @@ the traffic did, not the agent's bookkeeping with itself.
 from __future__ import annotations
 
 import contextlib
-import subprocess
 import time
 
 import pytest
@@ -17,6 +16,7 @@ from latencytrace.node_agent import segments
 from latencytrace.node_agent.segments import Direction
 from tests.agent import kernel
 from tests.agent.conftest import agent_of_each_kind, desired, measure, segment_counts
+from tests.netlab import sh
 
 agent = pytest.fixture(scope="module", params=["typed", "raw"])(agent_of_each_kind)
 
@@ -370,8 +370,7 @@ def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, lab):
 
 def tcp_ext(pod, name: str) -> int:
     """A TcpExt counter of the pod's network namespace (/proc/net/netstat, read inside it)."""
-    lines = [ln.split() for ln in subprocess.run(pod.exec("cat", "/proc/net/netstat"), check=True,
-                                                 capture_output=True, text=True).stdout.splitlines()]
+    lines = [ln.split() for ln in sh(*pod.exec("cat", "/proc/net/netstat")).stdout.splitlines()]
     names, values = [ln for ln in lines if ln[0] == "TcpExt:"]
     return int(values[names.index(name)])
 
@@ -385,9 +384,9 @@ def test_tcp_segments_queued_out_of_order_end_their_journey(agent, lab):
     drop at the sender's own output would be retransmitted at once, no hole)."""
     a, client = lab.add_pod("a"), lab.add_pod("client")
     n, size, left = 300, 1000, []
-    subprocess.run(a.exec("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "9230",
-                          "-m", "length", "--length", "200:65535", "-m", "statistic", "--mode", "nth", "--every", "10",
-                          "--packet", "0", "-j", "DROP"), check=True)
+    sh(*a.exec("iptables", "-t", "raw", "-A", "PREROUTING", "-p", "tcp", "--dport", "9230",
+               "-m", "length", "--length", "200:65535", "-m", "statistic", "--mode", "nth", "--every", "10",
+               "--packet", "0", "-j", "DROP"))
 
     def traffic():
         start = time.monotonic_ns()
@@ -400,8 +399,7 @@ def test_tcp_segments_queued_out_of_order_end_their_journey(agent, lab):
     assert tcp_ext(a, "TCPOFOQueue") >= 10  # the loss happened: segments were queued out of order
     assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
     stats = {seg: s.count for seg, s in m.kernel[a.name].items()}
-    dropped = int(subprocess.run(a.exec("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n"), check=True,
-                                 capture_output=True, text=True).stdout.splitlines()[2].split()[0])
+    dropped = int(sh(*a.exec("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n")).stdout.splitlines()[2].split()[0])
     # Every segment that reached the pod and was not dropped there was read, out of order or not; the
     # others carry no data (the handshake's SYN and ACK, a FIN on its own, the ACK of the server's FIN).
     assert stats["rx_pod_stack"] == stats["rx_socket_queue"] == stats["rx_total"], (stats, m.kernel_counters)
