@@ -75,7 +75,7 @@ def run(traffic: Traffic, pods: Pods, pps: int, seconds: float, rounds: int, log
                     agent, args = pair[n]
                     agents[n] = AgentProcess([pods.traced.path], log_dir, (*args, "--probe-stats", "always"),
                                              agent=agent)
-                    agents[n].start(expected_programs)
+                    agents[n].start(expected_programs if agent == AGENT else None)  # another build: its own count
                 for key, label, work in workloads:
                     progress(f"paired round {r + 1}/{rounds} ({' then '.join(order)} attached): {label}")
                     before = {n: a.stats() for n, a in agents.items()}
@@ -120,11 +120,24 @@ def rows(data: dict) -> list[Row]:
         out.append(Row("paired", f"all agent programs per packet, {w['label']} (statistics' floor included)",
                        f"{fmt(pb, 0, 'ns')} ({b})", f"{fmt(pa, 0, 'ns')} ({a})", f"{pa - pb:+.0f} ns", "—", None,
                        note=f"{pair}, both tracing at once, {data['rounds']} rounds, attach order alternating"))
-        for prog, sa in w["programs"][a].items():
-            sb = w["programs"][b].get(prog)
-            if not sa["run_cnt"] or not sb or not sb["run_cnt"] or sa["run_cnt"] < w["packets"] // 10:
+        # Every program either build ran on most packets (two builds may differ in their programs: one
+        # the other does not load is shown as such, with its runs per packet).
+        for prog in sorted(set(w["programs"][a]) | set(w["programs"][b])):
+            sa, sb = (_busy(w["programs"][n].get(prog), w["packets"]) for n in (a, b))
+            if not sa and not sb:
                 continue  # programs that run on a few packets only (IRQs of the machine, drops)
-            out.append(Row("paired", f"{prog}: time per run, {w['label']}",
-                           f"{fmt(sb['avg_ns'], 0, 'ns')} ({b})", f"{fmt(sa['avg_ns'], 0, 'ns')} ({a})",
-                           f"{sa['avg_ns'] - sb['avg_ns']:+.0f} ns", "—", None))
+            out.append(Row("paired", f"{prog}: time per run, {w['label']}", _per_run(sb, w["packets"], b),
+                           _per_run(sa, w["packets"], a),
+                           f"{sa['avg_ns'] - sb['avg_ns']:+.0f} ns" if sa and sb else "—", "—", None))
     return out
+
+
+def _busy(stats: dict | None, packets: int) -> dict | None:
+    """A program's statistics if it ran on at least a tenth of the packets, else None."""
+    return stats if stats and stats["run_cnt"] and stats["run_cnt"] >= packets // 10 else None
+
+
+def _per_run(stats: dict | None, packets: int, name: str) -> str:
+    if not stats:
+        return f"not run ({name})"
+    return f"{fmt(stats['avg_ns'], 0, 'ns')} × {stats['run_cnt'] / max(packets, 1):.1f} ({name})"

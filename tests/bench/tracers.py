@@ -162,13 +162,16 @@ class AgentProcess(TracerProcess):
         feats = features.probe(KernelBTF.load(), PROBES)
         return len({p.program for p in feats.usable})
 
-    def start(self, expected_programs: int, timeout: float = 120) -> AgentProcess:
+    def start(self, expected_programs: int | None, timeout: float = 120) -> AgentProcess:
+        """Run it and wait for its programs: `expected_programs` of them, or None for another build's agent,
+        whose number this checkout cannot know: then until some are loaded and their number has held for
+        SETTLE_S (an agent loads and attaches all its programs within a second of its compile's end)."""
         cmd = [self.agent, "trace", "--format", "json", "--duration", "86400", "--interval", "1", *self.extra_args]
         for path in self.netns_paths:
             cmd += ["--netns", path]
         # A crash in native code (BCC) then leaves every thread's Python stack in the stderr log.
         self._spawn(cmd, self.log_dir, clean_env(PYTHONFAULTHANDLER="1"))
-        self._wait_programs(lambda n: n >= expected_programs, timeout)
+        self._wait_programs(_at_least(expected_programs) if expected_programs is not None else _settled(), timeout)
         time.sleep(1.0)  # the agent writes its targets right after attaching; let it, and settle
         return self
 
@@ -182,6 +185,26 @@ class AgentProcess(TracerProcess):
 
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+
+SETTLE_S = 2.0
+
+
+def _at_least(n: int) -> Callable[[int], bool]:
+    return lambda have: have >= n
+
+
+def _settled() -> Callable[[int], bool]:
+    """True once the number of programs is above 0 and has not changed for SETTLE_S."""
+    last = {"n": 0, "since": time.monotonic()}
+
+    def ready(have: int) -> bool:
+        now = time.monotonic()
+        if have != last["n"]:
+            last.update(n=have, since=now)
+        return have > 0 and now - last["since"] >= SETTLE_S
+
+    return ready
 
 
 class BpftraceProcess(TracerProcess):
