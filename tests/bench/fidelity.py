@@ -315,6 +315,13 @@ def nic_path(pod: Pod, bridge: str, log_dir: Path, quiet_wait_s: float, progress
     params = [lo, mask, int((sys_net / bridge / "ifindex").read_text()), int((sys_net / uplink / "ifindex").read_text()),
               ip_u32(pod.ip), os.stat("/proc/self/ns/net").st_ino]
     rule = ["POSTROUTING", "-s", f"{pod.ip}/32", "-o", uplink, "-j", "MASQUERADE"]
+    # The host forwards the pod's packets from the bridge to the uplink and the replies back: both devices
+    # forward for the download's time (per device, set back after; on a machine whose forwarding is off,
+    # as a fresh one's is, the download timed out).
+    forwarding = {dev: Path("/proc/sys/net/ipv4/conf") / dev / "forwarding" for dev in (bridge, uplink)}
+    was_forwarding = {dev: f.read_text().strip() for dev, f in forwarding.items()}
+    for f in forwarding.values():
+        f.write_text("1")
     subprocess.run(["iptables", "-t", "nat", "-I", *rule], check=True, capture_output=True)
     out: dict = {"uplink": uplink, "irqs": sorted(nics.nic_irqs()), "download": NIC_DOWNLOAD, "sessions": {}}
     try:
@@ -325,6 +332,8 @@ def nic_path(pod: Pod, bridge: str, log_dir: Path, quiet_wait_s: float, progress
             out["sessions"][mode] = _nic_session(pod, params, log_dir, mode)
     finally:
         subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False, capture_output=True)
+        for dev, f in forwarding.items():
+            f.write_text(was_forwarding[dev])
     out["combined"] = {}
     for seg in NIC_SEGMENTS:
         both = [out["sessions"][m][seg] for m in ("bpftrace_first", "agent_first")]
