@@ -399,7 +399,8 @@ def test_tcp_segments_queued_out_of_order_end_their_journey(agent, lab):
     assert tcp_ext(a, "TCPOFOQueue") >= 10  # the loss happened: segments were queued out of order
     assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
     stats = {seg: s.count for seg, s in m.kernel[a.name].items()}
-    dropped = int(sh(*a.exec("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n")).stdout.splitlines()[2].split()[0])
+    rules = sh(*a.exec("iptables", "-t", "raw", "-L", "PREROUTING", "-v", "-x", "-n")).stdout
+    dropped = int(rules.splitlines()[2].split()[0])
     # Every segment that reached the pod and was not dropped there was read, out of order or not; the
     # others carry no data (the handshake's SYN and ACK, a FIN on its own, the ACK of the server's FIN).
     assert stats["rx_pod_stack"] == stats["rx_socket_queue"] == stats["rx_total"], (stats, m.kernel_counters)

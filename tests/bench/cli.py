@@ -87,9 +87,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "packet a span (default 600,180)")
     p.add_argument("--paired-against", type=Path, default=None, metavar="AGENT",
                    help="paired part: compare this checkout's agent with another build's latencytrace-agent "
-                        "(e.g. another worktree's .venv/bin/latencytrace-agent, also one from before a program was added or "
-                        "removed), same arguments; default: "
-                        "typed against raw tracepoints")
+                        "(e.g. another worktree's .venv/bin/latencytrace-agent, also one from before a program "
+                        "was added or removed), same arguments; default: typed against raw tracepoints")
     p.add_argument("--paired-args", default="", metavar="ARGS",
                    help="paired part: further arguments for both agents of the pair, e.g. \"--time-one-in 8\"")
     args = p.parse_args(argv)

@@ -320,11 +320,11 @@ def nic_path(pod: Pod, bridge: str, log_dir: Path, quiet_wait_s: float, progress
     # as a fresh one's is, the download timed out).
     forwarding = {dev: Path("/proc/sys/net/ipv4/conf") / dev / "forwarding" for dev in (bridge, uplink)}
     was_forwarding = {dev: f.read_text().strip() for dev, f in forwarding.items()}
-    for f in forwarding.values():
-        f.write_text("1")
-    subprocess.run(["iptables", "-t", "nat", "-I", *rule], check=True, capture_output=True)
     out: dict = {"uplink": uplink, "irqs": sorted(nics.nic_irqs()), "download": NIC_DOWNLOAD, "sessions": {}}
     try:
+        for f in forwarding.values():
+            f.write_text("1")
+        subprocess.run(["iptables", "-t", "nat", "-I", *rule], check=True, capture_output=True)
         for mode in ("bpftrace_first", "agent_first"):
             out["strangers_" + mode] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
             progress(f"fidelity: NIC path, {mode.replace('_', ' ')}, pip download {NIC_DOWNLOAD} in a traced pod "

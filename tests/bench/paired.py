@@ -120,7 +120,7 @@ def rows(data: dict) -> list[Row]:
         out.append(Row("paired", f"all agent programs per packet, {w['label']} (statistics' floor included)",
                        f"{fmt(pb, 0, 'ns')} ({b})", f"{fmt(pa, 0, 'ns')} ({a})", f"{pa - pb:+.0f} ns", "—", None,
                        note=f"{pair}, both tracing at once, {data['rounds']} rounds, attach order alternating"))
-        # Every program either build ran on most packets (two builds may differ in their programs: one
+        # Every program either build ran on a tenth of the packets or more (two builds may differ in their programs: one
         # the other does not load is shown as such, with its runs per packet).
         for prog in sorted(set(w["programs"][a]) | set(w["programs"][b])):
             sa, sb = (_busy(w["programs"][n].get(prog), w["packets"]) for n in (a, b))
