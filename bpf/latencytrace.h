@@ -114,6 +114,9 @@ struct lt_cpu_ctx {
     u16 net_next;
     struct lt_dev_ent devs[LT_DEV_CACHE]; /* the last devices seen on this CPU and their answers */
     struct lt_net_ent nets[LT_NET_CACHE]; /* the last namespaces (struct net *) and their answers */
+    u64 udp_counted; /* the last UDP socket in counted mode (lt_sockq_pos.counted) seen on this CPU: its untimed
+                      * datagrams look up nothing */
+    u64 pad[7];
 };
 /* CPUs' entries of lt_cpu sit side by side in one array: each a whole number of cache lines (its values
  * start on a page), so that no two CPUs write one line. */
@@ -167,13 +170,14 @@ struct lt_event {
 
 /* A packet waiting in its socket's receive queue. No read path names the skb it copies from in every
  * case (UDP never does; TCP's splice and zero-copy reads do not), so reads are matched otherwise: for
- * UDP by order, the n-th packet queued on a socket is its n-th datagram read (sock_recv_length); for
+ * UDP by order, the n-th packet queued on a socket is its n-th datagram read (sock_recv_length; timing
+ * 1 in N, only timed datagrams take numbers, from the reads so far and their place in the queue); for
  * TCP by byte sequence number, a packet is read once the socket's read position (copied_seq) reaches
  * the end of its data. Each socket's queue is a ring in the shared array lt_sockq starting at the
  * socket's hash: entry (hash + seq) mod size, tagged with the socket and sequence number, so a read
  * finds its packet or nothing, never another's. */
 struct lt_sockq_ent {
-    /* What a read needs comes first, 40 bytes in the entry's first cache line (LT_LINE_ALIGNED: entries
+    /* What a read needs comes first, 56 bytes in the entry's first cache line (LT_LINE_ALIGNED: entries
      * start on a line), so that a read on another CPU than the write (the usual case: the application
      * reads on its own CPU) takes one line from the writer instead of three. */
     u64 sk;  /* 0: free (read, or never written) */
@@ -183,7 +187,10 @@ struct lt_sockq_ent {
     u32 end_seq; /* TCP: the byte sequence number after its data (rcv_nxt at its wakeup; its own end when it
                   * was queued out of order) */
     u32 slot;
-    u64 pad[3];
+    u64 skb;      /* UDP, counted (lt_sockq_pos.counted): the skb's address, to see whether it left the queue */
+    u32 skb_head; /* and the low bits of its skb->head, and its skb->len then (a freed skb's address soon */
+    u32 skb_len;  /* carries another packet) */
+    u64 ino;      /* UDP, counted: its socket's inode number (a socket at a closed one's address has another) */
     struct lt_flight f; /* the journey so far: read only to send it (a slow or sampled packet), 128 bytes */
 };
 _Static_assert(sizeof(struct lt_sockq_ent) == 192, "lt_sockq_ent: 3 cache lines, its header in the first");
@@ -195,8 +202,11 @@ struct lt_sockq_pos {
     u32 skip; /* UDP: reads still due to packets queued before we saw the socket */
     u32 tcp;  /* a TCP socket (its reads are matched by byte sequence number, not by order) */
     u32 peer; /* TCP: its peer (lt_tcp_peer): another one at this address is a new connection */
-    u32 tagged; /* UDP of a target that times 1 packet in N: lt_sockq_tag says which numbers are timed */
-    u64 pad[3];
+    u32 counted; /* UDP, first seen while its target timed 1 packet in N: only timed datagrams take numbers,
+                  * their reads' (lt_udp_push_counted); lt_sockq_tag says which numbers are taken */
+    u64 late;   /* counted mode: 1 + the number of an entry whose read came later than its number said
+                 * (lt_udp_due), 0: none */
+    u64 pad[2];
 };
 _Static_assert(sizeof(struct lt_sockq_pos) == 64, "lt_sockq_pos: one cache line a socket");
 
@@ -273,7 +283,7 @@ LT_LINE_ALIGNED(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
 LT_LINE_ALIGNED(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* socket -> its queue, direct-mapped */
 LT_LINE_ALIGNED(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
 /* Beside each entry of lt_sockq, the sequence number + 1 of the timed packet it holds, written last, on
- * tagged sockets only: 8 to a cache line, so that a read of an untimed packet (7 in 8 when timing 1 in
+ * counted sockets only (lt_sockq_pos.counted): 8 to a cache line, so that a read of an untimed packet (7 in 8 when timing 1 in
  * 8) costs a load from a line it has used before instead of a miss on the entry's lines. (64-bit: BCC's
  * compiler has no 32-bit atomic exchange.) */
 LT_LINE_ALIGNED(lt_sockq_tag, u64, 1 << LT_SOCKQ_BITS);
@@ -455,6 +465,12 @@ static __always_inline u32 lt_sk_ld32(void *sk, u32 off)
     bpf_probe_read_kernel(&v, sizeof(v), (const char *)sk + off);
     return v;
 }
+static __always_inline void *lt_sk_ld_ptr(void *sk, u32 off)
+{
+    void *v = 0;
+    bpf_probe_read_kernel(&v, sizeof(v), (const char *)sk + off);
+    return v;
+}
 #else
 static __always_inline void *lt_ld_ptr(const void *base, u32 off)
 {
@@ -482,6 +498,7 @@ static __always_inline u8 lt_ld8(const void *base, u32 off)
 }
 #define lt_tcp_ld32 lt_ld32
 #define lt_sk_ld32 lt_ld32
+#define lt_sk_ld_ptr lt_ld_ptr
 #endif
 
 /* n 32-bit words of packet data at src (skb->head and an offset) into h; 0, or -1 if unreadable (raw). */
@@ -515,8 +532,21 @@ static __always_inline u64 lt_key(const void *p)
     return p ? (u64)((const char *)p - (const char *)a) : 0;
 }
 #define LT_KEY(p) lt_key((const void *)(p))
+/* The key of an address read as a number (by a helper): less the anchor's address, which the anchor
+ * holds once a program has stored it there (rarely used: a load of the anchor's line). */
+static __always_inline u64 lt_key_of_addr(u64 addr)
+{
+    u32 zero = 0;
+    u64 *a = lt_anchor.lookup(&zero);
+    if (!a)
+        return 0;
+    if (!*a)
+        *a = (u64)a;
+    return addr ? addr - *(volatile u64 *)a : 0;
+}
 #else
 #define LT_KEY(p) ((u64)(p))
+#define lt_key_of_addr(addr) ((u64)(addr))
 #endif
 
 /* The current task, as a pointer the probes can read through (typed) or as a number (raw). */

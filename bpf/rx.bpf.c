@@ -10,7 +10,8 @@
  * tcp_probe (the start of tcp_rcv_established) last named for that socket on this CPU, in NET_RX or from
  * the backlog a reader left; otherwise the one this CPU is processing in the pod, or the socket's receive
  * queue tail. There a packet moves to a per-socket ring (lt_sockq_ent) to wait for its read, which
- * ends the journey: the n-th datagram a UDP socket returns (sock_recv_length) is its n-th queued; a TCP
+ * ends the journey: the n-th datagram a UDP socket returns (sock_recv_length) is its n-th queued (timing
+ * 1 in N, a timed datagram counts its place in the queue instead: lt_udp_push_counted); a TCP
  * packet is read when the socket's read position passes its data (tcp_rcv_space_adjust, run by every
  * TCP read path: recvmsg, splice, zero-copy receive). Helpers shared with the transmit side (which
  * starts the flights of packets the host itself sends, or forwards de-NATed, into a pod) are in
@@ -160,7 +161,7 @@ static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
  * take it in turn). Numbering on from the entry's tail did that only while the entry stayed the
  * address's: a socket that restarted at 0 took such a datagram's entry and tag for its own read. */
 static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead, u32 skip, u32 tcp, u32 peer,
-                                                         u32 tagged)
+                                                         u32 counted)
 {
     u32 i = lt_hash64(sk_key, LT_SOCK_BITS);
     struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&i);
@@ -178,7 +179,8 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
     pos->skip = skip;
     pos->tcp = tcp;
     pos->peer = peer;
-    pos->tagged = tagged;
+    pos->counted = counted;
+    pos->late = 0;
     __sync_lock_test_and_set(&pos->sk, sk_key);
     return pos;
 }
@@ -255,25 +257,148 @@ static __always_inline void lt_udp_read_before_open(void *sk, struct lt_sockq_po
         pos->skip = 0;
 }
 
-/* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
- * time: it still takes a sequence number, so that the reads that follow stay matched. */
-static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u64 now)
+/* UDP, counted mode: has the datagram of entry e left its socket's queues? A queued skb links to the one
+ * before it (skb->prev, the queue's head for the first); the dequeue (__skb_unlink) clears the link. A
+ * freed skb's address soon carries another packet: one with another data buffer (skb->head) or length is
+ * not ours, and ours is gone. */
+static __always_inline int lt_udp_gone(struct lt_sockq_ent *e)
+{
+    void *prev = NULL, *head = NULL;
+    u32 len = 0;
+    if (bpf_probe_read_kernel(&prev, sizeof(prev), (void *)(e->skb + LT_OFF_SKB_PREV)) < 0 || !prev)
+        return 1;
+    if (bpf_probe_read_kernel(&head, sizeof(head), (void *)(e->skb + LT_OFF_SKB_HEAD)) < 0 ||
+        bpf_probe_read_kernel(&len, sizeof(len), (void *)(e->skb + LT_OFF_SKB_LEN)) < 0)
+        return 1;
+    return (u32)(u64)head != e->skb_head || len != e->skb_len;
+}
+
+/* UDP, counted mode: the inode number of socket sk: a socket at a closed one's address has another, and
+ * the closed one's unread datagrams' entries are not its own. */
+static __always_inline u64 lt_udp_ino(void *sk)
+{
+    void *sock = lt_read_ptr(sk, LT_OFF_SK_SOCKET);
+    u64 ino = 0;
+    if (sock)
+        bpf_probe_read_kernel(&ino, sizeof(ino), (const char *)sock + LT_OFF_SOCKET_INO);
+    return ino;
+}
+
+/* UDP, counted mode: a read has taken entry e's number, seq. If e's datagram left the queue, that read
+ * was its own: the read is recorded (once: the reader and the writer may both get here), at `now` if
+ * the writer's (its wakeup: the read was before it, as an early read), else now. If it is still queued,
+ * the number was too low (a read ahead of it was under way when it was counted): it waits for a later
+ * read (pos->late; one at a time, a second is given up, counted). */
+static __always_inline void lt_udp_due(struct lt_sockq_pos *pos, struct lt_sockq_ent *e, u64 sk_key, u64 seq,
+                                       u64 now)
+{
+    if (lt_udp_gone(e)) {
+        if (lt_sockq_claim(e, sk_key)) {
+            if (now)
+                lt_count(LT_C_EARLY_READ);
+            lt_record_read_ent(e, now ? now : bpf_ktime_get_ns());
+        }
+        if (pos->late == seq + 1)
+            __sync_val_compare_and_swap(&pos->late, seq + 1, 0);
+        return;
+    }
+    u64 late = pos->late;
+    if (late == seq + 1 || (late == 0 && __sync_val_compare_and_swap(&pos->late, 0, seq + 1) == 0))
+        return;
+    if (lt_sockq_claim(e, sk_key))
+        lt_count(LT_C_COLLISION);
+}
+
+/* record: UDP, counted mode (a socket first seen while its target timed 1 packet in N): the timed
+ * datagram f, just queued on socket sk, takes its read's number: the reads counted so far (the head)
+ * and the datagrams the socket holds, this one last. Untimed datagrams take none (lt_record_udp_push:
+ * no line the reader writes is touched for them), and nothing queued before needs following: each
+ * timed datagram counts afresh. The head is read before the queues: a read under way in between
+ * (dequeued, not yet counted) makes the number too low, never too high, and lt_udp_due puts that right
+ * at the read. A datagram queued behind this one before its count (it is no longer the queue's tail)
+ * makes the count useless: this one's read is given up, counted. */
+static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *pos, struct lt_flight *f, u64 now)
 {
     u64 sk_key = LT_KEY(sk);
+    u64 head = *(volatile u64 *)&pos->head;
+    /* The reader's queue before the receive queue: a reader moving the receive queue onto its own adds
+     * the receive queue's count to its own before it empties the receive queue, and read the other way
+     * round the moving datagrams counted twice, the number one too high. This way they may be missed:
+     * the number one too low, or none queued at all, when the reader's queue is looked at again. */
+    u32 queued = lt_sk_ld32(sk, LT_OFF_UDP_READER_QLEN);
+    queued += lt_ld32(sk, LT_OFF_SK_RXQ_QLEN);
+    void *tail = lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
+    if (LT_KEY(tail) != f->skb) {
+        u32 reader = lt_sk_ld32(sk, LT_OFF_UDP_READER_QLEN);
+        if (!queued && !reader) {
+            /* Read already: its reader ran ahead of this program on another CPU. */
+            lt_count(LT_C_EARLY_READ);
+            lt_record_read_flight(f, now);
+            return;
+        }
+        /* Moved to the reader's queue with the rest (a reader waiting for it on another CPU): still the
+         * last, if nothing was queued since. */
+        tail = lt_sk_ld_ptr(sk, LT_OFF_UDP_READER_PREV);
+        if (lt_key_of_addr((u64)tail) != f->skb || lt_ld32(sk, LT_OFF_SK_RXQ_QLEN)) {
+            lt_count(LT_C_COLLISION); /* not the last queued: no number to take */
+            return;
+        }
+        queued = reader;
+    }
+    if (!queued)
+        queued = 1; /* (missed while it moved; the tail is still this one: it is queued) */
+    u64 seq = head + queued - 1;
+    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
+    if (!e)
+        return;
+    e->skb = (u64)tail;
+    e->skb_head = f->head;
+    e->skb_len = 0;
+    bpf_probe_read_kernel(&e->skb_len, sizeof(e->skb_len), (const char *)tail + LT_OFF_SKB_LEN);
+    e->ino = lt_udp_ino(sk);
+    u32 i = lt_sockq_idx(sk_key, seq);
+    u64 *tag = lt_sockq_tag.lookup(&i);
+    if (tag)
+        __sync_lock_test_and_set(tag, seq + 1); /* after the entry; a full barrier before the head's load */
+    /* A reader that took this number before the tag was out did not see it: it is seen to here. */
+    if (seq < pos->head)
+        lt_udp_due(pos, e, sk_key, seq, now);
+}
+
+/* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
+ * time: on a socket of a target that times every packet it still takes a sequence number, so that the
+ * reads that follow stay matched; on one in counted mode (c->udp_counted answers for the last one seen
+ * on this CPU) nothing. */
+static __always_inline void lt_record_udp_push(struct lt_cpu_ctx *c, void *sk, struct lt_flight *f, u64 now)
+{
+    u64 sk_key = LT_KEY(sk);
+    if (!f && c->udp_counted == sk_key)
+        return;
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || pos->tcp) {
         if (!f)
             return;
-        /* First packet of ours on this socket: reads first drain what was queued before it. None queued
-         * at all: its reader ran ahead of this program, the packet was read already (see below). */
-        u32 before = lt_udp_queued(sk);
         struct lt_target *t = lt_target(f->slot);
-        u32 tagged = t && !lt_times_every_packet(t); /* the target times 1 in N: most numbers untimed */
-        pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, tagged);
-        if (!pos)
-            return;
-        if (before)
-            lt_udp_read_before_open(sk, pos);
+        if (t && !lt_times_every_packet(t)) {
+            pos = lt_sockq_open(sk_key, 0, 0, 0, 0, 1);
+            if (!pos)
+                return;
+        } else {
+            /* First packet of ours on this socket: reads first drain what was queued before it. None
+             * queued at all: its reader ran ahead of this program, the packet was read already (see below). */
+            u32 before = lt_udp_queued(sk);
+            pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, 0);
+            if (!pos)
+                return;
+            if (before)
+                lt_udp_read_before_open(sk, pos);
+        }
+    }
+    if (pos->counted) {
+        c->udp_counted = sk_key;
+        if (f)
+            lt_udp_push_counted(sk, pos, f, now);
+        return;
     }
     /* Atomic: packets for one socket may be readied on several CPUs at once. */
     u64 seq = __sync_fetch_and_add(&pos->tail, 1);
@@ -293,13 +418,7 @@ static __always_inline void lt_record_udp_push(void *sk, struct lt_flight *f, u6
         }
     }
     struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
-    if (e && pos->tagged) {
-        u32 i = lt_sockq_idx(sk_key, seq);
-        u64 *tag = lt_sockq_tag.lookup(&i);
-        if (tag)
-            __sync_lock_test_and_set(tag, seq + 1); /* after the entry; a full barrier before the head's load */
-    }
-    /* A reader that took this number while the entry (or its tag) was being written found nothing: it is ours. */
+    /* A reader that took this number while the entry was being written found nothing: it is ours. */
     if (e && seq < pos->head && lt_sockq_claim(e, sk_key)) {
         lt_count(LT_C_EARLY_READ);
         lt_record_read_flight(f, now);
@@ -409,7 +528,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         c->rx_skb = 0;
     if (!f || !f->ts[LT_B_RX_POD_RX] || f->ts[LT_B_RX_SOCK_READY]) {
         if (tail)
-            lt_record_udp_push(sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
+            lt_record_udp_push(c, sk, NULL, 0); /* keeps a followed UDP socket's reads matched */
         return 0;
     }
     /* A timed packet's wakeup is its sock_ready boundary, and it moves to its socket's ring to wait for
@@ -422,7 +541,7 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         lt_record_sock_ready(f, now);
     }
     if (f->addr.proto == LT_IPPROTO_UDP) {
-        lt_record_udp_push(sk, timed, now);
+        lt_record_udp_push(c, sk, timed, now);
     } else {
         if (key != tail)
             lt_count(LT_C_COALESCED); /* merged into the queue's tail skb: read with its data */
@@ -536,6 +655,48 @@ static __always_inline void lt_udp_resync(void *sk, struct lt_sockq_pos *pos)
         lt_count_add(LT_C_COLLISION, tail - due - head);
 }
 
+/* UDP reads, counted mode: entry e, of socket sk's address, is due at this read (number seq): seen to
+ * (lt_udp_due) if it is this socket's, else given up (a closed socket's, at the same address, its
+ * datagram never read), counted. ino: this socket's inode number, 0 until looked up. */
+static __always_inline u64 lt_udp_due_read(void *sk, struct lt_sockq_pos *pos, struct lt_sockq_ent *e, u64 sk_key,
+                                           u64 seq, u64 ino)
+{
+    if (!ino)
+        ino = lt_udp_ino(sk);
+    if (e->ino == ino) {
+        lt_udp_due(pos, e, sk_key, seq, 0);
+    } else {
+        if (lt_sockq_claim(e, sk_key))
+            lt_count(LT_C_COLLISION);
+        if (pos->late == seq + 1)
+            __sync_val_compare_and_swap(&pos->late, seq + 1, 0);
+    }
+    return ino;
+}
+
+/* UDP reads, counted mode: the read takes the next number (the head). An entry waiting for a later read
+ * than its number (pos->late) and the entry of this number, if a timed datagram took it (its tag says
+ * so; the entry's own line is not touched for the others), are seen to. */
+static __always_inline void lt_udp_read_counted(void *sk, struct lt_sockq_pos *pos, u64 sk_key)
+{
+    u64 seq = __sync_fetch_and_add(&pos->head, 1); /* threads may read one socket at once */
+    u64 late = pos->late, ino = 0;
+    if (late) {
+        struct lt_sockq_ent *l = lt_sockq_at(sk_key, late - 1);
+        if (l && l->sk == sk_key && l->seq == late - 1)
+            ino = lt_udp_due_read(sk, pos, l, sk_key, late - 1, 0);
+        else
+            __sync_val_compare_and_swap(&pos->late, late, 0); /* its entry was taken meanwhile (counted then) */
+    }
+    u32 i = lt_sockq_idx(sk_key, seq);
+    u64 *tag = lt_sockq_tag.lookup(&i);
+    if (!tag || *tag != seq + 1)
+        return; /* no timed datagram's number, or one being written (its push sees to the read) */
+    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
+    if (e && e->sk == sk_key && e->seq == seq)
+        lt_udp_due_read(sk, pos, e, sk_key, seq, ino);
+}
+
 /* UDP reads: one datagram per successful, non-peeking recvmsg. */
 int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 {
@@ -549,6 +710,10 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || pos->tcp)
         return 0; /* not followed, or TCP (sock_recv_length runs for every socket's recvmsg) */
+    if (pos->counted) {
+        lt_udp_read_counted(sk, pos, sk_key);
+        return 0;
+    }
     if (pos->skip) {
         pos->skip--;
         return 0;
@@ -568,11 +733,6 @@ int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
         return 0;
     }
     u32 i = lt_sockq_idx(sk_key, seq);
-    if (pos->tagged) {
-        u64 *tag = lt_sockq_tag.lookup(&i);
-        if (!tag || *tag != seq + 1)
-            return 0; /* an untimed packet's number, or a timed one's being written (its push takes the read) */
-    }
     struct lt_sockq_ent *e = lt_sockq.lookup(&i);
     /* Not there yet: sk_data_ready's program is writing it, and takes the read itself (it sees the head
      * past its number). Another socket's or a later packet's: that one counted the collision. */

@@ -73,18 +73,21 @@ def udp_recv(a) -> dict:
     s.settimeout(0.0 if a.spin else a.timeout)
     hold(a)
     got = 0
+    times = []  # --times: (datagram size, CLOCK_MONOTONIC ns when its recv returned), the probes' clock
     deadline = time.monotonic() + a.timeout
     try:
         while got < a.count:
             if a.spin:  # never sleeps: it takes each datagram as soon as the kernel has queued it
                 try:
-                    s.recv(65535)
+                    data = s.recv(65535)
                 except BlockingIOError:
                     if time.monotonic() > deadline:
                         break
                     continue
             else:
-                s.recv(65535)
+                data = s.recv(65535)
+            if a.times:
+                times.append((len(data), time.monotonic_ns()))
             got += 1
             if a.pause_every and got % a.pause_every == 0:
                 time.sleep(a.pause_ms / 1000)  # a reader that falls behind: packets wait in the socket
@@ -92,7 +95,7 @@ def udp_recv(a) -> dict:
         pass
     if a.discard:
         return {"received": got, "reused": kernel_address("udp", a.port) in discarded}
-    return {"received": got}
+    return {"received": got, "times": times} if a.times else {"received": got}
 
 
 def udp_send(a) -> dict:
@@ -118,6 +121,7 @@ def udp_send_from(a, s: socket.socket) -> dict:
     if a.write:  # a connected socket written to with write(2), as iperf3 and many clients do
         s.connect((a.to, a.port))
     payload = b"x" * a.size
+    sizes = [b"x" * (a.size + i % 1024) for i in range(min(a.count, 1024))] if a.vary_size else []
     gap = 1.0 / a.rate if a.rate else 0.0
     start = time.monotonic()
     sent = 0
@@ -126,6 +130,8 @@ def udp_send_from(a, s: socket.socket) -> dict:
             target = start + i * gap
             while time.monotonic() < target:
                 pass
+        if sizes:
+            payload = sizes[i % 1024]
         try:
             if a.write:
                 os.write(s.fileno(), payload)
@@ -272,6 +278,8 @@ def main(argv=None) -> int:
         sp.add_argument("--hold-until", default="", help="udp-recv, tcp-sink: read nothing until this file exists")
         sp.add_argument("--splice", action="store_true", help="tcp-sink: read with splice(2) into a pipe")
         sp.add_argument("--spin", action="store_true", help="udp-recv: poll the socket without blocking")
+        sp.add_argument("--times", action="store_true", help="udp-recv: report each datagram's size and read time")
+        sp.add_argument("--vary-size", action="store_true", help="udp-send: datagram i is --size + i %% 1024 bytes")
         sp.add_argument("--cpu", type=int, default=-1, help="run on this CPU only")
         sp.add_argument("--hop-by-hop", action="store_true", help="ping, IPv6: behind a hop-by-hop options header")
         sp.add_argument("--discard", type=int, default=0,

@@ -11,6 +11,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SKB_LEN": ("sk_buff", "len"),
     "LT_OFF_SKB_DATA": ("sk_buff", "data"),
     "LT_OFF_SKB_HEAD": ("sk_buff", "head"),
+    "LT_OFF_SKB_PREV": ("sk_buff", "prev"),  # NULL once unlinked from a queue (__skb_unlink)
     "LT_OFF_SKB_PROTOCOL": ("sk_buff", "protocol"),
     "LT_OFF_SKB_IIF": ("sk_buff", "skb_iif"),
     "LT_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
@@ -26,7 +27,10 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SK_RXQ_PREV": ("sock", "sk_receive_queue.prev"),
     "LT_OFF_SK_RXQ_QLEN": ("sock", "sk_receive_queue.qlen"),
     "LT_OFF_SK_SHUTDOWN": ("sock", "sk_shutdown"),
+    "LT_OFF_SK_SOCKET": ("sock", "sk_socket"),
+    "LT_OFF_SOCKET_INO": ("socket_alloc", "vfs_inode.i_ino"),  # a socket's inode follows its struct socket
     "LT_OFF_UDP_READER_QLEN": ("udp_sock", "reader_queue.qlen"),
+    "LT_OFF_UDP_READER_PREV": ("udp_sock", "reader_queue.prev"),
     "LT_OFF_TCP_RCV_NXT": ("tcp_sock", "rcv_nxt"),
     "LT_OFF_TCP_COPIED_SEQ": ("tcp_sock", "copied_seq"),
     "LT_OFF_TASK_NSPROXY": ("task_struct", "nsproxy"),
