@@ -64,7 +64,7 @@ def test_received_packets_all_counted_one_in_n_timed_end_to_end(agent, lab):
     assert lo <= timed <= hi, (timed, lo, hi)
     # Each timed datagram has its whole journey: every segment once, nothing partial.
     for seg in ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total"):
-        assert stats[seg].count == timed, (seg, stats[seg].count, timed)
+        assert stats[seg].count == timed, (seg, stats[seg].count, timed, str(m.kernel_counters))
     # The client pod's send was drawn where it queued it (before the NET_RX raise): a timed one's raise
     # and run have their times (a run the raise of which was not seen has none: a few at most).
     for seg in ("rx_irq", "rx_driver"):
