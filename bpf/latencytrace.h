@@ -283,9 +283,9 @@ LT_LINE_ALIGNED(lt_flights, struct lt_flight, 2 * (LT_RX_SETS + LT_TX_SETS));
 LT_LINE_ALIGNED(lt_sockq_pos, struct lt_sockq_pos, 1 << LT_SOCK_BITS); /* socket -> its queue, direct-mapped */
 LT_LINE_ALIGNED(lt_sockq, struct lt_sockq_ent, 1 << LT_SOCKQ_BITS);    /* the queued packets (lt_sockq_ent) */
 /* Beside each entry of lt_sockq, the sequence number + 1 of the timed packet it holds, written last, on
- * counted sockets only (lt_sockq_pos.counted): 8 to a cache line, so that a read of an untimed packet (7 in 8 when timing 1 in
- * 8) costs a load from a line it has used before instead of a miss on the entry's lines. (64-bit: BCC's
- * compiler has no 32-bit atomic exchange.) */
+ * counted sockets only (lt_sockq_pos.counted): 8 to a cache line, so that a read of an untimed packet
+ * (7 in 8 when timing 1 in 8) costs a load from a line it has used before instead of a miss on the
+ * entry's lines. (64-bit: BCC's compiler has no 32-bit atomic exchange.) */
 LT_LINE_ALIGNED(lt_sockq_tag, u64, 1 << LT_SOCKQ_BITS);
 /* Programs that go on in a fresh run of themselves (a tail call) when one run's bounded loop has more
  * to do; filled by the loader (the table: program.py TAIL_CALLS). */
