@@ -284,6 +284,13 @@ static __always_inline u64 lt_udp_ino(void *sk)
     return ino;
 }
 
+/* UDP, counted mode: the entry of number seq waits for a later read no more. */
+static __always_inline void lt_udp_unlate(struct lt_sockq_pos *pos, u64 seq)
+{
+    if (pos->late == seq + 1)
+        __sync_val_compare_and_swap(&pos->late, seq + 1, 0);
+}
+
 /* UDP, counted mode: a read has taken entry e's number, seq. If e's datagram left the queue, that read
  * was its own: the read is recorded (once: the reader and the writer may both get here), at `now` if
  * the writer's (its wakeup: the read was before it, as an early read), else now. If it is still queued,
@@ -298,8 +305,7 @@ static __always_inline void lt_udp_due(struct lt_sockq_pos *pos, struct lt_sockq
                 lt_count(LT_C_EARLY_READ);
             lt_record_read_ent(e, now ? now : bpf_ktime_get_ns());
         }
-        if (pos->late == seq + 1)
-            __sync_val_compare_and_swap(&pos->late, seq + 1, 0);
+        lt_udp_unlate(pos, seq);
         return;
     }
     u64 late = pos->late;
@@ -668,8 +674,7 @@ static __always_inline u64 lt_udp_due_read(void *sk, struct lt_sockq_pos *pos, s
     } else {
         if (lt_sockq_claim(e, sk_key))
             lt_count(LT_C_COLLISION);
-        if (pos->late == seq + 1)
-            __sync_val_compare_and_swap(&pos->late, seq + 1, 0);
+        lt_udp_unlate(pos, seq);
     }
     return ino;
 }
@@ -686,7 +691,7 @@ static __always_inline void lt_udp_read_counted(void *sk, struct lt_sockq_pos *p
         if (l && l->sk == sk_key && l->seq == late - 1)
             ino = lt_udp_due_read(sk, pos, l, sk_key, late - 1, 0);
         else
-            __sync_val_compare_and_swap(&pos->late, late, 0); /* its entry was taken meanwhile (counted then) */
+            lt_udp_unlate(pos, late - 1); /* its entry was taken meanwhile (counted then) */
     }
     u32 i = lt_sockq_idx(sk_key, seq);
     u64 *tag = lt_sockq_tag.lookup(&i);
