@@ -628,22 +628,25 @@ int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
     for (int k = 0; k < LT_TCP_READS_PER_RUN; k++) {
         u64 seq = pos->head;
         if (seq >= pos->tail)
-            break;
+            return 0; /* all read */
         u32 i = (base + (u32)seq) & ((1u << LT_SOCKQ_BITS) - 1);
         struct lt_sockq_ent *e = lt_sockq.lookup(&i);
         if (!e)
-            break;
+            return 0;
         if (e->sk == sk_key && e->seq == seq) {
             if ((s32)(e->end_seq - copied) > 0)
-                break; /* not read yet, nor anything queued after it */
+                return 0; /* not read yet, nor anything queued after it */
             lt_record_read_ent(e, now);
             e->sk = 0;
         }
         /* else: its entry was taken by a later packet (counted then): its read is lost, not misattributed */
         pos->head = seq + 1;
     }
-    if (pos->head < pos->tail)
-        lt_tail.call(ctx, LT_TAIL_TCP_READS); /* returns only if there is no program to go on in */
+    /* Only here, with this run's share recorded and more packets waiting, does a fresh run go on: a
+     * tail call whenever the ring held unread packets (a bulk reader's usual state) ran the program
+     * again up to the kernel's limit at every read, each run stopping at the same unread packet. */
+    lt_count(LT_C_READ_CONTINUED);
+    lt_tail.call(ctx, LT_TAIL_TCP_READS); /* returns only if there is no program to go on in */
     return 0;
 }
 

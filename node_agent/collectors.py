@@ -156,6 +156,10 @@ COUNTERS: tuple[Counter, ...] = (
             "TCP segments queued out of order, behind a lost or reordered one: each is measured from where TCP "
             "queued it to the read of its data, so its socket-queue time includes the wait for the data before "
             "it (head-of-line blocking)."),
+    Counter(10, "read_continuations", "READ_CONTINUED",
+            "Further runs of the TCP read probe: a read that passed more than 16 packets' data at once (a splice, "
+            "or one skb TCP merged many small packets into) records them 16 a run, up to 33 runs (the rest at the "
+            "socket's next read)."),
 )
 N_COUNTER_SLOTS = 16  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)

@@ -219,7 +219,7 @@ def tcp_sink(a) -> dict:
                 n = os.splice(conn.fileno(), pipe[1], 1 << 16, flags=os.SPLICE_F_NONBLOCK)
                 data = os.read(pipe[0], n) if n else b""
             else:
-                data = conn.recv(1 << 16)
+                data = conn.recv(a.chunk or 1 << 16)
             if not data:
                 break
             total += len(data)
@@ -277,6 +277,7 @@ def main(argv=None) -> int:
         sp.add_argument("--pause-ms", type=float, default=0.0, help="udp-recv: for this long")
         sp.add_argument("--hold-until", default="", help="udp-recv, tcp-sink: read nothing until this file exists")
         sp.add_argument("--splice", action="store_true", help="tcp-sink: read with splice(2) into a pipe")
+        sp.add_argument("--chunk", type=int, default=0, help="tcp-sink: read at most this many bytes at a time")
         sp.add_argument("--spin", action="store_true", help="udp-recv: poll the socket without blocking")
         sp.add_argument("--times", action="store_true", help="udp-recv: report each datagram's size and read time")
         sp.add_argument("--vary-size", action="store_true", help="udp-send: datagram i is --size + i %% 1024 bytes")
