@@ -206,7 +206,8 @@ struct lt_sockq_pos {
                   * their reads' (lt_udp_push_counted); lt_sockq_tag says which numbers are taken */
     u64 late;   /* counted mode: 1 + the number of an entry whose read came later than its number said
                  * (lt_udp_due), 0: none */
-    u64 pad[2];
+    u64 ino;    /* counted mode: the socket's inode number (a socket at a closed one's address has another) */
+    u64 pad;
 };
 _Static_assert(sizeof(struct lt_sockq_pos) == 64, "lt_sockq_pos: one cache line a socket");
 

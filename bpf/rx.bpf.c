@@ -161,7 +161,7 @@ static __always_inline struct lt_sockq_pos *lt_sockq_find(u64 sk)
  * take it in turn). Numbering on from the entry's tail did that only while the entry stayed the
  * address's: a socket that restarted at 0 took such a datagram's entry and tag for its own read. */
 static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead, u32 skip, u32 tcp, u32 peer,
-                                                         u32 counted)
+                                                         u32 counted, u64 ino)
 {
     u32 i = lt_hash64(sk_key, LT_SOCK_BITS);
     struct lt_sockq_pos *pos = lt_sockq_pos.lookup(&i);
@@ -181,6 +181,7 @@ static __always_inline struct lt_sockq_pos *lt_sockq_open(u64 sk_key, u32 ahead,
     pos->peer = peer;
     pos->counted = counted;
     pos->late = 0;
+    pos->ino = ino;
     __sync_lock_test_and_set(&pos->sk, sk_key);
     return pos;
 }
@@ -323,7 +324,8 @@ static __always_inline void lt_udp_due(struct lt_sockq_pos *pos, struct lt_sockq
  * (dequeued, not yet counted) makes the number too low, never too high, and lt_udp_due puts that right
  * at the read. A datagram queued behind this one before its count (it is no longer the queue's tail)
  * makes the count useless: this one's read is given up, counted. */
-static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *pos, struct lt_flight *f, u64 now)
+static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *pos, struct lt_flight *f, u64 now,
+                                                u64 ino)
 {
     u64 sk_key = LT_KEY(sk);
     u64 head = *(volatile u64 *)&pos->head;
@@ -361,7 +363,7 @@ static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *p
     e->skb_head = f->head;
     e->skb_len = 0;
     bpf_probe_read_kernel(&e->skb_len, sizeof(e->skb_len), (const char *)tail + LT_OFF_SKB_LEN);
-    e->ino = lt_udp_ino(sk);
+    e->ino = ino;
     u32 i = lt_sockq_idx(sk_key, seq);
     u64 *tag = lt_sockq_tag.lookup(&i);
     if (tag)
@@ -371,31 +373,56 @@ static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *p
         lt_udp_due(pos, e, sk_key, seq, now);
 }
 
+/* UDP: socket sk_key is numbered from now on (its position was just opened so): no CPU may take it for
+ * a counted one any more (lt_cpu_ctx.udp_counted: its datagrams without a timed flight would take no
+ * number, and every later read would take an earlier datagram's). Runs where a socket is first seen. */
+static __always_inline void lt_udp_uncount(u64 sk_key)
+{
+    for (u32 i = 0; i < LT_NCPU; i++) {
+        struct lt_cpu_ctx *o = lt_cpu.lookup(&i);
+        if (o && o->udp_counted == sk_key)
+            o->udp_counted = 0;
+    }
+}
+
 /* record: UDP, move a readied packet to its socket's ring. f is NULL for a packet we did not follow or
  * time: on a socket of a target that times every packet it still takes a sequence number, so that the
  * reads that follow stay matched; on one in counted mode (c->udp_counted answers for the last one seen
- * on this CPU) nothing. */
+ * on this CPU) nothing. A socket's mode is chosen when it is first seen; a new socket at a closed
+ * counted one's address (another inode number, looked up for every timed datagram of a counted socket)
+ * is first seen at its first timed datagram: it chooses afresh. (It kept the closed one's mode: timing
+ * every packet in counted mode gives up each datagram with another queued behind it before its wakeup's
+ * count, 3.5% of a flood's.) */
 static __always_inline void lt_record_udp_push(struct lt_cpu_ctx *c, void *sk, struct lt_flight *f, u64 now)
 {
     u64 sk_key = LT_KEY(sk);
     if (!f && c->udp_counted == sk_key)
         return;
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
+    u64 ino = 0;
+    if (f && pos && pos->counted && !pos->tcp) {
+        ino = lt_udp_ino(sk);
+        if (ino != pos->ino)
+            pos = NULL; /* a new socket at a closed one's address */
+    }
     if (!pos || pos->tcp) {
         if (!f)
             return;
         struct lt_target *t = lt_target(f->slot);
         if (t && !lt_times_every_packet(t)) {
-            pos = lt_sockq_open(sk_key, 0, 0, 0, 0, 1);
+            if (!ino)
+                ino = lt_udp_ino(sk);
+            pos = lt_sockq_open(sk_key, 0, 0, 0, 0, 1, ino);
             if (!pos)
                 return;
         } else {
             /* First packet of ours on this socket: reads first drain what was queued before it. None
              * queued at all: its reader ran ahead of this program, the packet was read already (see below). */
             u32 before = lt_udp_queued(sk);
-            pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, 0);
+            pos = lt_sockq_open(sk_key, before ? 0 : 1, before ? before - 1 : 0, 0, 0, 0, 0);
             if (!pos)
                 return;
+            lt_udp_uncount(sk_key);
             if (before)
                 lt_udp_read_before_open(sk, pos);
         }
@@ -403,7 +430,7 @@ static __always_inline void lt_record_udp_push(struct lt_cpu_ctx *c, void *sk, s
     if (pos->counted) {
         c->udp_counted = sk_key;
         if (f)
-            lt_udp_push_counted(sk, pos, f, now);
+            lt_udp_push_counted(sk, pos, f, now, ino);
         return;
     }
     /* Atomic: packets for one socket may be readied on several CPUs at once. */
@@ -447,7 +474,7 @@ static __always_inline void lt_record_tcp_push(void *sk, struct lt_flight *f, u3
     u32 peer = lt_tcp_peer(&f->addr);
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     if (!pos || !pos->tcp || pos->peer != peer)
-        pos = lt_sockq_open(sk_key, 0, 0, 1, peer, 0); /* also a new connection at a closed one's address */
+        pos = lt_sockq_open(sk_key, 0, 0, 1, peer, 0, 0); /* also a new connection at a closed one's address */
     if (!pos)
         return;
     u64 seq = pos->tail++;
