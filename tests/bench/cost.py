@@ -51,6 +51,12 @@ def _workloads(pods: Pods, steady_pps: int, seconds: float, steady_seconds: floa
          lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
         ("pp_udp/traced", "UDP ping-pong with the traced pod",
          lambda t: t.pingpong(pods.client, pods.traced, "udp", seconds)),
+        # One packet at a time: every program runs with cold caches, as an untraced pod's request-response
+        # traffic meets them (the flood above keeps them warm).
+        ("pp_tcp/untraced", "TCP ping-pong with an untraced pod",
+         lambda t: t.pingpong(pods.client, pods.untraced, "tcp", seconds)),
+        ("pp_udp/untraced", "UDP ping-pong with an untraced pod",
+         lambda t: t.pingpong(pods.client, pods.untraced, "udp", seconds)),
         ("tcp_bulk/traced", "TCP bulk into the traced pod (per skb: GSO)",
          lambda t: t.tcp_bulk(pods.client, pods.traced, seconds)),
     )
