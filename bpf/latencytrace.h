@@ -25,6 +25,8 @@
 #define LT_ETH_P_IPV6 0xDD86 /* htons(0x86DD) */
 #define LT_IPPROTO_TCP 6
 #define LT_IPPROTO_UDP 17
+#define LT_AF_INET 2
+#define LT_AF_INET6 10
 #define LT_LOOPBACK_IFINDEX 1
 #define LT_DIR_RX 0
 #define LT_DIR_TX 1

@@ -516,6 +516,15 @@ static __always_inline u64 lt_filter_ready_skb(struct lt_cpu_ctx *c, u64 tail, s
 int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
 {
     void *sk = (void *)ctx->args[0];
+#if LT_TYPED
+    /* sk_data_ready runs for every socket's wakeup on the node, unix and netlink ones too (the node's
+     * runtime, its agents' gRPC, its logs): the family, a plain load from the line the filter below
+     * reads anyway, turns them away before this CPU's entry is looked up. (With raw tracepoints it would
+     * be a helper call of its own, dearer than the filter.) */
+    u16 family = lt_ld16(sk, LT_OFF_SK_FAMILY);
+    if (family != LT_AF_INET && family != LT_AF_INET6)
+        return 0;
+#endif
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
@@ -732,13 +741,20 @@ static __always_inline void lt_udp_read_counted(void *sk, struct lt_sockq_pos *p
         lt_udp_due_read(sk, pos, e, sk_key, seq, ino);
 }
 
-/* UDP reads: one datagram per successful, non-peeking recvmsg. */
+/* UDP reads: one datagram per successful, non-peeking recvmsg. sock_recv_length runs for every
+ * socket's recvmsg on the node (TCP, unix, netlink): with typed tracepoints the socket's protocol, a
+ * plain load, turns the others away before this CPU's entry is looked up (with raw tracepoints it
+ * would be a helper call of its own, dearer than the namespace filter). */
 int lt_sock_recv_length(struct bpf_raw_tracepoint_args *ctx)
 {
     void *sk = (void *)ctx->args[0];
     u64 sk_key = LT_KEY(sk);
     if ((int)ctx->args[1] < 0 || ((int)ctx->args[2] & LT_MSG_PEEK))
         return 0;
+#if LT_TYPED
+    if (lt_ld16(sk, LT_OFF_SK_PROTOCOL) != LT_IPPROTO_UDP)
+        return 0;
+#endif
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c || lt_filter_sock(c, sk) < 0)
         return 0; /* a socket outside traced pods */

@@ -23,6 +23,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_DEV_IFINDEX": ("net_device", "ifindex"),
     "LT_OFF_NET_INUM": ("net", "ns.inum"),
     "LT_OFF_SK_NET": ("sock", "__sk_common.skc_net.net"),
+    "LT_OFF_SK_FAMILY": ("sock", "__sk_common.skc_family"),
     "LT_OFF_SK_PROTOCOL": ("sock", "sk_protocol"),
     "LT_OFF_SK_RXQ_PREV": ("sock", "sk_receive_queue.prev"),
     "LT_OFF_SK_RXQ_QLEN": ("sock", "sk_receive_queue.qlen"),

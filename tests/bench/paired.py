@@ -57,6 +57,8 @@ def _workloads(pods: Pods, pps: int, seconds: float):
          lambda t: t.pingpong(pods.client, pods.traced, "udp", seconds)),
         ("pp_udp/untraced", "UDP ping-pong with an untraced pod",
          lambda t: t.pingpong(pods.client, pods.untraced, "udp", seconds)),
+        ("unix_pp/untraced", "unix-socket messages in an untraced pod (per message: no packets)",
+         lambda t: t.unix_pingpong(pods.untraced, seconds)),
     )
 
 

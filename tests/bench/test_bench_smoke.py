@@ -36,6 +36,7 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     # An untraced pod's request-response traffic, each packet meeting the programs cold.
     assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["pp_udp/untraced"]["raw_ns"] > 0
+    assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["unix_pp/untraced"]["raw_ns"] > 0
     # The arms with the agent timing 1 packet in 8.
     assert doc["sections"]["probe_cost"]["agent_time8"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     assert doc["sections"]["overhead"]["summary"]["pp_tcp/traced/time_one_in_8"]["p50_us"]["median_on"] > 0

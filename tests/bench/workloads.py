@@ -45,6 +45,21 @@ print(statistics.median(per), len(per) * 50_000)
 """
 
 
+# Unix-socket messages back and forth over a socketpair (no packets: the node's runtime, its agents'
+# gRPC and its logs talk so), for `seconds`: the messages sent.
+_UNIX_PINGPONG = """
+import socket, sys, time
+a, b = socket.socketpair()
+end, n = time.monotonic() + float(sys.argv[1]), 0
+while time.monotonic() < end:
+    for _ in range(10_000):
+        a.send(b"x")
+        b.recv(16)
+    n += 10_000
+print(n)
+"""
+
+
 # The background's sender and reader (run with `python3 -c`): bursts of 64-byte datagrams every 10 ms.
 _BACKGROUND_SEND = """
 import socket, sys, time
@@ -217,6 +232,13 @@ class Traffic:
         out = self._client(pod, seconds + 30, "python3", "-c", _SYSCALL_LOOP, str(seconds))
         ns, calls = out.split()
         return {"ns_per_call": float(ns), "calls": int(calls), "seconds": seconds}
+
+
+    def unix_pingpong(self, pod: Pod, seconds: float) -> dict:
+        """Messages over a unix socketpair inside `pod`, one at a time: the socket hooks' cost for sockets
+        that are not the network's (sk_data_ready and sock_recv_length run for them too)."""
+        n = int(self._client(pod, seconds + 30, "python3", "-c", _UNIX_PINGPONG, str(seconds)).strip())
+        return {"packets": n, "messages": n, "seconds": seconds}
 
 
 def parse_sockperf(text: str) -> dict:
