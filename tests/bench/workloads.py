@@ -233,7 +233,6 @@ class Traffic:
         ns, calls = out.split()
         return {"ns_per_call": float(ns), "calls": int(calls), "seconds": seconds}
 
-
     def unix_pingpong(self, pod: Pod, seconds: float) -> dict:
         """Messages over a unix socketpair inside `pod`, one at a time: the socket hooks' cost for sockets
         that are not the network's (sk_data_ready and sock_recv_length run for them too)."""
