@@ -400,7 +400,7 @@ static __always_inline void lt_record_udp_push(struct lt_cpu_ctx *c, void *sk, s
         return;
     struct lt_sockq_pos *pos = lt_sockq_find(sk_key);
     u64 ino = 0;
-    if (f && pos && pos->counted && !pos->tcp) {
+    if (f && pos && pos->counted) { /* (never a TCP position: those open uncounted) */
         ino = lt_udp_ino(sk);
         if (ino != pos->ino)
             pos = NULL; /* a new socket at a closed one's address */
