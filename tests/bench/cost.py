@@ -17,7 +17,7 @@ from pathlib import Path
 
 from latencytrace.node_agent.kernel import bpfsys
 
-from . import bpfprogs
+from . import bpfprogs, dispatch
 from .bpfprogs import FloorProgram, ProgStats
 from .fidelity import ip_u32
 from .overhead import Pods
@@ -39,6 +39,7 @@ TOOL_ARGS = {"agent": (), "agent_time8": ("--time-one-in", "8"), "agent_raw": ("
 # later in one run here, so the two agents compared (typed and raw tracepoints) run A B B A and each
 # figure pools both of its sessions: a drift that is linear in time cancels.
 SESSIONS = ("agent", "agent_raw", "agent_raw", "agent", "agent_time8", "bpftrace")
+DISPATCH_ROUNDS = 3
 
 
 def _workloads(pods: Pods, steady_pps: int, seconds: float, steady_seconds: float):
@@ -139,6 +140,8 @@ def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_se
     ifindex = int((Path("/sys/class/net") / pods.client.host_veth / "ifindex").read_text())
     bt_params = [host_ns, pods.traced.inode, 0, ifindex, ip_u32(pods.traced.ip), 0]
     out: dict = {"steady_pps": steady_pps}
+    # First, with statistics off: what the kernel's dispatch costs outside every program's figure below.
+    out["dispatch"] = dispatch.run(traffic, pods.untraced, seconds, DISPATCH_ROUNDS, progress)
     stats_fd = bpfsys.enable_stats()
     try:
         with FloorProgram() as floor:
@@ -216,6 +219,7 @@ def rows(data: dict) -> list[Row]:
                        f"{fmt(b['net_ns'], 0, 'ns')} (bpftrace, {b['runs_per_packet']:.1f} runs)",
                        f"{fmt(pp['net_ns'], 0, 'ns')} ({pp['runs_per_packet']:.1f} runs)",
                        f"×{ratio:.2f}" if ratio else "n/a", "—", None))
+    out += dispatch_rows(data.get("dispatch", {}), agent)
     ka = agent["workloads"]["udp_rate/traced"]
     kb = bt["workloads"]["udp_rate/traced"]
     out.append(Row("comparison", f"process CPU (user+system, % of one core), {ka['label']}",
@@ -225,4 +229,30 @@ def rows(data: dict) -> list[Row]:
                    f"{agent['peak_rss_mib']:.0f} MiB ({agent['uss_mib']:.0f} MiB)", "", "—", None))
     out.append(Row("comparison", "process start to probes attached", f"{bt['attach_wall_s']:.2f} s (bpftrace)",
                    f"{agent['attach_wall_s']:.2f} s", "", "—", None))
+    return out
+
+
+def dispatch_rows(d: dict, agent: dict) -> list[Row]:
+    """One program run's dispatch (statistics off), and what it adds up to under an untraced pod's round trip."""
+    if "dispatch_ns" not in d:
+        return [Row("probe_cost", "dispatch of one program run, statistics off", "—", "not measured", "", "—", None,
+                    note=d.get("skipped", ""))]
+    x, path = d["dispatch_ns"], d["syscall_path_ns"]
+    med = d["median_ns_per_call"]
+    out = [Row("probe_cost", "dispatch of one program run on a tracepoint of its own, statistics off (getppid() "
+               f"with an empty program on sys_enter, then one more on sys_exit; {d['rounds']} rounds)",
+               f"{med['sys_enter']:.1f} ns a call", f"{med['sys_enter+sys_exit']:.1f} ns a call", f"{x:.1f} ns a run",
+               "—", None, note=f"no program: {med['none']:.1f} ns a call; the system-call tracing path, which a "
+                               f"program on sys_enter switches on for every system call of the node: {path:.1f} ns")]
+    for key, w in agent["workloads"].items():
+        if not key.startswith("pp_") or not key.endswith("/untraced"):
+            continue
+        pk = max(w["packets"], 1)
+        runs = 2 * sum(v["run_cnt"] for v in w["programs"].values()) / pk  # a round trip: 2 packets
+        calls = 2 * w["programs"].get("lt_sys_enter", {}).get("run_cnt", 0) / pk
+        floor_ns = runs * x + calls * path
+        out.append(Row("probe_cost", f"the dispatch floor under a round trip, {w['label']}: its program runs' "
+                       "dispatch and its system calls' tracing path, before any instruction of the agent's",
+                       f"{runs:.1f} runs, {calls:.1f} system calls", fmt(floor_ns / 1000, 2, "µs"), "",
+                       "—", None, note="the round trip's whole budget (ping-pong p50) is +0.5 µs"))
     return out

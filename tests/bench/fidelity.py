@@ -9,7 +9,9 @@ report cut at phase boundaries), which lets one agent's figures be split by phas
 - Medians: sockperf ping-pong (TCP into one pod, UDP into another) while the bpftrace script
   segments.bt, which shares no code and not its method with bpf/, measures the same segments of the
   same packets; agent p50 / bpftrace p50 per segment, averaged over both attachment orders. Each tool
-  alone on the next packets shows how much of its own work each one counts into its segments. Once
+  alone on the next packets shows how much of its own work each one counts into its segments, and the
+  agent alone asking only for the compared segments how much its other segments' hooks, which run
+  inside them, add to them. Once
   with the client in a pod of its own, once with the client on the host itself (as a hostNetwork pod
   or the kubelet), whose packets start on the host at their queueing, not at a receive.
 - The NIC path (`nic_path`, not in --quick): a traced pod downloads a pinned wheel from the package
@@ -32,7 +34,7 @@ import threading
 import time
 from pathlib import Path
 
-from latencytrace.node_agent import targets
+from latencytrace.node_agent import segments, targets
 from latencytrace.node_agent.kernel import nics
 from latencytrace.node_agent.agent import Agent, Desired
 from latencytrace.node_agent.program import Sizes
@@ -51,6 +53,10 @@ COMPARED = {
     "tcp": ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "tx_app_to_dev", "tx_pod_to_host"),
     "udp": ("rx_host_to_pod", "rx_pod_stack", "tx_app_to_dev", "tx_pod_to_host"),
 }
+# What the agent asks for in the session that shows its other hooks' time inside these segments: the compared
+# segments alone, so that neither the node's segments (rx_irq, rx_driver, tx_qdisc, tx_driver) nor the
+# totals attach their hooks (the softirq ones, net_dev_start_xmit, net_dev_xmit, consume_skb).
+OWN_SEGMENTS = ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "tx_app_to_dev", "tx_pod_to_host")
 CLIENTS = ("pod", "host")  # where the ping-pong client runs: a pod of its own, or the host's namespace
 RX_ACCOUNTED = ("rx_irq", "rx_driver", "rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total")
 TX_ACCOUNTED = ("tx_app_to_dev", "tx_pod_to_host", "tx_total")
@@ -86,11 +92,11 @@ class LiveAgent:
             with self._lock:
                 self.report.consume(self.agent.collect())
 
-    def trace(self, pods: list[Pod]) -> None:
+    def trace(self, pods: list[Pod], settings: TargetSettings | None = None) -> None:
         desired = []
         for pod in pods:
             ns = targets.from_path(pod.path)
-            desired.append(Desired(f"netns:{ns.inode}", pod.name, (lambda ns=ns: ns), TargetSettings()))
+            desired.append(Desired(f"netns:{ns.inode}", pod.name, (lambda ns=ns: ns), settings or TargetSettings()))
         with self._lock:
             states = self.agent.reconcile(desired)
         bad = {k: s.message for k, s in states.items() if s.state != "Tracing"}
@@ -161,7 +167,7 @@ def accounting(live: LiveAgent, traffic: Traffic, client: Pod, server: Pod, pps:
     }
 
 
-MODES = ("bpftrace_first", "agent_first", "agent_alone", "bpftrace_alone")
+MODES = ("bpftrace_first", "agent_first", "agent_alone", "bpftrace_alone", "agent_alone_own_segments")
 
 
 def _pingpong_session(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod, seconds: float,
@@ -171,14 +177,15 @@ def _pingpong_session(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod,
     With both, programs on one tracepoint run in the order they were attached, and each tool's segment
     then contains the other's whole program at one of the segment's two boundaries: attaching in both
     orders and averaging cancels which one runs first. Alone, each tool's figure contains only its own
-    work, which shows how much of it each tool counts into its segments."""
+    work, which shows how much of it each tool counts into its segments; the agent alone asking only for
+    OWN_SEGMENTS shows how much its other segments' hooks, which run inside these, add to them."""
     host_ns = os.stat("/proc/self/ns/net").st_ino
     # Where segments.bt sees the client's packets first on the host: a client pod's host-side veth
     # (received), or for the host's own client the bridge the host queues them on.
     first_dev = client.host_veth if client is not HOST else bridge
     ifindex = int((Path("/sys/class/net") / first_dev / "ifindex").read_text())
     params = [host_ns, tcp_pod.inode, udp_pod.inode, ifindex, ip_u32(tcp_pod.ip), ip_u32(udp_pod.ip)]
-    bt = BpftraceProcess(params, log_dir) if mode != "agent_alone" else None
+    bt = BpftraceProcess(params, log_dir) if not mode.startswith("agent_alone") else None
     live = LiveAgent() if mode != "bpftrace_alone" else None
     maps: dict = {}
     doc: dict = {"targets": []}
@@ -188,7 +195,8 @@ def _pingpong_session(traffic: Traffic, client: Pod, tcp_pod: Pod, udp_pod: Pod,
             if tool is not None:
                 tool.start()
         if live:
-            live.trace([tcp_pod, udp_pod])
+            live.trace([tcp_pod, udp_pod], TargetSettings(seg_mask=segments.mask(OWN_SEGMENTS))
+                       if mode == "agent_alone_own_segments" else None)
             live.cut()
         out = {"tcp": {"pingpong": traffic.pingpong(client, tcp_pod, "tcp", seconds)},
                "udp": {"pingpong": traffic.pingpong(client, udp_pod, "udp", seconds)}}
@@ -250,6 +258,7 @@ def _combine(sessions: dict) -> dict:
             ok = all(x is not None for x in a + b)
             a_alone = sessions["agent_alone"][proto]["segments"][seg]["agent_p50_us"]
             b_alone = sessions["bpftrace_alone"][proto]["segments"][seg]["bpftrace_p50_us"]
+            own = sessions["agent_alone_own_segments"][proto]["segments"][seg]["agent_p50_us"]
             combined[proto][seg] = {
                 "agent_p50_us": sum(a) / len(a) if ok else None,
                 "bpftrace_p50_us": sum(b) / len(b) if ok else None,
@@ -260,6 +269,7 @@ def _combine(sessions: dict) -> dict:
                                    for m, p in zip(("bpftrace_first", "agent_first"), both)},
                 "agent_alone_p50_us": a_alone, "bpftrace_alone_p50_us": b_alone,
                 "ratio_alone": a_alone / b_alone if a_alone is not None and b_alone else None,
+                "agent_alone_own_segments_p50_us": own,
             }
     return combined
 
@@ -460,6 +470,9 @@ def rows(data: dict) -> list[Row]:
         if s["ratio_alone"]:
             by_order += (f"; each alone: {fmt(s['agent_alone_p50_us'], 2)} vs {fmt(s['bpftrace_alone_p50_us'], 2)} µs"
                          f" ×{s['ratio_alone']:.3f}")
+        if s.get("agent_alone_own_segments_p50_us") is not None:
+            by_order += (f"; the agent alone asking for the compared segments only (none of the node's, no totals): "
+                         f"{fmt(s['agent_alone_own_segments_p50_us'], 2)} µs")
         out.append(_p50_row(f"{seg} p50, {proto.upper()} ping-pong from the {where}", s, by_order))
     if "nic" in data:
         out += nic_rows(data["nic"])

@@ -37,6 +37,9 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     # An untraced pod's request-response traffic, each packet meeting the programs cold.
     assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["pp_udp/untraced"]["raw_ns"] > 0
     assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["unix_pp/untraced"]["raw_ns"] > 0
+    # One program run's dispatch, statistics off: a second empty program always costs something.
+    dispatch = doc["sections"]["probe_cost"]["dispatch"]
+    assert dispatch["dispatch_ns"] > 0, dispatch
     # The arms with the agent timing 1 packet in 8.
     assert doc["sections"]["probe_cost"]["agent_time8"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     assert doc["sections"]["overhead"]["summary"]["pp_tcp/traced/time_one_in_8"]["p50_us"]["median_on"] > 0
@@ -48,6 +51,8 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     # Both tools saw the host's own client's packets cross into the pod (they start at its queueing).
     from_host = doc["sections"]["fidelity"]["medians"]["combined"]["host"]["tcp"]["rx_host_to_pod"]
     assert from_host["agent_count"] > 0 and from_host["bpftrace_count"] > 0, from_host
+    # The agent alone asking only for the compared segments measured them too.
+    assert from_host["agent_alone_own_segments_p50_us"] > 0, from_host
     scale = next(iter(doc["sections"]["controlplane"]["scales"].values()))
     assert scale["published_nodes"] == scale["nodes"]
     floor = doc["sections"]["controlplane"]["floor"]  # the API server alone, the same applies
