@@ -678,6 +678,8 @@ int lt_tcp_rcv_space_adjust(struct bpf_raw_tracepoint_args *ctx)
         /* else: its entry was taken by a later packet (counted then): its read is lost, not misattributed */
         pos->head = seq + 1;
     }
+    if (pos->head >= pos->tail)
+        return 0; /* all read: exactly this run's share */
     /* Only here, with this run's share recorded and more packets waiting, does a fresh run go on: a
      * tail call whenever the ring held unread packets (a bulk reader's usual state) ran the program
      * again up to the kernel's limit at every read, each run stopping at the same unread packet. */

@@ -719,6 +719,17 @@ def test_a_tcp_read_of_part_of_the_queue_costs_one_probe_run(agent, lab):
     assert m.kernel_counters["read_continuations"] == 0, m.kernel_counters
 
 
+@pytest.mark.parametrize("packets,further_runs", [(16, 0), (17, 1)])
+def test_a_tcp_read_of_one_run_s_share_takes_one_run(agent, lab, packets, further_runs):
+    """One splice of 16 packets' data (what one run of the read probe records) is recorded in one run, and
+    one of 17 in two: a further run goes on only when packets wait after a run's share (it went on after
+    exactly 16 too, and returned at once, counted)."""
+    m, a, _ = held_tcp_transfer(agent, lab, 9709 + packets % 2, packets, 100, "--splice")
+    reads = check_tcp_reads(m, a)
+    assert len(reads) == packets, len(reads)  # each send its own packet (TCP_NODELAY), all read at once
+    assert m.kernel_counters["read_continuations"] == further_runs, m.kernel_counters
+
+
 def socket_reads(m, pod, sport: int) -> list:
     """The packets read in `pod`: all from the client's port `sport`, each read after its wakeup, the
     kernel's socket-queue and total times exactly the events'."""
