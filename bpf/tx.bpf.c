@@ -169,6 +169,10 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
             u64 age = lt_age(c);
             if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, age))
                 lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age));
+            /* A traced pod's packet to a Service the node DNATed to another traced pod: its receive
+             * flight starts here too (addressed to the Service, it had none at netif_receive_skb). */
+            if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && !lt_get(LT_DIR_RX, key))
+                lt_record_host_queue(c, &v, key, ifindex, 1);
         } else if (!v.iif) {
             lt_record_host_queue(c, &v, key, ifindex, 0); /* sent by the host itself */
         } else if (lt_filter_hostdev(LT_HOSTDEV_UPLINK, v.iif)) {

@@ -631,6 +631,27 @@ def test_packets_through_a_service_ip_on_the_node_start_where_the_host_queues_th
     assert sum(m.slot_counts.values()) == m.slot_counts[m.slots["a"]], m.slot_counts  # b's in no slot
 
 
+def test_a_traced_pods_packets_through_a_service_ip_start_where_the_host_queues_them_too(agent, lab):
+    """A traced pod sends to a Service's virtual IP that the node DNATs to another traced pod: the packet
+    is in the sender's transmit flight when the host queues it on the receiver's veth, and its receive
+    journey starts there as another pod's would (it had none: no rx_host_to_pod, rx_driver ending in the
+    pod). Every packet is timed both ways."""
+    from tests.netlab import ClusterIP
+
+    a, client = lab.add_pod("a"), lab.add_pod("client")
+    n = 1000
+    with ClusterIP(lab) as svc:
+        svc.to("udp", 9252, a, 9252)
+        m = measure(agent, [a, client], lambda: udp_through_nat(client, svc.ip, (9252,), [(a, 9252)], n),
+                    read_kernel=True, **EVERY_PACKET)
+    assert m.kernel_counters["quiet_misses"] == 0, m.kernel_counters  # a traced sender's runs are timed
+    rx, tx = m.kernel[a.name], m.kernel[client.name]
+    assert rx["rx_host_to_pod"].count == rx["rx_driver"].count == rx["rx_total"].count == n, rx
+    assert tx["tx_pod_to_host"].count == tx["tx_total"].count == n, tx
+    # rx_driver ends on the host, where rx_host_to_pod starts: the two add up to the span between them.
+    assert rx["rx_driver"].sum_ns + rx["rx_host_to_pod"].sum_ns <= rx["rx_total"].sum_ns, rx
+
+
 def check_tcp_reads(m, pod) -> list:
     """The packets read into `pod` over TCP: each read after its wakeup, the kernel's socket-queue and
     total times exactly those of the events, and every data packet that woke the socket read (its
