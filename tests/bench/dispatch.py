@@ -56,7 +56,8 @@ def run(traffic: Traffic, pod, seconds: float, rounds: int, progress) -> dict:
     per: dict[str, list[float]] = {k: [] for k in ARMS}
     for r in range(rounds):
         for arm in (list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]):
-            progress(f"dispatch: round {r + 1} of {rounds}, empty programs on {', '.join(t.decode() for t in ARMS[arm]) or 'nothing'}")
+            on = ", ".join(t.decode() for t in ARMS[arm]) or "nothing"
+            progress(f"dispatch: round {r + 1} of {rounds}, empty programs on {on}")
             with ExitStack() as attached:
                 for tp in ARMS[arm]:
                     attached.enter_context(EmptyProgram(tp))
