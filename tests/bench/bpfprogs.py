@@ -104,7 +104,8 @@ def wait_quiet(own_pids: list[int | str], max_wait_s: float, progress=None) -> l
 
 
 class FloorProgram:
-    """An empty raw-tracepoint program on netif_receive_skb: what statistics plus dispatch cost alone.
+    """An empty raw-tracepoint program (on netif_receive_skb unless told): what statistics plus dispatch
+    cost alone; with statistics off, dispatch.py's unit of a program run.
 
     Its run time per run is the floor under every probe's figure (BPF statistics time each run with two
     clock reads, which the probe would not pay with statistics off)."""

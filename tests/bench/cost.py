@@ -247,9 +247,8 @@ def dispatch_rows(d: dict, agent: dict) -> list[Row]:
     for key, w in agent["workloads"].items():
         if not key.startswith("pp_") or not key.endswith("/untraced"):
             continue
-        pk = max(w["packets"], 1)
-        runs = 2 * sum(v["run_cnt"] for v in w["programs"].values()) / pk  # a round trip: 2 packets
-        calls = 2 * w["programs"].get("lt_sys_enter", {}).get("run_cnt", 0) / pk
+        runs = 2 * agent["per_packet"][key]["runs_per_packet"]  # a round trip: 2 packets
+        calls = 2 * w["programs"].get("lt_sys_enter", {}).get("run_cnt", 0) / max(w["packets"], 1)
         floor_ns = runs * x + calls * path
         out.append(Row("probe_cost", f"the dispatch floor under a round trip, {w['label']}: its program runs' "
                        "dispatch and its system calls' tracing path, before any instruction of the agent's",

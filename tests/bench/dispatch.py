@@ -22,31 +22,8 @@ from pathlib import Path
 from . import bpfprogs, stats
 from .workloads import Traffic
 
-ARMS = {"none": (), "sys_enter": (b"sys_enter",), "sys_enter+sys_exit": (b"sys_enter", b"sys_exit")}
+ARMS = {"none": (), "sys_enter": ("sys_enter",), "sys_enter+sys_exit": ("sys_enter", "sys_exit")}
 STATS_SYSCTL = Path("/proc/sys/kernel/bpf_stats_enabled")
-
-
-class EmptyProgram:
-    """An empty raw-tracepoint program attached to one tracepoint."""
-
-    SOURCE = b"int lt_bench_empty(struct bpf_raw_tracepoint_args *ctx) { return 0; }"
-
-    def __init__(self, tracepoint: bytes):
-        self.tracepoint = tracepoint
-        self.bpf = None
-
-    def __enter__(self) -> EmptyProgram:
-        from bcc import BPF  # Debian's BCC, linked into the virtual environment by .ci/setup
-
-        bpfprogs.headers.ensure()
-        self.bpf = BPF(text=self.SOURCE)
-        self.bpf.attach_raw_tracepoint(tp=self.tracepoint, fn_name=b"lt_bench_empty")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.bpf is not None:
-            self.bpf.cleanup()
-            self.bpf = None
 
 
 def run(traffic: Traffic, pod, seconds: float, rounds: int, progress) -> dict:
@@ -56,11 +33,11 @@ def run(traffic: Traffic, pod, seconds: float, rounds: int, progress) -> dict:
     per: dict[str, list[float]] = {k: [] for k in ARMS}
     for r in range(rounds):
         for arm in (list(ARMS) if r % 2 == 0 else list(ARMS)[::-1]):
-            on = ", ".join(t.decode() for t in ARMS[arm]) or "nothing"
+            on = ", ".join(ARMS[arm]) or "nothing"
             progress(f"dispatch: round {r + 1} of {rounds}, empty programs on {on}")
             with ExitStack() as attached:
                 for tp in ARMS[arm]:
-                    attached.enter_context(EmptyProgram(tp))
+                    attached.enter_context(bpfprogs.FloorProgram(tp))  # an empty program
                 per[arm].append(traffic.syscalls(pod, seconds)["ns_per_call"])
     med = {k: stats.median(v) for k, v in per.items()}
     run_ns = med["sys_enter+sys_exit"] - med["sys_enter"]
