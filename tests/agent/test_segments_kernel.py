@@ -655,8 +655,10 @@ def test_a_traced_pods_packets_through_a_service_ip_start_where_the_host_queues_
 def check_tcp_reads(m, pod) -> list:
     """The packets read into `pod` over TCP: each read after its wakeup, the kernel's socket-queue and
     total times exactly those of the events, and every data packet that woke the socket read (its
-    SYN, bare ACKs and FIN end in the pod's stack: no wakeup, no read, no event)."""
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in COUNTED_CASES}
+    SYN, bare ACKs and FIN end in the pod's stack: no wakeup, no read, no event). A segment queued out of
+    order (behind one the busy machine lost: 7 once in CI) is such a packet too, its socket-queue time
+    including the wait for the data before it, and is checked with the rest."""
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in (*COUNTED_CASES, "out_of_order")}
     assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
     stats = m.kernel[pod.name]
     reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5]]
