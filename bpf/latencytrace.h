@@ -25,6 +25,7 @@
 #define LT_ETH_P_IPV6 0xDD86 /* htons(0x86DD) */
 #define LT_IPPROTO_TCP 6
 #define LT_IPPROTO_UDP 17
+#define LT_IPV6_FRAGMENT 44 /* IPv6's fragment header, as a next header */
 #define LT_AF_INET 2
 #define LT_AF_INET6 10
 #define LT_LOOPBACK_IFINDEX 1
@@ -40,6 +41,9 @@
 #define LT_F_UNTIMED 8     /* not chosen for timing (lt_count_packet): the flight only follows the packet to its end,
                             * so that it is counted once and its drop attributed; no clock read, segment or event */
 #define LT_F_FIN 16        /* a TCP segment with FIN (its sequence numbers end one past its data) */
+#define LT_F_FRAG 32       /* a fragment (with LT_F_NODATA): the host's reassembly may free its skb or give it another
+                            * data buffer on its way (lt_host_reassembled) */
+#define LT_F_FRAG_FIRST 64 /* with LT_F_FRAG: its datagram's first fragment (offset 0) */
 
 struct lt_target {
     u64 slow_ns;       /* emit an event when the packet's total is at least this; 0: never */
@@ -130,8 +134,8 @@ struct lt_addrs {
     u16 sport; /* network byte order */
     u16 dport;
     u8 proto;
-    u8 family; /* 4 or 6; 0: addresses unknown */
-    u16 pad;
+    u8 family;   /* 4 or 6; 0: addresses unknown */
+    u16 frag_id; /* a fragment's datagram identification (IPv4's; the low half of IPv6's), else 0 */
 };
 
 /* One packet in flight, in a direct-mapped array entry (see lt_flights). */
@@ -807,7 +811,7 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
  * its addresses without reading them again. The same read says whether a socket will read it (*tcpf:
  * LT_F_NODATA for a bare ACK; for a packet of neither TCP nor UDP, which the stack takes itself: ICMP,
  * IGMP, IPv6's MLD behind a hop-by-hop header; and for a fragment, of which reassembly keeps one skb and
- * frees the rest. LT_F_FIN for a segment that ends the stream, whose FIN takes a sequence number no read
+ * frees the rest, LT_F_NODATA | LT_F_FRAG. LT_F_FIN for a segment that ends the stream, whose FIN takes a sequence number no read
  * passes). 0, or -1 when it is not IP or cannot be read (`a` is then all zero: family 0). */
 static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a, u8 *tcpf)
 {
@@ -821,8 +825,11 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
         a->proto = (h[2] >> 8) & 0xff; /* byte 9 */
         a->saddr[0] = h[3];
         a->daddr[0] = h[4];
-        if ((a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) || ((h[1] >> 16) & 0xff3f))
-            *tcpf = LT_F_NODATA; /* bytes 6-7: the more-fragments flag and the fragment offset */
+        if ((h[1] >> 16) & 0xff3f) { /* bytes 6-7: the more-fragments flag and the fragment offset */
+            *tcpf = LT_F_NODATA | LT_F_FRAG | ((h[1] >> 16) & 0xff1f ? 0 : LT_F_FRAG_FIRST);
+            a->frag_id = h[1] & 0xffff; /* bytes 4-5 */
+        } else if (a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP)
+            *tcpf = LT_F_NODATA;
         else if ((h[0] & 0xf) == 5) {
             a->sport = h[5] & 0xffff;
             a->dport = h[5] >> 16;
@@ -845,8 +852,11 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
             a->saddr[i] = h[2 + i];
             a->daddr[i] = h[6 + i];
         }
-        if (a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) {
-            *tcpf = LT_F_NODATA; /* ICMPv6, or an extension header (hop-by-hop, fragment) first */
+        if (a->proto == LT_IPV6_FRAGMENT) { /* its bytes 2-3 (the packet's 42-43): the offset, then flags */
+            *tcpf = LT_F_NODATA | LT_F_FRAG | ((h[10] >> 16) & 0xf8ff ? 0 : LT_F_FRAG_FIRST);
+            a->frag_id = h[11] & 0xffff; /* the packet's bytes 44-45 */
+        } else if (a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) {
+            *tcpf = LT_F_NODATA; /* ICMPv6, or an extension header (hop-by-hop) first */
         } else {
             a->sport = h[10] & 0xffff;
             a->dport = h[10] >> 16;
@@ -1205,13 +1215,24 @@ static __always_inline int lt_way_for(struct lt_tags *k, u64 skb)
     return -1;
 }
 
-/* Of two flights of a full set, the one to evict (0 or 1), counting a collision if it was young. */
-static __always_inline u32 lt_victim(struct lt_flight *a, struct lt_flight *b, u64 now)
+/* A flight of direction dir left behind by a first fragment whose skb the host's reassembly freed (a
+ * receive flight's before it reached the pod: pod_rx 0; a transmit flight's before the host sent it on),
+ * its data gone on in another skb (lt_host_reassembled, lt_tx_reassembled). */
+static __always_inline int lt_left_by_reassembly(u32 dir, u8 flags, u64 pod_rx)
+{
+    return (flags & LT_F_FRAG_FIRST) && (dir == LT_DIR_TX ? !(flags & LT_F_XMITTED) : !pod_rx);
+}
+
+/* Of two flights of a full set, the one to evict (0 or 1), counting a collision if it was young (else, a
+ * fragment's flight left by the host's reassembly, as such). */
+static __always_inline u32 lt_victim(u32 dir, struct lt_flight *a, struct lt_flight *b, u64 now)
 {
     u64 fa = lt_first(a), fb = lt_first(b);
     u32 way = fb < fa;
     if (lt_within(now, way ? fb : fa, LT_STALE_NS))
-        lt_count(LT_C_COLLISION);
+        lt_count(LT_C_COLLISION); /* (a young fragment's may still be on its way) */
+    else if (lt_left_by_reassembly(dir, way ? b->flags : a->flags, way ? b->ts[LT_B_RX_POD_RX] : a->ts[LT_B_RX_POD_RX]))
+        lt_count(LT_C_HOST_REASM);
     return way;
 }
 
@@ -1247,7 +1268,7 @@ static __always_inline struct lt_flight *lt_take(u32 dir, u64 skb, u64 now)
         struct lt_flight *b = lt_flights.lookup(&j);
         if (!a || !b)
             return NULL;
-        w = lt_victim(a, b, now);
+        w = lt_victim(dir, a, b, now);
     }
     k->skb[w & 1] = skb;
     u32 i = 2 * s + (w & 1);
@@ -1288,6 +1309,31 @@ static __always_inline void lt_free(u32 dir, struct lt_flight *f)
 static __always_inline int lt_same_packet(struct lt_flight *f, struct lt_skb_view *v, u64 now)
 {
     return f->head == (u32)(u64)v->head && lt_young(f, now);
+}
+
+/* filter: receive flight f, found at its skb's address with another data buffer, is still its packet's, a
+ * fragment (tcpf, proto: the packet's lt_ip_hdr) whose skb completed the host's reassembly of its datagram.
+ * The node's conntrack reassembles what it tracks before it sends it on fragmented again (bridged
+ * traffic too, with br_netfilter, as on a kube-proxy node); the skb that completes a datagram takes over
+ * the first fragment's data buffer (skb_morph), the first fragment's skb is freed (its flight is left:
+ * lt_count_left) and the completing one's own data goes on in a clone, which starts its flight where the
+ * host queues it on the pod's veth. So the skb goes on as a fragment of the same protocol, before it
+ * reached the pod and within the flight's age, once a later fragment, now the first (the clone, at the
+ * first fragment's freed address often enough, is the other way round: lt_count_left); its times are its
+ * own arrival's on the host. */
+static __always_inline int lt_host_reassembled(struct lt_flight *f, u8 tcpf, u8 proto, u64 age)
+{
+    return (f->flags & (LT_F_FRAG | LT_F_FRAG_FIRST)) == LT_F_FRAG &&
+           (tcpf & (LT_F_FRAG | LT_F_FRAG_FIRST)) == (LT_F_FRAG | LT_F_FRAG_FIRST) && proto == f->addr.proto &&
+           !f->ts[LT_B_RX_POD_RX] && lt_young(f, age);
+}
+
+/* count: receive flight f, which nothing ended, gives way to another packet at its skb's address: a
+ * fragment the host's reassembly freed (LT_C_HOST_REASM: counted here, when its address carries the next
+ * packet, at no cost to the packets that have no fragments), else a stale flight. */
+static __always_inline void lt_count_left(struct lt_flight *f)
+{
+    lt_count(lt_left_by_reassembly(LT_DIR_RX, f->flags, f->ts[LT_B_RX_POD_RX]) ? LT_C_HOST_REASM : LT_C_STALE);
 }
 
 /* record: the end of a transmitted packet's journey (shared by the transmit probes, the receive probe
@@ -1369,6 +1415,7 @@ static __always_inline void lt_record_rx_start(struct lt_target *t, u32 slot, st
     if (!f)
         return;
     f->addr.proto = addr->proto; /* the UDP read side follows by protocol */
+    f->addr.frag_id = addr->frag_id; /* a fragment's sightings compare it (lt_record_host_rx) */
     f->flags = tcpf | (timed ? 0 : LT_F_UNTIMED);
     f->ts[boundary] = now;
     if (!timed)
@@ -1396,9 +1443,16 @@ static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_sk
     u64 age = lt_age(c);
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (f) {
-        if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, age))
-            return; /* already seen on an earlier host device (the NIC before the bridge, the bridge before its port) */
-        lt_count(LT_C_STALE);
+        /* Already seen on an earlier host device (the NIC before the bridge, the bridge before its port); a
+         * fragment of another datagram may come with a freed one's skb and data buffer (the host's
+         * reassembly frees a datagram's first fragment before it reaches the pod, and leaves its flight). */
+        if (!f->ts[LT_B_RX_POD_RX] && lt_same_packet(f, v, age) && f->addr.frag_id == addr->frag_id)
+            return;
+        if (lt_host_reassembled(f, tcpf, addr->proto, age)) {
+            f->head = (u32)(u64)v->head; /* seen on its way in, before the host's reassembly gave it another */
+            return;
+        }
+        lt_count_left(f);
     }
     lt_record_rx_start(t, slot, c, v, addr, tcpf, key, ifindex, LT_B_RX_HOST_RX, irq, age);
 }

@@ -22,6 +22,17 @@
 #define LT_MSG_PEEK 2
 #define LT_RCV_SHUTDOWN 1 /* sk_shutdown: the peer's FIN is in */
 
+/* filter: lt_host_reassembled for the packet at netif_receive_skb (its IP header at data), read only when
+ * f is a later fragment's flight. */
+static __always_inline int lt_reassembled_here(struct lt_flight *f, struct lt_skb_view *v, u64 age)
+{
+    if ((f->flags & (LT_F_FRAG | LT_F_FRAG_FIRST)) != LT_F_FRAG)
+        return 0;
+    struct lt_addrs addr;
+    u8 tcpf;
+    return lt_ip_hdr(v, v->data, &addr, &tcpf) == 0 && lt_host_reassembled(f, tcpf, addr.proto, age);
+}
+
 /* record: pod side, the packet reached a device inside traced pod `slot`. */
 static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex,
                                              u32 slot, u64 age)
@@ -30,7 +41,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] && lt_same_packet(f, v, age)) {
+    if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] && (lt_same_packet(f, v, age) || lt_reassembled_here(f, v, age))) {
         if (!f->ts[LT_B_RX_POD_RX]) {
             u64 now = lt_stamp(f, c, age);
             f->ts[LT_B_RX_POD_RX] = now;
@@ -41,7 +52,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         /* else: a further device inside the pod; the first sighting stands */
     } else {
         if (f)
-            lt_count(LT_C_STALE);
+            lt_count_left(f);
         /* No host-side sighting: sent from the host itself, or from an address we do not know. */
         struct lt_addrs addr;
         u8 tcpf;
@@ -103,8 +114,10 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     if (lt_addr_slot(&addr, 0) >= 0) { /* only a traced pod's packets can be in transmit flight */
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         u64 age = lt_age(c);
-        if (tf && lt_same_packet(tf, &v, age))
+        if (tf && lt_same_packet(tf, &v, age)) {
+            tf->flags |= tcpf & (LT_F_FRAG | LT_F_FRAG_FIRST); /* (the host's reassembly: lt_tx_reassembled) */
             lt_record_tx_arrival(c, tf, skb, ifindex, -1, age);
+        }
     }
     s32 dst = lt_addr_slot(&addr, 1); /* host side: is it addressed to a traced pod? */
     if (dst >= 0)

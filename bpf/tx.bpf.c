@@ -132,6 +132,32 @@ static __always_inline void lt_record_host_queue(struct lt_cpu_ctx *c, struct lt
         lt_record_host_rx(c, v, &addr, tcpf, key, ifindex, dst, irq);
 }
 
+/* filter: transmit flight f, found at its skb's address with another data buffer where the host queues it,
+ * is still its packet's: a later fragment whose skb completed the host's reassembly of its datagram and
+ * now carries the first fragment (lt_host_reassembled tells the receive side's story; a transmit flight
+ * learns it is a fragment where the host receives it). Its data buffer is taken as its own from here.
+ * One read of the IP header, only for such a flight. */
+static __always_inline int lt_tx_reassembled(struct lt_flight *f, struct lt_skb_view *v, u64 age)
+{
+    if ((f->flags & (LT_F_FRAG | LT_F_FRAG_FIRST)) != LT_F_FRAG || !lt_young(f, age) || v->network_header == 0xffff)
+        return 0;
+    struct lt_addrs addr;
+    u8 tcpf;
+    if (lt_ip_hdr(v, v->head + v->network_header, &addr, &tcpf) < 0 || !(tcpf & LT_F_FRAG_FIRST))
+        return 0;
+    f->head = (u32)(u64)v->head;
+    return 1;
+}
+
+/* filter: the packet queued on a traced pod's veth may have no receive flight of its own yet: none at its
+ * address, or one whose data buffer is another (a freed skb's left there, or its own after the host's
+ * reassembly: lt_record_host_rx tells them apart). */
+static __always_inline int lt_filter_rx_unseen(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key)
+{
+    struct lt_flight *f = lt_get(LT_DIR_RX, key);
+    return !f || !lt_same_packet(f, v, lt_age(c));
+}
+
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
@@ -167,17 +193,17 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
         struct lt_flight *f = lt_quiet_pkt(c, key) ? NULL : lt_get(LT_DIR_TX, key);
         if (f) {
             u64 age = lt_age(c);
-            if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, age))
+            if (!(f->flags & LT_F_XMITTED) && (lt_same_packet(f, &v, age) || lt_tx_reassembled(f, &v, age)))
                 lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age));
             /* A traced pod's packet to a Service the node DNATed to another traced pod: its receive
              * flight starts here too (addressed to the Service, it had none at netif_receive_skb). */
-            if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && !lt_get(LT_DIR_RX, key))
+            if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && lt_filter_rx_unseen(c, &v, key))
                 lt_record_host_queue(c, &v, key, ifindex, 1);
         } else if (!v.iif) {
             lt_record_host_queue(c, &v, key, ifindex, 0); /* sent by the host itself */
         } else if (lt_filter_hostdev(LT_HOSTDEV_UPLINK, v.iif)) {
             lt_record_host_queue(c, &v, key, ifindex, 1); /* forwarded from an uplink: maybe de-NATed */
-        } else if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && !lt_get(LT_DIR_RX, key)) {
+        } else if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && lt_filter_rx_unseen(c, &v, key)) {
             lt_record_host_queue(c, &v, key, ifindex, 1); /* onto a traced pod's veth, not seen on its way to it */
         }
         return 0;
@@ -195,7 +221,8 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
             lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age)); /* a further device inside the pod */
             return 0;
         }
-        lt_count(LT_C_STALE);
+        /* (a first fragment's that the host's reassembly freed, when consume_skb is not attached) */
+        lt_count(lt_left_by_reassembly(LT_DIR_TX, f->flags, 0) ? LT_C_HOST_REASM : LT_C_STALE);
     }
     lt_record_pod_dev_queue(c, t, slot, &v, key, ifindex, age);
     return 0;
@@ -238,9 +265,12 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     struct lt_flight *f = lt_get(LT_DIR_TX, LT_KEY(skb));
     if (!f)
         return 0;
-    if (f->flags & LT_F_XMITTED)
+    if (f->flags & LT_F_XMITTED) {
         lt_record_tx_done(f, lt_timed(f) ? bpf_ktime_get_ns() : 0, skb); /* it frees either way */
-    else
-        lt_free(LT_DIR_TX, f);
+        return 0;
+    }
+    if (f->flags & LT_F_FRAG_FIRST)
+        lt_count(LT_C_HOST_REASM); /* a first fragment whose skb the host's reassembly freed */
+    lt_free(LT_DIR_TX, f);
     return 0;
 }

@@ -160,6 +160,11 @@ COUNTERS: tuple[Counter, ...] = (
             "Further runs of the TCP read probe: a read that passed more than 16 packets' data at once (a splice, "
             "or one skb TCP merged many small packets into) records them 16 a run, up to 33 runs (the rest at the "
             "socket's next read)."),
+    Counter(11, "reassembled_on_host", "HOST_REASM",
+            "Fragments into a traced pod whose skb the host's reassembly freed (a node's conntrack, as "
+            "kube-proxy's, reassembles the traffic it tracks, bridged traffic too, and sends it on fragmented "
+            "again): a datagram's first fragment, whose data goes on in another skb. Not a loss: measured to "
+            "the host, and no further."),
 )
 N_COUNTER_SLOTS = 16  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)

@@ -92,6 +92,10 @@ class NetLab:
     tag: str = field(default_factory=lambda: secrets.token_hex(2))
     pods: dict[str, Pod] = field(default_factory=dict)
     ipv6: bool = False  # also give every pod an IPv6 address (dual stack)
+    # The node's NAT of what its pods send elsewhere, as the bridge CNI plugin's ipMasq and kube-proxy's
+    # rules make it: with a NAT rule the host's conntrack tracks the lab's traffic, bridged traffic too
+    # (br_netfilter, bridge-nf-call-iptables=1, as Kubernetes asks), and reassembles its fragments.
+    masquerade: bool = False
     made: int = 0  # pods made so far: names a new pod's veth (never that of one removed before, as len(pods) would)
 
     def __post_init__(self) -> None:
@@ -111,6 +115,15 @@ class NetLab:
         if self.ipv6:
             sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
+        self._nat: list[tuple[str, ...]] = []
+        if self.masquerade:
+            sh("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
+            self._nat.append(("iptables", "POSTROUTING", "-s", self.subnet, "!", "-d", self.subnet, "-j", "MASQUERADE"))
+            if self.ipv6:
+                net6 = f"{self.subnet6}/64"
+                self._nat.append(("ip6tables", "POSTROUTING", "-s", net6, "!", "-d", net6, "-j", "MASQUERADE"))
+            for tool, *spec in self._nat:
+                sh(tool, "-t", "nat", "-A", *spec)
 
     def add_pod(self, name: str, ip: str | None = None, addressed: bool = True) -> Pod:
         """A pod-like namespace on the bridge. With `addressed=False` its eth0 is up but has no address
@@ -160,6 +173,9 @@ class NetLab:
     def close(self) -> None:
         for name in list(self.pods):
             self.remove_pod(name)
+        for tool, *spec in self._nat:
+            sh(tool, "-t", "nat", "-D", *spec, check=False)
+        self._nat = []
         sh("ip", "link", "del", self.bridge, check=False)
 
     def __enter__(self) -> NetLab:

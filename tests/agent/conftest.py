@@ -25,7 +25,10 @@ AGENT = str(Path(sys.executable).with_name("latencytrace-agent"))
 
 @pytest.fixture
 def lab():
-    with NetLab() as lab:
+    """A node's pods, with the NAT every Kubernetes node has (kube-proxy's, a CNI's ipMasq): the host's
+    conntrack tracks their traffic, bridged too, as on a real node (a CI machine once had it on and
+    found what its absence here had hidden)."""
+    with NetLab(masquerade=True) as lab:
         yield lab
 
 

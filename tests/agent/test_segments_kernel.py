@@ -16,15 +16,16 @@ from latencytrace.node_agent import segments
 from latencytrace.node_agent.segments import Direction
 from tests.agent import kernel
 from tests.agent.conftest import agent_of_each_kind, desired, measure, segment_counts
-from tests.netlab import sh
+from tests.netlab import NetLab, sh
 
 agent = pytest.fixture(scope="module", params=["typed", "raw"])(agent_of_each_kind)
 
 N = 2000
 EVERY_PACKET = dict(slow_ns=0, sample_one_in=1, events_per_sec=1_000_000)  # each packet an event
 # Kernel counters of cases measured as any other packet (not losses): a UDP read ahead of its wakeup's
-# probe, a TCP packet merged into the queue's tail skb, a TCP read recorded over further probe runs.
-COUNTED_CASES = ("early_reads", "coalesced", "read_continuations")
+# probe, a TCP packet merged into the queue's tail skb, a TCP read recorded over further probe runs, a
+# fragment whose data the host's reassembly moved to another skb.
+COUNTED_CASES = ("early_reads", "coalesced", "read_continuations", "reassembled_on_host")
 
 
 def udp_burst(dst, src, port: int, count: int, rate: int = 2000) -> None:
@@ -321,9 +322,7 @@ def flights_since(agent, start_ns: int) -> list[tuple]:
 
 
 def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
-    from tests.netlab import NetLab
-
-    with NetLab(ipv6=True) as lab:
+    with NetLab(ipv6=True, masquerade=True) as lab:
         a, client = lab.add_pod("a"), lab.add_pod("client")
         start, left = time.monotonic_ns(), []
 
@@ -345,30 +344,86 @@ def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
     assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
 
 
-def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, lab):
+FIRST_FRAGMENT = 64  # lt_flight.flags: LT_F_FRAG_FIRST (bpf/latencytrace.h)
+RX_POD_RX = segments.boundary_id(Direction.RX, "pod_rx")
+
+
+def ip_reassembled(netns: str | None = None) -> int:
+    """Datagrams IP reassembled in a namespace (the host's by default): /proc/net/snmp's Ip ReasmOKs."""
+    cmd = ("cat", "/proc/net/snmp") if netns is None else ("ip", "netns", "exec", netns, "cat", "/proc/net/snmp")
+    names, values = [ln.split() for ln in sh(*cmd).stdout.splitlines() if ln.startswith("Ip:")]
+    return int(values[names.index("ReasmOKs")])
+
+
+@pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
+def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, host_nat):
     """Packets into a traced pod that no socket reads: ICMP echo requests, answered by the pod's stack, and
     the fragments of UDP datagrams larger than the MTU, of which reassembly keeps one skb and frees the
     rest. Like a bare ACK, each one's journey ends where it reaches the pod (rx_host_to_pod, no socket
     segments), and so does its flight. Left in flight, each was found by a later packet at its freed skb's
-    address, a stale flight for nearly every ping."""
-    a, client = lab.add_pod("a"), lab.add_pod("client")
+    address, a stale flight for nearly every ping.
+    With the node's NAT (host-nat: kube-proxy's rules, a CNI's ipMasq) the host's conntrack reassembles
+    each datagram on its way and sends it on fragmented again: the skb that completes it carries on with
+    the first fragment's data, the first fragment's skb is freed (counted in reassembled_on_host), and
+    its own data goes on in a new skb that starts where the host queues it on the pod's veth. CI once ran
+    on a machine whose host NAT was on: each datagram then left a stale flight or two."""
     pings, datagrams, fragments = 200, 100, 3  # 3000 bytes of UDP: 3 fragments at the lab's MTU of 1500
     left = []
+    with NetLab(masquerade=host_nat) as lab:
+        a, client = lab.add_pod("a"), lab.add_pod("client")
+        reasm_host, reasm_pod = ip_reassembled(), ip_reassembled(a.netns)
 
-    def traffic():
-        start = time.monotonic_ns()
-        assert client.traffic("ping", "--to", a.ip, "--count", str(pings)) == {"replies": pings}
-        with a.serve("udp-recv", "--port", "9510", "--count", str(datagrams), "--timeout", "20") as rx:
-            client.traffic("udp-send", "--to", a.ip, "--port", "9510", "--count", str(datagrams), "--size", "3000",
-                           "--rate", "2000")
-        assert rx.result == {"received": datagrams}, rx.result
-        left.extend(flights_since(agent, start))
+        def traffic():
+            start = time.monotonic_ns()
+            assert client.traffic("ping", "--to", a.ip, "--count", str(pings)) == {"replies": pings}
+            with a.serve("udp-recv", "--port", "9510", "--count", str(datagrams), "--timeout", "20") as rx:
+                client.traffic("udp-send", "--to", a.ip, "--port", "9510", "--count", str(datagrams),
+                               "--size", "3000", "--rate", "2000")
+            assert rx.result == {"received": datagrams}, rx.result
+            left.extend(flights_since(agent, start))
 
-    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
-    assert m.kernel_counters["stale_flights"] == 0 and not left, (m.kernel_counters, left)
+        m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+        # The case is the one named: the host reassembled every datagram, or none; the pod every one.
+        assert ip_reassembled() - reasm_host == (datagrams if host_nat else 0)
+        assert ip_reassembled(a.netns) - reasm_pod == datagrams
+    # A first fragment's flight the host's reassembly left is counted when its address carries another
+    # packet (often the clone, at once); the rest are still there: each datagram's is one or the other.
+    first_fragments = [f for f in left if f[1] & FIRST_FRAGMENT and not f[0][RX_POD_RX]]
+    others = [f for f in left if f not in first_fragments]
+    assert m.kernel_counters["stale_flights"] == 0 and not others, (m.kernel_counters, others)
+    reassembled = m.kernel_counters["reassembled_on_host"] + len(first_fragments)
+    assert reassembled == (datagrams if host_nat else 0), (m.kernel_counters, first_fragments)
     stats = m.kernel[a.name]
     assert stats["rx_host_to_pod"].count == pings + datagrams * fragments, stats["rx_host_to_pod"]
     assert stats["rx_pod_stack"].count == stats["rx_socket_queue"].count == 0, stats
+
+
+@pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
+def test_fragments_a_traced_pod_sends_each_end_or_are_counted(agent, host_nat):
+    """A traced pod's datagrams larger than the MTU leave it in fragments, each in transmit flight to where
+    it arrives. With the node's NAT the host reassembles each datagram and sends it on fragmented again:
+    the skb that completed it goes on with the first fragment's data (its flight with it), the first
+    fragment's skb is freed there (counted in reassembled_on_host), and the completing fragment's own data
+    goes on in a new skb, which no flight follows. So every fragment that reached the host either
+    completes its journey or is counted; none is left for a later packet to find."""
+    datagrams, fragments = 100, 3
+    with NetLab(masquerade=host_nat) as lab:
+        a, client = lab.add_pod("a"), lab.add_pod("client")
+        reasm_host = ip_reassembled()
+
+        def traffic():
+            with client.serve("udp-recv", "--port", "9511", "--count", str(datagrams), "--timeout", "20") as rx:
+                a.traffic("udp-send", "--to", client.ip, "--port", "9511", "--count", str(datagrams),
+                          "--size", "3000", "--rate", "2000")
+            assert rx.result == {"received": datagrams}, rx.result
+
+        m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, **EVERY_PACKET)
+        assert ip_reassembled() - reasm_host == (datagrams if host_nat else 0)
+    stats, counters = m.kernel[a.name], m.kernel_counters
+    assert stats["tx_pod_to_host"].count == datagrams * fragments, stats["tx_pod_to_host"]
+    assert counters["reassembled_on_host"] == (datagrams if host_nat else 0), counters
+    assert stats["tx_total"].count + counters["reassembled_on_host"] == datagrams * fragments, stats["tx_total"]
+    assert counters["stale_flights"] == counters["collisions"] == 0, counters
 
 
 def tcp_ext(pod, name: str) -> int:
