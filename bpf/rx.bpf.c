@@ -115,7 +115,8 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         u64 age = lt_age(c);
         if (tf && lt_same_packet(tf, &v, age)) {
-            tf->flags |= tcpf & (LT_F_FRAG | LT_F_FRAG_FIRST); /* (the host's reassembly: lt_tx_reassembled) */
+            if (tcpf & LT_F_FRAG)
+                tf->flags |= tcpf & (LT_F_FRAG | LT_F_FRAG_FIRST); /* (the host's reassembly: lt_tx_reassembled) */
             lt_record_tx_arrival(c, tf, skb, ifindex, -1, age);
         }
     }

@@ -151,11 +151,11 @@ static __always_inline int lt_tx_reassembled(struct lt_flight *f, struct lt_skb_
 
 /* filter: the packet queued on a traced pod's veth may have no receive flight of its own yet: none at its
  * address, or one whose data buffer is another (a freed skb's left there, or its own after the host's
- * reassembly: lt_record_host_rx tells them apart). */
-static __always_inline int lt_filter_rx_unseen(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key)
+ * reassembly: lt_record_host_rx tells them apart, and checks the age). */
+static __always_inline int lt_filter_rx_unseen(struct lt_skb_view *v, u64 key)
 {
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    return !f || !lt_same_packet(f, v, lt_age(c));
+    return !f || f->head != (u32)(u64)v->head;
 }
 
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
@@ -197,13 +197,13 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
                 lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age));
             /* A traced pod's packet to a Service the node DNATed to another traced pod: its receive
              * flight starts here too (addressed to the Service, it had none at netif_receive_skb). */
-            if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && lt_filter_rx_unseen(c, &v, key))
+            if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && lt_filter_rx_unseen(&v, key))
                 lt_record_host_queue(c, &v, key, ifindex, 1);
         } else if (!v.iif) {
             lt_record_host_queue(c, &v, key, ifindex, 0); /* sent by the host itself */
         } else if (lt_filter_hostdev(LT_HOSTDEV_UPLINK, v.iif)) {
             lt_record_host_queue(c, &v, key, ifindex, 1); /* forwarded from an uplink: maybe de-NATed */
-        } else if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && lt_filter_rx_unseen(c, &v, key)) {
+        } else if (lt_filter_hostdev(LT_HOSTDEV_POD, ifindex) && lt_filter_rx_unseen(&v, key)) {
             lt_record_host_queue(c, &v, key, ifindex, 1); /* onto a traced pod's veth, not seen on its way to it */
         }
         return 0;
