@@ -116,8 +116,13 @@ class NetLab:
             sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
         self._nat: list[tuple[str, ...]] = []
+        self._sysctls: dict[Path, str] = {}  # what the lab changed, and the value it had
         if self.masquerade:
-            sh("sysctl", "-qw", "net.bridge.bridge-nf-call-iptables=1", "net.bridge.bridge-nf-call-ip6tables=1")
+            for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
+                knob = Path("/proc/sys/net/bridge") / name
+                if (old := knob.read_text().strip()) != "1":
+                    self._sysctls[knob] = old
+                    knob.write_text("1")
             self._nat.append(("iptables", "POSTROUTING", "-s", self.subnet, "!", "-d", self.subnet, "-j", "MASQUERADE"))
             if self.ipv6:
                 net6 = f"{self.subnet6}/64"
@@ -176,6 +181,9 @@ class NetLab:
         for tool, *spec in self._nat:
             sh(tool, "-t", "nat", "-D", *spec, check=False)
         self._nat = []
+        for knob, old in self._sysctls.items():
+            knob.write_text(old)
+        self._sysctls = {}
         sh("ip", "link", "del", self.bridge, check=False)
 
     def __enter__(self) -> NetLab:
