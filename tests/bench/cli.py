@@ -91,6 +91,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
                         "was added or removed), same arguments; default: typed against raw tracepoints")
     p.add_argument("--paired-args", default="", metavar="ARGS",
                    help="paired part: further arguments for both agents of the pair, e.g. \"--time-one-in 8\"")
+    p.add_argument("--host-nat", action="store_true",
+                   help="the lab's pods behind the node's NAT, as kube-proxy's rules and a CNI's masquerade make it: "
+                        "the host's conntrack tracks their traffic, bridged too (default: no NAT rule of the lab's)")
     args = p.parse_args(argv)
     if args.paired_against is not None and not os.access(args.paired_against, os.X_OK):
         p.error(f"--paired-against: {args.paired_against} is not an executable")
@@ -178,11 +181,12 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     if {"overhead", "cost", "paired", "fidelity", "soak"} & set(parts):
         expected = AgentProcess.expected_programs()
         traffic = Traffic()
-        with NetLab() as lab:
+        with NetLab(masquerade=args.host_nat) as lab:
             pods = overhead.Pods(traced=lab.add_pod("traced"), untraced=lab.add_pod("untraced"),
                                  client=lab.add_pod("client"))
             progress(f"lab: bridge {lab.bridge}, pods traced {pods.traced.ip}, untraced {pods.untraced.ip}, "
-                     f"client {pods.client.ip}; client on CPU {traffic.client_cpu}, servers on CPU {traffic.server_cpu}")
+                     f"client {pods.client.ip}; client on CPU {traffic.client_cpu}, servers on CPU {traffic.server_cpu}"
+                     f"{'; behind the node NAT (--host-nat)' if args.host_nat else ''}")
             progress("finding the highest steady UDP rate (64-byte datagrams, no tracing)")
             steady = overhead.steady_rate(traffic, pods.client, pods.untraced, list(plan.rate_candidates),
                                           plan.calibrate_seconds, progress)
