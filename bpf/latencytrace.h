@@ -811,7 +811,8 @@ static __always_inline int lt_is_ip(struct lt_skb_view *v)
  * its addresses without reading them again. The same read says whether a socket will read it (*tcpf:
  * LT_F_NODATA for a bare ACK; for a packet of neither TCP nor UDP, which the stack takes itself: ICMP,
  * IGMP, IPv6's MLD behind a hop-by-hop header; and for a fragment, of which reassembly keeps one skb and
- * frees the rest, LT_F_NODATA | LT_F_FRAG. LT_F_FIN for a segment that ends the stream, whose FIN takes a sequence number no read
+ * frees the rest, with LT_F_FRAG (and LT_F_FRAG_FIRST for its datagram's first) and its datagram's id in
+ * a->frag_id. LT_F_FIN for a segment that ends the stream, whose FIN takes a sequence number no read
  * passes). 0, or -1 when it is not IP or cannot be read (`a` is then all zero: family 0). */
 static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_addrs *a, u8 *tcpf)
 {

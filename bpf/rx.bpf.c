@@ -41,7 +41,8 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
     if (!t || !lt_wants(t, LT_DIR_RX))
         return;
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] && (lt_same_packet(f, v, age) || lt_reassembled_here(f, v, age))) {
+    if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] &&
+        (lt_same_packet(f, v, age) || lt_reassembled_here(f, v, age))) {
         if (!f->ts[LT_B_RX_POD_RX]) {
             u64 now = lt_stamp(f, c, age);
             f->ts[LT_B_RX_POD_RX] = now;
