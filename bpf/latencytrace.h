@@ -1103,9 +1103,9 @@ static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
 
 /* The per-CPU caches below hold answers for one generation of the target set: forget them when user
  * space has changed it. It writes the new generation into every CPU's entry after the lookup tables
- * (node_agent/tracer.py write_lookup), into the line the caches' first test reads anyway. (A device or
- * namespace freed and its memory reused for another would inherit the answer until it leaves the cache
- * or the targets change.) */
+ * (node_agent/tracer.py forget_devices), into the line the caches' first test reads anyway. It does so
+ * also when the host has a device it did not have: a device at a freed one's address would inherit its
+ * answer (Agent.refresh_host_devices, every interval; until then it does). */
 static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
 {
     u32 gen = *(volatile u32 *)&c->want_gen;

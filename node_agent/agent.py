@@ -86,6 +86,7 @@ class Agent:
         self.states: dict[str, TargetState] = {}
         self._keys: dict[str, int] = {}  # desired key -> netns inode
         self._last_wall = time.time_ns()
+        self._newest_dev = 0  # the host's highest ifindex when its devices were last read
 
     def start(self) -> ProbeStatus:
         status = self.tracer.start()
@@ -162,12 +163,20 @@ class Agent:
     def refresh_host_devices(self) -> None:
         """At start and every interval: the host's NIC queue IRQs and uplinks, which change when a NIC,
         a bond or a VLAN is added, removed or renumbered while the agent runs (the maps are written only
-        when the answer changed)."""
+        when the answer changed); and whether the host has a device it did not have (a new pod's veth):
+        the probes' per-CPU caches, keyed by a device's address, then forget their answers, since a new
+        device may sit at a freed one's address (an untraced pod's eth0 where a host-side veth was)."""
         try:
             self.tracer.set_nic_irqs(nics.nic_irqs())
             self.tracer.set_uplinks(nics.uplink_ifindexes())
+            newest = nics.newest_ifindex()
         except OSError as e:  # a device vanishing while /sys is walked: the next interval sees the rest
             log.debug("host devices not re-read: %s", e)
+            return
+        if newest > self._newest_dev:
+            if self._newest_dev:
+                self.tracer.forget_devices()
+            self._newest_dev = newest
 
     def _still_there(self, key: str) -> Namespace | None:
         """The namespace of a target already traced, if it still exists (saves finding it again; its

@@ -266,13 +266,18 @@ class Tracer:
         lookup.LookupTable(self.table("lt_netns"), 1, bits).write(netns)
         lookup.LookupTable(self.table("lt_ip4"), 1, bits).write(ip4)
         lookup.LookupTable(self.table("lt_ip6"), 4, bits).write(ip6)
-        # Each CPU's caches (lt_filter_dev, lt_filter_net) keep their answers until its entry's
-        # generation changes: written last, one store into each CPU's entry.
+        self.forget_devices()  # written last
+        self._lookup_written = dict(entries)
+
+    def forget_devices(self) -> None:
+        """Make every CPU drop the answers its caches hold (lt_filter_dev, lt_filter_net: a device's or a
+        namespace's target slot, kept until its entry's generation changes): after the lookup tables
+        change, and when the host has a device it did not have, which may sit at a freed device's address
+        and would inherit its answer. One store into each CPU's entry."""
         self._gen = (self._gen + 1) & 0xFFFFFFFF
         cpus = self.table("lt_cpu")
         for cpu in range(cpus.max_entries):
             cpus.store(cpu, "want_gen", self._gen)
-        self._lookup_written = dict(entries)
 
     def set_nic_irqs(self, irqs: list[int]) -> None:
         t = self.table("lt_nic_irq")  # an array indexed by IRQ number: 1 for a NIC queue's

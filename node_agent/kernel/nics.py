@@ -56,3 +56,15 @@ def uplink_ifindexes(sys_net: Path = SYS_NET) -> list[int]:
         except (OSError, ValueError):
             continue  # gone meanwhile
     return sorted(out)
+
+
+def newest_ifindex(sys_net: Path = SYS_NET) -> int:
+    """The highest ifindex of the namespace's devices: the kernel numbers a namespace's new devices upward,
+    so a higher one than last time means a device created since (a pod's veth, most often)."""
+    newest = 0
+    for dev in sys_net.iterdir():
+        try:
+            newest = max(newest, int((dev / "ifindex").read_text()))
+        except (OSError, ValueError):  # gone while listed
+            continue
+    return newest

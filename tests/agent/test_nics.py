@@ -34,6 +34,7 @@ def test_uplinks_are_the_nics_and_what_is_stacked_on_them(tmp_path):
     _dev(net, "veth1", 10, uppers=("cni0",))  # a pod's host side, on that bridge
     _dev(net, "flannel.1", 11)  # a tunnel
     assert nics.uplink_ifindexes(net) == [2, 3, 7, 8]
+    assert nics.newest_ifindex(net) == 11  # the newest device, whatever its kind
 
 
 def test_this_machines_nics_are_uplinks():
