@@ -330,7 +330,7 @@ class NodeAgent:
         if self.agent.vanished():  # a traced pod's namespace was deleted: stop tracing it now, report it
             self.reconcile()
         self.agent.refresh_addresses()  # a pod's IP arrives after its namespace: the host side must learn it
-        self.agent.refresh_host_devices()  # a NIC, bond or VLAN added or removed meanwhile
+        self.agent.refresh_host_devices()  # a NIC, bond or VLAN added or removed meanwhile, a new pod's veth
         interval = self.agent.collect()
         self.events_lost = interval.counters.get("events_lost", 0) + interval.counters.get("events_dropped_userspace", 0)
         self.agent.publish(interval)
