@@ -115,20 +115,28 @@ class NetLab:
         if self.ipv6:
             sh("ip", "addr", "add", f"{self.subnet6}1/64", "dev", self.bridge, "nodad")
         sh("ip", "link", "set", self.bridge, "up")
-        self._nat: list[tuple[str, ...]] = []
+        self._nat: list[tuple[str, ...]] = []  # the rules the lab added
         self._sysctls: dict[Path, str] = {}  # what the lab changed, and the value it had
         if self.masquerade:
-            for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
-                knob = Path("/proc/sys/net/bridge") / name
-                if (old := knob.read_text().strip()) != "1":
-                    self._sysctls[knob] = old
-                    knob.write_text("1")
-            self._nat.append(("iptables", "POSTROUTING", "-s", self.subnet, "!", "-d", self.subnet, "-j", "MASQUERADE"))
-            if self.ipv6:
-                net6 = f"{self.subnet6}/64"
-                self._nat.append(("ip6tables", "POSTROUTING", "-s", net6, "!", "-d", net6, "-j", "MASQUERADE"))
-            for tool, *spec in self._nat:
-                sh(tool, "-t", "nat", "-A", *spec)
+            try:
+                self._masquerade()
+            except BaseException:
+                self.close()
+                raise
+
+    def _masquerade(self) -> None:
+        for name in ("bridge-nf-call-iptables", "bridge-nf-call-ip6tables"):
+            knob = Path("/proc/sys/net/bridge") / name
+            if (old := knob.read_text().strip()) != "1":
+                self._sysctls[knob] = old
+                knob.write_text("1")
+        rules = [("iptables", "POSTROUTING", "-s", self.subnet, "!", "-d", self.subnet, "-j", "MASQUERADE")]
+        if self.ipv6:
+            net6 = f"{self.subnet6}/64"
+            rules.append(("ip6tables", "POSTROUTING", "-s", net6, "!", "-d", net6, "-j", "MASQUERADE"))
+        for tool, *spec in rules:
+            sh(tool, "-t", "nat", "-A", *spec)
+            self._nat.append((tool, *spec))
 
     def add_pod(self, name: str, ip: str | None = None, addressed: bool = True) -> Pod:
         """A pod-like namespace on the bridge. With `addressed=False` its eth0 is up but has no address
