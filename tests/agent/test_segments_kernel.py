@@ -8,9 +8,7 @@ the traffic did, not the agent's bookkeeping with itself.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import time
-from pathlib import Path
 
 import pytest
 
@@ -413,50 +411,6 @@ def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, host_nat):
     stats = m.kernel[a.name]
     assert stats["rx_host_to_pod"].count == pings + datagrams * fragments, stats["rx_host_to_pod"]
     assert stats["rx_pod_stack"].count == stats["rx_socket_queue"].count == 0, stats
-
-
-def ip6_reassembled(netns: str) -> int:
-    """Datagrams IPv6 reassembled in a namespace: /proc/net/snmp6's Ip6ReasmOKs (the host's conntrack,
-    which reassembles what it tracks on its own, does not count there)."""
-    lines = sh("ip", "netns", "exec", netns, "cat", "/proc/net/snmp6").stdout.splitlines()
-    return int(dict(ln.split() for ln in lines if ln.strip())["Ip6ReasmOKs"])
-
-
-@pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
-def test_ipv6_fragments_into_a_pod_end_their_journey_or_are_counted(agent, host_nat):
-    """The same for IPv6, whose fragments carry a header of their own (its offset says which is first), and
-    whose reassembly by the host's conntrack (nf_conntrack's own, for IPv6) works the same way."""
-    datagrams, fragments, port = 100, 3, 9512
-    left, earlier = [], []
-    with NetLab(ipv6=True, masquerade=host_nat) as lab:
-        a, client = lab.add_pod("a"), lab.add_pod("client")
-        reasm_pod = ip6_reassembled(a.netns)
-
-        def traffic():
-            start = time.monotonic_ns()
-            earlier.extend(left_by_reassembly(flights_since(agent, 0)))
-            with a.serve("udp-recv", "--bind", "::", "--port", str(port), "--count", str(datagrams),
-                         "--timeout", "20") as rx:
-                client.traffic("udp-send", "--to", a.ip6, "--port", str(port), "--count", str(datagrams),
-                               "--size", "3000", "--rate", "2000")
-            assert rx.result == {"received": datagrams}, rx.result
-            left.extend(flights_since(agent, start))
-
-        m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
-        assert ip6_reassembled(a.netns) - reasm_pod == datagrams
-        # The host's conntrack tracked the datagrams (and so reassembled them) with the lab's NAT; without it,
-        # only if the machine's own rules make it track the lab's traffic.
-        dst = f"dst={ipaddress.ip_address(a.ip6).exploded} "  # as conntrack writes it
-        tracked = any(ln.startswith("ipv6") and f"dport={port} " in ln and dst in ln
-                      for ln in Path("/proc/net/nf_conntrack").read_text().splitlines())
-        assert tracked or not host_nat
-    on_host = datagrams if tracked else 0
-    first_fragments = left_by_reassembly(left)
-    others = [f for f in left if f not in first_fragments]
-    assert m.kernel_counters["stale_flights"] == 0 and not others, (m.kernel_counters, others)
-    reassembled = m.kernel_counters["reassembled_on_host"] + len(first_fragments)
-    assert on_host <= reassembled <= on_host + len(earlier), (m.kernel_counters, first_fragments, len(earlier))
-    assert m.kernel[a.name]["rx_host_to_pod"].count == datagrams * fragments, m.kernel[a.name]["rx_host_to_pod"]
 
 
 @pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
