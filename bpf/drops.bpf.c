@@ -24,6 +24,21 @@ static __always_inline void lt_record_drop(struct lt_flight *f, u32 dir, void *s
         lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason); /* an untimed packet is counted, with no journey to send */
 }
 
+/* record: skb, whose data buffer is `head`, dropped with flight f of direction dir at its address; 1 if f
+ * was its packet's. A flight left there by a freed skb (a first fragment the host's reassembly freed, which
+ * no probe sees go) has another data buffer: it is counted as left (lt_count_left), not as its pod's drop.
+ * f ends either way. */
+static __always_inline int lt_record_flight_drop(struct lt_flight *f, u32 dir, void *skb, u32 head, u32 reason)
+{
+    int ours = f->head == head;
+    if (ours)
+        lt_record_drop(f, dir, skb, reason);
+    else
+        lt_count_left(dir, f);
+    lt_free(dir, f);
+    return ours;
+}
+
 int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
@@ -33,26 +48,21 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
     u32 reason = 0;
 #endif
     u64 key = LT_KEY(skb);
+    struct lt_skb_view v;
+    lt_skb_read(skb, &v);
     /* A packet in flight (in both directions when it goes from one traced pod to another). */
+    u32 head = (u32)(u64)v.head;
     struct lt_flight *rf = lt_get(LT_DIR_RX, key), *tf = lt_get(LT_DIR_TX, key);
     int in_flight = 0; /* (not `rf || tf`: clang may OR the two pointers, which the verifier refuses) */
-    if (rf) {
-        lt_record_drop(rf, LT_DIR_RX, skb, reason);
-        lt_free(LT_DIR_RX, rf);
-        in_flight = 1;
-    }
-    if (tf) {
-        lt_record_drop(tf, LT_DIR_TX, skb, reason);
-        lt_free(LT_DIR_TX, tf);
-        in_flight = 1;
-    }
+    if (rf)
+        in_flight |= lt_record_flight_drop(rf, LT_DIR_RX, skb, head, reason);
+    if (tf)
+        in_flight |= lt_record_flight_drop(tf, LT_DIR_TX, skb, head, reason);
     if (in_flight)
         return 0;
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
-    struct lt_skb_view v;
-    lt_skb_read(skb, &v);
     u32 ifindex;
     s32 slot = v.dev ? lt_filter_dev(c, v.dev, &ifindex) : -1;
     u32 dir = LT_DIR_RX;

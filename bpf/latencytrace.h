@@ -855,7 +855,7 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
         }
         if (a->proto == LT_IPV6_FRAGMENT) { /* its bytes 2-3 (the packet's 42-43): the offset, then flags */
             *tcpf = LT_F_NODATA | LT_F_FRAG | ((h[10] >> 16) & 0xf8ff ? 0 : LT_F_FRAG_FIRST);
-            a->frag_id = h[11] & 0xffff; /* the packet's bytes 44-45 */
+            a->frag_id = h[11] >> 16; /* the packet's bytes 46-47: the low half, which each datagram steps */
         } else if (a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) {
             *tcpf = LT_F_NODATA; /* ICMPv6, or an extension header (hop-by-hop) first */
         } else {
@@ -1329,12 +1329,43 @@ static __always_inline int lt_host_reassembled(struct lt_flight *f, u8 tcpf, u8 
            !f->ts[LT_B_RX_POD_RX] && lt_young(f, age);
 }
 
-/* count: receive flight f, which nothing ended, gives way to another packet at its skb's address: a
- * fragment the host's reassembly freed (LT_C_HOST_REASM: counted here, when its address carries the next
- * packet, at no cost to the packets that have no fragments), else a stale flight. */
-static __always_inline void lt_count_left(struct lt_flight *f)
+/* filter: flight f, found at the packet's skb address with its data buffer, is the packet's own, as far as
+ * fragments go: a first fragment's flight is only if the packet, its IP header at nh, is its datagram's
+ * first fragment (the host's reassembly may have left the flight, and another packet taken both its skb
+ * and its data buffer: a neighbour solicitation, another datagram's fragment). The header is read only
+ * for such a flight. */
+static __always_inline int lt_same_datagram(struct lt_flight *f, struct lt_skb_view *v, void *nh)
 {
-    lt_count(lt_left_by_reassembly(LT_DIR_RX, f->flags, f->ts[LT_B_RX_POD_RX]) ? LT_C_HOST_REASM : LT_C_STALE);
+    if (!(f->flags & LT_F_FRAG_FIRST))
+        return 1;
+    struct lt_addrs addr;
+    u8 tcpf;
+    return lt_ip_hdr(v, nh, &addr, &tcpf) == 0 && (tcpf & LT_F_FRAG_FIRST) && addr.frag_id == f->addr.frag_id;
+}
+
+/* filter: f is a later fragment's flight (not its datagram's first), young at age, and its skb, its IP
+ * header at nh, now carries its datagram's first fragment, whose protocol goes to *proto: the host's
+ * reassembly completed the datagram with this skb (the receive side's story: lt_host_reassembled; the
+ * transmit side's: lt_tx_reassembled). The header is read only for such a flight. */
+static __always_inline int lt_filter_now_first(struct lt_flight *f, struct lt_skb_view *v, void *nh, u64 age,
+                                               u8 *proto)
+{
+    if ((f->flags & (LT_F_FRAG | LT_F_FRAG_FIRST)) != LT_F_FRAG || !lt_young(f, age))
+        return 0;
+    struct lt_addrs addr;
+    u8 tcpf;
+    if (lt_ip_hdr(v, nh, &addr, &tcpf) < 0 || !(tcpf & LT_F_FRAG_FIRST))
+        return 0;
+    *proto = addr.proto;
+    return 1;
+}
+
+/* count: flight f of direction dir, which nothing ended, gives way to another packet at its skb's address:
+ * a fragment the host's reassembly freed (LT_C_HOST_REASM: counted here, when its address carries the next
+ * packet, at no cost to the packets that have no fragments), else a stale flight. */
+static __always_inline void lt_count_left(u32 dir, struct lt_flight *f)
+{
+    lt_count(lt_left_by_reassembly(dir, f->flags, f->ts[LT_B_RX_POD_RX]) ? LT_C_HOST_REASM : LT_C_STALE);
 }
 
 /* record: the end of a transmitted packet's journey (shared by the transmit probes, the receive probe
@@ -1453,7 +1484,7 @@ static __always_inline void lt_record_host_rx(struct lt_cpu_ctx *c, struct lt_sk
             f->head = (u32)(u64)v->head; /* seen on its way in, before the host's reassembly gave it another */
             return;
         }
-        lt_count_left(f);
+        lt_count_left(LT_DIR_RX, f);
     }
     lt_record_rx_start(t, slot, c, v, addr, tcpf, key, ifindex, LT_B_RX_HOST_RX, irq, age);
 }

@@ -23,14 +23,12 @@
 #define LT_RCV_SHUTDOWN 1 /* sk_shutdown: the peer's FIN is in */
 
 /* filter: lt_host_reassembled for the packet at netif_receive_skb (its IP header at data), read only when
- * f is a later fragment's flight. */
+ * f is a later fragment's flight (lt_filter_now_first). */
 static __always_inline int lt_reassembled_here(struct lt_flight *f, struct lt_skb_view *v, u64 age)
 {
-    if ((f->flags & (LT_F_FRAG | LT_F_FRAG_FIRST)) != LT_F_FRAG)
-        return 0;
-    struct lt_addrs addr;
-    u8 tcpf;
-    return lt_ip_hdr(v, v->data, &addr, &tcpf) == 0 && lt_host_reassembled(f, tcpf, addr.proto, age);
+    u8 proto;
+    return lt_filter_now_first(f, v, v->data, age, &proto) &&
+           lt_host_reassembled(f, LT_F_FRAG | LT_F_FRAG_FIRST, proto, age);
 }
 
 /* record: pod side, the packet reached a device inside traced pod `slot`. */
@@ -42,7 +40,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         return;
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
     if (f && f->slot == slot && !f->ts[LT_B_RX_SOCK_READY] &&
-        (lt_same_packet(f, v, age) || lt_reassembled_here(f, v, age))) {
+        ((lt_same_packet(f, v, age) && lt_same_datagram(f, v, v->data)) || lt_reassembled_here(f, v, age))) {
         if (!f->ts[LT_B_RX_POD_RX]) {
             u64 now = lt_stamp(f, c, age);
             f->ts[LT_B_RX_POD_RX] = now;
@@ -53,7 +51,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         /* else: a further device inside the pod; the first sighting stands */
     } else {
         if (f)
-            lt_count_left(f);
+            lt_count_left(LT_DIR_RX, f);
         /* No host-side sighting: sent from the host itself, or from an address we do not know. */
         struct lt_addrs addr;
         u8 tcpf;

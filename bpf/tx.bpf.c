@@ -139,11 +139,8 @@ static __always_inline void lt_record_host_queue(struct lt_cpu_ctx *c, struct lt
  * One read of the IP header, only for such a flight. */
 static __always_inline int lt_tx_reassembled(struct lt_flight *f, struct lt_skb_view *v, u64 age)
 {
-    if ((f->flags & (LT_F_FRAG | LT_F_FRAG_FIRST)) != LT_F_FRAG || !lt_young(f, age) || v->network_header == 0xffff)
-        return 0;
-    struct lt_addrs addr;
-    u8 tcpf;
-    if (lt_ip_hdr(v, v->head + v->network_header, &addr, &tcpf) < 0 || !(tcpf & LT_F_FRAG_FIRST))
+    u8 proto;
+    if (v->network_header == 0xffff || !lt_filter_now_first(f, v, v->head + v->network_header, age, &proto))
         return 0;
     f->head = (u32)(u64)v->head;
     return 1;
@@ -151,11 +148,14 @@ static __always_inline int lt_tx_reassembled(struct lt_flight *f, struct lt_skb_
 
 /* filter: the packet queued on a traced pod's veth may have no receive flight of its own yet: none at its
  * address, or one whose data buffer is another (a freed skb's left there, or its own after the host's
- * reassembly: lt_record_host_rx tells them apart, and checks the age). */
+ * reassembly: lt_record_host_rx tells them apart, and checks the age), or a first fragment's, which the
+ * host's reassembly may have left there, and whose skb and data buffer another packet may have taken
+ * (both freed, both taken again: lt_record_host_rx compares the datagram's id; a later fragment's flight
+ * goes on with its own skb, whose id the host may change when it fragments the datagram again). */
 static __always_inline int lt_filter_rx_unseen(struct lt_skb_view *v, u64 key)
 {
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    return !f || f->head != (u32)(u64)v->head;
+    return !f || f->head != (u32)(u64)v->head || (f->flags & LT_F_FRAG_FIRST);
 }
 
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
@@ -222,7 +222,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
             return 0;
         }
         /* (a first fragment's that the host's reassembly freed, when consume_skb is not attached) */
-        lt_count(lt_left_by_reassembly(LT_DIR_TX, f->flags, 0) ? LT_C_HOST_REASM : LT_C_STALE);
+        lt_count_left(LT_DIR_TX, f);
     }
     lt_record_pod_dev_queue(c, t, slot, &v, key, ifindex, age);
     return 0;
@@ -269,7 +269,7 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
         lt_record_tx_done(f, lt_timed(f) ? bpf_ktime_get_ns() : 0, skb); /* it frees either way */
         return 0;
     }
-    if (f->flags & LT_F_FRAG_FIRST)
+    if (lt_left_by_reassembly(LT_DIR_TX, f->flags, 0))
         lt_count(LT_C_HOST_REASM); /* a first fragment whose skb the host's reassembly freed */
     lt_free(LT_DIR_TX, f);
     return 0;
