@@ -183,6 +183,14 @@ class NetLab:
         sh("ip", "netns", "del", pod.netns, check=False)
         sh("ip", "link", "del", pod.host_veth, check=False)
 
+    def cut_off(self) -> None:
+        """The bridge and every pod's host-side veth down: from now on nothing a pod sends reaches the host,
+        nothing reaches a pod, and the host sends nothing their way (a quiet moment in which to read what
+        the probes left, which a pod's own traffic, IPv6's neighbour discovery for one, could change)."""
+        for pod in self.pods.values():
+            sh("ip", "link", "set", pod.host_veth, "down")
+        sh("ip", "link", "set", self.bridge, "down")
+
     def close(self) -> None:
         for name in list(self.pods):
             self.remove_pod(name)

@@ -114,11 +114,12 @@ class Measured(Report):
         self.kernel: dict[str, dict[str, kernel.SegStat]] = {}  # pod -> segment -> change in lt_stat
 
 
-def measure(agent: Agent, pods: list[Pod], action, *, read_kernel: bool = False, **settings) -> Measured:
+def measure(agent: Agent, pods: list[Pod], action, *, read_kernel: bool = False, then=None, **settings) -> Measured:
     """Trace `pods`, run `action()`, and return what the agent measured meanwhile (events included, once
     the event reader has caught up), with the change of every slot's counts, the kernel's counters and,
-    with `read_kernel`, each traced pod's lt_stat (figures and histograms) as the kernel holds them. The targets are
-    removed whatever happens, so that a failure leaves nothing to the next test."""
+    with `read_kernel`, each traced pod's lt_stat (figures and histograms) as the kernel holds them;
+    `then()` runs just after the counters are read, still tracing. The targets are removed whatever
+    happens, so that a failure leaves nothing to the next test."""
     wanted = [desired(p, **settings) for p in pods]
     tracer, out = agent.tracer, Measured()
     try:
@@ -131,6 +132,8 @@ def measure(agent: Agent, pods: list[Pod], action, *, read_kernel: bool = False,
         action()
         assert agent.events.settle(), "the event reader did not catch up"
         slots1, counters1 = kernel.slot_counts(tracer, agent.sizes.max_targets), kernel.counters(tracer)
+        if then is not None:
+            then()
         out.kernel = {p: {seg: st - before[p][seg] for seg, st in kernel.slot_stats(tracer, s).items()}
                       for p, s in out.slots.items()} if read_kernel else {}
         out.slot_counts = {s: slots1[s] - slots0[s] for s in slots0}

@@ -8,7 +8,9 @@ the traffic did, not the agent's bookkeeping with itself.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import time
+from pathlib import Path
 
 import pytest
 
@@ -348,11 +350,17 @@ FIRST_FRAGMENT = 64  # lt_flight.flags: LT_F_FRAG_FIRST (bpf/latencytrace.h)
 RX_POD_RX = segments.boundary_id(Direction.RX, "pod_rx")
 
 
+def proc_counter(path: str, section: str, name: str, netns: str | None = None) -> int:
+    """A counter of /proc/net/snmp or /proc/net/netstat (a section's names on one line, its values on the
+    next), in a namespace (the host's by default)."""
+    cmd = ("cat", path) if netns is None else ("ip", "netns", "exec", netns, "cat", path)
+    names, values = [ln.split() for ln in sh(*cmd).stdout.splitlines() if ln.startswith(section + ":")]
+    return int(values[names.index(name)])
+
+
 def ip_reassembled(netns: str | None = None) -> int:
-    """Datagrams IP reassembled in a namespace (the host's by default): /proc/net/snmp's Ip ReasmOKs."""
-    cmd = ("cat", "/proc/net/snmp") if netns is None else ("ip", "netns", "exec", netns, "cat", "/proc/net/snmp")
-    names, values = [ln.split() for ln in sh(*cmd).stdout.splitlines() if ln.startswith("Ip:")]
-    return int(values[names.index("ReasmOKs")])
+    """Datagrams IP reassembled in a namespace (the host's by default): Ip ReasmOKs."""
+    return proc_counter("/proc/net/snmp", "Ip", "ReasmOKs", netns)
 
 
 def left_by_reassembly(flights: list[tuple]) -> list[tuple]:
@@ -369,6 +377,40 @@ def host_reassembly(before: int, host_nat: bool, datagrams: int) -> int:
     return on_host
 
 
+class Leftovers:
+    """The receive flights a test's packets left in the kernel, read twice: once its lab is cut off
+    (`before`: nothing the lab sends can change them after), and just after the kernel's counters are read
+    (`after`). The node's other traffic still can: a flight left at a freed skb's address is counted when
+    the address carries another packet, the node's own too (a drop of it: lt_kfree_skb). So one counted
+    between the two reads is in `before` and maybe in the counters; one still in `after` is not in them.
+    Made before the measurement, it also reads the first fragments an earlier test left (`earlier`),
+    which may be counted meanwhile."""
+
+    def __init__(self, agent) -> None:
+        self.agent, self.start, self.before, self.after = agent, 0, [], []
+        self.earlier = left_by_reassembly(flights_since(agent, 0))
+
+    def begin(self) -> None:
+        self.start = time.monotonic_ns()
+
+    def read_before(self) -> None:
+        self.before = flights_since(self.agent, self.start)
+
+    def read_after(self) -> None:
+        self.after = flights_since(self.agent, self.start)
+
+    def assert_first_fragments_accounted(self, m, on_host: int, unaccounted: int = 0) -> None:
+        """A first fragment's flight the host's reassembly left is counted when its address carries another
+        packet (often the clone, at once), or is still there: each of the `on_host` datagrams' is one or
+        the other (but for at most `unaccounted`). Nothing else is left."""
+        first_before, first_after = left_by_reassembly(self.before), left_by_reassembly(self.after)
+        others = [f for f in self.before if f not in first_before]
+        assert m.kernel_counters["stale_flights"] == 0 and not others, (m.kernel_counters, others)
+        counted = m.kernel_counters["reassembled_on_host"]
+        assert counted + len(first_before) >= on_host - unaccounted, (m.kernel_counters, first_before)
+        assert counted + len(first_after) <= on_host + len(self.earlier), (m.kernel_counters, first_after, self.earlier)
+
+
 @pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
 def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, host_nat):
     """Packets into a traced pod that no socket reads: ICMP echo requests, answered by the pod's stack, and
@@ -382,35 +424,84 @@ def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, host_nat):
     its own data goes on in a new skb that starts where the host queues it on the pod's veth. CI once ran
     on a machine whose host NAT was on: each datagram then left a stale flight or two."""
     pings, datagrams, fragments = 200, 100, 3  # 3000 bytes of UDP: 3 fragments at the lab's MTU of 1500
-    left, earlier = [], []
+    left = Leftovers(agent)
     with NetLab(masquerade=host_nat) as lab:
         a, client = lab.add_pod("a"), lab.add_pod("client")
         reasm_host, reasm_pod = ip_reassembled(), ip_reassembled(a.netns)
 
         def traffic():
-            start = time.monotonic_ns()
-            earlier.extend(left_by_reassembly(flights_since(agent, 0)))  # an earlier test's, to be counted too
+            left.begin()
             assert client.traffic("ping", "--to", a.ip, "--count", str(pings)) == {"replies": pings}
             with a.serve("udp-recv", "--port", "9510", "--count", str(datagrams), "--timeout", "20") as rx:
                 client.traffic("udp-send", "--to", a.ip, "--port", "9510", "--count", str(datagrams),
                                "--size", "3000", "--rate", "2000")
             assert rx.result == {"received": datagrams}, rx.result
-            left.extend(flights_since(agent, start))
+            lab.cut_off()
+            left.read_before()
 
-        m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+        m = measure(agent, [a], traffic, read_kernel=True, then=left.read_after, dir_mask=0b01, **EVERY_PACKET)
         on_host = host_reassembly(reasm_host, host_nat, datagrams)
         assert ip_reassembled(a.netns) - reasm_pod == datagrams
-    # A first fragment's flight the host's reassembly left is counted when its address carries another
-    # packet (often the clone, at once); the rest are still there: each datagram's is one or the other.
-    # (Some of those an earlier test left may be counted meanwhile.)
-    first_fragments = left_by_reassembly(left)
-    others = [f for f in left if f not in first_fragments]
-    assert m.kernel_counters["stale_flights"] == 0 and not others, (m.kernel_counters, others)
-    reassembled = m.kernel_counters["reassembled_on_host"] + len(first_fragments)
-    assert on_host <= reassembled <= on_host + len(earlier), (m.kernel_counters, first_fragments, len(earlier))
+    left.assert_first_fragments_accounted(m, on_host)
     stats = m.kernel[a.name]
     assert stats["rx_host_to_pod"].count == pings + datagrams * fragments, stats["rx_host_to_pod"]
     assert stats["rx_pod_stack"].count == stats["rx_socket_queue"].count == 0, stats
+
+
+def snmp6(netns: str, name: str) -> int:
+    """A counter of a namespace's IPv6 stack (/proc/net/snmp6)."""
+    lines = sh("ip", "netns", "exec", netns, "cat", "/proc/net/snmp6").stdout.splitlines()
+    return int(dict(ln.split() for ln in lines if ln.strip())[name])
+
+
+def conntrack_tracks(family: str, ip: str, port: int) -> bool:
+    """Does the host's conntrack hold a flow to ip:port (so that it reassembled its fragments)?"""
+    dst = f"dst={ipaddress.ip_address(ip).exploded} "  # as conntrack writes it
+    return any(ln.startswith(family) and f"dport={port} " in ln and dst in ln
+               for ln in Path("/proc/net/nf_conntrack").read_text().splitlines())
+
+
+@pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
+def test_ipv6_fragments_into_a_pod_end_their_journey_or_are_counted(agent, host_nat):
+    """The same for IPv6, whose fragments carry a header of their own (its offset says which is first), and
+    whose reassembly by the host's conntrack (nf_conntrack's own, for IPv6) works the same way. A pod's
+    IPv6 stack talks on its own (neighbour discovery): the lab is cut off before what is left is read."""
+    datagrams, fragments, port = 100, 3, 9512
+    left = Leftovers(agent)
+    with NetLab(ipv6=True, masquerade=host_nat) as lab:
+        a, client = lab.add_pod("a"), lab.add_pod("client")
+        # Neighbours found first: a packet held for neighbour discovery is sent from within the NET_RX run
+        # that delivers the answer, which the answer's send made quiet: then it cannot be timed (counted
+        # in quiet_misses). Those are the node's; here they would take a fragment's rx_host_to_pod.
+        assert client.traffic("ping", "--to", a.ip6, "--count", "2") == {"replies": 2}
+        # (Ip6ReasmOKs: the pod's own reassembly; the host's conntrack, which reassembles on its own, does
+        # not count there.)
+        reasm_pod, in_pod = snmp6(a.netns, "Ip6ReasmOKs"), snmp6(a.netns, "Ip6InReceives")
+
+        def traffic():
+            left.begin()
+            with a.serve("udp-recv", "--bind", "::", "--port", str(port), "--count", str(datagrams),
+                         "--timeout", "20") as rx:
+                client.traffic("udp-send", "--to", a.ip6, "--port", str(port), "--count", str(datagrams),
+                               "--size", "3000", "--rate", "2000")
+            assert rx.result == {"received": datagrams}, rx.result
+            lab.cut_off()
+            left.read_before()
+
+        m = measure(agent, [a], traffic, read_kernel=True, then=left.read_after, dir_mask=0b01, **EVERY_PACKET)
+        assert snmp6(a.netns, "Ip6ReasmOKs") - reasm_pod == datagrams
+        others_in = snmp6(a.netns, "Ip6InReceives") - in_pod - datagrams * fragments  # neighbour discovery, MLD
+        # The host's conntrack tracked the datagrams (and so reassembled them) with the lab's NAT; without
+        # it, only if the machine's own rules make it track the lab's traffic.
+        tracked = conntrack_tracks("ipv6", a.ip6, port)
+        assert tracked or not host_nat
+    # One datagram in about 50 (seen under load; never in the IPv4 test) leaves no first fragment's flight,
+    # counted or not, and no extra sample: as if its first fragment went on to the pod itself (the one that
+    # completed its datagram on the host, which then keeps its skb). Not confirmed; allowed for one in 20.
+    left.assert_first_fragments_accounted(m, datagrams if tracked else 0, unaccounted=datagrams // 20 if tracked else 0)
+    # Each fragment's journey to the pod timed, and maybe some of the other packets' the pod received.
+    into_pod = m.kernel[a.name]["rx_host_to_pod"].count - datagrams * fragments
+    assert 0 <= into_pod <= others_in, (into_pod, others_in, m.kernel_counters)
 
 
 @pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
@@ -442,10 +533,8 @@ def test_fragments_a_traced_pod_sends_each_end_or_are_counted(agent, host_nat):
 
 
 def tcp_ext(pod, name: str) -> int:
-    """A TcpExt counter of the pod's network namespace (/proc/net/netstat, read inside it)."""
-    lines = [ln.split() for ln in sh(*pod.exec("cat", "/proc/net/netstat")).stdout.splitlines()]
-    names, values = [ln for ln in lines if ln[0] == "TcpExt:"]
-    return int(values[names.index(name)])
+    """A TcpExt counter of the pod's network namespace."""
+    return proc_counter("/proc/net/netstat", "TcpExt", name, pod.netns)
 
 
 def test_tcp_segments_queued_out_of_order_end_their_journey(agent, lab):
