@@ -148,14 +148,14 @@ static __always_inline int lt_tx_reassembled(struct lt_flight *f, struct lt_skb_
 
 /* filter: the packet queued on a traced pod's veth may have no receive flight of its own yet: none at its
  * address, or one whose data buffer is another (a freed skb's left there, or its own after the host's
- * reassembly: lt_record_host_rx tells them apart, and checks the age). (A first fragment's flight the
- * host's reassembly left, whose skb and data buffer another packet took again, passes for that packet's
- * here; the pod side tells them apart, lt_same_datagram, and the packet's journey starts there. Telling
- * them apart here too cost every packet into a traced pod 5-18 ns a run in ping-pong.) */
+ * reassembly: lt_record_host_rx tells them apart, and checks the age), or a first fragment's, which the
+ * host's reassembly may have left there, and whose skb and data buffer another packet may have taken
+ * (both freed, both taken again: lt_record_host_rx compares the datagram's id; a later fragment's flight
+ * goes on with its own skb, whose id the host may change when it fragments the datagram again). */
 static __always_inline int lt_filter_rx_unseen(struct lt_skb_view *v, u64 key)
 {
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
-    return !f || f->head != (u32)(u64)v->head;
+    return !f || f->head != (u32)(u64)v->head || (f->flags & LT_F_FRAG_FIRST);
 }
 
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
