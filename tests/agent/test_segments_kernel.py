@@ -350,11 +350,16 @@ FIRST_FRAGMENT = 64  # lt_flight.flags: LT_F_FRAG_FIRST (bpf/latencytrace.h)
 RX_POD_RX = segments.boundary_id(Direction.RX, "pod_rx")
 
 
+def proc_lines(path: str, netns: str | None = None) -> list[str]:
+    """The lines of a /proc/net file as a namespace (the host's by default) shows it."""
+    cmd = ("cat", path) if netns is None else ("ip", "netns", "exec", netns, "cat", path)
+    return sh(*cmd).stdout.splitlines()
+
+
 def proc_counter(path: str, section: str, name: str, netns: str | None = None) -> int:
     """A counter of /proc/net/snmp or /proc/net/netstat (a section's names on one line, its values on the
     next), in a namespace (the host's by default)."""
-    cmd = ("cat", path) if netns is None else ("ip", "netns", "exec", netns, "cat", path)
-    names, values = [ln.split() for ln in sh(*cmd).stdout.splitlines() if ln.startswith(section + ":")]
+    names, values = [ln.split() for ln in proc_lines(path, netns) if ln.startswith(section + ":")]
     return int(values[names.index(name)])
 
 
@@ -450,8 +455,7 @@ def test_packets_no_socket_reads_end_their_journey_in_the_pod(agent, host_nat):
 
 def snmp6(netns: str, name: str) -> int:
     """A counter of a namespace's IPv6 stack (/proc/net/snmp6)."""
-    lines = sh("ip", "netns", "exec", netns, "cat", "/proc/net/snmp6").stdout.splitlines()
-    return int(dict(ln.split() for ln in lines if ln.strip())[name])
+    return int(dict(ln.split() for ln in proc_lines("/proc/net/snmp6", netns) if ln.strip())[name])
 
 
 def conntrack_tracks(family: str, ip: str, port: int) -> bool:
