@@ -855,7 +855,7 @@ static __always_inline int lt_ip_hdr(struct lt_skb_view *v, void *nh, struct lt_
         }
         if (a->proto == LT_IPV6_FRAGMENT) { /* its bytes 2-3 (the packet's 42-43): the offset, then flags */
             *tcpf = LT_F_NODATA | LT_F_FRAG | ((h[10] >> 16) & 0xf8ff ? 0 : LT_F_FRAG_FIRST);
-            a->frag_id = h[11] >> 16; /* the packet's bytes 46-47: the low half, which each datagram steps */
+            a->frag_id = h[11] >> 16; /* the packet's bytes 46-47: the half that changes from one datagram to the next */
         } else if (a->proto != LT_IPPROTO_TCP && a->proto != LT_IPPROTO_UDP) {
             *tcpf = LT_F_NODATA; /* ICMPv6, or an extension header (hop-by-hop) first */
         } else {

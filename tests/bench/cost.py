@@ -61,6 +61,11 @@ def _workloads(pods: Pods, steady_pps: int, seconds: float, steady_seconds: floa
          lambda t: t.pingpong(pods.client, pods.untraced, "udp", seconds)),
         ("unix_pp/untraced", "unix-socket messages in an untraced pod (per message: no packets)",
          lambda t: t.unix_pingpong(pods.untraced, seconds)),
+        # A drop storm (a NetworkPolicy's deny, a firewall): every packet runs the drop hook.
+        ("drop/untraced", f"UDP {steady_pps:,} pkt/s into an untraced pod, every datagram dropped by its netfilter",
+         lambda t: t.udp_dropped(pods.client, pods.untraced, steady_pps, seconds)),
+        ("drop/traced", f"UDP {steady_pps:,} pkt/s into the traced pod, every datagram dropped by its netfilter",
+         lambda t: t.udp_dropped(pods.client, pods.traced, steady_pps, seconds)),
         ("tcp_bulk/traced", "TCP bulk into the traced pod (per skb: GSO)",
          lambda t: t.tcp_bulk(pods.client, pods.traced, seconds)),
     )

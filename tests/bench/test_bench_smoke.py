@@ -37,6 +37,11 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     # An untraced pod's request-response traffic, each packet meeting the programs cold.
     assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["pp_udp/untraced"]["raw_ns"] > 0
     assert doc["sections"]["probe_cost"]["agent"]["per_packet"]["unix_pp/untraced"]["raw_ns"] > 0
+    # A drop storm: every datagram dropped in the pod, each one a run of the drop hook.
+    for key in ("drop/untraced", "drop/traced"):
+        w = doc["sections"]["probe_cost"]["agent"]["workloads"][key]
+        assert w["result"]["sent"] > 0 and w["result"]["received"] == 0, w["result"]
+        assert w["programs"]["lt_kfree_skb"]["run_cnt"] >= 0.99 * w["result"]["sent"], (key, w["programs"])
     # One program run's dispatch, statistics off: a second empty program always costs something.
     dispatch = doc["sections"]["probe_cost"]["dispatch"]
     assert dispatch["dispatch_ns"] > 0, dispatch

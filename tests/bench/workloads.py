@@ -1,7 +1,7 @@
-"""The traffic the benchmarks measure: iperf3 (TCP bulk, UDP at a fixed packet rate) and sockperf
-ping-pong (TCP and UDP request/response), from a client pod into a server pod of the lab; and, with no
-packets at all, the time of one system call in a pod (a raw_syscalls hook costs every syscall of the
-node, not only the network's).
+"""The traffic the benchmarks measure: iperf3 (TCP bulk, UDP at a fixed packet rate, and that rate dropped
+by the server pod's netfilter) and sockperf ping-pong (TCP and UDP request/response), from a client pod into
+a server pod of the lab; and, with no packets at all, the time of one system call in a pod (a raw_syscalls
+hook costs every syscall of the node, not only the network's).
 
 Client and server are pinned to different CPUs so that each run places the work the same way; every
 run also reports the packets that crossed the server pod's veth and the CPU time the whole machine
@@ -215,6 +215,21 @@ class Traffic:
                 "loss_pct": 100.0 * (sent - read) / sent if sent else 0.0,
                 "packets": w.packets, "busy_cpu_ns_per_packet": w.busy_cpu_ns / max(w.packets, 1),
                 "seconds": w.seconds}
+
+    def udp_dropped(self, client: Pod, server: Pod, pps: int, seconds: float) -> dict:
+        """`udp_rate` with every data datagram dropped as it arrives in `server`, by a netfilter rule in its
+        namespace (as a NetworkPolicy's deny or a firewall drops a flood): what a drop storm costs. The rule
+        matches the data datagrams' length only, so iperf3's own small datagrams (its UDP handshake) pass."""
+        rule = ("INPUT", "-p", "udp", "--dport", str(IPERF_PORT), "-m", "length", "--length", str(20 + 8 + UDP_PAYLOAD),
+                "-j", "DROP")
+        subprocess.run(server.exec("iptables", "-I", *rule), check=True, capture_output=True)
+        try:
+            r = self.udp_rate(client, server, pps, seconds)
+        finally:
+            subprocess.run(server.exec("iptables", "-D", *rule), check=False, capture_output=True)
+        if r["received"]:
+            raise WorkloadError(f"{r['received']} datagrams of the drop storm reached the server in pod {server.name}")
+        return r
 
     def pingpong(self, client: Pod, server: Pod, proto: str, seconds: float) -> dict:
         """sockperf ping-pong (one request in flight): round-trip time percentiles in microseconds."""
