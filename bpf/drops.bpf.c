@@ -24,13 +24,25 @@ static __always_inline void lt_record_drop(struct lt_flight *f, u32 dir, void *s
         lt_emit(t, f, dir, LT_EV_DROP, 0, skb, reason); /* an untimed packet is counted, with no journey to send */
 }
 
-/* record: skb, whose data buffer is `head`, dropped with flight f of direction dir at its address; 1 if f
- * was its packet's. A flight left there by a freed skb (a first fragment the host's reassembly freed, which
- * no probe sees go) has another data buffer: it is counted as left (lt_count_left), not as its pod's drop.
- * f ends either way. */
-static __always_inline int lt_record_flight_drop(struct lt_flight *f, u32 dir, void *skb, u32 head, u32 reason)
+/* filter: receive flight f, found at a dropped skb's address with its data buffer (v), is the dropped
+ * packet's as far as fragments go. A first fragment's flight the host's reassembly left is not when
+ * another packet took both its skb and its data buffer (freed meanwhile with the datagram), a packet the
+ * node then dropped: the header, read only for such a flight, says (lt_same_datagram). */
+static __always_inline int lt_filter_dropped_datagram(struct lt_flight *f, struct lt_skb_view *v)
 {
-    int ours = f->head == head;
+    if (!(f->flags & LT_F_FRAG_FIRST))
+        return 1;
+    return v->network_header != 0xffff && lt_same_datagram(f, v, v->head + v->network_header);
+}
+
+/* record: skb (v) dropped with flight f of direction dir at its address; 1 if f was its packet's. A
+ * flight left there by a freed skb (a first fragment the host's reassembly freed, which no probe sees go)
+ * has another data buffer, or, receive side, another datagram in it: it is counted as left
+ * (lt_count_left), not as its pod's drop. f ends either way. */
+static __always_inline int lt_record_flight_drop(struct lt_flight *f, u32 dir, void *skb, struct lt_skb_view *v,
+                                                 u32 reason)
+{
+    int ours = f->head == (u32)(u64)v->head && (dir != LT_DIR_RX || lt_filter_dropped_datagram(f, v));
     if (ours)
         lt_record_drop(f, dir, skb, reason);
     else
@@ -51,13 +63,12 @@ int lt_kfree_skb(struct bpf_raw_tracepoint_args *ctx)
     struct lt_skb_view v;
     lt_skb_read(skb, &v);
     /* A packet in flight (in both directions when it goes from one traced pod to another). */
-    u32 head = (u32)(u64)v.head;
     struct lt_flight *rf = lt_get(LT_DIR_RX, key), *tf = lt_get(LT_DIR_TX, key);
     int in_flight = 0; /* (not `rf || tf`: clang may OR the two pointers, which the verifier refuses) */
     if (rf)
-        in_flight |= lt_record_flight_drop(rf, LT_DIR_RX, skb, head, reason);
+        in_flight |= lt_record_flight_drop(rf, LT_DIR_RX, skb, &v, reason);
     if (tf)
-        in_flight |= lt_record_flight_drop(tf, LT_DIR_TX, skb, head, reason);
+        in_flight |= lt_record_flight_drop(tf, LT_DIR_TX, skb, &v, reason);
     if (in_flight)
         return 0;
     struct lt_cpu_ctx *c = lt_this_cpu();
