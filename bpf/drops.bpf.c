@@ -30,9 +30,9 @@ static __always_inline void lt_record_drop(struct lt_flight *f, u32 dir, void *s
  * node then dropped: the header, read only for such a flight, says (lt_same_datagram). */
 static __always_inline int lt_filter_dropped_datagram(struct lt_flight *f, struct lt_skb_view *v)
 {
-    if (!(f->flags & LT_F_FRAG_FIRST))
-        return 1;
-    return v->network_header != 0xffff && lt_same_datagram(f, v, v->head + v->network_header);
+    /* no header set: ours only if the flight has no datagram to compare (lt_same_datagram's own test) */
+    return v->network_header == 0xffff ? !(f->flags & LT_F_FRAG_FIRST)
+                                       : lt_same_datagram(f, v, v->head + v->network_header);
 }
 
 /* record: skb (v) dropped with flight f of direction dir at its address; 1 if f was its packet's. A

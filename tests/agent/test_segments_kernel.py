@@ -465,7 +465,7 @@ def conntrack_tracks(family: str, ip: str, port: int) -> bool:
     """Does the host's conntrack hold a flow to ip:port (so that it reassembled its fragments)?"""
     dst = f"dst={ipaddress.ip_address(ip).exploded} "  # as conntrack writes it
     return any(ln.startswith(family) and f"dport={port} " in ln and dst in ln
-               for ln in Path("/proc/net/nf_conntrack").read_text().splitlines())
+               for ln in proc_lines("/proc/net/nf_conntrack"))
 
 
 @pytest.mark.parametrize("host_nat", [False, True], ids=["no-host-nat", "host-nat"])
