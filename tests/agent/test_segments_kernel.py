@@ -623,7 +623,6 @@ def test_tcp_request_response_from_the_host_each_request_is_its_own_packet(agent
     import subprocess
     import sys
     import time
-    from pathlib import Path
 
     a = lab.add_pod("a")
     n = 1000
@@ -662,7 +661,6 @@ def test_packets_the_host_sends_start_where_the_host_queues_them(agent, lab):
     import socket
     import subprocess
     import sys
-    from pathlib import Path
 
     a, b = lab.add_pod("a"), lab.add_pod("b")
     n = 1000
@@ -859,7 +857,6 @@ def held_tcp_transfer(agent, lab, port: int, count: int, size: int, *sink_args: 
     """`count` segments of `size` bytes from a client pod into pod "a", whose tcp-sink reads nothing until
     all are sent, then reads (with `sink_args`). What the agent measured, the pod, and when the reader was
     let go (CLOCK_MONOTONIC ns)."""
-    from pathlib import Path
 
     a, client = lab.add_pod("a"), lab.add_pod("client")
     go = Path(f"/tmp/lt-test-hold-{a.netns}")
