@@ -622,7 +622,6 @@ def test_tcp_request_response_from_the_host_each_request_is_its_own_packet(agent
     Every request is read, and none inherits the timestamps of such an earlier packet."""
     import subprocess
     import sys
-    import time
 
     a = lab.add_pod("a")
     n = 1000
