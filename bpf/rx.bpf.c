@@ -526,6 +526,30 @@ static __always_inline u64 lt_filter_ready_skb(struct lt_cpu_ctx *c, u64 tail, s
     return 0;
 }
 
+/* record: a traced pod's packet delivered to a socket of the host, the end of its transmit journey: the last
+ * one that reached the host on this CPU (c->tx_skb), at the wakeup of socket sk, whose queue's tail skb
+ * (tail_skb, tail as a key) it is. Or whose queue is empty: a reader on another CPU took the datagram
+ * before this program ran (as a UDP read runs ahead of its wakeup on the receive side); then its skb is
+ * not read (an emitted journey goes without its addresses), since the reader may have freed it, and a
+ * packet the host sent on (to another pod, whose netif_receive_skb ends it) is not taken for it. 1 if a
+ * journey ended here. (If the packet's flight is gone, it went on into another pod, which may be traced
+ * too: the receive side goes on.) */
+static __always_inline int lt_record_host_delivery(struct lt_cpu_ctx *c, void *sk, void *tail_skb, u64 tail)
+{
+    u64 key = c->tx_skb;
+    if (tail != key) {
+        if (lt_ld32(sk, LT_OFF_SK_RXQ_QLEN))
+            return 0; /* another packet at the tail */
+        tail_skb = NULL;
+    }
+    c->tx_skb = 0;
+    struct lt_flight *tf = lt_get(LT_DIR_TX, key);
+    if (!tf || (!tail_skb && (tf->flags & LT_F_XMITTED)))
+        return 0;
+    lt_record_tx_done(tf, lt_timed(tf) ? bpf_ktime_get_ns() : 0, tail_skb);
+    return 1;
+}
+
 int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
 {
     void *sk = (void *)ctx->args[0];
@@ -546,16 +570,8 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     if (c->tx_skb) {
         tail_skb = lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
         tail = LT_KEY(tail_skb);
-        if (tail == c->tx_skb) {
-            c->tx_skb = 0;
-            /* A traced pod's packet delivered to a socket on the host. (If its flight is gone, it went
-             * on into another pod, which may be traced too: go on with the receive side.) */
-            struct lt_flight *tf = lt_get(LT_DIR_TX, tail);
-            if (tf) {
-                lt_record_tx_done(tf, lt_timed(tf) ? bpf_ktime_get_ns() : 0, tail_skb);
-                return 0;
-            }
-        }
+        if (lt_record_host_delivery(c, sk, tail_skb, tail))
+            return 0;
     }
     s32 slot = lt_filter_sock(c, sk);
     if (slot < 0)

@@ -53,6 +53,13 @@ def rx_flights(tracer, rx_inflight: int) -> list:
     return [t[t.Key(i)] for i in range(1 << program.table_bits(rx_inflight))]
 
 
+def tx_flights(tracer, sizes) -> list:
+    """The transmit part of lt_flights, the 2**LT_TX_BITS entries after the receive ones, read key by key."""
+    t = tracer.table("lt_flights")
+    first = 1 << program.table_bits(sizes.rx_inflight)
+    return [t[t.Key(first + i)] for i in range(1 << program.table_bits(sizes.tx_inflight))]
+
+
 def slot_stats(tracer, slot: int, buckets: bool = True) -> dict[str, SegStat]:
     """Segment name -> what lt_stat (figures and histogram) holds for `slot` now."""
     stat = tracer.table("lt_stat")
