@@ -55,6 +55,8 @@ def _workloads(pods: Pods, pps: int, seconds: float):
          lambda t: t.pingpong(pods.client, pods.traced, "tcp", seconds)),
         ("pp_udp/traced", "UDP ping-pong with the traced pod",  # a UDP read that does not race its wakeup
          lambda t: t.pingpong(pods.client, pods.traced, "udp", seconds)),
+        ("pp_tcp/untraced", "TCP ping-pong with an untraced pod",
+         lambda t: t.pingpong(pods.client, pods.untraced, "tcp", seconds)),
         ("pp_udp/untraced", "UDP ping-pong with an untraced pod",
          lambda t: t.pingpong(pods.client, pods.untraced, "udp", seconds)),
         ("unix_pp/untraced", "unix-socket messages in an untraced pod (per message: no packets)",
