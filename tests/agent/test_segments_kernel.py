@@ -736,7 +736,7 @@ def udp_through_nat(sender, to: str, ports: tuple[int, ...], pods: list, n: int)
         rx = [stack.enter_context(pod.serve("udp-recv", "--port", str(port), "--count", str(n), "--timeout", "20"))
               for pod, port in pods]
         for port in ports:
-            sender.traffic("udp-send", "--to", to, "--port", str(port), "--count", str(n), "--rate", "200000")
+            sender.traffic("udp-send", "--to", to, "--port", str(port), "--count", str(n), "--rate", "4000")
     assert [r.result for r in rx] == [{"received": n}] * len(rx), [r.result for r in rx]
 
 
