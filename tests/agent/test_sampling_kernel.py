@@ -281,10 +281,14 @@ def test_each_timed_datagram_is_matched_to_its_own_read(agent, lab, one_in):
         window[size] = (times[k - 1][1] if k else 0, t)
     reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5] and e.dport == 9004]
     timed = m.kernel["a"]["rx_pod_stack"].count
-    # Each timed datagram's read is found but for a few given up in the races this provokes (given up,
-    # never matched to another datagram's read).
+    # Each timed datagram's read is found, or given up in the races this provokes and counted as such
+    # (`collisions`), never matched to another datagram's read (below). Few are given up: timing 1 in 8,
+    # of the ~125 timed reads of a run, 0-3 in 24 runs on a 2-core VM, 4 and 5 in two CI runs after the
+    # other suites, where a bound of 3% (3 reads) failed; every packet timed, none.
+    given_up = m.kernel_counters["collisions"]
     assert len(reads) == m.kernel["a"]["rx_socket_queue"].count, (len(reads), m.kernel_counters)
-    assert len(reads) >= timed * 0.97, (len(reads), timed, str(m.kernel_counters))
+    assert len(reads) + given_up >= timed, (len(reads), given_up, timed, str(m.kernel_counters))
+    assert len(reads) >= timed * 0.95, (len(reads), timed, str(m.kernel_counters))
     outside = []
     for e in reads:
         lo, hi = window[e.length - 28]  # IPv4 and UDP headers
