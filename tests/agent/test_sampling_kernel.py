@@ -262,13 +262,15 @@ def test_each_timed_datagram_is_matched_to_its_own_read(agent, lab, one_in):
     recv). The sender sends as fast as it can from one CPU and the reader polls without sleeping on the
     other, so that reads run while datagrams are being queued: a read under way while a timed datagram is
     counted (timing 1 in N: its number is its read's, from the reads counted and the datagrams queued), a
-    reader ahead of the wakeup. Datagram i is 16 + i bytes, so that an event's length names its datagram.
+    reader ahead of the wakeup. Datagram i is 16 + i % 1024 bytes, so that an event's length names its
+    datagram among its neighbours (the datagrams of one size are 1,024 recvs apart: their windows are far
+    from each other's).
     A datagram matched to its neighbour's read lands a recv early or late: numbered one off, 9 in 10 do;
     in these races a rare one still does, and up to 1 in 50 passes (measured: 1 of 6,224 timed reads in 50
     runs timing 1 in 8, none of 50,000 timing every packet; timing 1 in N before counted mode, up to 1 in
     15 in a run, each a recv early at the stream's start)."""
     a, client = lab.add_pod("a"), lab.add_pod("client")
-    count = 1000
+    count = 1000 if one_in == 1 else 4000  # ~500 timed reads either way: a rate bound with room
     got: dict = {}
 
     def traffic():
@@ -281,26 +283,27 @@ def test_each_timed_datagram_is_matched_to_its_own_read(agent, lab, one_in):
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, time_one_in=one_in, **EVERY_TIMED)
     times = got["times"]
     assert len(times) == got["received"] > count * 0.9, got["received"]  # a few may be dropped at the socket
-    window = {}  # payload size -> (previous recv returned, own recv returned)
+    windows: dict = {}  # payload size -> [(previous recv returned, own recv returned)], 1,024 recvs apart
     for k, (size, t) in enumerate(times):
-        window[size] = (times[k - 1][1] if k else 0, t)
+        windows.setdefault(size, []).append((times[k - 1][1] if k else 0, t))
     reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5] and e.dport == 9004]
     timed = m.kernel["a"]["rx_pod_stack"].count
     # Each timed datagram's read is found, or given up in the races this provokes and counted as such
     # (`collisions`), never matched to another datagram's read (below). Few are given up: timing 1 in 8,
-    # of the ~125 timed reads of a run, 0-3 in 24 runs on a 2-core VM, 4 and 5 in two CI runs after the
-    # other suites, where a bound of 3% (3 reads) failed; every packet timed, none.
+    # 0-3 of ~125 timed reads in 24 runs on a 2-core VM, 4 and 5 in two CI runs after the other suites
+    # (up to 4%); every packet timed, none. Of ~500, 10% leaves six standard deviations at 4%.
     given_up = m.kernel_counters["collisions"]
     assert len(reads) == m.kernel["a"]["rx_socket_queue"].count, (len(reads), m.kernel_counters)
     assert len(reads) + given_up >= timed, (len(reads), given_up, timed, str(m.kernel_counters))
-    assert len(reads) >= timed * 0.95, (len(reads), timed, str(m.kernel_counters))
+    assert len(reads) >= timed * 0.9, (len(reads), timed, str(m.kernel_counters))
     outside = []
     for e in reads:
-        lo, hi = window[e.length - 28]  # IPv4 and UDP headers
         # A datagram read before its wakeup's program ran (its reader ahead on the other CPU) ends at the
         # wakeup, its socket-queue time 0: no earlier than the reader's previous recv returned, and before
         # or soon after its own did (an interrupt may hold the wakeup's program up).
         early = e.ts[5] == e.ts[4]
-        if not lo <= e.ts[5] <= (hi if not early else hi + 1_000_000):
+        ours = windows[e.length - 28]  # IPv4 and UDP headers
+        if not any(lo <= e.ts[5] <= (hi if not early else hi + 1_000_000) for lo, hi in ours):
+            lo, hi = min(ours, key=lambda w: abs(e.ts[5] - w[1]))
             outside.append((e.length - 28, early, e.ts[5] - lo, hi - e.ts[5]))
     assert len(outside) <= len(reads) // 50, (one_in, len(outside), len(reads), outside[:5], m.kernel_counters)
