@@ -46,18 +46,13 @@ class SegStat:
         return lo, hi
 
 
-def rx_flights(tracer, rx_inflight: int) -> list:
-    """The receive part of lt_flights, entries [0, 2**LT_RX_BITS) (transmit entries follow them), read
-    key by key."""
+def flights(tracer, sizes, direction: segments.Direction) -> list:
+    """One direction's entries of lt_flights, read key by key: the receive ones first (2**LT_RX_BITS of
+    them), the transmit ones after them (2**LT_TX_BITS)."""
     t = tracer.table("lt_flights")
-    return [t[t.Key(i)] for i in range(1 << program.table_bits(rx_inflight))]
-
-
-def tx_flights(tracer, sizes) -> list:
-    """The transmit part of lt_flights, the 2**LT_TX_BITS entries after the receive ones, read key by key."""
-    t = tracer.table("lt_flights")
-    first = 1 << program.table_bits(sizes.rx_inflight)
-    return [t[t.Key(first + i)] for i in range(1 << program.table_bits(sizes.tx_inflight))]
+    rx = 1 << program.table_bits(sizes.rx_inflight)
+    first, n = (0, rx) if direction is segments.Direction.RX else (rx, 1 << program.table_bits(sizes.tx_inflight))
+    return [t[t.Key(first + i)] for i in range(n)]
 
 
 def slot_stats(tracer, slot: int, buckets: bool = True) -> dict[str, SegStat]:

@@ -168,7 +168,7 @@ def test_in_flight_state_is_bounded_by_its_arrays(lab, tmp_path):
             client.traffic("udp-send", "--to", a.ip, "--port", "9720", "--count", str(n), "--rate", "4000")
             # All n wait in the socket: the kernel holds no more of them than the maps' size.
             held = {"lt_sockq": sum(1 for e in small.tracer.table("lt_sockq").values() if e.sk),
-                    "rx flights": sum(1 for f in kernel.rx_flights(small.tracer, size) if f.skb)}
+                    "rx flights": sum(1 for f in kernel.flights(small.tracer, small.sizes, Direction.RX) if f.skb)}
             go.touch()
         assert rx.result == {"received": n}
         got = {seg: st - before[seg] for seg, st in kernel.slot_stats(small.tracer, slot, buckets=False).items()}

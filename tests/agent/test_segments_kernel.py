@@ -81,14 +81,20 @@ def tx_expected(ts: tuple[int, ...]) -> dict[str, int]:
     return out
 
 
+def assert_no_troubles(m, allow=()) -> None:
+    """No counter of the kernel's moved but the cases it measures and counts (COUNTED_CASES) and those
+    the caller allows (and checks itself)."""
+    troubles = {k: v for k, v in m.kernel_counters.items() if k not in (*COUNTED_CASES, *allow)}
+    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+
+
 def check_kernel_against_events(m, pod, direction: Direction, expected, allow=()) -> dict[str, kernel.SegStat]:
     """Each segment's count and sum in the kernel equal what its packets' raw timestamps say; every
     count is in the histogram; nothing negative, nothing clamped, no event lost or held back. (A UDP
     read that ran ahead of the sk_data_ready probe, `early_reads`, and a TCP packet merged into the
     queue's tail skb, `coalesced`, are measured and in their events too; `allow` names further counters
     the caller checks itself.)"""
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in (*COUNTED_CASES, *allow)}
-    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    assert_no_troubles(m, allow)
     stats = m.kernel[pod.name]
     evs = [e for e in m.event_list if e.direction is direction]
     assert all(in_order(e) for e in evs), [e.ts for e in evs if not in_order(e)][:5]
@@ -212,8 +218,7 @@ def test_udp_reads_that_run_ahead_of_the_wakeup_are_matched(agent, lab):
         assert rx.result == {"received": count}, rx.result
 
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in COUNTED_CASES}
-    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    assert_no_troubles(m)
     reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5]]
     assert len(reads) == count and all(e.ts[3] <= e.ts[4] <= e.ts[5] for e in reads), len(reads)
     stats = m.kernel[a.name]
@@ -320,7 +325,7 @@ def flights_since(agent, start_ns: int) -> list[tuple]:
     """The receive flights in the kernel that a packet touched since start_ns (time.monotonic_ns(), the
     BPF clock's): (times, flags, protocol, ifindexes) of each."""
     return [(list(f.ts), f.flags, f.addr.proto, list(f.ifindex))
-            for f in kernel.rx_flights(agent.tracer, agent.sizes.rx_inflight) if f.skb and max(f.ts) >= start_ns]
+            for f in kernel.flights(agent.tracer, agent.sizes, Direction.RX) if f.skb and max(f.ts) >= start_ns]
 
 
 def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
@@ -675,12 +680,11 @@ def test_a_traced_pods_datagrams_to_a_host_socket_end_where_the_socket_is_woken(
         assert '"received": %d' % n in out, out
 
     def in_flight():
-        left["tx"] = [(f.slot, list(f.ts)) for f in kernel.tx_flights(agent.tracer, agent.sizes)
+        left["tx"] = [(f.slot, list(f.ts)) for f in kernel.flights(agent.tracer, agent.sizes, Direction.TX)
                       if f.skb and max(f.ts) >= left["start"]]
 
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, then=in_flight, **EVERY_PACKET)
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in COUNTED_CASES}
-    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    assert_no_troubles(m)
     total = m.kernel["a"]["tx_total"]
     sent = [e for e in m.event_list if e.direction is Direction.TX]
     assert len(sent) == total.count == n, (len(sent), total.count)
@@ -861,8 +865,7 @@ def check_tcp_reads(m, pod) -> list:
     SYN, bare ACKs and FIN end in the pod's stack: no wakeup, no read, no event). A segment queued out of
     order (behind one the busy machine lost: 7 once in CI) is such a packet too, its socket-queue time
     including the wait for the data before it, and is checked with the rest."""
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in (*COUNTED_CASES, "out_of_order")}
-    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    assert_no_troubles(m, ("out_of_order",))
     stats = m.kernel[pod.name]
     reads = [e for e in m.event_list if e.direction is Direction.RX and e.ts[5]]
     assert reads and {(e.protocol, e.daddr) for e in reads} == {("tcp", pod.ip)}
@@ -990,8 +993,7 @@ def test_a_tcp_connection_at_a_closed_ones_address_starts_afresh(agent, lab):
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
     reads = socket_reads(m, a, sent["sport"])
     assert sum(e.length - 20 - 32 for e in reads) == 2000, [e.length for e in reads]  # IPv4, TCP with timestamps
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in (*COUNTED_CASES, "collisions")}
-    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    assert_no_troubles(m, ("collisions",))
 
 
 def test_a_udp_socket_at_a_closed_ones_address_starts_afresh(agent, lab):
@@ -1010,5 +1012,4 @@ def test_a_udp_socket_at_a_closed_ones_address_starts_afresh(agent, lab):
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
     reads = socket_reads(m, a, sent["sport"])
     assert len(reads) == 20, len(reads)
-    troubles = {k: v for k, v in m.kernel_counters.items() if k not in (*COUNTED_CASES, "collisions")}
-    assert troubles == dict.fromkeys(troubles, 0), m.kernel_counters
+    assert_no_troubles(m, ("collisions",))
