@@ -8,6 +8,7 @@ the traffic did, not the agent's bookkeeping with itself.
 from __future__ import annotations
 
 import contextlib
+import json
 import ipaddress
 import time
 from pathlib import Path
@@ -696,6 +697,43 @@ def test_a_traced_pods_datagrams_to_a_host_socket_end_where_the_socket_is_woken(
     assert all((e.protocol, e.daddr, e.dport) == ("udp", lab.gateway, 9230) for e in addressed)
     assert len(addressed) >= n * 0.98, len(addressed)
     assert not left["tx"], (len(left["tx"]), left["tx"][:3])
+
+
+def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab):
+    """UDP GRO forwarding on a traced pod's host-side veth (`ethtool -K <veth> rx-udp-gro-forwarding on`,
+    with the veth's NAPI threaded so that its polls take batches): the host chains the pod's datagrams
+    behind one skb, and UDP, copying the chain into new skbs for a host socket, frees the chained ones
+    with no drop reason. They are counted as chained (`chained_on_host`), never as the pod's drops, and
+    every datagram is either measured to its socket or counted so."""
+    import subprocess
+    import sys
+
+    a = lab.add_pod("a")
+    sh("ethtool", "-K", a.host_veth, "gro", "on", "rx-udp-gro-forwarding", "on")
+    Path(f"/sys/class/net/{a.host_veth}/threaded").write_text("1")
+    n = 2000
+    traffic_py = str(Path(__file__).resolve().parents[1] / "traffic.py")
+    recv = [sys.executable, traffic_py, "udp-recv", "--port", "9231", "--count", str(n), "--timeout", "20", "--spin"]
+
+    got = {}
+
+    def traffic():
+        with subprocess.Popen(recv, stdout=subprocess.PIPE, text=True) as host_recv:
+            assert '"ready"' in host_recv.stdout.readline()
+            a.traffic("udp-send", "--to", lab.gateway, "--port", "9231", "--count", str(n), "--rate", "50000")
+            out, _ = host_recv.communicate(timeout=30)
+        got.update(json.loads(out))
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, **EVERY_PACKET)
+    (doc,) = [t for t in m.as_json()["targets"] if t["netns_inode"] == a.inode]
+    chained, total = m.kernel_counters["chained_on_host"], m.kernel["a"]["tx_total"].count
+    assert chained >= 20, m.kernel_counters  # the case under test happened
+    assert not [r for r in doc["drops"] if r.endswith("NOT_SPECIFIED")], doc["drops"]
+    assert doc["packets"]["transmit"] == n, doc["packets"]
+    assert_no_troubles(m, ("chained_on_host",))
+    # Each datagram measured to its socket's wakeup, chained on the host, or (the host's socket full) dropped.
+    assert total + chained + sum(doc["drops"].values()) == n, (total, chained, doc["drops"])
+    assert got["received"] >= n * 0.9, got
 
 
 def test_packets_the_host_sends_start_where_the_host_queues_them(agent, lab):
