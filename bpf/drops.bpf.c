@@ -35,15 +35,33 @@ static __always_inline int lt_filter_dropped_datagram(struct lt_flight *f, struc
                                        : lt_same_datagram(f, v, v->head + v->network_header);
 }
 
+/* filter: a sent packet's skb freed by the host's GRO, not dropped. Fraglist GRO (rx-udp-gro-forwarding
+ * on a pod's host-side veth) chains packets of one flow behind the first one's skb, each pulled to its
+ * payload; UDP copies the chain into new skbs for a host socket and, consuming the head, frees the
+ * members with no drop reason (skb_release_data -> kfree_skb_list_reason). Such a member's data is past
+ * its transport header, where no drop of a packet still on its way leaves it. */
+static __always_inline int lt_filter_chained(struct lt_skb_view *v, u32 reason)
+{
+#ifdef LT_REASON_NOT_SPECIFIED
+    return reason == LT_REASON_NOT_SPECIFIED && v->transport_header != 0xffff &&
+           (u64)v->data > (u64)v->head + v->transport_header;
+#else
+    return 0;
+#endif
+}
+
 /* record: skb (v) dropped with flight f of direction dir at its address; 1 if f was its packet's. A
  * flight left there by a freed skb (a first fragment the host's reassembly freed, which no probe sees go)
  * has another data buffer, or, receive side, another datagram in it: it is counted as left
- * (lt_count_left), not as its pod's drop. f ends either way. */
+ * (lt_count_left), not as its pod's drop; a sent packet the host's GRO chained and freed (its data gone
+ * on) is counted as such. f ends either way. */
 static __always_inline int lt_record_flight_drop(struct lt_flight *f, u32 dir, void *skb, struct lt_skb_view *v,
                                                  u32 reason)
 {
     int ours = f->head == (u32)(u64)v->head && (dir != LT_DIR_RX || lt_filter_dropped_datagram(f, v));
-    if (ours)
+    if (ours && dir == LT_DIR_TX && lt_filter_chained(v, reason))
+        lt_count(LT_C_HOST_CHAIN);
+    else if (ours)
         lt_record_drop(f, dir, skb, reason);
     else
         lt_count_left(dir, f);

@@ -273,6 +273,18 @@ static __always_inline int lt_filter_read_datagram(void *skb)
     return word && (word >> 56) < 2;
 }
 
+/* filter: the head of a chain the host's fraglist GRO made (see lt_filter_chained, drops.bpf.c), consumed
+ * once UDP has copied the chain for a host socket: its data goes on in the copies. It still holds the
+ * chain (skb_shinfo(skb)->frag_list). Asked only of a transmit flight that ends here unsent. */
+static __always_inline int lt_filter_chain_head(void *skb)
+{
+    void *head = lt_ld_ptr(skb, LT_OFF_SKB_HEAD), *frag_list = NULL;
+    u32 end = lt_ld32(skb, LT_OFF_SKB_END);
+    /* (a helper's read: the verifier lets no plain load through a data pointer) */
+    bpf_probe_read_kernel(&frag_list, sizeof(frag_list), (const char *)head + end + LT_OFF_SHINFO_FRAG_LIST);
+    return frag_list != NULL;
+}
+
 int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
 {
     void *skb = (void *)ctx->args[0];
@@ -290,6 +302,8 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     }
     if (lt_left_by_reassembly(LT_DIR_TX, f->flags, 0))
         lt_count(LT_C_HOST_REASM); /* a first fragment whose skb the host's reassembly freed */
+    else if (lt_filter_chain_head(skb))
+        lt_count(LT_C_HOST_CHAIN);
     lt_free(LT_DIR_TX, f);
     return 0;
 }

@@ -165,6 +165,10 @@ COUNTERS: tuple[Counter, ...] = (
             "kube-proxy's, reassembles the traffic it tracks, bridged traffic too, and sends it on fragmented "
             "again): a datagram's first fragment, whose data goes on in another skb. Not a loss: measured to "
             "the host, and no further."),
+    Counter(12, "chained_on_host", "HOST_CHAIN",
+            "Packets a traced pod sent that the host's GRO chained behind another one's skb (fraglist GRO: "
+            "rx-udp-gro-forwarding on the pod's host-side veth) and freed with no drop reason once their data "
+            "had gone on with it. Not a loss: measured as far as the pod's device, and no further."),
 )
 N_COUNTER_SLOTS = 16  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)

@@ -85,8 +85,9 @@ def tail_calls(programs: list[str]) -> list[tuple[str, int, str]]:
 
 
 def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | None,
-           typed: bool = False) -> dict[str, int | str]:
-    """typed: the programs load as typed tracepoints and read kernel memory with plain loads (LT_TYPED)."""
+           typed: bool = False, not_specified_reason: int | None = None) -> dict[str, int | str]:
+    """typed: the programs load as typed tracepoints and read kernel memory with plain loads (LT_TYPED).
+    not_specified_reason: the kernel's SKB_DROP_REASON_NOT_SPECIFIED (its number changed across kernels)."""
     m: dict[str, int | str] = {}
     m.update(offsets)
     # Imported here: both import the tracer, which imports this module.
@@ -126,6 +127,8 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         m[f"LT_M{j}"] = f"{t}ULL"
     if kfree_skb_reason_arg is not None:
         m["LT_KFREE_REASON_ARG"] = kfree_skb_reason_arg
+        if not_specified_reason is not None:
+            m["LT_REASON_NOT_SPECIFIED"] = not_specified_reason
     # Unknown architecture: -1 matches no syscall, so the send-start probe stays inert.
     m.update({f"LT_NR_{k}": v for k, v in (send_syscalls() or dict.fromkeys(
         ("WRITE", "WRITEV", "SENDTO", "SENDMSG", "SENDMMSG"), -1)).items()})

@@ -116,8 +116,9 @@ class Tracer:
             self._fallback = not why  # a typed program refused later: every program goes raw (start())
             if why:
                 log.info("typed tracepoints not available (%s): probes read kernel memory with helper calls", why)
+        not_specified = next((v for v, n in self.btf.drop_reasons.items() if n == "NOT_SPECIFIED"), None)
         self.macros = program.macros(offsets.resolve(self.btf), self.sizes, feats.kfree_skb_reason_arg,
-                                     typed=self.tracepoints == "typed")
+                                     typed=self.tracepoints == "typed", not_specified_reason=not_specified)
         return program.source(), program.cflags(self.macros), feats
 
     def start(self) -> ProbeStatus:

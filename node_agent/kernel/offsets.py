@@ -17,6 +17,8 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SKB_NETWORK_HEADER": ("sk_buff", "network_header"),
     "LT_OFF_SKB_TRANSPORT_HEADER": ("sk_buff", "transport_header"),
     "LT_OFF_SKB_CB": ("sk_buff", "cb"),  # TCP's struct tcp_skb_cb lives there
+    "LT_OFF_SKB_END": ("sk_buff", "end"),  # an offset from head on 64-bit kernels: skb_shinfo() is there
+    "LT_OFF_SHINFO_FRAG_LIST": ("skb_shared_info", "frag_list"),
     "LT_OFF_TCP_CB_SEQ": ("tcp_skb_cb", "seq"),
     "LT_OFF_TCP_CB_END_SEQ": ("tcp_skb_cb", "end_seq"),
     "LT_OFF_DEV_NET": ("net_device", "nd_net.net"),
