@@ -44,6 +44,7 @@
 #define LT_F_FRAG 32       /* a fragment (with LT_F_NODATA): the host's reassembly may free its skb or give it another
                             * data buffer on its way (lt_host_reassembled) */
 #define LT_F_FRAG_FIRST 64 /* with LT_F_FRAG: its datagram's first fragment (offset 0) */
+#define LT_F_GRO_SPLIT 128 /* RX, UDP: a GRO skb whose first datagram UDP has queued, the rest to follow (f->segs) */
 
 struct lt_target {
     u64 slow_ns;       /* emit an event when the packet's total is at least this; 0: never */
@@ -148,7 +149,7 @@ struct lt_flight {
     u32 ifindex[3];    /* RX: host device, pod device; TX: pod device, host device, egress device */
     u16 cpu;           /* CPU of the first boundary */
     u8 flags;
-    u8 pad;
+    u8 segs;           /* RX, UDP: datagrams of a GRO skb that UDP has still to queue (lt_record_gro, rx.bpf.c) */
     struct lt_addrs addr; /* RX: read with the addresses that identified the packet, at no extra cost */
 };
 
@@ -407,12 +408,17 @@ static __always_inline int lt_draw(struct lt_cpu_ctx *c, struct lt_target *t)
     return lt_times_every_packet(t) || lt_rand(c) < t->time_below;
 }
 
-static __always_inline void lt_count_only(u32 slot, u32 dir)
+static __always_inline void lt_count_packets(u32 slot, u32 dir, u32 n)
 {
     u32 i = slot * 2 + dir;
-    u64 *n = lt_packets.lookup(&i);
-    if (n)
-        (*n)++;
+    u64 *p = lt_packets.lookup(&i);
+    if (p)
+        *p += n;
+}
+
+static __always_inline void lt_count_only(u32 slot, u32 dir)
+{
+    lt_count_packets(slot, dir, 1);
 }
 
 static __always_inline int lt_count_packet(struct lt_cpu_ctx *c, struct lt_target *t, u32 slot, u32 dir)
@@ -765,6 +771,7 @@ struct lt_skb_view {
     void *data;
     void *head;
     u32 len;
+    u32 data_len;     /* not 0: paged data or a chain (a GRO skb's are) */
     s32 iif;          /* skb_iif: the device it was received on; 0 for a packet this host's stack made */
     u16 protocol;
     u16 network_header;
@@ -779,6 +786,7 @@ static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
     v->data = lt_ld_ptr(skb, LT_OFF_SKB_DATA);
     v->head = lt_ld_ptr(skb, LT_OFF_SKB_HEAD);
     v->len = lt_ld32(skb, LT_OFF_SKB_LEN);
+    v->data_len = lt_ld32(skb, LT_OFF_SKB_DATA_LEN);
     v->iif = (s32)lt_ld32(skb, LT_OFF_SKB_IIF);
     v->protocol = lt_ld16(skb, LT_OFF_SKB_PROTOCOL);
     v->network_header = lt_ld16(skb, LT_OFF_SKB_NETWORK_HEADER);
@@ -794,6 +802,7 @@ static __always_inline void lt_skb_read(void *skb, struct lt_skb_view *v)
     v->data = *(void **)(w + LT_OFF_SKB_DATA - LT_SKB_WIN_START);
     v->head = *(void **)(w + LT_OFF_SKB_HEAD - LT_SKB_WIN_START);
     v->len = *(u32 *)(w + LT_OFF_SKB_LEN - LT_SKB_WIN_START);
+    v->data_len = *(u32 *)(w + LT_OFF_SKB_DATA_LEN - LT_SKB_WIN_START);
     v->iif = *(s32 *)(w + LT_OFF_SKB_IIF - LT_SKB_WIN_START);
     v->protocol = *(u16 *)(w + LT_OFF_SKB_PROTOCOL - LT_SKB_WIN_START);
     v->network_header = *(u16 *)(w + LT_OFF_SKB_NETWORK_HEADER - LT_SKB_WIN_START);

@@ -31,9 +31,28 @@ static __always_inline int lt_reassembled_here(struct lt_flight *f, struct lt_sk
            lt_host_reassembled(f, LT_F_FRAG | LT_F_FRAG_FIRST, proto, age);
 }
 
+/* record: a UDP skb at its first sighting in the pod, which GRO made of several datagrams (the host's, with
+ * rx-udp-gro-forwarding or rx-gro-list on the device it came in on): gso_segs of them, each a packet of
+ * the pod's, counted here. The pod's UDP splits the skb up again before it queues them, and
+ * lt_sk_data_ready follows each from there (f->segs), with the skb's times up to the pod. Asked only of
+ * a nonlinear skb (data_len); skb_shinfo() is read with a helper (the verifier lets no plain load through
+ * a data pointer). */
+static __always_inline void lt_record_gro(u32 slot, struct lt_flight *f, void *skb, struct lt_skb_view *v)
+{
+    u16 segs = 0;
+    u32 end = lt_ld32(skb, LT_OFF_SKB_END);
+    bpf_probe_read_kernel(&segs, sizeof(segs), (const char *)v->head + end + LT_OFF_SHINFO_GSO_SEGS);
+    if (segs < 2)
+        return;
+    u32 more = segs > 255 ? 254 : segs - 1;
+    f->segs = more + 1;
+    lt_count_packets(slot, LT_DIR_RX, more);
+    lt_count_add(LT_C_GRO_MERGED, more);
+}
+
 /* record: pod side, the packet reached a device inside traced pod `slot`. */
-static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb_view *v, u64 key, u32 ifindex,
-                                             u32 slot, u64 age)
+static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, void *skb, struct lt_skb_view *v, u64 key,
+                                             u32 ifindex, u32 slot, u64 age)
 {
     struct lt_target *t = lt_target(slot);
     if (!t || !lt_wants(t, LT_DIR_RX))
@@ -47,6 +66,8 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
             f->ifindex[1] = ifindex;
             if (lt_timed(f))
                 lt_record(t, slot, LT_SEG_RX_HOST_TO_POD, f->ts[LT_B_RX_HOST_RX], now);
+            if (v->data_len && f->addr.proto == LT_IPPROTO_UDP)
+                lt_record_gro(slot, f, skb, v);
         }
         /* else: a further device inside the pod; the first sighting stands */
     } else {
@@ -60,6 +81,8 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, struct lt_skb
         f = lt_get(LT_DIR_RX, key);
         if (!f)
             return;
+        if (v->data_len && f->addr.proto == LT_IPPROTO_UDP)
+            lt_record_gro(slot, f, skb, v);
     }
     if (f->flags & LT_F_NODATA) {
         lt_free(LT_DIR_RX, f); /* an ACK: its journey ends in the pod's stack, with nothing to read */
@@ -88,7 +111,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         struct lt_flight *tf = lt_get(LT_DIR_TX, key);
         if (tf && lt_same_packet(tf, &v, age))
             lt_record_tx_arrival(c, tf, skb, ifindex, slot, age);
-        lt_record_pod_rx(c, &v, key, ifindex, slot, age);
+        lt_record_pod_rx(c, skb, &v, key, ifindex, slot, age);
         return 0;
     }
     if (lt_quiet_pkt(c, key))
@@ -550,6 +573,27 @@ static __always_inline int lt_record_host_delivery(struct lt_cpu_ctx *c, void *s
     return 1;
 }
 
+/* record: the segments up to the pod of timed flight f once more, for another datagram of its GRO skb. */
+static __always_inline void lt_record_rx_host_part(struct lt_flight *f)
+{
+    struct lt_target *t = lt_target(f->slot);
+    if (!t || !lt_wants(t, LT_DIR_RX))
+        return;
+    u64 host = f->ts[LT_B_RX_HOST_RX], pod = f->ts[LT_B_RX_POD_RX];
+    lt_record(t, f->slot, LT_SEG_RX_IRQ, f->ts[LT_B_RX_IRQ], f->ts[LT_B_RX_SOFTIRQ]);
+    lt_record(t, f->slot, LT_SEG_RX_DRIVER, f->ts[LT_B_RX_SOFTIRQ], host ? host : pod);
+    lt_record(t, f->slot, LT_SEG_RX_HOST_TO_POD, host, pod);
+}
+
+/* filter: is the datagram queued (tail, tail_skb) one that UDP split off the GRO skb of flight key (its
+ * datagrams follow in turn), not the GRO skb itself queued whole (a socket with UDP_GRO reads it so)?
+ * A split-off datagram is another skb, or (fraglist GRO) the first one, in the GRO skb's own, that no
+ * longer holds the rest (data_len 0). */
+static __always_inline int lt_filter_gro_split(u64 key, u64 tail, void *tail_skb)
+{
+    return tail != key || !tail_skb || !lt_ld32(tail_skb, LT_OFF_SKB_DATA_LEN);
+}
+
 int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
 {
     void *sk = (void *)ctx->args[0];
@@ -576,8 +620,10 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
     s32 slot = lt_filter_sock(c, sk);
     if (slot < 0)
         return 0; /* a socket outside traced pods */
-    if (!tail)
-        tail = LT_KEY(lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV));
+    if (!tail) {
+        tail_skb = lt_read_ptr(sk, LT_OFF_SK_RXQ_PREV);
+        tail = LT_KEY(tail_skb);
+    }
     u64 key = 0;
     struct lt_flight *f = NULL;
     u64 sk_key = LT_KEY(sk);
@@ -612,7 +658,17 @@ int lt_sk_data_ready(struct bpf_raw_tracepoint_args *ctx)
         lt_record_sock_ready(f, now);
     }
     if (f->addr.proto == LT_IPPROTO_UDP) {
+        if (timed && (f->flags & LT_F_GRO_SPLIT))
+            lt_record_rx_host_part(f); /* a later datagram of a GRO skb: the skb's times are its own too */
         lt_record_udp_push(c, sk, timed, now);
+        if (f->segs > 1 && lt_filter_gro_split(key, tail, tail_skb)) {
+            /* One datagram of a GRO skb: UDP queues the next ones on this CPU, in this same call. */
+            f->segs--;
+            f->flags |= LT_F_GRO_SPLIT;
+            f->ts[LT_B_RX_SOCK_READY] = 0;
+            c->rx_skb = key;
+            return 0;
+        }
     } else {
         if (key != tail)
             lt_count(LT_C_COALESCED); /* merged into the queue's tail skb: read with its data */

@@ -169,6 +169,11 @@ COUNTERS: tuple[Counter, ...] = (
             "Packets a traced pod sent that the host's GRO chained behind another one's skb (fraglist GRO: "
             "rx-udp-gro-forwarding on the pod's host-side veth) and freed with no drop reason once their data "
             "had gone on with it. Not a loss: measured as far as the pod's device, and no further."),
+    Counter(13, "gro_merged", "GRO_MERGED",
+            "UDP datagrams into a traced pod that the host's GRO merged into another one's skb (rx-udp-gro-"
+            "forwarding or rx-gro-list on the device they came in on): counted each, and measured each to its "
+            "own read, with the merged skb's times up to the pod, when the pod's UDP splits the skb up again "
+            "(a socket without UDP_GRO); a socket with UDP_GRO reads the skb whole, one journey.")
 )
 N_COUNTER_SLOTS = 16  # size of lt_counters
 COUNTER_NAMES = tuple(c.name for c in COUNTERS)

@@ -17,6 +17,7 @@ import time
 
 RCVBUF = 8 << 20  # room for every datagram a test sends, whatever the scheduler does to the reader
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)  # Linux; Python's socket module does not name it
+UDP_GRO = getattr(socket, "UDP_GRO", 104)  # linux/udp.h: the socket takes GRO-merged datagrams whole
 
 def family(address: str) -> int:
     return socket.AF_INET6 if ":" in address else socket.AF_INET
@@ -72,7 +73,9 @@ def udp_recv(a) -> dict:
         discarded.append(address)
     s.settimeout(0.0 if a.spin else a.timeout)
     hold(a)
-    got = 0
+    if a.gro:
+        s.setsockopt(socket.IPPROTO_UDP, UDP_GRO, 1)
+    got = reads = 0
     times = []  # --times: (datagram size, CLOCK_MONOTONIC ns when its recv returned), the probes' clock
     deadline = time.monotonic() + a.timeout
     try:
@@ -84,6 +87,12 @@ def udp_recv(a) -> dict:
                     if time.monotonic() > deadline:
                         break
                     continue
+            elif a.gro:  # one read may return several datagrams the kernel kept merged: counted each
+                data, anc, _, _ = s.recvmsg(65535, socket.CMSG_SPACE(4))
+                seg = next((int.from_bytes(d[:4], sys.byteorder) for lvl, typ, d in anc
+                            if (lvl, typ) == (socket.IPPROTO_UDP, UDP_GRO)), 0)
+                reads += 1
+                got += -(-len(data) // seg) - 1 if seg else 0
             else:
                 data = s.recv(65535)
             if a.times:
@@ -95,6 +104,8 @@ def udp_recv(a) -> dict:
         pass
     if a.discard:
         return {"received": got, "reused": kernel_address("udp", a.port) in discarded}
+    if a.gro:
+        return {"received": got, "reads": reads}
     return {"received": got, "times": times} if a.times else {"received": got}
 
 
@@ -279,6 +290,8 @@ def main(argv=None) -> int:
         sp.add_argument("--splice", action="store_true", help="tcp-sink: read with splice(2) into a pipe")
         sp.add_argument("--chunk", type=int, default=0, help="tcp-sink: read at most this many bytes at a time")
         sp.add_argument("--spin", action="store_true", help="udp-recv: poll the socket without blocking")
+        sp.add_argument("--gro", action="store_true",
+                        help="udp-recv: take datagrams GRO merged as one read (UDP_GRO), each counted")
         sp.add_argument("--times", action="store_true", help="udp-recv: report each datagram's size and read time")
         sp.add_argument("--vary-size", action="store_true", help="udp-send: datagram i is --size + i %% 1024 bytes")
         sp.add_argument("--cpu", type=int, default=-1, help="run on this CPU only")

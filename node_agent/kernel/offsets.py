@@ -9,6 +9,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SKB_DEV": ("sk_buff", "dev"),
     "LT_OFF_SKB_SK": ("sk_buff", "sk"),
     "LT_OFF_SKB_LEN": ("sk_buff", "len"),
+    "LT_OFF_SKB_DATA_LEN": ("sk_buff", "data_len"),  # not 0: paged data or a chain (a GRO skb's are)
     "LT_OFF_SKB_DATA": ("sk_buff", "data"),
     "LT_OFF_SKB_HEAD": ("sk_buff", "head"),
     "LT_OFF_SKB_PREV": ("sk_buff", "prev"),  # NULL once unlinked from a queue (__skb_unlink)
@@ -19,6 +20,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
     "LT_OFF_SKB_CB": ("sk_buff", "cb"),  # TCP's struct tcp_skb_cb lives there
     "LT_OFF_SKB_END": ("sk_buff", "end"),  # an offset from head on 64-bit kernels: skb_shinfo() is there
     "LT_OFF_SHINFO_FRAG_LIST": ("skb_shared_info", "frag_list"),
+    "LT_OFF_SHINFO_GSO_SEGS": ("skb_shared_info", "gso_segs"),  # the packets a GRO skb merged
     "LT_OFF_TCP_CB_SEQ": ("tcp_skb_cb", "seq"),
     "LT_OFF_TCP_CB_END_SEQ": ("tcp_skb_cb", "end_seq"),
     "LT_OFF_DEV_NET": ("net_device", "nd_net.net"),
@@ -43,7 +45,7 @@ MEMBERS: dict[str, tuple[str, str]] = {
 
 # Fields of struct sk_buff read together in one probe read (lt_skb_read): the window spans them all.
 SKB_WINDOW = ("LT_OFF_SKB_DEV", "LT_OFF_SKB_SK", "LT_OFF_SKB_DATA", "LT_OFF_SKB_HEAD", "LT_OFF_SKB_LEN",
-              "LT_OFF_SKB_PROTOCOL", "LT_OFF_SKB_IIF", "LT_OFF_SKB_NETWORK_HEADER", "LT_OFF_SKB_TRANSPORT_HEADER")
+              "LT_OFF_SKB_DATA_LEN", "LT_OFF_SKB_PROTOCOL", "LT_OFF_SKB_IIF", "LT_OFF_SKB_NETWORK_HEADER", "LT_OFF_SKB_TRANSPORT_HEADER")
 SKB_WINDOW_MAX = 256  # bytes of BPF stack we allow it
 
 
