@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from .controlplane import ControlPlane
-from .procs import Proc
+from .procs import Proc, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "latencytrace"
@@ -16,10 +16,22 @@ RELEASE = "latencytrace"
 
 
 def apply_crds(cp: ControlPlane) -> None:
+    """The project's CRDs (crds/*.yaml), applied and Established.
+
+    Polled here, not `kubectl wait --for=condition=Established`: that fails at once instead of waiting
+    when it reads a CRD the API server has given no status condition yet (".status.conditions accessor
+    error: <nil> is of the type <nil>", seen in a CI run)."""
     for path in sorted((ROOT / "crds").glob("*.yaml")):
         cp.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    cp.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-               "crd/latencytraces.latencytrace.io", "crd/latencytracenodes.latencytrace.io")
+
+    def established() -> bool:
+        crds = json.loads(cp.kubectl("get", "-f", str(ROOT / "crds"), "-o", "json").stdout)["items"]
+        return bool(crds) and all(
+            any(c.get("type") == "Established" and c.get("status") == "True"
+                for c in (crd.get("status") or {}).get("conditions") or [])
+            for crd in crds)
+
+    wait_until("the CRDs to be Established", established, timeout=60)
 
 
 def record(cp: ControlPlane, procs: list[Proc], **extra) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from latencytrace.node_agent.contract import TRACE_KINDS
+from tests.cluster.install import apply_crds
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent  # the venv's console scripts: never the repository on PYTHONPATH
@@ -22,11 +22,7 @@ def kget(cp, *args: str) -> dict:
 
 @pytest.fixture(scope="session")
 def crds(control_plane):
-    for path in sorted((ROOT / "crds").glob("*.yaml")):
-        control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(path))
-    control_plane.kubectl("wait", "--for=condition=Established", "--timeout=60s",
-                          *(f"crd/{kind.plural}.latencytrace.io" for kind in TRACE_KINDS),
-                          "crd/latencytracenodes.latencytrace.io")
+    apply_crds(control_plane)
 
 
 @pytest.fixture

@@ -27,11 +27,12 @@ from latencytrace.node_agent import contract
 from tests.agent.kernel import (attached_tracepoints, bpftool, held_ids, ip4_key, lookup_slots, map_dump, maps_of,
                                 prog_ids_of, used_target_slots)
 from tests.cluster.controlplane import ControlPlane
+from tests.cluster.install import apply_crds
 from tests.cluster.procs import wait_until
 from tests.export.receiver import Receiver
 from tests.netlab import NetLab
 
-from .conftest import ROOT, kget
+from .conftest import kget
 from .test_cluster_e2e import World, apply_trace
 
 pytest_plugins = ["tests.cluster.fixtures"]
@@ -124,10 +125,7 @@ def own_control_plane(tmp_path_factory) -> Iterator[ControlPlane]:
     cp = ControlPlane(tmp_path_factory.mktemp("apiserver-outage"), with_controllers=True, with_kwok=True)
     cp.start()
     try:
-        for path in sorted((ROOT / "crds").glob("*.yaml")):
-            cp.kubectl("apply", "--server-side", "-f", str(path))
-        cp.kubectl("wait", "--for=condition=Established", "--timeout=60s", "crd/latencytraces.latencytrace.io",
-                   "crd/latencytracenodes.latencytrace.io")
+        apply_crds(cp)
         yield cp
     finally:
         cp.stop()
