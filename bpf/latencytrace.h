@@ -574,6 +574,14 @@ static __always_inline void *lt_read_ptr(void *base, u32 off)
     return lt_ld_ptr(base, off);
 }
 
+/* Reads size bytes at offset off of skb_shinfo(skb) (the skb's data buffer `head` holds it at skb->end)
+ * into dst: a helper's read, as the verifier lets no plain load through a data pointer. */
+static __always_inline void lt_shinfo_read(void *skb, const void *head, u32 off, void *dst, u32 size)
+{
+    u32 end = lt_ld32(skb, LT_OFF_SKB_END);
+    bpf_probe_read_kernel(dst, size, (const char *)head + end + off);
+}
+
 static __always_inline u32 lt_net_inum(void *net)
 {
     return lt_ld32(net, LT_OFF_NET_INUM);

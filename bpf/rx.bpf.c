@@ -35,13 +35,13 @@ static __always_inline int lt_reassembled_here(struct lt_flight *f, struct lt_sk
  * rx-udp-gro-forwarding or rx-gro-list on the device it came in on): gso_segs of them, each a packet of
  * the pod's, counted here. The pod's UDP splits the skb up again before it queues them, and
  * lt_sk_data_ready follows each from there (f->segs), with the skb's times up to the pod. Asked only of
- * a nonlinear skb (data_len); skb_shinfo() is read with a helper (the verifier lets no plain load through
- * a data pointer). */
+ * a nonlinear skb (data_len): a linear one is one datagram. */
 static __always_inline void lt_record_gro(u32 slot, struct lt_flight *f, void *skb, struct lt_skb_view *v)
 {
+    if (!v->data_len || f->addr.proto != LT_IPPROTO_UDP)
+        return;
     u16 segs = 0;
-    u32 end = lt_ld32(skb, LT_OFF_SKB_END);
-    bpf_probe_read_kernel(&segs, sizeof(segs), (const char *)v->head + end + LT_OFF_SHINFO_GSO_SEGS);
+    lt_shinfo_read(skb, v->head, LT_OFF_SHINFO_GSO_SEGS, &segs, sizeof(segs));
     if (segs < 2)
         return;
     u32 more = segs > 255 ? 254 : segs - 1;
@@ -66,8 +66,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, void *skb, st
             f->ifindex[1] = ifindex;
             if (lt_timed(f))
                 lt_record(t, slot, LT_SEG_RX_HOST_TO_POD, f->ts[LT_B_RX_HOST_RX], now);
-            if (v->data_len && f->addr.proto == LT_IPPROTO_UDP)
-                lt_record_gro(slot, f, skb, v);
+            lt_record_gro(slot, f, skb, v);
         }
         /* else: a further device inside the pod; the first sighting stands */
     } else {
@@ -81,8 +80,7 @@ static __always_inline void lt_record_pod_rx(struct lt_cpu_ctx *c, void *skb, st
         f = lt_get(LT_DIR_RX, key);
         if (!f)
             return;
-        if (v->data_len && f->addr.proto == LT_IPPROTO_UDP)
-            lt_record_gro(slot, f, skb, v);
+        lt_record_gro(slot, f, skb, v);
     }
     if (f->flags & LT_F_NODATA) {
         lt_free(LT_DIR_RX, f); /* an ACK: its journey ends in the pod's stack, with nothing to read */

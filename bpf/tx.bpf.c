@@ -279,9 +279,7 @@ static __always_inline int lt_filter_read_datagram(void *skb)
 static __always_inline int lt_filter_chain_head(void *skb)
 {
     void *head = lt_ld_ptr(skb, LT_OFF_SKB_HEAD), *frag_list = NULL;
-    u32 end = lt_ld32(skb, LT_OFF_SKB_END);
-    /* (a helper's read: the verifier lets no plain load through a data pointer) */
-    bpf_probe_read_kernel(&frag_list, sizeof(frag_list), (const char *)head + end + LT_OFF_SHINFO_FRAG_LIST);
+    lt_shinfo_read(skb, head, LT_OFF_SHINFO_FRAG_LIST, &frag_list, sizeof(frag_list));
     return frag_list != NULL;
 }
 

@@ -294,8 +294,8 @@ def test_each_timed_datagram_is_matched_to_its_own_read(agent, lab, one_in):
     # (up to 4%); every packet timed, none. Of ~500, 10% leaves six standard deviations at 4%.
     given_up = m.kernel_counters["collisions"]
     assert len(reads) == m.kernel["a"]["rx_socket_queue"].count, (len(reads), m.kernel_counters)
-    assert len(reads) + given_up >= timed, (len(reads), given_up, timed, str(m.kernel_counters))
-    assert len(reads) >= timed * 0.9, (len(reads), timed, str(m.kernel_counters))
+    assert len(reads) + given_up >= timed, f"{len(reads)} found + {given_up} given up < {timed}: {m.kernel_counters}"
+    assert len(reads) >= timed * 0.9, f"{len(reads)} found of {timed} timed: {m.kernel_counters}"
     outside = []
     for e in reads:
         # A datagram read before its wakeup's program ran (its reader ahead on the other CPU) ends at the
