@@ -718,20 +718,25 @@ def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab)
     # however the veth's NAPI polls fall (with polls of one datagram each, none was: a CI run).
     Path(f"/sys/class/net/{a.host_veth}/gro_flush_timeout").write_text("200000")
     n = 2000
-    got = {}
+    got: dict = {}
 
     def veth_tx_dropped() -> int:  # what the pod's veth itself dropped (its peer's ring full: its NAPI behind)
         out = sh("ip", "-n", a.netns, "-j", "-s", "link", "show", "eth0").stdout
         return json.loads(out)[0]["stats64"]["tx"]["dropped"]
 
     def traffic():
+        got["start"] = time.monotonic_ns()
         got["veth_dropped"] = -veth_tx_dropped()
         with host_udp_reader(9231, n) as result:
             a.traffic("udp-send", "--to", lab.gateway, "--port", "9231", "--count", str(n), "--rate", "50000")
         got.update(result)
         got["veth_dropped"] += veth_tx_dropped()
 
-    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, **EVERY_PACKET)
+    def in_flight():  # a datagram neither measured, chained nor dropped: still in flight, or gone unseen?
+        flights = kernel.flights(agent.tracer, agent.sizes, Direction.TX)
+        got["in_flight"] = [(f.slot, f.flags, list(f.ts)) for f in flights if f.skb and max(f.ts) >= got["start"]]
+
+    m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, then=in_flight, **EVERY_PACKET)
     (doc,) = [t for t in m.as_json()["targets"] if t["netns_inode"] == a.inode]
     chained, total = m.kernel_counters["chained_on_host"], m.kernel["a"]["tx_total"].count
     # The case under test happened.
@@ -741,7 +746,9 @@ def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab)
     assert doc["packets"]["transmit"] == n, doc["packets"]
     assert_no_troubles(m, ("chained_on_host",))
     # Each datagram measured to its socket's wakeup, chained on the host, or (the host's socket full) dropped.
-    assert total + chained + sum(doc["drops"].values()) == n, (total, chained, doc["drops"])
+    assert total + chained + sum(doc["drops"].values()) == n, \
+        f"{total} measured + {chained} chained + drops {doc['drops']} != {n}; in flight: {got['in_flight'][:5]}"
+    assert not got["in_flight"], got["in_flight"][:5]
     # What the host's socket got: all but what the pod's veth dropped and what the socket itself could not
     # take (its drops are of the copies, no flight's).
     assert 0 < got["received"] <= n - got["veth_dropped"], got
