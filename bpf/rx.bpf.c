@@ -390,6 +390,14 @@ static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *p
     if (!queued)
         queued = 1; /* (missed while it moved; the tail is still this one: it is queued) */
     u64 seq = head + queued - 1;
+    /* A number a timed datagram of this socket took already (its entry carries it; another socket's carry
+     * their own) is too low: reads were counted between the head's load and the queues' (one under way,
+     * or more: an interrupt). Taking it overwrote the other's entry, also while a read claimed it (that
+     * read then recorded this one's times, and this one waited for a number already read: lost, and not
+     * counted). The next one is taken: still too low, if at all, which lt_udp_due puts right. */
+    struct lt_sockq_ent *was = lt_sockq_at(sk_key, seq);
+    if (was && was->seq == seq)
+        seq++;
     struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
     if (!e)
         return;
