@@ -141,4 +141,6 @@ def test_what_the_operator_accepts_the_api_server_accepts(dry_run):
         assert ok, f"the operator accepts {json.dumps(raw)[:500]}, the API server does not: {why[:500]}"
 
     check()
-    assert len(sent) >= 100, f"only {len(sent)} generated specs were valid: the generator needs more valid ones"
+    # A guard against a generator that makes almost no valid spec, with room for chance: of 800 examples,
+    # 96 to 154 were valid in 6 runs (the operator's parse alone, and a CI run that failed at least 100 with 96).
+    assert len(sent) >= 50, f"only {len(sent)} generated specs were valid: the generator needs more valid ones"
