@@ -240,13 +240,13 @@ static __always_inline struct lt_sockq_ent *lt_sockq_at(u64 sk_key, u64 seq)
     return lt_sockq.lookup(&i);
 }
 
-/* record: a readied packet f (timed) at position seq of its socket's ring; the entry, NULL if none.
- * The socket is written last; `shared` (UDP, whose reads run on other CPUs at the same time) atomically,
- * a full barrier: a reader that finds it finds the rest. TCP's socket lock orders its writes and reads. */
-static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq,
-                                                         u64 now, int shared)
+/* record: a readied packet f (timed) into ring entry e, at position seq of its socket's ring; e, NULL if
+ * none. The socket is written last; `shared` (UDP, whose reads run on other CPUs at the same time)
+ * atomically, a full barrier: a reader that finds it finds the rest. TCP's socket lock orders its writes
+ * and reads. */
+static __always_inline struct lt_sockq_ent *lt_sockq_fill(struct lt_sockq_ent *e, u64 sk_key, u64 seq,
+                                                          struct lt_flight *f, u32 end_seq, u64 now, int shared)
 {
-    struct lt_sockq_ent *e = lt_sockq_at(sk_key, seq);
     if (!e)
         return NULL;
     u64 was = e->sk;
@@ -264,6 +264,13 @@ static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, st
     else
         e->sk = sk_key;
     return e;
+}
+
+/* record: a readied packet f (timed) at position seq of its socket's ring (lt_sockq_fill). */
+static __always_inline struct lt_sockq_ent *lt_sockq_put(u64 sk_key, u64 seq, struct lt_flight *f, u32 end_seq,
+                                                         u64 now, int shared)
+{
+    return lt_sockq_fill(lt_sockq_at(sk_key, seq), sk_key, seq, f, end_seq, now, shared);
 }
 
 /* UDP: the read of entry e, taken by whichever of the reader and sk_data_ready's program claims it first
@@ -395,18 +402,20 @@ static __always_inline void lt_udp_push_counted(void *sk, struct lt_sockq_pos *p
      * or more: an interrupt). Taking it overwrote the other's entry, also while a read claimed it (that
      * read then recorded this one's times, and this one waited for a number already read: lost, and not
      * counted). The next one is taken: still too low, if at all, which lt_udp_due puts right. */
-    struct lt_sockq_ent *was = lt_sockq_at(sk_key, seq);
-    if (was && was->seq == seq)
-        seq++;
-    struct lt_sockq_ent *e = lt_sockq_put(sk_key, seq, f, 0, now, 1);
+    u32 i = lt_sockq_idx(sk_key, seq);
+    struct lt_sockq_ent *e = lt_sockq.lookup(&i);
+    if (e && e->seq == seq) {
+        i = lt_sockq_idx(sk_key, ++seq);
+        e = lt_sockq.lookup(&i);
+    }
     if (!e)
         return;
+    lt_sockq_fill(e, sk_key, seq, f, 0, now, 1);
     e->skb = (u64)tail;
     e->skb_head = f->head;
     e->skb_len = 0;
     bpf_probe_read_kernel(&e->skb_len, sizeof(e->skb_len), (const char *)tail + LT_OFF_SKB_LEN);
     e->ino = ino;
-    u32 i = lt_sockq_idx(sk_key, seq);
     u64 *tag = lt_sockq_tag.lookup(&i);
     if (tag)
         __sync_lock_test_and_set(tag, seq + 1); /* after the entry; a full barrier before the head's load */
