@@ -1377,12 +1377,30 @@ static __always_inline int lt_filter_now_first(struct lt_flight *f, struct lt_sk
     return 1;
 }
 
+/* filter: transmit flight f ended (consumed, or its skb freed unseen) before the host received it: the
+ * host's GRO took it in at the pod's host-side veth (rx-udp-gro-forwarding) and its data went on in
+ * another skb's chain or pages, delivered without a netif_receive_skb of its own. There, UDP reads the
+ * chain's datagrams one by one (the reader frees them, deferred to the CPU that allocated them, where
+ * consume_skb runs, or at once, with no tracepoint), or copies them and frees the chain (kfree_skb:
+ * lt_filter_chained); GRO frees a datagram merged into another's pages with no tracepoint. A pod's packet
+ * leaves through its veth, into the host, so nothing else consumes one before the host receives it. */
+static __always_inline int lt_tx_taken_by_gro(struct lt_flight *f)
+{
+    return !f->ts[LT_B_TX_HOST_RX];
+}
+
 /* count: flight f of direction dir, which nothing ended, gives way to another packet at its skb's address:
  * a fragment the host's reassembly freed (LT_C_HOST_REASM: counted here, when its address carries the next
- * packet, at no cost to the packets that have no fragments), else a stale flight. */
+ * packet, at no cost to the packets that have no fragments), a sent packet the host's GRO took in and
+ * freed unseen (LT_C_HOST_CHAIN), else a stale flight. */
 static __always_inline void lt_count_left(u32 dir, struct lt_flight *f)
 {
-    lt_count(lt_left_by_reassembly(dir, f->flags, f->ts[LT_B_RX_POD_RX]) ? LT_C_HOST_REASM : LT_C_STALE);
+    if (lt_left_by_reassembly(dir, f->flags, f->ts[LT_B_RX_POD_RX]))
+        lt_count(LT_C_HOST_REASM);
+    else if (dir == LT_DIR_TX && lt_tx_taken_by_gro(f))
+        lt_count(LT_C_HOST_CHAIN);
+    else
+        lt_count(LT_C_STALE);
 }
 
 /* record: the end of a transmitted packet's journey (shared by the transmit probes, the receive probe

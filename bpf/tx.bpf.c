@@ -95,13 +95,13 @@ static __always_inline void lt_record_pod_dev_queue(struct lt_cpu_ctx *c, struct
         return;
     f->ts[LT_B_TX_POD_DEV_QUEUE] = now;
     f->ts[LT_B_TX_EGRESS_QUEUE] = now;
+    f->ifindex[0] = ifindex; /* (untimed too: lt_filter_further_dev) */
     if (!timed) {
         f->flags = LT_F_UNTIMED;
         return;
     }
     f->cpu = bpf_get_smp_processor_id();
     f->len = v->len;
-    f->ifindex[0] = ifindex;
     f->ts[LT_B_TX_APP_SEND] = start;
     lt_record(t, slot, LT_SEG_TX_APP_TO_DEV, f->ts[LT_B_TX_APP_SEND], now);
 }
@@ -156,6 +156,17 @@ static __always_inline int lt_filter_rx_unseen(struct lt_skb_view *v, u64 key)
 {
     struct lt_flight *f = lt_get(LT_DIR_RX, key);
     return !f || f->head != (u32)(u64)v->head || (f->flags & LT_F_FRAG_FIRST);
+}
+
+/* filter: transmit flight f, found at the skb's address where a traced pod queues it on device ifindex, is
+ * the packet's own, queued on a further device inside the pod (a bridge's port, a VLAN's parent): unsent,
+ * with the same data buffer, young, and not on its first device. A freed skb's flight may be left at the
+ * address, and a pod's next packet may take both its skb and its data buffer: the host's GRO frees what it
+ * took in with no tracepoint (a datagram merged into another's pages, or one read from its chain and freed
+ * on the reader's CPU), and the pod's next datagram of that size is queued on the same device. */
+static __always_inline int lt_filter_further_dev(struct lt_flight *f, struct lt_skb_view *v, u32 ifindex, u64 age)
+{
+    return !(f->flags & LT_F_XMITTED) && f->ifindex[0] != ifindex && lt_same_packet(f, v, age);
 }
 
 int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
@@ -217,11 +228,12 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     u64 age = lt_age(c);
     struct lt_flight *f = lt_get(LT_DIR_TX, key);
     if (f) {
-        if (!(f->flags & LT_F_XMITTED) && lt_same_packet(f, &v, age)) {
+        if (lt_filter_further_dev(f, &v, ifindex, age)) {
             lt_record_egress_queue(f, ifindex, lt_stamp(f, c, age)); /* a further device inside the pod */
             return 0;
         }
-        /* (a first fragment's that the host's reassembly freed, when consume_skb is not attached) */
+        /* (a first fragment's that the host's reassembly freed, when consume_skb is not attached; one the
+         * host's GRO took and freed with no tracepoint) */
         lt_count_left(LT_DIR_TX, f);
     }
     lt_record_pod_dev_queue(c, t, slot, &v, key, ifindex, age);
@@ -300,7 +312,7 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     }
     if (lt_left_by_reassembly(LT_DIR_TX, f->flags, 0))
         lt_count(LT_C_HOST_REASM); /* a first fragment whose skb the host's reassembly freed */
-    else if (lt_filter_chain_head(skb))
+    else if (lt_tx_taken_by_gro(f) || lt_filter_chain_head(skb))
         lt_count(LT_C_HOST_CHAIN);
     lt_free(LT_DIR_TX, f);
     return 0;

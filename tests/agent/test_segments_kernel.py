@@ -324,11 +324,11 @@ def test_pod_to_pod_both_traced(agent, lab, protocol):
     assert cb.get("rx_pod_stack", 0) >= sent * 0.95, (ca, cb)
 
 
-def flights_since(agent, start_ns: int) -> list[tuple]:
-    """The receive flights in the kernel that a packet touched since start_ns (time.monotonic_ns(), the
-    BPF clock's): (times, flags, protocol, ifindexes) of each."""
+def flights_since(agent, start_ns: int, direction: Direction = Direction.RX) -> list[tuple]:
+    """The flights of a direction in the kernel that a packet touched since start_ns (time.monotonic_ns(),
+    the BPF clock's): (times, flags, protocol, ifindexes) of each."""
     return [(list(f.ts), f.flags, f.addr.proto, list(f.ifindex))
-            for f in kernel.flights(agent.tracer, agent.sizes, Direction.RX) if f.skb and max(f.ts) >= start_ns]
+            for f in kernel.flights(agent.tracer, agent.sizes, direction) if f.skb and max(f.ts) >= start_ns]
 
 
 def test_ipv6_pods_are_traced_from_the_host_side_on(agent):
@@ -688,8 +688,7 @@ def test_a_traced_pods_datagrams_to_a_host_socket_end_where_the_socket_is_woken(
         assert got == {"received": n}, got
 
     def in_flight():
-        left["tx"] = [(f.slot, list(f.ts)) for f in kernel.flights(agent.tracer, agent.sizes, Direction.TX)
-                      if f.skb and max(f.ts) >= left["start"]]
+        left["tx"] = flights_since(agent, left["start"], Direction.TX)
 
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, then=in_flight, **EVERY_PACKET)
     assert_no_troubles(m)
@@ -711,7 +710,10 @@ def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab)
     the host chains the pod's datagrams
     behind one skb, and UDP, copying the chain into new skbs for a host socket, frees the chained ones
     with no drop reason. They are counted as chained (`chained_on_host`), never as the pod's drops, and
-    every datagram is either measured to its socket or counted so."""
+    every datagram is either measured to its socket or counted so. (About 1 run in 5, the host hands a
+    chain to the socket datagram by datagram, whose reader frees them, some with no tracepoint: each is
+    counted where it is consumed or where its address carries the pod's next datagram, never left, and
+    never taken for the next one queued on a further device, which would go uncounted.)"""
     a = lab.add_pod("a")
     sh("ethtool", "-K", a.host_veth, "gro", "on", "rx-udp-gro-forwarding", "on")
     # GRO holds what it chained for up to 200 µs past a poll: the datagrams, 20 µs apart, are chained
@@ -733,8 +735,7 @@ def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab)
         got["veth_dropped"] += veth_tx_dropped()
 
     def in_flight():  # a datagram neither measured, chained nor dropped: still in flight, or gone unseen?
-        flights = kernel.flights(agent.tracer, agent.sizes, Direction.TX)
-        got["in_flight"] = [(f.slot, f.flags, list(f.ts)) for f in flights if f.skb and max(f.ts) >= got["start"]]
+        got["in_flight"] = flights_since(agent, got["start"], Direction.TX)
 
     m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b10, then=in_flight, **EVERY_PACKET)
     (doc,) = [t for t in m.as_json()["targets"] if t["netns_inode"] == a.inode]
