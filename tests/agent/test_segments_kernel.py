@@ -710,7 +710,7 @@ def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab)
     the host chains the pod's datagrams
     behind one skb, and UDP, copying the chain into new skbs for a host socket, frees the chained ones
     with no drop reason. They are counted as chained (`chained_on_host`), never as the pod's drops, and
-    every datagram is either measured to its socket or counted so. (About 1 run in 5, the host hands a
+    every datagram is either measured to its socket or counted so. (About 1 run in 9, the host hands a
     chain to the socket datagram by datagram, whose reader frees them, some with no tracepoint: each is
     counted where it is consumed or where its address carries the pod's next datagram, never left, and
     never taken for the next one queued on a further device, which would go uncounted.)"""
