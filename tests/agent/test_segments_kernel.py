@@ -710,10 +710,11 @@ def test_a_traced_pods_datagrams_the_hosts_gro_chained_are_not_drops(agent, lab)
     the host chains the pod's datagrams
     behind one skb, and UDP, copying the chain into new skbs for a host socket, frees the chained ones
     with no drop reason. They are counted as chained (`chained_on_host`), never as the pod's drops, and
-    every datagram is either measured to its socket or counted so. (About 1 run in 9, the host hands a
-    chain to the socket datagram by datagram, whose reader frees them, some with no tracepoint: each is
-    counted where it is consumed or where its address carries the pod's next datagram, never left, and
-    never taken for the next one queued on a further device, which would go uncounted.)"""
+    every datagram is either measured to its socket or counted so. (About 1 run in 9, the host receives
+    a chain in a softirq that runs while a thread of this VM's init is current, where no BPF program runs
+    (tests/blindspot.py), and frees its datagrams there too: each is counted where it is consumed or where
+    its address carries the pod's next datagram, never left, and never taken for the next one queued on a
+    further device, which would go uncounted.)"""
     a = lab.add_pod("a")
     sh("ethtool", "-K", a.host_veth, "gro", "on", "rx-udp-gro-forwarding", "on")
     # GRO holds what it chained for up to 200 µs past a poll: the datagrams, 20 µs apart, are chained
@@ -870,8 +871,12 @@ def test_datagrams_the_hosts_gro_merged_are_each_counted_and_measured(agent, lab
     when timed, measured to its own read with its skb's times up to the pod. Or a socket with UDP_GRO takes
     it whole (`whole`): one read, one journey, each datagram counted. Those after each skb's first are
     counted in `gro_merged`. Before, each skb counted once, and no counter said so: 39 to 41 of 2,000
-    datagrams here (965 to 1,477 with the uplink's NAPI threaded and no flush timeout)."""
+    datagrams here (965 to 1,477 with the uplink's NAPI threaded and no flush timeout). GRO's flush timer
+    now and then fires while a thread of this VM's init is current, whose context no BPF program sees
+    (tests/blindspot.py): the datagrams of that softirq are then missing from every count, by exactly
+    what the kernel's own trace events saw received there (1 run in 4 to 80 here)."""
     from latencytrace.node_agent.kernel import nics
+    from tests.blindspot import BpfBlindReceives, udp_datagrams
     from tests.netlab import Uplink
 
     a = lab.add_pod("a")
@@ -893,14 +898,22 @@ def test_datagrams_the_hosts_gro_merged_are_each_counted_and_measured(agent, lab
 
         agent.tracer.set_uplinks(nics.uplink_ifindexes() + [up.ifindex])
         try:
-            m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
+            with BpfBlindReceives() as blind:
+                m = measure(agent, [a], traffic, read_kernel=True, dir_mask=0b01, **EVERY_PACKET)
         finally:
             agent.tracer.set_uplinks(nics.uplink_ifindexes())
     assert got["received"] == n, got
     (doc,) = [t for t in m.as_json()["targets"] if t["netns_inode"] == a.inode]
     segs = {k: v.count for k, v in m.kernel["a"].items() if v.count}
-    # Every datagram counted (a string, which pytest prints whole).
-    assert doc["packets"]["receive"] == n, f"{doc['packets']} {m.kernel_counters} {segs} {got}"
+    # Every datagram counted, or all but those received where no BPF program runs: an skb the pod received
+    # unseen is uncounted whole if the host's receive of it was unseen too, else but for its first datagram,
+    # counted where the host forwarded it (a string, which pytest prints whole).
+    host_unseen = {addr for dev, addr, _ in blind.receives if dev != "eth0"}
+    pod_unseen = [(udp_datagrams(length), addr in host_unseen) for addr, length in blind.on("eth0")
+                  if udp_datagrams(length)]
+    unseen = sum(k - (not whole) for k, whole in pod_unseen)
+    assert doc["packets"]["receive"] in {n, n - unseen}, \
+        f"{doc['packets']} unseen={unseen} {blind.receives} {m.kernel_counters} {segs} {got}"
     # The case under test happened (GRO holds what it merged for 200 µs: most are).
     merged = m.kernel_counters["gro_merged"]
     assert merged > 0, str(m.kernel_counters)
@@ -915,11 +928,13 @@ def test_datagrams_the_hosts_gro_merged_are_each_counted_and_measured(agent, lab
     for e in read:
         by_skb.setdefault(e.ts[3], []).append(e)
     if reader == "whole":
-        assert got["reads"] == n - merged, (got, merged)  # each read an skb, whole
-        assert misses <= 2 and got["reads"] - misses <= len(read) <= got["reads"], (len(read), got, misses)
+        # Each read an skb, whole (those after the first of an skb the pod received unseen not in gro_merged).
+        assert n - merged in {got["reads"], got["reads"] + sum(k - 1 for k, _ in pod_unseen)}, (got, merged)
+        assert misses <= 2 and got["reads"] - misses - len(pod_unseen) <= len(read) <= got["reads"], \
+            (len(read), got, misses)
         assert len(by_skb) == len(read), (len(by_skb), len(read))
         return
-    assert misses <= 2 and n - 64 * misses <= len(read) <= n, (len(read), str(m.kernel_counters))
+    assert misses <= 2 and n - unseen - 64 * misses <= len(read) <= n, (len(read), unseen, str(m.kernel_counters))
     # Datagrams of one skb share its times up to the pod, and each has its own wakeup and read.
     shared = [evs for evs in by_skb.values() if len(evs) > 1]
     assert shared, "no two datagrams shared an skb's times"
