@@ -161,9 +161,10 @@ static __always_inline int lt_filter_rx_unseen(struct lt_skb_view *v, u64 key)
 /* filter: transmit flight f, found at the skb's address where a traced pod queues it on device ifindex, is
  * the packet's own, queued on a further device inside the pod (a bridge's port, a VLAN's parent): unsent,
  * with the same data buffer, young, and not on its first device. A freed skb's flight may be left at the
- * address, and a pod's next packet may take both its skb and its data buffer: the host's GRO frees what it
- * took in with no tracepoint (a datagram merged into another's pages, or one read from its chain and freed
- * on the reader's CPU), and the pod's next datagram of that size is queued on the same device. */
+ * address, and a pod's next packet may take both its skb and its data buffer: the host's GRO frees a
+ * datagram merged into another's pages with no tracepoint (and on the test VMs a host receive and free may
+ * run where no BPF program runs, lt_filter_tx_host_unseen), and the pod's next datagram of that size is
+ * queued on the same device. */
 static __always_inline int lt_filter_further_dev(struct lt_flight *f, struct lt_skb_view *v, u32 ifindex, u64 age)
 {
     return !(f->flags & LT_F_XMITTED) && f->ifindex[0] != ifindex && lt_same_packet(f, v, age);
@@ -233,7 +234,7 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
             return 0;
         }
         /* (a first fragment's that the host's reassembly freed, when consume_skb is not attached; one the
-         * host's GRO took and freed with no tracepoint) */
+         * host received and freed unseen) */
         lt_count_left(LT_DIR_TX, f);
     }
     lt_record_pod_dev_queue(c, t, slot, &v, key, ifindex, age);
@@ -312,7 +313,7 @@ int lt_consume_skb(struct bpf_raw_tracepoint_args *ctx)
     }
     if (lt_left_by_reassembly(LT_DIR_TX, f->flags, 0))
         lt_count(LT_C_HOST_REASM); /* a first fragment whose skb the host's reassembly freed */
-    else if (lt_tx_taken_by_gro(f) || lt_filter_chain_head(skb))
+    else if (lt_filter_tx_host_unseen(f) || lt_filter_chain_head(skb))
         lt_count(LT_C_HOST_CHAIN);
     lt_free(LT_DIR_TX, f);
     return 0;

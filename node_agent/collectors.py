@@ -168,8 +168,8 @@ COUNTERS: tuple[Counter, ...] = (
     Counter(12, "chained_on_host", "HOST_CHAIN",
             "Packets a traced pod sent that the host's GRO chained behind another one's skb (fraglist GRO: "
             "rx-udp-gro-forwarding on the pod's host-side veth) and freed once their data had gone on with it "
-            "(with no drop reason, or read from the chain one by one). Not a loss: measured as far as the pod's "
-            "device, and no further."),
+            "(with no drop reason), or that the host received unseen and freed. Not a loss: measured as far as "
+            "the pod's device, and no further."),
     Counter(13, "gro_merged", "GRO_MERGED",
             "UDP datagrams into a traced pod that the host's GRO merged into another one's skb (rx-udp-gro-"
             "forwarding or rx-gro-list on the device they came in on): counted each, and measured each to its "
