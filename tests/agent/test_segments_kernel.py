@@ -917,8 +917,7 @@ def test_datagrams_the_hosts_gro_merged_are_each_counted_and_measured(agent, lab
     # unseen is uncounted whole if the host's receive of it was unseen too, else but for its first datagram,
     # counted where the host forwarded it (a string, which pytest prints whole).
     host_unseen = {addr for dev, addr, _ in blind.receives if dev != "eth0"}
-    pod_unseen = [(udp_datagrams(length), addr in host_unseen) for addr, length in blind.on("eth0")
-                  if udp_datagrams(length)]
+    pod_unseen = [(k, addr in host_unseen) for addr, length in blind.on("eth0") if (k := udp_datagrams(length))]
     unseen = sum(k - (not whole) for k, whole in pod_unseen)
     assert doc["packets"]["receive"] in {n, n - unseen}, \
         f"{doc['packets']} unseen={unseen} {blind.receives} {m.kernel_counters} {segs} {got}"
