@@ -150,7 +150,8 @@ struct lt_flight {
     u16 cpu;           /* CPU of the first boundary */
     u8 flags;
     u8 segs;           /* RX, UDP: datagrams of a GRO skb that UDP has still to queue (lt_record_gro, rx.bpf.c) */
-    struct lt_addrs addr; /* RX: read with the addresses that identified the packet, at no extra cost */
+    struct lt_addrs addr; /* RX: read with the addresses that identified the packet, at no extra cost; TX, timed:
+                           * as the host's receive read them (its emit reads the skb, if it still may) */
 };
 
 struct lt_event {
@@ -1094,10 +1095,12 @@ static __always_inline void lt_emit_as(struct lt_target *t, struct lt_flight *f,
     e->cpu_last = bpf_get_smp_processor_id();
     e->dir = dir;
     e->kind = kind;
-    if (f->addr.family)
+    /* A transmitted packet's are read when it is emitted, from its skb (after the host's NAT), else (its skb
+     * may be gone) as the host's receive read them; a received packet's as its first sighting read them. */
+    if (skb && (dir == LT_DIR_TX || !f->addr.family))
+        lt_fill_addrs((struct lt_addrs *)&e->saddr, skb);
+    else if (f->addr.family)
         __builtin_memcpy(&e->saddr, &f->addr, sizeof(f->addr));
-    else if (skb)
-        lt_fill_addrs((struct lt_addrs *)&e->saddr, skb); /* transmitted packets: read only when emitted */
     lt_events.ringbuf_submit(e, 0);
 }
 

@@ -137,6 +137,8 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
         if (tf && lt_same_packet(tf, &v, age)) {
             if (tcpf & LT_F_FRAG)
                 tf->flags |= tcpf & (LT_F_FRAG | LT_F_FRAG_FIRST); /* (the host's reassembly: lt_tx_reassembled) */
+            if (lt_timed(tf))
+                tf->addr = addr; /* for a journey that ends where its skb may be gone (lt_record_host_delivery) */
             lt_record_tx_arrival(c, tf, skb, ifindex, -1, age);
         }
     }
@@ -568,10 +570,10 @@ static __always_inline u64 lt_filter_ready_skb(struct lt_cpu_ctx *c, u64 tail, s
  * one that reached the host on this CPU (c->tx_skb), at the wakeup of socket sk, whose queue's tail skb
  * (tail_skb, tail as a key) it is. Or whose queue is empty: a reader on another CPU took the datagram
  * before this program ran (as a UDP read runs ahead of its wakeup on the receive side); then its skb is
- * not read (an emitted journey goes without its addresses), since the reader may have freed it, and a
- * packet the host sent on (to another pod, whose netif_receive_skb ends it) is not taken for it. 1 if a
- * journey ended here. (If the packet's flight is gone, it went on into another pod, which may be traced
- * too: the receive side goes on.) */
+ * not read, since the reader may have freed it (an emitted journey has the addresses the host's receive
+ * read), and a packet the host sent on (to another pod, whose netif_receive_skb ends it) is not taken for
+ * it. 1 if a journey ended here. (If the packet's flight is gone, it went on into another pod, which may
+ * be traced too: the receive side goes on.) */
 static __always_inline int lt_record_host_delivery(struct lt_cpu_ctx *c, void *sk, void *tail_skb, u64 tail)
 {
     u64 key = c->tx_skb;

@@ -697,11 +697,11 @@ def test_a_traced_pods_datagrams_to_a_host_socket_end_where_the_socket_is_woken(
     assert len(sent) == total.count == n, (len(sent), total.count)
     assert sum(e.ts[5] - e.first_ns for e in sent) == total.sum_ns
     assert all(e.ts[1] <= e.ts[2] <= e.ts[5] and e.ts[0] <= e.ts[1] for e in sent)  # queued, at the host, at its socket
-    # Addresses are read from the skb when the journey is sent: one whose datagram a reader took before
-    # the wakeup's program ran goes without (the reader may have freed the skb).
-    addressed = [e for e in sent if e.protocol]
-    assert all((e.protocol, e.daddr, e.dport) == ("udp", lab.gateway, 9230) for e in addressed)
-    assert len(addressed) >= n * 0.98, len(addressed)
+    # Addresses are read from the skb when the journey is sent; one whose datagram a reader took before
+    # the wakeup's program ran (the reader may have freed the skb: 2-3% of them on some VMs) has those
+    # the host's receive read.
+    assert all((e.protocol, e.daddr, e.dport) == ("udp", lab.gateway, 9230) for e in sent), \
+        f"{sum(not e.protocol for e in sent)} without addresses, {len(sent)} in all"
     assert not left["tx"], (len(left["tx"]), left["tx"][:3])
 
 
