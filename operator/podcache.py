@@ -11,6 +11,8 @@ this: its list is not paged and its handlers would run on the event loop for eve
 A pod event wakes only the workers whose trace selects the pod before or after it (their `pod_changed`);
 a (re-)list wakes all of them. The cost is memory for every active pod of the cluster, traced or not
 (about 2 KiB each: 63 MiB at 30,000 pods, tests/bench/RESULTS.md), and one watch carrying every pod's changes.
+After each complete list the operator freezes its heap (`after_list`, heap.py): a cache this size would
+otherwise be walked by each of Python's full garbage collections.
 """
 
 from __future__ import annotations
@@ -37,7 +39,11 @@ class Subscriber(Protocol):
 
 
 class PodCache:
-    def __init__(self, api: client.ApiClient, watch_timeout_seconds: int):
+    def __init__(self, api: client.ApiClient, watch_timeout_seconds: int,
+                 after_list: Callable[[], None] | None = None):
+        """`after_list` runs after each complete (re-)list, before the subscribers are told (the operator
+        settles its heap there: heap.py)."""
+        self._after_list = after_list
         self._subscribers: set[Subscriber] = set()
         self._lock = threading.Lock()
         self._started = time.monotonic()
@@ -74,6 +80,8 @@ class PodCache:
                 log.exception("pod cache: a subscriber failed")
 
     def _listed(self) -> None:
+        if self._after_list is not None:
+            self._after_list()
         if self._started is not None:
             log.info("pod cache: %d pods listed in %.1f s", len(self._watch.snapshot()),
                      time.monotonic() - self._started)

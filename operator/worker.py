@@ -24,7 +24,7 @@ from kubernetes import client
 from latencytrace.node_agent.contract import NodeTrace, TraceKind
 from latencytrace.node_agent.kube import Trouble
 
-from . import nodeconfig, selection, spec as specs
+from . import heap, nodeconfig, selection, spec as specs
 from .aggregation import NodeTraceView
 from .conditions import parse_time
 from .config import OperatorConfig
@@ -54,7 +54,7 @@ class Runtime:
     def create(cls, cfg: OperatorConfig, api: client.ApiClient) -> Runtime:
         rt = cls(cfg, api, NodeConfigs(api, cfg.request_timeout_seconds),
                  concurrent.futures.ThreadPoolExecutor(cfg.publish_concurrency, thread_name_prefix="publish"),
-                 PodCache(api, cfg.watch_timeout_seconds).start())
+                 PodCache(api, cfg.watch_timeout_seconds, after_list=heap.settle).start())
         rt.pool.submit(rt.nodes.warm)
         return rt
 

@@ -2,8 +2,9 @@
 API server with kwok running the pods: what it keeps follows the pods through list, changes (kwok gives
 each its IP after it was listed) and deletion, and a transform that stops keeping an object drops it
 as a deletion would. The operator's pod cache built on it selects as the API server's label selectors
-do, and tells a trace of a pod's change only if the trace selects the pod. And the garbage collector pause around a list's decoding (kube.gc_paused) leaves
-the collector as it found it, also when pauses overlap."""
+do, tells a trace of a pod's change only if the trace selects the pod, and calls its `after_list` once a
+list is whole (where the operator settles its heap). And the garbage collector pause around a list's
+decoding (kube.gc_paused) leaves the collector as it found it, also when pauses overlap."""
 
 from __future__ import annotations
 
@@ -169,7 +170,9 @@ def test_pod_cache_selects_as_the_api_server_does_and_wakes_only_the_traces_a_po
     cp.kubectl("apply", "-n", namespace, "-f", "-", input=json.dumps({"apiVersion": "v1", "kind": "List",
                                                                        "items": pods}))
     api = api_client(str(cp.kubeconfig))
-    cache = PodCache(api, 60).start()
+    listed: list[set[str]] = []  # per after_list call: the names the cache held then
+    cache = PodCache(api, 60, after_list=lambda: listed.append({p.ref.name for p in cache.snapshot()}))
+    cache.start()
     web = Recorder(specs.parse({"podSelector": {"matchLabels": {"app": "w"}}}), namespace)
     other = Recorder(specs.parse({"podSelector": {"matchLabels": {"app": "nothing"}}}), namespace)
     cache.subscribe(web)
@@ -177,6 +180,7 @@ def test_pod_cache_selects_as_the_api_server_does_and_wakes_only_the_traces_a_po
     try:
         until("the cache's first list", cache.synced.is_set)
         until("both subscribers poked after the list", lambda: web.pokes >= 1 and other.pokes >= 1)
+        assert len(listed) == 1 and {p["metadata"]["name"] for p in pods} <= listed[0], listed
         core = client.CoreV1Api(api)
         for raw in SELECTORS:
             spec = specs.parse({"podSelector": raw})
@@ -197,5 +201,6 @@ def test_pod_cache_selects_as_the_api_server_does_and_wakes_only_the_traces_a_po
         until(f"web told of l0's deletion: {web.changed}", lambda: "l0" in web.changed)
         until("l0 gone from the cache", lambda: "l0" not in {p.ref.name for p in cache.snapshot()})
         assert "l4" not in web.changed and other.changed == [], (web.changed, other.changed)
+        assert len(listed) == 1, "a pod event is no list: after_list runs after (re-)lists only"
     finally:
         cache.stop()
