@@ -2,9 +2,10 @@
 
 The operator keeps every scheduled, unfinished pod of the cluster in one cache (podcache.py, listed and
 watched with the field selector ACTIVE_PODS), as `placed_pod` keeps it: node, PodRef and labels. A trace's
-selection runs here on that cache (`selects`, `pods_by_node`): label selector, namespace, names, with
-Kubernetes' semantics. `pod_query` says the same selection as API server selectors, for a one-off list
-(the control-plane benchmark's floor) and to test that both agree.
+selection runs here on that cache's pods of the namespaces it can select (`namespaces_of`, `selects`,
+`pods_by_node`): label selector, namespace, names, with Kubernetes' semantics. `pod_query` says the same
+selection as API server selectors, for a one-off list (the control-plane benchmark's floor) and to test
+that both agree.
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ def selects(spec: TraceSpec, trace_namespace: str | None, namespaces: set[str] |
     elif ns != trace_namespace:
         return False
     return labels_match(spec.pod_selector, pod.labels)
+
+
+def namespaces_of(spec: TraceSpec, trace_namespace: str | None, namespaces: set[str] | None) -> set[str]:
+    """The namespaces whose pods the trace can select (`selects` holds for no pod elsewhere): its own, or
+    those its namespaceSelector matched (none while they are not known)."""
+    if spec.pod_names is None and spec.namespace_selector is not None:
+        return set(namespaces or ())
+    return {trace_namespace} if trace_namespace is not None else set()
 
 
 def pods_by_node(pods: Iterable[PlacedPod], spec: TraceSpec, trace_namespace: str | None,

@@ -2,8 +2,9 @@
 API server with kwok running the pods: what it keeps follows the pods through list, changes (kwok gives
 each its IP after it was listed) and deletion, and a transform that stops keeping an object drops it
 as a deletion would. The operator's pod cache built on it selects as the API server's label selectors
-do, tells a trace of a pod's change only if the trace selects the pod, and calls its `after_list` once a
-list is whole (where the operator settles its heap). And the garbage collector pause around a list's
+do, keeps the pods by namespace through list and events (what a trace's selection reads), tells a trace
+of a pod's change only if the trace selects the pod, and calls its `after_list` once a list is whole
+(where the operator settles its heap). And the garbage collector pause around a list's
 decoding (kube.gc_paused) leaves the collector as it found it, also when pauses overlap."""
 
 from __future__ import annotations
@@ -186,8 +187,8 @@ def test_pod_cache_selects_as_the_api_server_does_and_wakes_only_the_traces_a_po
             spec = specs.parse({"podSelector": raw})
             server = {p.metadata.name for p in core.list_namespaced_pod(
                 namespace, label_selector=selection.selector_string(spec.pod_selector)).items}
-            local = {r.name for refs in selection.pods_by_node(cache.snapshot(), spec, namespace, None).values()
-                     for r in refs}
+            local = {r.name for refs in selection.pods_by_node(cache.pods_in({namespace}), spec, namespace,
+                                                                None).values() for r in refs}
             assert local == server, (raw, local, server)
         with web.lock:
             web.changed.clear()
@@ -204,3 +205,40 @@ def test_pod_cache_selects_as_the_api_server_does_and_wakes_only_the_traces_a_po
         assert len(listed) == 1, "a pod event is no list: after_list runs after (re-)lists only"
     finally:
         cache.stop()
+
+
+def test_pod_cache_keeps_each_namespaces_pods_through_list_and_events(control_plane, namespace, fake_nodes):
+    """What a trace's selection reads (PodCache.pods_in): the pods of its namespaces only, the same as the
+    whole cache holds for them after the list, a relabel, a new pod and a deletion."""
+    cp, node = control_plane, fake_nodes[0]
+    other = f"{namespace}-b"
+    cp.kubectl("create", "namespace", other)
+    try:
+        for ns, names in ((namespace, ("a0", "a1")), (other, ("b0",))):
+            cp.kubectl("apply", "-n", ns, "-f", "-", input=json.dumps(
+                {"apiVersion": "v1", "kind": "List", "items": [pod(n, node) for n in names]}))
+        cache = PodCache(api_client(str(cp.kubeconfig)), 60).start()
+        try:
+            until("the cache's first list", cache.synced.is_set)
+
+            def held(namespaces) -> dict[str, dict]:
+                return {p.ref.name: dict(p.labels) for p in cache.pods_in(namespaces)}
+
+            def whole(namespaces) -> dict[str, dict]:
+                return {p.ref.name: dict(p.labels) for p in cache.snapshot() if p.ref.namespace in namespaces}
+
+            assert set(held({namespace})) == {"a0", "a1"} and set(held({other})) == {"b0"}
+            assert held({namespace, other}) == whole({namespace, other}) and held({"lt-absent"}) == {}
+            cp.kubectl("label", "-n", namespace, "pod", "a1", "tier=x")
+            until(f"a1 relabelled in its namespace's pods: {held({namespace})}",
+                  lambda: held({namespace}).get("a1", {}).get("tier") == "x")
+            cp.kubectl("apply", "-n", other, "-f", "-", input=json.dumps(pod("b1", node)))
+            until(f"b1 in its namespace's pods: {held({other})}", lambda: "b1" in held({other}))
+            cp.kubectl("delete", "pod", "-n", namespace, "a0", "--wait=false", "--grace-period=0", "--force")
+            until(f"a0 gone from its namespace's pods: {held({namespace})}", lambda: "a0" not in held({namespace}))
+            assert held({namespace}) == whole({namespace}) and held({other}) == whole({other})
+            assert set(held({namespace})) == {"a1"} and set(held({other})) == {"b0", "b1"}
+        finally:
+            cache.stop()
+    finally:
+        cp.kubectl("delete", "namespace", other, "--wait=false")

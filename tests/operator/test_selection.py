@@ -56,6 +56,19 @@ def test_pods_grouped_by_node_and_filtered():
     assert [r.name for refs in by_node.values() for r in refs] == ["x"]
 
 
+def test_a_selection_reads_only_the_namespaces_its_trace_can_select():
+    pods = [selection.placed_pod(pod(n, ns=ns)) for n, ns in (("a", "app"), ("b", "other"), ("c", "third"))]
+    for raw, trace_ns, matched in (({"podSelector": {}}, "app", None), ({"podNames": ["a"]}, "app", None),
+                                   ({"namespaceSelector": {}}, None, {"other", "third"}),
+                                   ({"namespaceSelector": {}}, None, None), ({"podSelector": {}}, None, None)):
+        spec = parse(raw)
+        within = selection.namespaces_of(spec, trace_ns, matched)
+        assert within == ({trace_ns} if "namespaceSelector" not in raw and trace_ns else set(matched or ())), raw
+        everywhere = selection.pods_by_node(pods, spec, trace_ns, matched)
+        assert selection.pods_by_node([p for p in pods if p.ref.namespace in within], spec, trace_ns,
+                                      matched) == everywhere, raw
+
+
 def test_label_selectors_follow_kubernetes_semantics():
     sel = parse({"podSelector": {"matchLabels": {"app": "w"}, "matchExpressions": [
         {"key": "tier", "operator": "In", "values": ["a", "b"]}, {"key": "env", "operator": "NotIn", "values": ["prod"]},
