@@ -209,7 +209,7 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
             if "cost" in parts:
                 def run_cost() -> None:
                     data = cost.run(traffic, pods, pps, plan.seconds, plan.steady_seconds, log_dir, expected,
-                                    plan.quiet_wait_s, progress)
+                                    plan.quiet_wait_s, progress, lab.bridge if plan.fidelity_nic else None)
                     doc["sections"]["probe_cost"] = data
                     doc["sections"]["comparison"] = {}
                     doc["rows"] += [asdict(r) for r in cost.rows(data)]

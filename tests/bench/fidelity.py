@@ -25,11 +25,8 @@ report cut at phase boundaries), which lets one agent's figures be split by phas
 from __future__ import annotations
 
 import os
-import shutil
 import socket
 import struct
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -42,10 +39,10 @@ from latencytrace.node_agent.report import Report
 from latencytrace.node_agent.tracer import TargetSettings
 from tests.netlab import Pod
 
-from . import bpfprogs, stats
+from . import bpfprogs, nicpath, stats
 from .results import Row, fmt
 from .system import link_counts
-from .tracers import BpftraceProcess, clean_env
+from .tracers import BpftraceProcess
 from .workloads import Traffic
 
 # Segments both measure (bpftrace's UDP reads cannot be matched to their skb: no UDP socket queue).
@@ -276,18 +273,6 @@ def _combine(sessions: dict) -> dict:
 
 NIC_SCRIPT = Path(__file__).resolve().with_name("nicpath.bt")
 NIC_SEGMENTS = ("rx_irq", "rx_driver")
-# A pinned wheel (pure Python, about 11 MB) from the registry pip is configured for, cached nowhere.
-NIC_DOWNLOAD = "Babel==2.14.0"
-NIC_DOWNLOAD_TIMEOUT_S = 60
-
-
-def _uplink() -> str:
-    """The device of the default route: where the registry's packets come in."""
-    out = subprocess.run(["ip", "-4", "route", "show", "default"], capture_output=True, text=True, check=True)
-    words = out.stdout.split()
-    if "dev" not in words:
-        raise RuntimeError(f"no IPv4 default route: {out.stdout!r}")
-    return words[words.index("dev") + 1]
 
 
 def _irq_mask(irqs: list[int]) -> tuple[int, int]:
@@ -300,50 +285,21 @@ def _irq_mask(irqs: list[int]) -> tuple[int, int]:
     return lo, sum(1 << (i - lo) for i in irqs)
 
 
-def _download(pod: Pod) -> dict:
-    """`pip download` of NIC_DOWNLOAD inside the pod, into a directory removed afterwards."""
-    python = shutil.which("python3")
-    with tempfile.TemporaryDirectory(prefix="lt-nicpath-") as d:
-        t0 = time.monotonic()
-        out = subprocess.run(pod.exec(python, "-m", "pip", "download", "--no-deps", "--no-cache-dir",
-                                      "--only-binary=:all:", "--disable-pip-version-check", "-q", "-d", d,
-                                      NIC_DOWNLOAD),
-                             capture_output=True, text=True, timeout=NIC_DOWNLOAD_TIMEOUT_S, env=clean_env())
-        seconds = time.monotonic() - t0
-        if out.returncode != 0:
-            raise RuntimeError(f"pip download {NIC_DOWNLOAD} in {pod.name} failed: {out.stderr.strip()[-500:]}")
-        size = sum(f.stat().st_size for f in Path(d).iterdir())
-    return {"bytes": size, "seconds": round(seconds, 3)}
-
-
 def nic_path(pod: Pod, bridge: str, log_dir: Path, quiet_wait_s: float, progress) -> dict:
     """rx_irq and rx_driver of a download from the package registry into a traced pod through the
     host's NIC and NAT, by the agent and by nicpath.bt, in both attachment orders."""
-    uplink = _uplink()
     lo, mask = _irq_mask(nics.nic_irqs())
-    sys_net = Path("/sys/class/net")
-    params = [lo, mask, int((sys_net / bridge / "ifindex").read_text()), int((sys_net / uplink / "ifindex").read_text()),
-              ip_u32(pod.ip), os.stat("/proc/self/ns/net").st_ino]
-    rule = ["POSTROUTING", "-s", f"{pod.ip}/32", "-o", uplink, "-j", "MASQUERADE"]
-    # The host forwards the pod's packets from the bridge to the uplink and the replies back: both devices
-    # forward for the download's time (per device, set back after; on a machine whose forwarding is off,
-    # as a fresh one's is, the download timed out).
-    forwarding = {dev: Path("/proc/sys/net/ipv4/conf") / dev / "forwarding" for dev in (bridge, uplink)}
-    was_forwarding = {dev: f.read_text().strip() for dev, f in forwarding.items()}
-    out: dict = {"uplink": uplink, "irqs": sorted(nics.nic_irqs()), "download": NIC_DOWNLOAD, "sessions": {}}
-    try:
-        for f in forwarding.values():
-            f.write_text("1")
-        subprocess.run(["iptables", "-t", "nat", "-I", *rule], check=True, capture_output=True)
+    out: dict = {"irqs": sorted(nics.nic_irqs()), "download": nicpath.DOWNLOAD, "sessions": {}}
+    with nicpath.through_uplink(pod, bridge) as uplink:
+        sys_net = Path("/sys/class/net")
+        params = [lo, mask, int((sys_net / bridge / "ifindex").read_text()),
+                  int((sys_net / uplink / "ifindex").read_text()), ip_u32(pod.ip), os.stat("/proc/self/ns/net").st_ino]
+        out["uplink"] = uplink
         for mode in ("bpftrace_first", "agent_first"):
             out["strangers_" + mode] = bpfprogs.wait_quiet(["self"], quiet_wait_s, progress)
-            progress(f"fidelity: NIC path, {mode.replace('_', ' ')}, pip download {NIC_DOWNLOAD} in a traced pod "
-                     f"through NAT on {uplink}")
+            progress(f"fidelity: NIC path, {mode.replace('_', ' ')}, pip download {nicpath.DOWNLOAD} in a traced "
+                     f"pod through NAT on {uplink}")
             out["sessions"][mode] = _nic_session(pod, params, log_dir, mode)
-    finally:
-        subprocess.run(["iptables", "-t", "nat", "-D", *rule], check=False, capture_output=True)
-        for dev, f in forwarding.items():
-            f.write_text(was_forwarding[dev])
     out["combined"] = {}
     for seg in NIC_SEGMENTS:
         both = [out["sessions"][m][seg] for m in ("bpftrace_first", "agent_first")]
@@ -376,7 +332,7 @@ def _nic_session(pod: Pod, params: list[int], log_dir: Path, mode: str) -> dict:
             tool.start()
         live.trace([pod])
         live.cut()
-        out["download_run"] = _download(pod)
+        out["download_run"] = nicpath.download(pod)
         time.sleep(0.5)
         doc, out["counters"] = live.cut()
     finally:

@@ -20,7 +20,7 @@ import os
 import re
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from tests.netlab import Pod
@@ -147,6 +147,17 @@ class Traffic:
         w.packets = link_packets(server.host_veth) - p0
         w.busy_cpu_ns = busy_cpu_ns() - c0
         w.seconds = time.monotonic() - t0
+
+    def counted(self, server: Pod, run: Callable[[], dict]) -> dict:
+        """What `run` returns, with the packets into and out of `server` meanwhile, counted as the other
+        workloads count them; `run`'s failure is reported in "error", with what crossed until then."""
+        with self._window(server) as w:
+            try:
+                r = run()
+            except Exception as e:  # a service out of reach: this workload's figures only are lost
+                r = {"error": f"{type(e).__name__}: {e}"}
+        return {**r, "packets": w.packets, "seconds": w.seconds, "busy_cpu_ns_per_packet":
+                w.busy_cpu_ns / max(w.packets, 1)}
 
     @contextlib.contextmanager
     def background(self, client: Pod, server: Pod, pps: int) -> Iterator[dict]:
