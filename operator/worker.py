@@ -170,8 +170,8 @@ class TraceWorker:
             return None
         if spec.namespace_selector is not None and self._namespaces is None:
             return None
-        pods = self.rt.pods.pods_in(selection.namespaces_of(spec, self.namespace, self._namespaces))
-        selected = selection.pods_by_node(pods, spec, self.namespace, self._namespaces)
+        candidates = self.rt.pods.pods_in(selection.namespaces_of(spec, self.namespace, self._namespaces))
+        selected = selection.pods_by_node(candidates, spec, self.namespace, self._namespaces)
         limit = self.rt.cfg.pods_per_trace
         pods, total = within_limit(selected, limit)
         self.pods_over_limit = (total, limit) if limit and total > limit else None
