@@ -62,7 +62,7 @@ def _probe_cost(ax, cost: dict) -> None:
 
 
 def _per_packet(ax, cost: dict) -> None:
-    keys = [k for k in cost["agent"]["per_packet"] if k in cost["bpftrace"]["per_packet"]]
+    keys = list(cost["agent"]["per_packet"])
     labels = [k.replace("/", "\n").replace("_", " ") for k in keys]
     a = [cost["agent"]["per_packet"][k]["net_ns"] for k in keys]
     b = [cost["bpftrace"]["per_packet"][k]["net_ns"] for k in keys]
