@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import socket
 
-from pydantic import AliasChoices, Field, model_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from latencytrace.node_agent import segments
 from latencytrace.node_agent.envconfig import ConfigError, from_env
 
 from .spec import Limits
@@ -54,9 +55,19 @@ class OperatorConfig(BaseSettings):
     # Endpoints traces may name in spec.export.otlpEndpoint, as a JSON list (the chart: otlp.endpoint and
     # otlp.allowedEndpoints); unset: any endpoint.
     allowed_endpoints: tuple[str, ...] | None = None
+    # Segments traces may ask for, as a JSON list (the chart: limits.segments); unset: any.
+    allowed_segments: tuple[str, ...] | None = Field(default=None, min_length=1)
     failing_nodes_listed: int = Field(default=10, ge=0, le=20)  # the CRD allows 20
 
     log_level: str = Field(default="INFO", pattern="^(DEBUG|INFO|WARNING|ERROR)$")
+
+    @field_validator("allowed_segments")
+    @classmethod
+    def _known_segments(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        unknown = [n for n in names or () if n not in segments.BY_NAME]
+        if unknown:
+            raise ValueError(f"unknown segment {', '.join(map(repr, unknown))}; known: {', '.join(segments.NAMES)}")
+        return names
 
     @model_validator(mode="after")
     def _lease_timings(self) -> OperatorConfig:
@@ -72,6 +83,7 @@ class OperatorConfig(BaseSettings):
                       max_spans_per_second=self.max_spans_per_second, min_sample_one_in=self.min_sample_one_in,
                       min_time_one_in=self.min_time_one_in,
                       allowed_endpoints=None if self.allowed_endpoints is None else frozenset(self.allowed_endpoints),
+                      allowed_segments=None if self.allowed_segments is None else frozenset(self.allowed_segments),
                       traces_per_namespace=self.traces_per_namespace, pods_per_trace=self.pods_per_trace)
 
     @property

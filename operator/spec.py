@@ -43,6 +43,10 @@ class Limits:
     min_time_one_in: int = 1  # timing 1 packet in fewer than this many is refused (1: every packet allowed)
     # Endpoints a trace may name in spec.export.otlpEndpoint (the default endpoint among them); None: any.
     allowed_endpoints: frozenset[str] | None = None
+    # Segments a trace may ask for; None: any. With a list, a trace must name its segments (all of them by
+    # default would escape it). What the node-wide ones cost every pod of a node: README "Only what is asked
+    # for is attached".
+    allowed_segments: frozenset[str] | None = None
     traces_per_namespace: int = 0  # LatencyTraces that run per namespace (the oldest); 0: no limit
     pods_per_trace: int = 0  # pods one trace traces (the first by namespace and name); 0: no limit
 
@@ -261,6 +265,15 @@ def limit_problems(spec: TraceSpec, limits: Limits) -> list[str]:
     if spec.time_one_in < limits.min_time_one_in:
         problems.append(f"spec.timeOneIn: timing 1 packet in {spec.time_one_in} is more often than this cluster "
                         f"allows (at least 1 in {limits.min_time_one_in})")
+    if limits.allowed_segments is not None:
+        allowed = ", ".join(n for n in segments.NAMES if n in limits.allowed_segments)
+        if not spec.segments:
+            problems.append(f"spec.segments: this cluster's administrator allows traces only some segments: "
+                            f"list the ones to trace (allowed: {allowed})")
+        elif refused := [n for n in spec.segments if n in segments.BY_NAME and n not in limits.allowed_segments]:
+            what = "is not a segment" if len(refused) == 1 else "are not segments"
+            problems.append(f"spec.segments: {', '.join(refused)} {what} this cluster's administrator allows "
+                            f"traces to ask for (allowed: {allowed})")
     url = spec.export.otlp_endpoint
     if url is not None and limits.allowed_endpoints is not None and endpoints.problem(url) is None \
             and not any(same_endpoint(url, a) for a in limits.allowed_endpoints):

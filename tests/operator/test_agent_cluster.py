@@ -71,17 +71,25 @@ def test_merged_settings_stay_within_the_administrators_limits():
     most demanding of their settings; each was accepted within the limits, so the merge is within them too."""
     from latencytrace.operator import spec as specs
 
+    from latencytrace.node_agent import segments
+
+    allowed = {"rx_host_to_pod", "rx_socket_queue", "rx_total", "tx_pod_to_host"}
     limits = specs.Limits(min_slow_threshold_microseconds=100, max_spans_per_second=20, min_sample_one_in=1000,
-                          min_time_one_in=4)
-    asked = [{"slowThresholdMicroseconds": 100, "spansPerSecond": 20, "sampleOneIn": 0, "timeOneIn": 64},
-             {"slowThresholdMicroseconds": 5000, "spansPerSecond": 1, "sampleOneIn": 1000, "timeOneIn": 4},
-             {"slowThresholdMicroseconds": 150, "spansPerSecond": 5, "sampleOneIn": 50_000, "timeOneIn": 8}]
+                          min_time_one_in=4, allowed_segments=frozenset(allowed))
+    asked = [{"slowThresholdMicroseconds": 100, "spansPerSecond": 20, "sampleOneIn": 0, "timeOneIn": 64,
+              "segments": ["rx_total"]},
+             {"slowThresholdMicroseconds": 5000, "spansPerSecond": 1, "sampleOneIn": 1000, "timeOneIn": 4,
+              "segments": ["rx_host_to_pod", "tx_pod_to_host"]},
+             {"slowThresholdMicroseconds": 150, "spansPerSecond": 5, "sampleOneIn": 50_000, "timeOneIn": 8,
+              "segments": ["rx_socket_queue"]}]
     settings = [specs.parse({"podNames": ["a"], **a}, limits).settings() for a in asked]
     merged = cluster.merge_settings(settings)
     assert merged.slow_ns >= limits.min_slow_threshold_microseconds * 1000
     assert merged.events_per_sec <= limits.max_spans_per_second
     assert merged.sample_one_in == 0 or merged.sample_one_in >= limits.min_sample_one_in
     assert merged.time_one_in == 4 >= limits.min_time_one_in  # the finest timing asked, never finer than allowed
-    for over in ({"slowThresholdMicroseconds": 99}, {"spansPerSecond": 21}, {"sampleOneIn": 999}, {"timeOneIn": 3}):
+    assert merged.seg_mask == segments.mask(allowed)  # what they asked together, and only what is allowed
+    for over in ({"slowThresholdMicroseconds": 99}, {"spansPerSecond": 21}, {"sampleOneIn": 999}, {"timeOneIn": 3},
+                 {"segments": ["rx_irq"]}, {"segments": []}):
         with pytest.raises(specs.SpecError):
-            specs.parse({"podNames": ["a"], **over}, limits)
+            specs.parse({"podNames": ["a"], "segments": ["rx_total"], "timeOneIn": 4, **over}, limits)

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from latencytrace.node_agent import health
+from latencytrace.node_agent import health, segments
 from latencytrace.operator.config import OperatorConfig
 
 from . import chartdoc
@@ -68,6 +68,23 @@ def test_schema_covers_the_values_and_rejects_nonsense():
     with pytest.raises(Exception) as e:
         render("--set", "agent.maxTargets=0")
     assert "maxTargets" in str(e.value.stderr)
+
+
+def test_allowed_segments_reach_the_operator_and_the_schema_knows_every_segment():
+    """limits.segments: the schema takes the segment table's names only (segments.py is the one table), and
+    the operator gets them as its setting; by default no setting (every segment allowed)."""
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert schema["properties"]["limits"]["properties"]["segments"]["items"]["enum"] == list(segments.NAMES)
+    dep = find(render("--set", "limits.segments={rx_total,rx_socket_queue}"), "Deployment", "-operator")
+    [c] = dep["spec"]["template"]["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    cfg = OperatorConfig(allowed_segments=json.loads(env["LATENCYTRACE_OPERATOR_ALLOWED_SEGMENTS"]))
+    assert cfg.limits().allowed_segments == {"rx_total", "rx_socket_queue"}
+    [c] = find(render(), "Deployment", "-operator")["spec"]["template"]["spec"]["containers"]
+    assert "LATENCYTRACE_OPERATOR_ALLOWED_SEGMENTS" not in {e["name"] for e in c["env"]}
+    with pytest.raises(Exception) as e:
+        render("--set", "limits.segments={rx_nope}")
+    assert "/limits/segments/0" in str(e.value.stderr)
 
 
 def test_operator_is_locked_down():

@@ -30,6 +30,18 @@ def test_operator_bad_value_names_the_variable(monkeypatch, var, value):
         config.load()
 
 
+def test_operator_allowed_segments_are_known_ones(monkeypatch):
+    monkeypatch.setenv("LATENCYTRACE_OPERATOR_ALLOWED_SEGMENTS", '["rx_total", "tx_total"]')
+    assert config.load().limits().allowed_segments == frozenset({"rx_total", "tx_total"})
+    for bad, why in (('["rx_total", "rx_nope"]', "unknown segment 'rx_nope'"), ("[]", "at least 1 item")):
+        monkeypatch.setenv("LATENCYTRACE_OPERATOR_ALLOWED_SEGMENTS", bad)
+        with pytest.raises(config.ConfigError, match="LATENCYTRACE_OPERATOR_ALLOWED_SEGMENTS") as e:
+            config.load()
+        assert why in str(e.value), str(e.value)
+    monkeypatch.delenv("LATENCYTRACE_OPERATOR_ALLOWED_SEGMENTS")
+    assert config.load().limits().allowed_segments is None
+
+
 def test_operator_lease_timings_must_nest(monkeypatch):
     monkeypatch.setenv("LATENCYTRACE_OPERATOR_RENEW_DEADLINE_SECONDS", "20")
     with pytest.raises(config.ConfigError, match="RENEW_DEADLINE_SECONDS"):

@@ -36,6 +36,29 @@ def test_segments_come_out_in_table_order():
     assert s.settings().segments == ["rx_irq", "rx_total", "tx_total"]
 
 
+def test_the_administrator_can_allow_only_some_segments():
+    """limits.segments: a trace asks for allowed segments only, and must name them (leaving the list out asks
+    for every segment, which would escape the limit); an unknown or wrong-direction name stays a spec error."""
+    limits = specs.Limits(allowed_segments=frozenset({"rx_socket_queue", "rx_total", "rx_host_to_pod"}))
+    ok = specs.parse({"podNames": ["a"], "directions": ["receive"], "segments": ["rx_total", "rx_socket_queue"]},
+                     limits)
+    assert ok.settings().segments == ["rx_socket_queue", "rx_total"]
+    allowed = "allowed: rx_host_to_pod, rx_socket_queue, rx_total"  # in the table's order
+    for raw, why in (({"segments": ["rx_total", "rx_irq", "tx_app_to_dev"]},
+                      f"spec.segments: rx_irq, tx_app_to_dev are not segments this cluster's administrator allows "
+                      f"traces to ask for ({allowed})"),
+                     ({"segments": ["rx_driver"]}, "spec.segments: rx_driver is not a segment"),
+                     ({}, f"spec.segments: this cluster's administrator allows traces only some segments: list the "
+                          f"ones to trace ({allowed})")):
+        with pytest.raises(specs.SpecError) as e:
+            specs.parse({"podNames": ["a"], **raw}, limits)
+        assert why in str(e.value) and e.value.reason == "NotAllowed", str(e.value)
+    with pytest.raises(specs.SpecError) as e:
+        specs.parse({"podNames": ["a"], "segments": ["nope"]}, limits)
+    assert "unknown segment 'nope'" in str(e.value) and e.value.reason == "InvalidSpec"
+    assert specs.parse({"podNames": ["a"]}, specs.Limits()).settings().segments == []  # no limit: all of them
+
+
 @pytest.mark.parametrize("raw, fragment", [
     ({}, "exactly one way"),
     ({"podNames": ["a"], "podSelector": {}}, "exactly one way"),

@@ -298,17 +298,18 @@ def test_an_agent_writes_only_its_own_nodes_status(tenants, control_plane):
 
 def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
     """The chart's trace-limits ValidatingAdmissionPolicy, rendered with stricter limits: `kubectl apply` of
-    a trace asking for a longer duration, a lower slow threshold, a higher span rate or more frequent
-    sampling than allowed fails with the reason, for both kinds; a trace within the limits is created; a
-    trace written before the policy (over its limits now) still takes writes that leave its spec alone
-    (the operator's finalizer and annotations), and only those."""
+    a trace asking for a longer duration, a lower slow threshold, a higher span rate, more frequent
+    sampling or segments other than allowed (or not saying which) fails with the reason, for both kinds; a
+    trace within the limits is created; a trace written before the policy (over its limits now) still takes
+    writes that leave its spec alone (the operator's finalizer and annotations), and only those."""
     from .chart import render
 
     cp, t = control_plane, tenants
     name = f"limits-{t.tag}"
     docs = render("--show-only", "templates/trace-limits-policy.yaml", "--set", "limits.maxDurationSeconds=3600",
                   "--set", "limits.minSlowThresholdMicroseconds=100", "--set", "limits.maxSpansPerSecond=20",
-                  "--set", "limits.minSampleOneIn=1000", "--set", "limits.minTimeOneIn=8")
+                  "--set", "limits.minSampleOneIn=1000", "--set", "limits.minTimeOneIn=8",
+                  "--set", "limits.segments={rx_host_to_pod,rx_socket_queue,rx_total}")
     for d in docs:
         d["metadata"]["name"] = name
         if d["kind"] == "ValidatingAdmissionPolicyBinding":
@@ -335,14 +336,20 @@ def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
                 {"timeOneIn": 4},
             # the schema's default (every packet timed) is checked as if written
             "spec.timeOneIn: timing 1 packet in 1 is more often": {},
+            "spec.segments: rx_irq not allowed: this cluster allows traces only rx_host_to_pod, rx_socket_queue, "
+            "rx_total": {"segments": ["rx_total", "rx_irq"], "timeOneIn": 8},
+            # no list asks for every segment
+            "spec.segments: list the segments to trace: this cluster allows": {"segments": None, "timeOneIn": 8},
         }
         for why, extra in refused.items():
-            out = apply(contract.NAMESPACED, "over", {"podNames": ["web-1"], **extra}, t.a)
+            spec = {"podNames": ["web-1"], "segments": ["rx_total"], **extra}
+            spec = {k: v for k, v in spec.items() if v is not None}
+            out = apply(contract.NAMESPACED, "over", spec, t.a)
             assert out.returncode != 0 and why in out.stderr and name in out.stderr, (extra, out.stderr)
-        out = apply(contract.CLUSTER, "over", {"namespaceSelector": {}, "spansPerSecond": 50})
+        out = apply(contract.CLUSTER, "over", {"namespaceSelector": {}, "segments": ["rx_total"], "spansPerSecond": 50})
         assert out.returncode != 0 and "spec.spansPerSecond: 50 is above" in out.stderr, out.stderr
         within = {"podNames": ["web-1"], "duration": "1h", "slowThresholdMicroseconds": 100, "spansPerSecond": 20,
-                  "sampleOneIn": 1000, "timeOneIn": 8}
+                  "sampleOneIn": 1000, "timeOneIn": 8, "segments": ["rx_total", "rx_socket_queue"]}
         assert apply(contract.NAMESPACED, "within", within, t.a).returncode == 0
         # The trace from before the policy: its metadata can be written (as the operator writes its finalizer
         # and annotations), its spec only back within the limits.
@@ -350,7 +357,8 @@ def test_the_static_limits_are_refused_at_apply_time(tenants, control_plane):
         cp.kubectl("label", "-n", t.a, "lt", "before-policy", "more=labels")
         out = apply(contract.NAMESPACED, "before-policy", {**old, "spansPerSecond": 5}, t.a)
         assert out.returncode != 0 and "spec.duration: 2h is longer" in out.stderr, out.stderr
-        assert apply(contract.NAMESPACED, "before-policy", {**old, "duration": "30m", "timeOneIn": 8}, t.a).returncode == 0
+        assert apply(contract.NAMESPACED, "before-policy", {**old, "duration": "30m", "timeOneIn": 8,
+                                                            "segments": ["rx_total"]}, t.a).returncode == 0
     finally:
         cp.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", name, check=False)
         for trace in ("before-policy", "within"):
