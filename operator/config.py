@@ -64,9 +64,8 @@ class OperatorConfig(BaseSettings):
     @field_validator("allowed_segments")
     @classmethod
     def _known_segments(cls, names: tuple[str, ...] | None) -> tuple[str, ...] | None:
-        unknown = [n for n in names or () if n not in segments.BY_NAME]
-        if unknown:
-            raise ValueError(f"unknown segment {', '.join(map(repr, unknown))}; known: {', '.join(segments.NAMES)}")
+        if names:
+            segments.mask(names)  # ValueError naming the unknown ones and the known
         return names
 
     @model_validator(mode="after")
