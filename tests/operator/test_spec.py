@@ -56,6 +56,9 @@ def test_the_administrator_can_allow_only_some_segments():
     with pytest.raises(specs.SpecError) as e:
         specs.parse({"podNames": ["a"], "segments": ["nope"]}, limits)
     assert "unknown segment 'nope'" in str(e.value) and e.value.reason == "InvalidSpec"
+    with pytest.raises(specs.SpecError) as e:
+        specs.parse({"podNames": ["a"], "directions": ["transmit"], "segments": ["rx_total"]}, limits)
+    assert "rx_total is a receive segment" in str(e.value) and e.value.reason == "InvalidSpec"
     assert specs.parse({"podNames": ["a"]}, specs.Limits()).settings().segments == []  # no limit: all of them
 
 
