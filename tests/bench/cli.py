@@ -34,7 +34,7 @@ TOOLS = ("iperf3", "sockperf", "bpftrace", "bpftool", "taskset")
 
 @dataclass(frozen=True)
 class Plan:
-    """How long and how often: the full run (about 47 minutes on 2 cores) or --quick (a smoke test)."""
+    """How long and how often: the full run (about 55 minutes on 2 cores) or --quick (a smoke test)."""
 
     rounds: int = 4  # overhead, and the paired comparison
     extra_rounds: int = 2
@@ -198,7 +198,8 @@ def run(args: argparse.Namespace, argv: list[str] | None) -> int:
                     s = overhead.Settings(rounds=plan.rounds, extra_rounds=plan.extra_rounds, seconds=plan.seconds,
                                           pingpong_seconds=plan.pingpong_seconds, steady_pps=pps,
                                           quiet_wait_s=plan.quiet_wait_s, budget_s=plan.overhead_budget_s,
-                                          log_dir=log_dir, expected_programs=expected)
+                                          log_dir=log_dir, expected_programs=expected,
+                                          lean_programs=AgentProcess.expected_programs(overhead.LEAN_SEGMENTS))
                     data = overhead.run(traffic, pods, s, progress)
                     doc["sections"]["overhead"] = data
                     doc["rows"] += [asdict(r) for r in overhead.rows(data, pps)]

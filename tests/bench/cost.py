@@ -27,7 +27,7 @@ from latencytrace.node_agent.kernel import bpfsys
 from . import bpfprogs, dispatch, nicpath
 from .bpfprogs import FloorProgram, ProgStats
 from .fidelity import ip_u32
-from .overhead import Pods
+from .overhead import LEAN_SEGMENTS, LEAN_TAG, Pods
 from .results import Row, fmt
 from .tracers import AgentProcess, BpftraceProcess, TracerProcess
 from .workloads import Traffic
@@ -38,14 +38,16 @@ PER_HOOK_TARGET_NS = 100
 PER_PACKET_TARGET_NS = 600
 UNTRACED_PER_PACKET_TARGET_NS = 250
 TIME8_PER_PACKET_TARGET_NS = 250
-# The agent as deployed (typed tracepoints on this kernel), timing 1 packet in 8, and with raw tracepoints
-# (helper-call reads, as on kernels without typed tracepoints); then bpftrace.
-TOOLS = ("agent", "agent_time8", "agent_raw", "bpftrace")
-TOOL_ARGS = {"agent": (), "agent_time8": ("--time-one-in", "8"), "agent_raw": ("--tracepoints", "raw")}
+# The agent as deployed (typed tracepoints on this kernel), timing 1 packet in 8, asking only for the lean
+# segments (an administrator's limit), and with raw tracepoints (helper-call reads, as on kernels without
+# typed tracepoints); then bpftrace.
+TOOLS = ("agent", "agent_time8", "agent_lean", "agent_raw", "bpftrace")
+TOOL_ARGS = {"agent": (), "agent_time8": ("--time-one-in", "8"), "agent_lean": ("--segments", ",".join(LEAN_SEGMENTS)),
+             "agent_raw": ("--tracepoints", "raw")}
 # The order of the sessions. The first tool after a pause measured up to 30% dearer than the same tool
 # later in one run here, so the two agents compared (typed and raw tracepoints) run A B B A and each
 # figure pools both of its sessions: a drift that is linear in time cancels.
-SESSIONS = ("agent", "agent_raw", "agent_raw", "agent", "agent_time8", "bpftrace")
+SESSIONS = ("agent", "agent_raw", "agent_raw", "agent", "agent_time8", "agent_lean", "bpftrace")
 DISPATCH_ROUNDS = 3
 
 
@@ -90,6 +92,16 @@ def _nic_download(traffic: Traffic, pod, bridge: str) -> dict:
             return nicpath.download(pod)
 
     return traffic.counted(pod, run)
+
+
+def _workloads_of(tool: str, workloads):
+    """The workloads a tool's session runs: timing 1 in 8, the traced pod's; the lean segments, all but the
+    NIC path's download (its figure is the IRQ hook's, which they leave off)."""
+    if tool == "agent_time8":
+        return [w for w in workloads if w[0].endswith("/traced")]
+    if tool == "agent_lean":
+        return [w for w in workloads if w[0] != NIC_KEY]
+    return workloads
 
 
 def _session(tool: TracerProcess, floor: FloorProgram, traffic: Traffic, workloads, progress) -> dict:
@@ -172,6 +184,7 @@ def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_se
     ifindex = int((Path("/sys/class/net") / pods.client.host_veth / "ifindex").read_text())
     bt_params = [host_ns, pods.traced.inode, 0, ifindex, ip_u32(pods.traced.ip), 0]
     out: dict = {"steady_pps": steady_pps}
+    expected = {"agent_lean": AgentProcess.expected_programs(LEAN_SEGMENTS)}
     # First, with statistics off: what the kernel's dispatch costs outside every program's figure below.
     out["dispatch"] = dispatch.run(traffic, pods.untraced, seconds, DISPATCH_ROUNDS, progress)
     stats_fd = bpfsys.enable_stats()
@@ -183,12 +196,11 @@ def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_se
                 tool: TracerProcess = (AgentProcess([pods.traced.path], log_dir, TOOL_ARGS[name]) if name in TOOL_ARGS
                                        else BpftraceProcess(bt_params, log_dir))
                 if name.startswith("agent"):
-                    tool.start(expected_programs)
+                    tool.start(expected.get(name, expected_programs))
                 else:
                     tool.start()
                 try:
-                    s = _session(tool, floor, traffic,
-                                 [w for w in workloads if name != "agent_time8" or w[0].endswith("/traced")], progress)
+                    s = _session(tool, floor, traffic, _workloads_of(name, workloads), progress)
                     out[name] = _pool(out[name], s) if name in out else s
                 finally:
                     try:
@@ -204,7 +216,7 @@ def run(traffic: Traffic, pods: Pods, steady_pps: int, seconds: float, steady_se
     traced = [k for k, *_ in workloads if k.endswith("/traced")]
     for name in TOOLS:
         out[name]["per_packet"] = {k: per_packet(out[name]["workloads"][k]) for k in per_packet_keys(out[name])}
-        out[name]["per_program"] = per_program(out[name], traced)
+        out[name]["per_program"] = per_program(out[name], [k for k in traced if k in out[name]["workloads"]])
     return out
 
 
@@ -243,6 +255,17 @@ def rows(data: dict) -> list[Row]:
                        fmt(pp["raw_ns"], 0, "ns"), f"{fmt(pp['net_ns'], 0, 'ns')} above floor",
                        f"≤ {TIME8_PER_PACKET_TARGET_NS} ns", pp["net_ns"] <= TIME8_PER_PACKET_TARGET_NS,
                        note=f"every packet timed: {fmt(full, 0, 'ns')} in the same run"))
+    lean = data.get("agent_lean", {})
+    for key, pp in lean.get("per_packet", {}).items():
+        label = lean["workloads"][key]["label"]
+        full = agent["per_packet"][key]["net_ns"]
+        target, met = "—", None
+        if key.endswith("/untraced"):
+            target, met = f"≤ {UNTRACED_PER_PACKET_TARGET_NS} ns", pp["net_ns"] <= UNTRACED_PER_PACKET_TARGET_NS
+        out.append(Row("probe_cost", f"all agent programs per packet, {LEAN_TAG}, {label}",
+                       f"{fmt(pp['floor_ns'], 0, 'ns')} (floor × {pp['runs_per_packet']:.1f} runs)",
+                       fmt(pp["raw_ns"], 0, "ns"), f"{fmt(pp['net_ns'], 0, 'ns')} above floor", target, met,
+                       note=f"every segment: {fmt(full, 0, 'ns')} in the same run"))
     for key, pp in raw.get("per_packet", {}).items():
         label = raw["workloads"][key]["label"]
         typed = agent["per_packet"][key]["net_ns"]
@@ -259,6 +282,8 @@ def rows(data: dict) -> list[Row]:
                        f"{fmt(pp['net_ns'], 0, 'ns')} ({pp['runs_per_packet']:.1f} runs)",
                        f"×{ratio:.2f}" if ratio else "n/a", "—", None))
     out += dispatch_rows(data.get("dispatch", {}), agent)
+    if lean:
+        out += dispatch_rows(data.get("dispatch", {}), lean, f", {LEAN_TAG}")
     ka = agent["workloads"]["udp_rate/traced"]
     kb = bt["workloads"]["udp_rate/traced"]
     out.append(Row("comparison", f"process CPU (user+system, % of one core), {ka['label']}",
@@ -271,25 +296,30 @@ def rows(data: dict) -> list[Row]:
     return out
 
 
-def dispatch_rows(d: dict, agent: dict) -> list[Row]:
-    """One program run's dispatch (statistics off), and what it adds up to under an untraced pod's round trip."""
+def dispatch_rows(d: dict, agent: dict, variant: str = "") -> list[Row]:
+    """One program run's dispatch (statistics off), and what it adds up to under an untraced pod's round trip
+    with `agent`'s programs (`variant`: what that agent asks for, when not every segment; its rows leave out
+    the dispatch's own)."""
     if "dispatch_ns" not in d:
+        if variant:
+            return []
         return [Row("probe_cost", "dispatch of one program run, statistics off", "—", "not measured", "", "—", None,
                     note=d.get("skipped", ""))]
     x, path = d["dispatch_ns"], d["syscall_path_ns"]
     med = d["median_ns_per_call"]
-    out = [Row("probe_cost", "dispatch of one program run on a tracepoint of its own, statistics off (getppid() "
-               f"with an empty program on sys_enter, then one more on sys_exit; {d['rounds']} rounds)",
-               f"{med['sys_enter']:.1f} ns a call", f"{med['sys_enter+sys_exit']:.1f} ns a call", f"{x:.1f} ns a run",
-               "—", None, note=f"no program: {med['none']:.1f} ns a call; the system-call tracing path, which a "
-                               f"program on sys_enter switches on for every system call of the node: {path:.1f} ns")]
+    own = Row("probe_cost", "dispatch of one program run on a tracepoint of its own, statistics off (getppid() "
+              f"with an empty program on sys_enter, then one more on sys_exit; {d['rounds']} rounds)",
+              f"{med['sys_enter']:.1f} ns a call", f"{med['sys_enter+sys_exit']:.1f} ns a call", f"{x:.1f} ns a run",
+              "—", None, note=f"no program: {med['none']:.1f} ns a call; the system-call tracing path, which a "
+                              f"program on sys_enter switches on for every system call of the node: {path:.1f} ns")
+    out = [] if variant else [own]
     for key, w in agent["workloads"].items():
         if not key.startswith("pp_") or not key.endswith("/untraced"):
             continue
         runs = 2 * agent["per_packet"][key]["runs_per_packet"]  # a round trip: 2 packets
         calls = 2 * w["programs"].get("lt_sys_enter", {}).get("run_cnt", 0) / max(w["packets"], 1)
         floor_ns = runs * x + calls * path
-        out.append(Row("probe_cost", f"the dispatch floor under a round trip, {w['label']}: its program runs' "
+        out.append(Row("probe_cost", f"the dispatch floor under a round trip, {w['label']}{variant}: its program runs' "
                        "dispatch and its system calls' tracing path, before any instruction of the agent's",
                        f"{runs:.1f} runs, {calls:.1f} system calls", fmt(floor_ns / 1000, 2, "µs"), "",
                        "—", None, note="the round trip's whole budget (ping-pong p50) is +0.5 µs"))

@@ -9,7 +9,9 @@ timing of every BPF program adds. A fourth runs them with the agent timing 1 pac
 8`, every packet still counted): what in-kernel sampling saves. Each workload goes once into the traced
 pod and once into another pod the agent does not trace ("untraced": what filtering alone costs), while
 the traced pod receives BACKGROUND_PPS datagrams a second, agent off and on alike (on a node the traced
-pod works meanwhile: its packets are traced while the untraced pod's pass the filters). The machine is
+pod works meanwhile: its packets are traced while the untraced pod's pass the filters). A fifth runs both
+pods' workloads with the agent asking only for LEAN_SEGMENTS, the example of the chart's `limits.segments`:
+what an administrator's limit on segments buys the untraced pod and the traced one. The machine is
 shared: other people's tracing programs are waited for before each phase, and a round during which some
 were present is repeated (up to a limit) and reported.
 """
@@ -51,6 +53,7 @@ class Settings:
     budget_s: float  # no extra round starts after this long
     log_dir: Path
     expected_programs: int
+    lean_programs: int  # those the agent attaches for LEAN_SEGMENTS
 
 
 def steady_rate(traffic: Traffic, client: Pod, server: Pod, candidates: list[int], seconds: float, progress) -> dict:
@@ -78,12 +81,17 @@ def _run_workload(traffic: Traffic, name: str, pods: Pods, dst: Pod, s: Settings
     return traffic.pingpong(pods.client, dst, name.removeprefix("pp_"), s.pingpong_seconds)
 
 
+# The chart's example of `limits.segments` (values.yaml): the pod's own segments and its crossings of the
+# host, with no hook on the node's interrupts, softirqs, drivers or system calls.
+LEAN_SEGMENTS = ("rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total", "tx_pod_to_host")
 # Phases of a round: {arm: (the agent's --probe-stats, or None for no agent; title)}; the agent's further
 # arguments in ARM_ARGS. The "stats" and "time8" arms run into the traced pod only.
 ARMS = {"off": (None, "agent off"), "on": ("sampled", "agent on"),
         "stats": ("always", "agent on, probe statistics always on"),
-        "time8": ("sampled", "agent on, timing 1 packet in 8")}
-ARM_ARGS = {"time8": ("--time-one-in", "8")}
+        "time8": ("sampled", "agent on, timing 1 packet in 8"),
+        "lean": ("sampled", "agent on, asking only for the lean segments")}
+ARM_ARGS = {"time8": ("--time-one-in", "8"), "lean": ("--segments", ",".join(LEAN_SEGMENTS))}
+LEAN_TAG = f"the agent asking only for {', '.join(LEAN_SEGMENTS)}"
 TIME8_P50_TARGET_US = 0.5
 # Issue 13's targets per destination: ping-pong p50 at most this much slower (µs, round trip), TCP bulk at
 # least this fraction of the agent-off throughput (the untraced pod's "within noise": 1%).
@@ -106,7 +114,8 @@ def _phase(traffic: Traffic, pods: Pods, s: Settings, arm: str, progress) -> dic
     agent = None
     if probe_stats:
         agent = AgentProcess([pods.traced.path], s.log_dir,
-                             ("--probe-stats", probe_stats, *ARM_ARGS.get(arm, ()))).start(s.expected_programs)
+                             ("--probe-stats", probe_stats, *ARM_ARGS.get(arm, ()))).start(
+                                 s.lean_programs if arm == "lean" else s.expected_programs)
         phase["attach_wall_s"] = agent.attach_wall_s
         phase["compiler_peak_rss_mib"] = max(agent.compiler_peak_rss.values(), default=0) / 2**20
         phase["start_anon_mib"] = agent.start_anon_peak / 2**20
@@ -190,7 +199,10 @@ FIGURES = {"tcp_bulk": {"gbit_s": "gbit_s", **_CPU},
 
 def summarise(rounds: list[dict]) -> dict:
     out = {}
-    for arm, suffix in (("on", ""), ("stats", "/stats_always"), ("time8", "/time_one_in_8")):
+    for arm, suffix in (("on", ""), ("stats", "/stats_always"), ("time8", "/time_one_in_8"),
+                        ("lean", "/lean_segments")):
+        if arm not in rounds[0]:  # a results file from before the arm existed
+            continue
         for name in WORKLOADS:
             for which in _destinations(arm):
                 key = f"{name}/{which}"
@@ -259,7 +271,28 @@ def rows(data: dict, steady_pps: int) -> list[Row]:
                            note="every process of the node pays the send-syscall hook's share"))
     out += stats_rows(sm, steady_pps)
     out += time8_rows(sm, steady_pps)
+    out += lean_rows(sm, steady_pps)
     return out
+
+
+def lean_rows(sm: dict, steady_pps: int) -> list[Row]:
+    """The agent asking only for LEAN_SEGMENTS, against no agent, into both pods; the untraced pod's targets
+    are issue 13's for it, the traced pod's are for every segment and do not apply."""
+    if "tcp_bulk/traced/lean_segments" not in sm:  # a results file from before the arm existed
+        return []
+    return [*variant_rows(sm, steady_pps, "lean_segments", f"into the traced pod, {LEAN_TAG}"),
+            *variant_rows(sm, steady_pps, "lean_segments", f"into an untraced pod, {BUSY_NEIGHBOUR}, {LEAN_TAG}",
+                          which="untraced", p50_target_us=P50_TARGET_US["untraced"],
+                          bulk_target=BULK_TARGET["untraced"]),
+            *syscall_rows(sm, "lean_segments", f"in an untraced pod, {BUSY_NEIGHBOUR}, {LEAN_TAG}")]
+
+
+def syscall_rows(sm: dict, arm: str, where: str) -> list[Row]:
+    """The getppid() row of one variant (`arm`) of the agent, in the untraced pod."""
+    p = sm[f"syscall/untraced/{arm}"]["ns_per_call"]
+    return [Row("overhead", f"{TITLES['syscall']}, {where}", fmt(p["median_off"], 0, "ns"),
+                fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
+                note="no segment asked for needs the send-syscall hook")]
 
 
 def time8_rows(sm: dict, steady_pps: int) -> list[Row]:
@@ -276,18 +309,22 @@ def stats_rows(sm: dict, steady_pps: int) -> list[Row]:
                         bulk_note="the standalone command's default; the cluster agent only while it samples")
 
 
-def variant_rows(sm: dict, steady_pps: int, arm: str, tag: str, *, p50_target_us: float | None = None,
+def variant_rows(sm: dict, steady_pps: int, arm: str, tag: str, *, which: str = "traced",
+                 p50_target_us: float | None = None, bulk_target: float | None = None,
                  bulk_note: str = "") -> list[Row]:
-    """Bulk throughput, CPU per packet and ping-pong p50 of one variant of the traced arm (`arm`)."""
-    p = sm[f"tcp_bulk/traced/{arm}"]["gbit_s"]
+    """Bulk throughput, CPU per packet and ping-pong p50 of one variant (`arm`) of the agent, into `which` pod."""
+    p = sm[f"tcp_bulk/{which}/{arm}"]["gbit_s"]
+    target, met = "—", None
+    if bulk_target is not None:
+        target, met = f"≥ −{round((1 - bulk_target) * 100)}%", p["ratio"] is not None and p["ratio"] >= bulk_target
     out = [Row("overhead", f"{TITLES['tcp_bulk']} {tag}", fmt(p["median_off"], 2, "Gbit/s"),
-               fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None, note=bulk_note)]
-    p = sm[f"udp_rate/traced/{arm}"]["cpu_ns_per_packet"]
+               fmt(p["median_on"], 2, "Gbit/s"), f"{pct(p['ratio'])} ({_spread(p)})", target, met, note=bulk_note)]
+    p = sm[f"udp_rate/{which}/{arm}"]["cpu_ns_per_packet"]
     out.append(Row("overhead", f"machine CPU time per packet, UDP {steady_pps:,} pkt/s {tag}",
                    fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})",
                    "—", None, note="all CPUs, whole machine"))
     for proto in ("tcp", "udp"):
-        p50 = sm[f"pp_{proto}/traced/{arm}"]["p50_us"]
+        p50 = sm[f"pp_{proto}/{which}/{arm}"]["p50_us"]
         target, met = "—", None
         if p50_target_us is not None:
             target, met = f"≤ +{p50_target_us} µs", p50["delta"] is not None and p50["delta"] <= p50_target_us

@@ -48,6 +48,11 @@ def test_quick_run_writes_results_table_json_and_plot(tmp_path):
     # The arms with the agent timing 1 packet in 8.
     assert doc["sections"]["probe_cost"]["agent_time8"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     assert doc["sections"]["overhead"]["summary"]["pp_tcp/traced/time_one_in_8"]["p50_us"]["median_on"] > 0
+    # The arms with the agent asking only for the lean segments: fewer program runs a packet into either pod.
+    lean, full = (doc["sections"]["probe_cost"][t]["per_packet"] for t in ("agent_lean", "agent"))
+    for key in ("udp_rate/traced", "pp_udp/untraced", "pp_tcp/untraced"):
+        assert 0 < lean[key]["runs_per_packet"] < full[key]["runs_per_packet"], (key, lean[key], full[key])
+    assert doc["sections"]["overhead"]["summary"]["pp_udp/untraced/lean_segments"]["p50_us"]["median_on"] > 0
     # The agent with raw tracepoints, alone and paired with the typed one on the same packets.
     assert doc["sections"]["probe_cost"]["agent_raw"]["per_packet"]["udp_rate/traced"]["raw_ns"] > 0
     pair = doc["sections"]["paired"]["workloads"]["udp_rate/traced"]

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import psutil
 
-from latencytrace.node_agent.probes import PROBES
+from latencytrace.node_agent import segments
+from latencytrace.node_agent.probes import PROBES, needed
 
 from .bpfprogs import ProgramSet, ProgStats
 from .system import ProcessUsage, process_usage
@@ -154,13 +155,15 @@ class AgentProcess(TracerProcess):
         self.start_anon_peak = max(self.start_anon_peak, anon)
 
     @staticmethod
-    def expected_programs() -> int:
-        """Programs the agent loads on this kernel (a program attached to several tracepoints counts once)."""
+    def expected_programs(segment_names: tuple[str, ...] = ()) -> int:
+        """Programs the agent loads on this kernel for `segment_names` (none: all segments); a program
+        attached to several tracepoints counts once."""
         from latencytrace.node_agent.kernel import features
         from latencytrace.node_agent.kernel.btf import KernelBTF
 
         feats = features.probe(KernelBTF.load(), PROBES)
-        return len({p.program for p in feats.usable})
+        mask = segments.mask(list(segment_names))
+        return len({p.program for p in feats.usable if needed(p, mask)})
 
     def start(self, expected_programs: int | None, timeout: float = 120) -> AgentProcess:
         """Run it and wait for its programs: `expected_programs` of them, or None for another build's agent,

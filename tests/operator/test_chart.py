@@ -2,11 +2,12 @@
 workloads hardened as intended (see test_cluster_helm.py for the API server's view)."""
 
 import json
+import re
 
 import pytest
 import yaml
 
-from latencytrace.node_agent import health, segments
+from latencytrace.node_agent import health, probes, segments
 from latencytrace.operator.config import OperatorConfig
 
 from . import chartdoc
@@ -85,6 +86,21 @@ def test_allowed_segments_reach_the_operator_and_the_schema_knows_every_segment(
     with pytest.raises(Exception) as e:
         render("--set", "limits.segments={rx_nope}")
     assert "/limits/segments/0" in str(e.value.stderr)
+
+
+def test_the_values_example_of_allowed_segments_keeps_the_node_wide_hooks_off():
+    """values.yaml's example for limits.segments is the set the benchmark's lean arms measure
+    (tests/bench/overhead.LEAN_SEGMENTS), and it needs none of the hooks its comment says it keeps off."""
+    from tests.bench.overhead import LEAN_SEGMENTS
+
+    comment = (CHART / "values.yaml").read_text().split("\n  segments: []")[0].rsplit("## Segments a trace", 1)[1]
+    [example] = re.findall(r"E\.g\. \[([^]]+)\]", " ".join(comment.replace("##", " ").split()))
+    assert tuple(example.split(", ")) == LEAN_SEGMENTS
+    on = {p.tracepoint for p in probes.PROBES if probes.needed(p, segments.mask(list(LEAN_SEGMENTS)))}
+    node_wide = {p.tracepoint for p in probes.PROBES if p.tracepoint.split(":")[0] in ("irq", "raw_syscalls")}
+    assert node_wide and not on & node_wide
+    assert not on & {"net:net_dev_start_xmit", "net:net_dev_xmit", "skb:consume_skb"}
+    assert len({p.program for p in probes.PROBES if p.tracepoint in on}) == 7
 
 
 def test_operator_is_locked_down():
