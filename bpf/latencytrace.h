@@ -1125,11 +1125,20 @@ static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
  * space has changed it. It writes the new generation into every CPU's entry after the lookup tables
  * (node_agent/tracer.py forget_devices), into the line the caches' first test reads anyway. It does so
  * also when the host has a device it did not have: a device at a freed one's address would inherit its
- * answer (Agent.refresh_host_devices, every interval; until then it does). */
+ * answer (Agent.refresh_host_devices, every interval; until then it does). The word's top bit
+ * (LT_GEN_QUIET_RUNS) says whether NET_RX runs may be quiet: only while lt_softirq_exit, which ends each
+ * run's quiet state, is attached (node_agent/program.py). */
 static __always_inline void lt_cache_check(struct lt_cpu_ctx *c)
 {
     u32 gen = *(volatile u32 *)&c->want_gen;
     if (c->cache_gen != gen) {
+        if ((c->cache_gen ^ gen) & LT_GEN_QUIET_RUNS) {
+            /* Quiet runs switched on or off: no quiet state from before stays (the hook that ended it may
+             * have been gone meanwhile). */
+            c->quiet_skb = 0;
+            if (c->t_pending < LT_PEND_TIMED)
+                c->t_pending = 0;
+        }
 #pragma unroll
         for (int i = 0; i < LT_DEV_CACHE; i++) {
             c->devs[i].dev = 0;

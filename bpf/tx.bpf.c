@@ -186,8 +186,8 @@ int lt_net_dev_queue(struct bpf_raw_tracepoint_args *ctx)
     if (slot == -1) {
         /* Another pod's device: a traced pod's packet that got there has ended (delivered). Its own packet
          * may make the NET_RX run its veth raises quiet (nothing to decide when NET_RX is already pending
-         * with a time, or running with one). */
-        if (c->t_pending < LT_PEND_TIMED && !c->t_softirq) {
+         * with a time, or running with one, or when no hook ends runs: LT_GEN_QUIET_RUNS). */
+        if ((c->cache_gen & LT_GEN_QUIET_RUNS) && c->t_pending < LT_PEND_TIMED && !c->t_softirq) {
             u32 src = 0;
             s32 dst = -1;
             int quiet = lt_quiet_send(&v, &src, &dst);

@@ -46,6 +46,12 @@ MAX_IRQ = 4096  # NIC IRQ numbers at or above this get no hardirq boundary (thei
 # veths. A device at or above it is not followed past NAT.
 MAX_HOSTDEV_IFINDEX = 1 << 16
 HOSTDEV_KINDS = ("UPLINK", "POD")
+# In each CPU's generation word (lt_cpu want_gen): the hook that ends every NET_RX run (softirq_exit) is
+# attached, so a pod's send may make the run it raises quiet (LT_PEND_QUIET): that hook bounds the quiet
+# state's life. Without it the state would outlive the run, and a packet that took a quiet one's freed
+# skb would be turned away as quiet (bpf/tx.bpf.c, lt_net_dev_queue).
+GEN_QUIET_RUNS = 1 << 31
+QUIET_RUNS_END = "lt_softirq_exit"
 
 
 def table_bits(entries: int) -> int:
@@ -101,6 +107,7 @@ def macros(offsets: dict[str, int], sizes: Sizes, kfree_skb_reason_arg: int | No
         LT_NCPU=possible_cpus(),  # lt_cpu: an entry per CPU the kernel may run
         LT_MAX_IRQ=MAX_IRQ,
         LT_HOSTDEV_WORDS=MAX_HOSTDEV_IFINDEX // 64,
+        LT_GEN_QUIET_RUNS=f"{GEN_QUIET_RUNS}U",
         # In-flight arrays: the configured sizes rounded up to a power of two (direct-mapped by hash).
         LT_RX_BITS=table_bits(sizes.rx_inflight),
         LT_TX_BITS=table_bits(sizes.tx_inflight),

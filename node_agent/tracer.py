@@ -99,6 +99,7 @@ class Tracer:
         self.macros: dict[str, int | str] = {}
         self._lookup_written: dict[int, tuple[int, tuple[str, ...]]] = {}  # what the lookup tables hold
         self._gen = 0  # the generation of the lookup tables, in each CPU's lt_cpu entry
+        self._quiet_runs = False  # and its flag: NET_RX runs may be quiet (program.GEN_QUIET_RUNS)
         self._usable: list[Probe] = []
         self._wanted = 0  # the segments want() was last asked for
         self._nic_irqs: set[int] = set()  # what lt_nic_irq holds
@@ -173,6 +174,10 @@ class Tracer:
         """Attach the probes that the segments in `seg_mask` need and detach the others, so that what
         nobody asks for costs nothing. Programs stay loaded: attaching again is cheap."""
         self._wanted = seg_mask
+        # Quiet NET_RX runs only while the hook that ends each run is attached: off before it goes, on
+        # once it is there (program.GEN_QUIET_RUNS).
+        self._set_quiet_runs(self._quiet_runs and any(p.program == program.QUIET_RUNS_END and needed(p, seg_mask)
+                                                      for p in self._usable))
         for p in list(self._usable):
             on = p in self.status.attached
             if needed(p, seg_mask) and not on:
@@ -180,6 +185,12 @@ class Tracer:
             elif not needed(p, seg_mask) and on:
                 os.close(self._links.pop(p))
                 self.status.attached.remove(p)
+        self._set_quiet_runs(any(p.program == program.QUIET_RUNS_END for p in self.status.attached))
+
+    def _set_quiet_runs(self, on: bool) -> None:
+        if on != self._quiet_runs:
+            self._quiet_runs = on
+            self.forget_devices()  # the flag travels in the generation word
 
     def pending(self) -> list[Probe]:
         """Probes the wanted segments need that are neither attached nor known to be unavailable."""
@@ -217,6 +228,7 @@ class Tracer:
             self.loaded = None
         self._lookup_written = {}  # the maps went with the programs
         self._gen = 0
+        self._quiet_runs = False
         self._nic_irqs = set()
         self._hostdevs = {}
         self.stats.close()
@@ -275,10 +287,11 @@ class Tracer:
         namespace's target slot, kept until its entry's generation changes): after the lookup tables
         change, and when the host has a device it did not have, which may sit at a freed device's address
         and would inherit its answer. One store into each CPU's entry."""
-        self._gen = (self._gen + 1) & 0xFFFFFFFF
+        self._gen = (self._gen + 1) % program.GEN_QUIET_RUNS
+        word = self._gen | (program.GEN_QUIET_RUNS if self._quiet_runs else 0)
         cpus = self.table("lt_cpu")
         for cpu in range(cpus.max_entries):
-            cpus.store(cpu, "want_gen", self._gen)
+            cpus.store(cpu, "want_gen", word)
 
     def set_nic_irqs(self, irqs: list[int]) -> None:
         t = self.table("lt_nic_irq")  # an array indexed by IRQ number: 1 for a NIC queue's
