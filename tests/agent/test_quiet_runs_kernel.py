@@ -12,11 +12,13 @@ import socket
 
 from latencytrace.node_agent import program, segments
 
+from tests.bench.overhead import LEAN_SEGMENTS
+
 from .conftest import measure
 from .test_segments_kernel import udp_burst
 
-# The chart's example of limits.segments: no softirq hook (tests/bench/overhead.LEAN_SEGMENTS).
-LEAN = segments.mask(["rx_host_to_pod", "rx_pod_stack", "rx_socket_queue", "rx_total", "tx_pod_to_host"])
+# The chart's example of limits.segments, which attaches no softirq hook.
+LEAN = segments.mask(list(LEAN_SEGMENTS))
 QUIET_PENDING = range(1, 5)  # LT_PEND_QUIET .. LT_PEND_UNTIMED_NEXT
 
 
@@ -54,8 +56,7 @@ def test_an_untraced_pods_sends_leave_no_quiet_state_without_the_hook_that_ends_
                        if int(e.t_pending) in QUIET_PENDING or int(e.quiet_skb)])
 
     for name, mask in (("lean", LEAN), ("all", segments.mask(None))):
-        measure(agent, [traced], traffic, then=lambda n=name: look(n),
-                seg_mask=mask)
+        measure(agent, [traced], traffic, then=lambda n=name: look(n), seg_mask=mask)
     # Without softirq_exit, quiet runs are off on every CPU, and the untraced pod's 400 sends started none.
     assert seen["lean"] == ({0}, []), seen["lean"]
     # With it they are on (each run that delivered a quiet packet ended its state: not asserted, as the
