@@ -266,9 +266,7 @@ def rows(data: dict, steady_pps: int) -> list[Row]:
         p = sm.get(f"syscall/{which}", {}).get("ns_per_call")
         if p:  # results from before the workload existed have none
             where = "in the traced pod" if which == "traced" else f"in an untraced pod, {BUSY_NEIGHBOUR}"
-            out.append(Row("overhead", f"{TITLES['syscall']}, {where}", fmt(p["median_off"], 0, "ns"),
-                           fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
-                           note="every process of the node pays the send-syscall hook's share"))
+            out.append(syscall_row(p, where, "every process of the node pays the send-syscall hook's share"))
     out += stats_rows(sm, steady_pps)
     out += time8_rows(sm, steady_pps)
     out += lean_rows(sm, steady_pps)
@@ -284,15 +282,15 @@ def lean_rows(sm: dict, steady_pps: int) -> list[Row]:
             *variant_rows(sm, steady_pps, "lean_segments", f"into an untraced pod, {BUSY_NEIGHBOUR}, {LEAN_TAG}",
                           which="untraced", p50_target_us=P50_TARGET_US["untraced"],
                           bulk_target=BULK_TARGET["untraced"]),
-            *syscall_rows(sm, "lean_segments", f"in an untraced pod, {BUSY_NEIGHBOUR}, {LEAN_TAG}")]
+            syscall_row(sm["syscall/untraced/lean_segments"]["ns_per_call"],
+                        f"in an untraced pod, {BUSY_NEIGHBOUR}, {LEAN_TAG}",
+                        "no segment asked for needs the send-syscall hook")]
 
 
-def syscall_rows(sm: dict, arm: str, where: str) -> list[Row]:
-    """The getppid() row of one variant (`arm`) of the agent, in the untraced pod."""
-    p = sm[f"syscall/untraced/{arm}"]["ns_per_call"]
-    return [Row("overhead", f"{TITLES['syscall']}, {where}", fmt(p["median_off"], 0, "ns"),
-                fmt(p["median_on"], 0, "ns"), f"{pct(p['ratio'])} ({_spread(p)})", "—", None,
-                note="no segment asked for needs the send-syscall hook")]
+def syscall_row(p: dict, where: str, note: str) -> Row:
+    """The getppid() row from its paired figure `p` (agent off against on), measured `where`."""
+    return Row("overhead", f"{TITLES['syscall']}, {where}", fmt(p["median_off"], 0, "ns"), fmt(p["median_on"], 0, "ns"),
+               f"{pct(p['ratio'])} ({_spread(p)})", "—", None, note=note)
 
 
 def time8_rows(sm: dict, steady_pps: int) -> list[Row]:
