@@ -1121,6 +1121,21 @@ static __always_inline struct lt_cpu_ctx *lt_this_cpu(void)
     return lt_cpu.lookup(&cpu);
 }
 
+/* record: the handoffs to this CPU's socket wakeups (rx_skb: a traced pod's packet in its stack; tx_skb: one
+ * that reached the host) end where the CPU receives its next packet. Each is taken by a wakeup its packet
+ * causes while it is being received (netif_receive_skb's delivery runs its socket's sk_data_ready), and
+ * lt_softirq_exit ends both with the run. Without that hook (no trace asks for rx_irq or rx_driver) a
+ * packet that no socket took (a closed port, a drop) left its handoff behind, for a later wakeup on the
+ * CPU to take for its own packet, had that packet's skb come to the freed one's address. Read first: the
+ * line is the one sk_data_ready reads at every wakeup, and an untraced pod's packets write nothing. */
+static __always_inline void lt_handoffs_end(struct lt_cpu_ctx *c)
+{
+    if (c->rx_skb | c->tx_skb) {
+        c->rx_skb = 0;
+        c->tx_skb = 0;
+    }
+}
+
 /* The per-CPU caches below hold answers for one generation of the target set: forget them when user
  * space has changed it. It writes the new generation into every CPU's entry after the lookup tables
  * (node_agent/tracer.py forget_devices), into the line the caches' first test reads anyway. It does so

@@ -101,6 +101,7 @@ int lt_netif_receive_skb(struct bpf_raw_tracepoint_args *ctx)
     struct lt_cpu_ctx *c = lt_this_cpu();
     if (!c)
         return 0;
+    lt_handoffs_end(c);
     u32 ifindex;
     s32 slot = lt_filter_dev(c, v.dev, &ifindex);
     if (slot >= 0) {
